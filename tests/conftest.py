@@ -1,0 +1,25 @@
+"""Shared test fixtures.
+
+`../shared/data` (beside the checkout) holds real label files and the 55-image LIVE Challenge miniature. Tests
+that need it use the `shared_data` fixture: when the folder is missing they FAIL with a message saying so,
+unless MCPF_ALLOW_MISSING_SHARED_DATA=1, in which case they are skipped (still reported, never passed).
+"""
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("MCPF_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  if not (SHARED_DATA / "clive-mini").is_dir() or not (SHARED_DATA / "labels").is_dir():
+    msg = (f"shared test data not found at {SHARED_DATA} (expected clive-mini/ and labels/ there; set "
+           "MCPF_SHARED_DATA to its location)")
+    if os.environ.get("MCPF_ALLOW_MISSING_SHARED_DATA") == "1":
+      pytest.skip(msg)
+    pytest.fail(msg)
+  return SHARED_DATA
