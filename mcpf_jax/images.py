@@ -1,0 +1,299 @@
+"""Image decoding and crop geometry shared by CLIP preprocessing, the data pipeline and scoring.
+
+Everything returns plain numpy `uint8 [height, width, 3]` RGB arrays and is deterministic.
+
+Decoding (`decode`, `load`) uses PIL and turns every mode PIL reads into 8-bit RGB:
+  * EXIF orientation is applied (the pixels are rotated/flipped as a viewer shows them). A corrupt EXIF block
+    is ignored with a warning naming the file.
+  * "1" and "L" (grey) are repeated over the three channels; "P" (palette) is expanded, to RGBA when the palette
+    has a transparent entry; "CMYK" (Adobe-inverted JPEGs are recognised by PIL from their APP14 marker),
+    "YCbCr", "RGBX", "HSV" are converted by PIL (no ICC colour management).
+  * Alpha ("RGBA", "LA", "PA", "P" with transparency, 16-bit grey+alpha PNG): composited on white by default,
+    which is what a viewer shows on a white page and does not depend on the arbitrary colours stored under
+    transparent pixels; `alpha="drop"` keeps the stored colours (as `PIL.Image.convert("RGB")` does).
+  * 16-bit grey ("I;16*", and "I" holding values in 0..65535): v -> round(v / 257), so 65535 -> 255 (scaled,
+    never clipped). 16-bit RGB(A) PNG/TIFF: PIL itself keeps the high byte (v >> 8), within 1 of round(v / 257).
+    "I" values outside 0..65535 (32-bit or signed data) have no defined 8-bit mapping and are rejected.
+  * Float ("F"): values in [0, 1] are scaled by 255, values in [0, 255] are kept; others (and NaN) rejected.
+  * Multi-frame files (GIF, TIFF): the first frame.
+Undecodable input (empty, truncated, not an image, too many pixels) raises `ImageDecodeError`, which names the
+file. PIL's global `LOAD_TRUNCATED_IMAGES` is never touched, so a truncated file is always an error.
+
+Geometry: resizing is PIL's (bicubic by default) on uint8, as CLIP's own preprocessing; a short-side resize
+gives the long side `int(size * long / short)` (torchvision and transformers do the same). Images smaller than
+a crop are resized up until their short side equals the crop size (`ensure_min_side`), never padded.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Refuse images above this many pixels before decoding them (decompression bombs). Equal to PIL's own warning
+# threshold (`PIL.Image.MAX_IMAGE_PIXELS`, ~9459^2); PIL independently refuses anything above twice that.
+DEFAULT_MAX_PIXELS = 89_478_485
+ALPHA_MODES = ("white", "drop")
+BICUBIC = Image.Resampling.BICUBIC
+
+
+class ImageDecodeError(ValueError):
+  """An image file that cannot be decoded; `name` is the file, `reason` what went wrong."""
+
+  def __init__(self, name: str, reason: str):
+    self.name = name
+    self.reason = reason
+    super().__init__(f"{name}: cannot decode image: {reason}")
+
+
+def decode(data: bytes, name: str = "<bytes>", *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+           alpha: str = "white", exif_transpose: bool = True) -> np.ndarray:
+  """Decodes an encoded image (JPEG, PNG, TIFF, BMP, WebP, GIF, ... whatever PIL reads) to 8-bit RGB.
+
+  Args:
+    data: the file's bytes.
+    name: the file's name, used in errors and warnings.
+    max_pixels: refuse images with more pixels than this before decoding them (None: only PIL's own limit).
+    alpha: "white" composites transparent images on white, "drop" discards the alpha channel.
+    exif_transpose: apply the EXIF orientation tag.
+
+  Returns:
+    uint8 [height, width, 3], height and width after the EXIF orientation.
+
+  Raises:
+    ImageDecodeError: empty, truncated or unidentifiable data, too many pixels, or a pixel format with no
+      defined 8-bit RGB meaning.
+  """
+  if alpha not in ALPHA_MODES:
+    raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
+  if not data:
+    raise ImageDecodeError(name, "the file is empty (0 bytes)")
+  try:
+    img = Image.open(io.BytesIO(data))
+  except Image.UnidentifiedImageError:
+    raise ImageDecodeError(name, f"not an image format PIL can read ({len(data)} bytes starting {data[:16]!r})"
+                           ) from None
+  except Image.DecompressionBombError as e:
+    raise ImageDecodeError(name, f"too many pixels for PIL (PIL.Image.MAX_IMAGE_PIXELS guard): {e}") from e
+  except MemoryError:
+    raise
+  except Exception as e:  # PIL raises many types for malformed headers
+    raise ImageDecodeError(name, f"{type(e).__name__}: {e}") from e
+  with img:
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+      raise ImageDecodeError(name, f"{width}x{height} = {width * height} pixels is more than max_pixels="
+                             f"{max_pixels} (decompression-bomb guard; pass a larger max_pixels to allow it)")
+    try:
+      img.load()
+    except MemoryError:
+      raise
+    except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, zlib.error, ...
+      raise ImageDecodeError(name, f"{type(e).__name__}: {e}") from e
+    if exif_transpose:
+      img = _exif_transpose(img, name)
+    return _to_rgb8(img, name, alpha)
+
+
+def load(path: str | os.PathLike[str], **kwargs) -> np.ndarray:
+  """Reads and decodes an image file; keyword arguments as `decode`. Returns uint8 [height, width, 3]."""
+  with open(path, "rb") as f:
+    data = f.read()
+  return decode(data, os.fspath(path), **kwargs)
+
+
+def _exif_transpose(img: Image.Image, name: str) -> Image.Image:
+  try:
+    return ImageOps.exif_transpose(img)
+  except MemoryError:
+    raise
+  except Exception as e:  # corrupt EXIF should not make the pixels unusable
+    warnings.warn(f"{name}: EXIF orientation ignored, the EXIF data is unreadable ({type(e).__name__}: {e})",
+                  stacklevel=3)
+    return img
+
+
+def _to_rgb8(img: Image.Image, name: str, alpha: str) -> np.ndarray:
+  """PIL image of any mode -> uint8 [height, width, 3]."""
+  mode = img.mode
+  if mode == "RGB":
+    return np.array(img)
+  if mode in ("1", "L"):
+    return _grey_to_rgb(np.array(img.convert("L")))
+  if mode == "P":
+    has_alpha = "transparency" in img.info
+    return _to_rgb8(img.convert("RGBA" if has_alpha else "RGB"), name, alpha)
+  if mode in ("LA", "La", "PA", "RGBa"):
+    return _to_rgb8(img.convert("RGBA"), name, alpha)
+  if mode == "RGBA":
+    rgba = np.array(img)
+    if alpha == "drop":
+      return np.ascontiguousarray(rgba[..., :3])
+    return _composite_on_white(rgba[..., :3], rgba[..., 3:])
+  if mode.startswith("I;16"):
+    return _grey_to_rgb(_scale_16bit(np.array(img)))
+  if mode == "I":
+    values = np.array(img)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+      raise ImageDecodeError(name, f"32-bit integer pixels in [{values.min()}, {values.max()}]: only 0..65535 "
+                             "(16-bit) data has a defined 8-bit scaling")
+    return _grey_to_rgb(_scale_16bit(values))
+  if mode == "F":
+    values = np.array(img, dtype=np.float64)
+    if not np.isfinite(values).all():
+      raise ImageDecodeError(name, "float image with NaN or infinite pixels")
+    low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+    if low < 0 or high > 255:
+      raise ImageDecodeError(name, f"float pixels in [{low}, {high}]: expected [0, 1] or [0, 255]")
+    scale = 255.0 if high <= 1.0 else 1.0
+    return _grey_to_rgb(np.round(values * scale).astype(np.uint8))
+  try:
+    return np.array(img.convert("RGB"))
+  except ValueError as e:
+    raise ImageDecodeError(name, f"PIL mode {mode!r} has no conversion to RGB ({e})") from e
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+  return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _scale_16bit(values: np.ndarray) -> np.ndarray:
+  return np.round(values.astype(np.float64) / 257.0).astype(np.uint8)
+
+
+def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+  """rgb * a + 255 * (1 - a), a = alpha / 255, rounded; uint8 [..., 3]."""
+  a = alpha.astype(np.uint32)
+  return (255 - ((255 - rgb.astype(np.uint32)) * a + 127) // 255).astype(np.uint8)
+
+
+def _check_rgb8(img: np.ndarray) -> None:
+  if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+    raise ValueError(f"expected a uint8 [height, width, 3] image, got {img.dtype} {list(img.shape)}")
+
+
+def resize(img: np.ndarray, height: int, width: int, *, resample: int = BICUBIC) -> np.ndarray:
+  """PIL resize of uint8 [h, w, 3] to uint8 [height, width, 3] (bicubic by default, as CLIP)."""
+  _check_rgb8(img)
+  if height < 1 or width < 1:
+    raise ValueError(f"resize target must be at least 1x1, got {height}x{width}")
+  if img.shape[:2] == (height, width):
+    return img
+  return np.array(Image.fromarray(img).resize((width, height), resample=resample))
+
+
+def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+  """(height, width) with the short side equal to `size` and the long side `int(size * long / short)`."""
+  if height <= width:
+    return size, int(size * width / height)
+  return int(size * height / width), size
+
+
+def resize_short_side(img: np.ndarray, size: int, *, max_upscale: float | None = 2.0,
+                      resample: int = BICUBIC) -> np.ndarray:
+  """Resizes so the short side is `size`, keeping the aspect ratio.
+
+  Args:
+    img: uint8 [h, w, 3].
+    size: target short side.
+    max_upscale: refuse to enlarge by more than this factor (an image that small would be scored on
+      interpolated pixels); None allows any factor.
+    resample: PIL filter.
+
+  Returns:
+    uint8 [new_h, new_w, 3], `img` itself when its short side is already `size`.
+
+  Raises:
+    ValueError: the upscale factor `size / short side` is above `max_upscale`.
+  """
+  _check_rgb8(img)
+  h, w = img.shape[:2]
+  factor = size / min(h, w)
+  if max_upscale is not None and factor > max_upscale:
+    raise ValueError(f"a {w}x{h} image would be upscaled {factor:.2f}x to a short side of {size}, more than "
+                     f"max_upscale={max_upscale} (pass max_upscale=None to allow it)")
+  return resize(img, *short_side_size(h, w, size), resample=resample)
+
+
+def ensure_min_side(img: np.ndarray, size: int, *, resample: int = BICUBIC) -> np.ndarray:
+  """Resizes uint8 [h, w, 3] up so its short side is at least `size` (for crops); larger images are returned."""
+  _check_rgb8(img)
+  if min(img.shape[:2]) >= size:
+    return img
+  return resize_short_side(img, size, max_upscale=None, resample=resample)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+  if isinstance(size, (int, np.integer)):
+    return int(size), int(size)
+  h, w = size
+  return int(h), int(w)
+
+
+def crop(img: np.ndarray, top: int, left: int, size: int | Sequence[int]) -> np.ndarray:
+  """The window `[top:top + h, left:left + w]` of `[..., height, width, channels]` (a view).
+
+  Args:
+    img: [..., height, width, channels] array.
+    top, left: the window's first row and column.
+    size: crop side, or (h, w).
+
+  Raises:
+    ValueError: the window is not inside the image.
+  """
+  h, w = _pair(size)
+  height, width = img.shape[-3:-1]
+  if top < 0 or left < 0 or top + h > height or left + w > width:
+    raise ValueError(f"crop {h}x{w} at (top={top}, left={left}) is outside the {height}x{width} image")
+  return img[..., top:top + h, left:left + w, :]
+
+
+def center_crop_position(height: int, width: int, size: int | Sequence[int]) -> tuple[int, int]:
+  """(top, left) of the centre crop, rounding down as transformers' CLIP image processor does."""
+  h, w = _pair(size)
+  return (height - h) // 2, (width - w) // 2
+
+
+def _grid_shape(num_crops: int, height: int, width: int) -> tuple[int, int]:
+  """(rows, cols) with rows * cols == num_crops whose aspect rows / cols is nearest the image's (fewer rows on
+  ties)."""
+  pairs = [(r, num_crops // r) for r in range(1, num_crops + 1) if num_crops % r == 0]
+  target = math.log(height / width)
+  return min(pairs, key=lambda rc: (abs(math.log(rc[0] / rc[1]) - target), rc[0]))
+
+
+def _axis_positions(length: int, size: int, count: int) -> list[int]:
+  """`count` starts from 0 to `length - size`, evenly spaced and rounded half up; the centre for one."""
+  free = length - size
+  if count == 1:
+    return [free // 2]
+  return [(2 * i * free + count - 1) // (2 * (count - 1)) for i in range(count)]
+
+
+def grid_crop_positions(height: int, width: int, size: int | Sequence[int], num_crops: int
+                        ) -> list[tuple[int, int]]:
+  """(top, left) of `num_crops` crops on a regular grid over the image, row by row.
+
+  The grid has rows * cols == num_crops, shaped like the image (15 crops: 3 rows x 5 columns on a landscape
+  image, 5 x 3 on a portrait one; a prime count gives one row or column). Along each axis the first crop
+  touches the first edge and the last the far edge, evenly spaced between, so the crops cover the image
+  whenever the spacing is at most the crop size. One crop is the centre crop (`center_crop_position`).
+
+  Raises:
+    ValueError: the crop is larger than the image (resize first, e.g. `ensure_min_side`) or num_crops < 1.
+  """
+  h, w = _pair(size)
+  if num_crops < 1:
+    raise ValueError(f"num_crops must be at least 1, got {num_crops}")
+  if h > height or w > width:
+    raise ValueError(f"a {h}x{w} crop does not fit in a {height}x{width} image (resize it first, e.g. with "
+                     "ensure_min_side)")
+  rows, cols = _grid_shape(num_crops, height, width)
+  tops = _axis_positions(height, h, rows)
+  lefts = _axis_positions(width, w, cols)
+  return [(t, l) for t in tops for l in lefts]
