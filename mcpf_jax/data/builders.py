@@ -1,0 +1,242 @@
+"""TFDS builders for the IQA benchmarks: the official release folder (manual_dir) in, array_record files out.
+
+Building and reading need no TensorFlow: tensorflow-datasets serializes the records with its own protobuf code and
+writes array_record, and `as_data_source` reads them back with random access.
+
+Every builder writes ONE split, `full`, with the examples in label-file order and shuffling disabled, so record i is
+entry i of the metadata's per-record index (names, content ids, MOS, official split); train/test splits are index
+lists made from that index (mcpf_jax.data.splits), not separate files. The dataset-level metadata (direction of the
+score, its range, label-file hashes, skipped rows, ...) is in `builder.info.metadata` (metadata.json beside the
+records).
+
+Record (FEATURES):
+  image           bytes    the image file's original bytes (never re-encoded)
+  name            str      path relative to the release folder, e.g. "Images/611.JPG"
+  mos             float32  the score as the label file gives it (DMOS stays DMOS: see metadata higher_is_better)
+  mos_std         float32  its standard deviation as given, NaN where the release has none
+  content_id      str      the image itself / its reference image / its prompt (splits never divide a content)
+  official_split  str      "training" / "validation" / "test" where the release defines a split, else ""
+  scene           bool[9]  multi-hot over mcpf_jax.labels.SCENES (all False where has_scene is False)
+  has_scene       bool
+  distortion      int32    index into mcpf_jax.labels.DISTORTIONS (11 coarse classes), -1 where none
+  distortion_fine int32    index into liqe.FINE_DISTORTIONS (LIQE's 33 names), -1 where none
+  has_distortion  bool
+  index           int64    the record's position (= its entry in the metadata index)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mcpf_jax import labels as label_sets
+from mcpf_jax.data import collect
+from mcpf_jax.data import layouts
+from mcpf_jax.data import problems
+
+SPLIT = "full"
+DATASET_VERSION = "1.0.0"
+
+FEATURES = tfds.features.FeaturesDict({
+    "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+    "name": tfds.features.Text(),
+    "mos": tfds.features.Scalar(dtype=np.float32),
+    "mos_std": tfds.features.Scalar(dtype=np.float32),
+    "content_id": tfds.features.Text(),
+    "official_split": tfds.features.Text(),
+    "scene": tfds.features.Tensor(shape=(len(label_sets.SCENES),), dtype=np.bool_),
+    "has_scene": tfds.features.Scalar(dtype=np.bool_),
+    "distortion": tfds.features.Scalar(dtype=np.int32),
+    "distortion_fine": tfds.features.Scalar(dtype=np.int32),
+    "has_distortion": tfds.features.Scalar(dtype=np.bool_),
+    "index": tfds.features.Scalar(dtype=np.int64),
+})
+
+_INSTRUCTIONS = """\
+Download {title} by hand from {homepage} (its licence forbids redistribution) and extract it. Pass the extracted
+release folder as manual_dir; it must hold {expected}.
+"""
+
+
+class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base builder: subclasses set `LAYOUT` (a layouts.Layout subclass) and `name`.
+
+  Build options (keyword arguments, besides tfds's data_dir / config / version / file_format):
+    skip_bad: skip bad rows and write a JSON report instead of raising (default False).
+    report_path: where the skip report goes (default <data_dir>/<name>[-<config>]-skip-report.json).
+    liqe_dir: folder with LIQE's split folders (e.g. ../shared/data/labels/liqe_splits) to join scene and
+      distortion labels; None = no labels.
+    decode_check: "full" (default; decode every image), "verify" (PIL structure check) or "none".
+    num_threads: decode-check threads.
+  """
+
+  VERSION = tfds.core.Version(DATASET_VERSION)
+  RELEASE_NOTES = {DATASET_VERSION: "Original bytes, scores as given, content ids, LIQE labels, one `full` split."}
+  LAYOUT: type[layouts.Layout] = layouts.Layout
+
+  def __init__(self, *, skip_bad: bool = False, report_path: str | None = None, liqe_dir: str | None = None,
+               decode_check: str = "full", num_threads: int | None = None, **kwargs: Any):
+    self._skip_bad = skip_bad
+    self._report_path = report_path
+    self._liqe_dir = liqe_dir
+    self._decode_check = decode_check
+    self._num_threads = num_threads
+    self.skip_report: pathlib.Path | None = None
+    super().__init__(**kwargs)
+
+  def layout(self) -> layouts.Layout:
+    return self.LAYOUT()
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # tfds's default probes `importlib_resources` (an optional etils extra, not installed); this file is the answer.
+    return epath.Path(__file__)
+
+  @property
+  def MANUAL_DOWNLOAD_INSTRUCTIONS(self) -> str:  # pylint: disable=invalid-name  (tfds's attribute name)
+    lay = self.layout()
+    return _INSTRUCTIONS.format(title=lay.title, homepage=lay.homepage or "its authors", expected=lay.expected)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    lay = self.layout()
+    static = {"dataset": lay.name, "title": lay.title, "mos_kind": lay.mos_kind,
+              "higher_is_better": lay.higher_is_better,
+              "mos_range": list(lay.mos_range) if lay.mos_range else None, "content_kind": lay.content_kind,
+              "official_split_names": list(lay.official_splits)}
+    return tfds.core.DatasetInfo(
+        builder=self, description=f"{lay.title}: {lay.__doc__}", features=FEATURES, homepage=lay.homepage or None,
+        metadata=tfds.core.MetadataDict(static), disable_shuffling=True)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+    root = pathlib.Path(dl_manager._manual_dir or "")  # pylint: disable=protected-access  (its checks are ours)
+    lay = self.layout()
+    result = collect.collect(lay, root, skip_bad=self._skip_bad, decode_check=self._decode_check,
+                             liqe_dir=self._liqe_dir, liqe_folder=self._liqe_folder(), num_threads=self._num_threads)
+    if self._skip_bad:
+      self.skip_report = pathlib.Path(self._report_path) if self._report_path else self._default_report_path()
+      problems.write_report(self.skip_report, lay.name, str(root), result.log, len(result.examples))
+      result.metadata["skip_report"] = str(self.skip_report)
+    if not result.examples:
+      raise problems.DatasetError(lay.name, str(root), None, "no examples left to build")
+    self.info.metadata.update(result.metadata)
+    return {SPLIT: self._generate_examples(result.examples)}
+
+  def _liqe_folder(self) -> str | None:
+    return None
+
+  def _default_report_path(self) -> pathlib.Path:
+    config = f"-{self.builder_config.name}" if self.builder_config else ""
+    return pathlib.Path(self._data_dir_root) / f"{self.name}{config}-skip-report.json"
+
+  def _generate_examples(self, examples: list[collect.Example]):
+    for i, e in enumerate(examples):
+      yield i, {
+          "image": e.path.read_bytes(),
+          "name": e.name,
+          "mos": np.float32(e.mos),
+          "mos_std": np.float32(e.mos_std),
+          "content_id": e.content_id,
+          "official_split": e.official_split,
+          "scene": np.asarray(e.scene, np.bool_),
+          "has_scene": e.has_scene,
+          "distortion": np.int32(e.distortion),
+          "distortion_fine": np.int32(e.distortion_fine),
+          "has_distortion": e.has_distortion,
+          "index": np.int64(i),
+      }
+
+
+def _builder_class(layout_cls: type[layouts.Layout]) -> type[IqaBuilder]:
+  cls = type(layout_cls.__name__, (IqaBuilder,), {"name": layout_cls.name, "LAYOUT": layout_cls,
+                                                   "__doc__": f"TFDS builder of {layout_cls.title}.",
+                                                   "__module__": __name__},
+             skip_registration=True)
+  return cls
+
+
+Livec = _builder_class(layouts.Livec)
+Koniq10k = _builder_class(layouts.Koniq10k)
+Spaq = _builder_class(layouts.Spaq)
+Csiq = _builder_class(layouts.Csiq)
+Tid2013 = _builder_class(layouts.Tid2013)
+Kadid10k = _builder_class(layouts.Kadid10k)
+Agiqa1k = _builder_class(layouts.Agiqa1k)
+Agiqa3k = _builder_class(layouts.Agiqa3k)
+Aigciqa2023 = _builder_class(layouts.Aigciqa2023)
+
+
+class Live(IqaBuilder, skip_registration=True):
+  """TFDS builder of LIVE IQA release 2. Extra option: dmos = "auto" | "realigned" | "original"."""
+  name = "live"
+  LAYOUT = layouts.Live
+
+  def __init__(self, *, dmos: str = "auto", **kwargs: Any):
+    self._dmos = dmos
+    super().__init__(**kwargs)
+
+  def layout(self) -> layouts.Layout:
+    return layouts.Live(dmos=self._dmos)
+
+
+@dataclasses.dataclass(eq=False)
+class CsvConfig(tfds.core.BuilderConfig):
+  """A user's csv dataset: the config name names the dataset's folder (data_dir/csv/<name>/1.0.0).
+
+  Fields are those of layouts.CsvSpec, plus `liqe_folder` (the dataset's folder under liqe_dir, if any).
+  """
+  csv_path: str = ""
+  image_column: str = "image"
+  mos_column: str = "mos"
+  std_column: str | None = None
+  content_column: str | None = None
+  split_column: str | None = None
+  delimiter: str = ","
+  image_root: str = ""
+  higher_is_better: bool = True
+  mos_range: tuple[float, float] | None = None
+  liqe_folder: str | None = None
+
+  def spec(self) -> layouts.CsvSpec:
+    fields = {f.name for f in dataclasses.fields(layouts.CsvSpec)}
+    return layouts.CsvSpec(**{k: getattr(self, k) for k in fields})
+
+
+class Csv(IqaBuilder, skip_registration=True):
+  """TFDS builder of a user's folder of images + a csv (image path and mos columns).
+
+  Give the columns with `config=CsvConfig(name=..., csv_path=..., image_column=..., ...)`, or as keyword
+  arguments (`Csv(csv_path=..., mos_column=..., config_name="mydata")`), which make that config.
+  """
+  name = "csv"
+  LAYOUT = layouts.CsvLayout
+
+  def __init__(self, *, config: CsvConfig | str | None = None, config_name: str = "default", **kwargs: Any):
+    spec_fields = {f.name for f in dataclasses.fields(CsvConfig)} - {f.name for f in dataclasses.fields(
+        tfds.core.BuilderConfig)}
+    spec_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in spec_fields}
+    if config is None:
+      if "csv_path" not in spec_kwargs:
+        raise ValueError("csv builder: give config=CsvConfig(...) or csv_path=... (plus image_column, mos_column, ...)")
+      config = CsvConfig(name=config_name, **spec_kwargs)
+    elif spec_kwargs:
+      raise ValueError(f"csv builder: give either config or {sorted(spec_kwargs)}, not both")
+    super().__init__(config=config, **kwargs)
+
+  def layout(self) -> layouts.Layout:
+    config = self.builder_config
+    if not isinstance(config, CsvConfig):
+      raise ValueError(f"csv builder needs a CsvConfig, got {config!r}")
+    return layouts.CsvLayout(config.spec())
+
+  def _liqe_folder(self) -> str | None:
+    return self.builder_config.liqe_folder
+
+
+BUILDERS: dict[str, type[IqaBuilder]] = {
+    b.name: b for b in (Livec, Koniq10k, Spaq, Live, Csiq, Tid2013, Kadid10k, Agiqa1k, Agiqa3k, Aigciqa2023, Csv)}

@@ -1,0 +1,283 @@
+"""Turns a release folder into checked examples: the checks every dataset shares, then the LIQE labels.
+
+Order: the folder must look like the release (else an error saying what was expected there); the layout reads the
+label files; then duplicates, missing images, images no label row names (in the folders the release owns),
+undecodable images; then the LIQE scene/distortion labels are joined by relative path. Every bad row raises
+`problems.DatasetError` naming the dataset, the file and the row, or (skip_bad) is skipped and recorded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import os
+import pathlib
+from typing import Any, Callable
+
+import numpy as np
+
+from mcpf_jax import labels as label_sets
+from mcpf_jax.data import layouts
+from mcpf_jax.data import liqe
+from mcpf_jax.data import problems
+
+DECODE_CHECKS = ("full", "verify", "none")
+
+
+@dataclasses.dataclass
+class Example:
+  """One checked image, ready to be written (see builders.FEATURES for the stored record)."""
+  path: pathlib.Path
+  name: str
+  mos: float
+  mos_std: float
+  content_id: str
+  official_split: str
+  scene: tuple[bool, ...]
+  has_scene: bool
+  distortion: int
+  distortion_fine: int
+  has_distortion: bool
+
+
+@dataclasses.dataclass
+class Collected:
+  examples: list[Example]
+  log: problems.ProblemLog
+  metadata: dict[str, Any]
+
+
+def _decoder() -> Callable[[bytes, str], Any]:
+  """The project's image decoder where it exists (mcpf_jax.images.decode), else a full PIL decode."""
+  try:
+    from mcpf_jax import images  # pylint: disable=g-import-not-at-top
+    return images.decode
+  except (ImportError, AttributeError):
+    return _pil_decode
+
+
+def _pil_decode(data: bytes, name: str) -> None:
+  del name
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(io.BytesIO(data)) as img:
+    img.load()
+
+
+def _pil_verify(data: bytes, name: str) -> None:
+  del name
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(io.BytesIO(data)) as img:
+    img.verify()
+
+
+def decode_error(path: pathlib.Path, name: str, mode: str) -> str | None:
+  """None if the file decodes (mode "full") or parses (mode "verify"), else why not."""
+  if mode == "none":
+    return None
+  check = _decoder() if mode == "full" else _pil_verify
+  try:
+    data = path.read_bytes()
+    if not data:
+      return "the file is empty"
+    check(data, name)
+  except Exception as e:  # any decoder failure (PIL raises OSError, SyntaxError, ValueError, ...) means undecodable
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+def sha256(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+class _CaseIndex:
+  """Case-insensitive lookup of file names per folder (release archives differ in case, e.g. TID2013's .BMP)."""
+
+  def __init__(self, root: pathlib.Path):
+    self.root = root
+    self._dirs: dict[str, dict[str, list[str]]] = {}
+
+  def resolve(self, name: str) -> str | None:
+    if (self.root / name).is_file():
+      return name
+    folder, _, base = name.rpartition("/")
+    if folder not in self._dirs:
+      try:
+        entries = os.listdir(self.root / folder) if folder else os.listdir(self.root)
+      except OSError:
+        entries = []
+      table: dict[str, list[str]] = {}
+      for e in entries:
+        table.setdefault(e.lower(), []).append(e)
+      self._dirs[folder] = table
+    matches = self._dirs[folder].get(base.lower(), [])
+    if len(matches) == 1 and (self.root / folder / matches[0]).is_file():
+      return layouts.join(folder, matches[0])
+    return None
+
+
+def check_root(layout: layouts.Layout, root: pathlib.Path) -> None:
+  if not root.is_dir() or not layout.looks_like(root):
+    raise layouts.wrong_folder_error(layout, root)
+
+
+def image_files(root: pathlib.Path, folder: str, recursive: bool) -> list[str]:
+  """Relative paths of the image files (by suffix) in one folder of the release."""
+  base = root / folder if folder else root
+  out = []
+  if recursive:
+    for dirpath, dirnames, filenames in os.walk(base):
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+      rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+      out += [layouts.join(rel, f) for f in sorted(filenames) if _is_image(f)]
+  else:
+    out = [layouts.join(folder, e.name) for e in sorted(os.scandir(base), key=lambda e: e.name)
+           if e.is_file() and _is_image(e.name)]
+  return out
+
+
+def _is_image(filename: str) -> bool:
+  return not filename.startswith(".") and os.path.splitext(filename)[1].lower() in layouts.IMAGE_SUFFIXES
+
+
+def collect(layout: layouts.Layout, root: pathlib.Path, *, skip_bad: bool = False, decode_check: str = "full",
+            liqe_dir: str | os.PathLike[str] | None = None, liqe_folder: str | None = None,
+            num_threads: int | None = None) -> Collected:
+  """Reads and checks a release folder.
+
+  Args:
+    layout: the dataset's layout.
+    root: the extracted release folder (manual_dir).
+    skip_bad: skip bad rows (recorded in the returned log) instead of raising.
+    decode_check: "full" (decode every image), "verify" (PIL header/structure check only, faster) or "none".
+    liqe_dir: folder holding LIQE's per-dataset split folders (e.g. ../shared/data/labels/liqe_splits), or None.
+    liqe_folder: the dataset's folder name under liqe_dir (default: liqe.LIQE_FOLDERS[layout.name]).
+    num_threads: decode-check threads (PIL releases the GIL while decoding).
+
+  Returns:
+    The examples in label-file order, the problem log and the dataset-level metadata.
+  """
+  if decode_check not in DECODE_CHECKS:
+    raise ValueError(f"decode_check must be one of {DECODE_CHECKS}, got {decode_check!r}")
+  root = pathlib.Path(root).expanduser().resolve()
+  check_root(layout, root)
+  log = problems.ProblemLog(layout.name, skip_bad)
+  listing = layout.read(root, log)
+
+  # Duplicates, then files on disk (case-insensitive fallback).
+  index = _CaseIndex(root)
+  seen: dict[str, layouts.Row] = {}
+  rows: list[layouts.Row] = []
+  case_fixes = 0
+  for r in listing.rows:
+    if r.name in seen:
+      first = seen[r.name]
+      log.add(problems.DUPLICATE, r.file, r.row, r.name, f"{r.name} is also named by {first.file}, {first.row}")
+      continue
+    seen[r.name] = r
+    found = index.resolve(r.name)
+    if found is None:
+      log.add(problems.MISSING_IMAGE, r.file, r.row, r.name, f"image file {r.name} not found in {root}")
+      continue
+    if found != r.name:
+      case_fixes += 1
+      r = dataclasses.replace(r, name=found)
+    rows.append(r)
+
+  # Image files in the release's own folders that no label row names.
+  labelled = {r.name.lower() for r in listing.rows} | {n.lower() for n in listing.not_rated}
+  labelled |= {r.name.lower() for r in rows} | {p.name.lower() for p in log.problems}  # skipped rows are labelled
+  for folder, recursive in listing.owned_dirs:
+    for rel in image_files(root, folder, recursive):
+      if rel.lower() not in labelled:
+        log.add(problems.UNLABELLED_IMAGE, rel, None, rel,
+                f"image file {rel} is in {folder or '.'}/ but no row of {', '.join(listing.label_files)} names it")
+
+  # Decode check (threads: PIL decodes without the GIL).
+  if decode_check != "none" and rows:
+    workers = num_threads or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      errors = list(pool.map(lambda r: decode_error(root / r.name, r.name, decode_check), rows))
+    kept = []
+    for r, err in zip(rows, errors):
+      if err is None:
+        kept.append(r)
+      else:
+        log.add(problems.UNDECODABLE, r.file, r.row, r.name, f"image file {r.name} does not decode: {err}")
+    rows = kept
+
+  # LIQE scene/distortion labels, joined by relative path.
+  liqe_labels: dict[str, liqe.LiqeLabel] = {}
+  liqe_meta: dict[str, Any] = {"dir": None}
+  folder = liqe_folder or liqe.LIQE_FOLDERS.get(layout.name)
+  if liqe_dir is not None:
+    liqe_meta = {"dir": str(liqe_dir), "folder": folder}
+    if folder is None:
+      liqe_meta["note"] = "LIQE has no split files for this dataset"
+    else:
+      d = pathlib.Path(liqe_dir).expanduser() / folder
+      if not d.is_dir():
+        raise problems.DatasetError(layout.name, str(d), None, f"no LIQE split folder {folder}/ in liqe_dir {liqe_dir} "
+                                    f"(found {layouts.listing(pathlib.Path(liqe_dir).expanduser())})")
+      liqe_labels = liqe.read_split_files(d, layout.name)
+  liqe_lower = {k.lower(): v for k, v in liqe_labels.items()}
+
+  examples = []
+  matched = 0
+  no_scene = (False,) * len(label_sets.SCENES)
+  for r in rows:
+    lab = liqe_labels.get(r.name) or liqe_lower.get(r.name.lower())
+    matched += lab is not None
+    scene = lab.scene if lab else r.scene
+    examples.append(Example(
+        path=root / r.name, name=r.name, mos=r.mos, mos_std=r.mos_std, content_id=r.content_id,
+        official_split=r.official_split, scene=scene or no_scene, has_scene=scene is not None,
+        distortion=lab.distortion if lab else -1, distortion_fine=lab.distortion_fine if lab else -1,
+        has_distortion=lab is not None))
+  if liqe_dir is not None and folder is not None:
+    liqe_meta.update(matched=matched, unmatched_liqe_paths=len(liqe_labels) - matched)
+
+  mos = np.array([e.mos for e in examples], np.float64)
+  splits: dict[str, int] = {}
+  for e in examples:
+    if e.official_split:
+      splits[e.official_split] = splits.get(e.official_split, 0) + 1
+  observed = [float(mos.min()), float(mos.max())] if len(mos) else None
+  metadata = {
+      "dataset": layout.name,
+      "title": layout.title,
+      "homepage": layout.homepage,
+      "mos_kind": layout.mos_kind,
+      "higher_is_better": layout.higher_is_better,
+      "mos_range": list(layout.mos_range) if layout.mos_range else observed,
+      "mos_range_source": "nominal" if layout.mos_range else "observed",
+      "mos_observed": observed,
+      "content_kind": layout.content_kind,
+      "num_examples": len(examples),
+      "num_contents": len({e.content_id for e in examples}),
+      "official_split_names": list(layout.official_splits),
+      "official_splits": splits,
+      "label_files": {f: sha256(root / f) for f in listing.label_files if (root / f).is_file()},
+      "excluded": listing.excluded,
+      "notes": listing.notes,
+      "name_case_fixes": case_fixes,
+      "decode_check": decode_check,
+      "liqe": liqe_meta,
+      "has_scene": sum(e.has_scene for e in examples),
+      "has_distortion": sum(e.has_distortion for e in examples),
+      "skipped": len(log.problems),
+      "problems": log.as_json(),
+      # Per-record columns (record i = entry i), so splits and MOS statistics need no pass over the image bytes.
+      "index": {
+          "name": [e.name for e in examples],
+          "content_id": [e.content_id for e in examples],
+          "mos": [float(np.float32(e.mos)) for e in examples],
+          "official_split": [e.official_split for e in examples],
+      },
+  }
+  return Collected(examples, log, metadata)
