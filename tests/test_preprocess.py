@@ -2,8 +2,8 @@
 
 Tolerance: both resize with PIL's bicubic filter on the same uint8 image and crop at the same offsets, so the
 uint8 crops are identical; what remains is float32 rounding of the scale and normalisation (|x| < 2.2 after
-normalisation, float32 spacing there ~2.4e-7), hence atol 1e-5 (measured: 0.0 on these images). A different resampler (torchvision, OpenCV)
-would differ by whole grey levels (~0.015 after normalisation) and fail this test.
+normalisation, float32 spacing there ~2.4e-7), hence atol 1e-5 (measured: 0.0 on these images). A different
+resampler (torchvision, OpenCV) would differ by whole grey levels (~0.015 after normalisation) and fail this test.
 """
 
 import json
