@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.io
 
+import data_fakes
 import mcpf_jax.data as data
 from mcpf_jax.data import builders
 
@@ -18,35 +19,12 @@ pytestmark = pytest.mark.needs_shared_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# LIQE's own tables (zwx8981/LIQE BIQA_benchmark.py: `dist_map`, `map2label`, `scene2label`), copied as the
-# independent reference for the label join.
-LIQE_DIST_MAP = {
-    "jpeg2000 compression": "jpeg2000 compression", "jpeg compression": "jpeg compression", "white noise": "noise",
-    "gaussian blur": "blur", "fastfading": "jpeg2000 compression", "fnoise": "noise", "contrast": "contrast",
-    "lens": "blur", "motion": "blur", "diffusion": "color", "shifting": "blur", "color quantization": "quantization",
-    "oversaturation": "color", "desaturation": "color", "white with color": "noise", "impulse": "noise",
-    "multiplicative": "noise", "white noise with denoise": "noise", "brighten": "overexposure",
-    "darken": "underexposure", "shifting the mean": "other", "jitter": "spatial", "noneccentricity patch": "spatial",
-    "pixelate": "spatial", "quantization": "quantization", "color blocking": "spatial", "sharpness": "contrast",
-    "realistic blur": "blur", "realistic noise": "noise", "underexposure": "underexposure",
-    "overexposure": "overexposure", "realistic contrast change": "contrast", "other realistic": "other"}
-LIQE_MAP2LABEL = {"jpeg2000 compression": 0, "jpeg compression": 1, "noise": 2, "blur": 3, "color": 4, "contrast": 5,
-                  "overexposure": 6, "underexposure": 7, "spatial": 8, "quantization": 9, "other": 10}
-LIQE_SCENE2LABEL = {"animal": 0, "cityscape": 1, "human": 2, "indoor": 3, "landscape": 4, "night": 5, "plant": 6,
-                    "still_life": 7, "others": 8}
-
-
 @pytest.fixture(scope="module")
 def built(shared_data, tmp_path_factory):
   out = tmp_path_factory.mktemp("clive_tfds")
   b = data.builder("livec", data_dir=out, liqe_dir=shared_data / "labels" / "liqe_splits")
-  b.download_and_prepare(download_config=_manual(shared_data / "clive-mini" / "ChallengeDB_release"))
+  b.download_and_prepare(download_config=data_fakes.manual(shared_data / "clive-mini" / "ChallengeDB_release"))
   return out
-
-
-def _manual(path):
-  import tensorflow_datasets as tfds
-  return tfds.download.DownloadConfig(manual_dir=str(path))
 
 
 def _mat_entries(release: pathlib.Path) -> dict[str, tuple[float, float]]:
@@ -81,15 +59,7 @@ def test_48_test_images_with_mat_scores_and_original_bytes(built, shared_data):
 
 
 def test_liqe_labels_joined_where_listed(built, shared_data):
-  liqe_file = shared_data / "labels" / "liqe_splits" / "ChallengeDB_release" / "splits2" / "clive_all_clip.txt"
-  expected = {}
-  for line in liqe_file.read_text().splitlines():
-    path, _, dist, *scenes = line.split("\t")
-    hot = np.zeros(9, bool)
-    for s in scenes:
-      if s != "invalid":
-        hot[LIQE_SCENE2LABEL[s]] = True
-    expected[path] = (LIQE_MAP2LABEL[LIQE_DIST_MAP[dist]], hot)
+  expected = data_fakes.liqe_labels(shared_data / "labels" / "liqe_splits" / "ChallengeDB_release")
   src = data.source("livec", data_dir=built)
   for i in range(len(src)):
     r = src[i]
