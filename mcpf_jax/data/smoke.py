@@ -57,6 +57,15 @@ NUM_LEVELS = 5
 
 CSV_NAME = "smoke.csv"
 CSV_COLUMNS = ("path", "mos", "content_id", "distortion", "level")
+MOS_RANGE = (1.0, 5.0)
+
+# How the generic csv dataset reads the smoke CSV (fields of mcpf_jax.data.CsvConfig; manual_dir = the folder):
+#   mcpf_jax.data.builder("csv", data_dir=D, config_name="smoke", **CSV_CONFIG).download_and_prepare(
+#       download_config=tfds.download.DownloadConfig(manual_dir=folder))
+# or: python -m mcpf_jax.data.prepare csv --manual_dir FOLDER --data_dir D --config_name smoke \
+#       --csv_path smoke.csv --image_column path --mos_column mos --content_column content_id --mos_range 1 5
+CSV_CONFIG = {"csv_path": CSV_NAME, "image_column": "path", "mos_column": "mos", "content_column": "content_id",
+              "higher_is_better": True, "mos_range": MOS_RANGE}
 
 
 def mos_of_level(level: int) -> float:

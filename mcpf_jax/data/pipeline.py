@@ -1,0 +1,435 @@
+"""The input pipeline on grain: decode, resize, crop, labels, batching, per-process sharding, worker processes.
+
+Works on any random-access source: anything with `len(source)` and `source[row]` returning a record dict with
+at least `image` (the encoded file bytes) and `mos`; `name`, `mos_std`, `scene`, `has_scene`, `distortion` and
+`has_distortion` are used where present (`mcpf_jax.data.source(...)` records have them all).
+
+Training (`train_loader`): every image is decoded (`images.decode`), resized so its short side is `resize`
+(`images.resize_short_side`: aspect kept; images smaller than that are resized UP, refused past `max_upscale`
+with an error naming the file), then a random `image_size` crop and a random horizontal flip are taken. The
+randomness comes from grain's per-element generators: it depends only on the seed, the position in the
+(per-epoch shuffled) order and the epoch, so the same seed gives the same batches in any process, with any
+number of workers, and after a restore from `iterator.get_state()`.
+
+Evaluation (`eval_batches`): every image once, `num_crops` crops on an even grid (`images.grid_crop_positions`),
+the last batch padded with `weight` 0 rows (never dropped), so every batch has the same shape under jit.
+
+Batches are dicts of numpy arrays (B = batch size, S = image_size, C = num_crops):
+  image            uint8   [B, S, S, 3] (train) or [B, C, S, S, 3] (eval); normalisation happens on device
+  mos              float32 [B]  the score as stored in the source (MOS or DMOS, unchanged)
+  mos01            float32 [B]  LabelTransform.mos01: higher is better, training range -> [0, 1]
+  mos_std01        float32 [B]  the score's std on the mos01 scale; NaN where the source has none
+  level            int32   [B]  quality level 0 (bad) .. num_levels - 1 (perfect), LabelTransform.level
+  scene            float32 [B, 9]  multi-hot scene labels (mcpf_jax.labels.SCENES); zeros where unknown
+  has_scene        float32 [B]  1 where the record has scene labels, else 0 (a loss mask)
+  distortion       int32   [B]  distortion class (mcpf_jax.labels.DISTORTIONS); 0 where unknown
+  has_distortion   float32 [B]  1 where the record has a distortion label, else 0
+  index            int64   [B]  the record's row in the source (-1 for eval padding)
+  weight           float32 [B]  eval only: 1 for real rows, 0 for padding
+
+Multi-host: each process calls `train_loader(..., shard_index=jax.process_index(),
+shard_count=jax.process_count())` with its per-process batch size; the rows are split into disjoint,
+equally long shards (so every process runs the same number of steps per epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+
+from mcpf_jax import images
+from mcpf_jax import labels as label_names
+
+NUM_SCENES = len(label_names.SCENES)
+NUM_DISTORTIONS = len(label_names.DISTORTIONS)
+
+# Batches in flight per process (after all transformations): small, since a batch of 512 px decodes is large.
+_PREFETCH_BATCHES = 2
+
+
+class RecordError(ValueError):
+  """A source record that the pipeline cannot turn into an example; names the row and the image."""
+
+  def __init__(self, row: int, name: str, reason: str):
+    self.row, self.name, self.reason = row, name, reason
+    super().__init__(f"row {row} ({name}): {reason}")
+
+  def __reduce__(self):
+    # Worker processes send exceptions to the main process by pickling them.
+    return (RecordError, (self.row, self.name, self.reason))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labels.
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelTransform:
+  """Maps a dataset's scores to the model's targets; fitted on the TRAINING split only.
+
+  * `mos01 = (mos - low) / (high - low)` for MOS (higher is better), `(high - mos) / (high - low)` for DMOS:
+    the direction is flipped here, once, and recorded in `higher_is_better`. [low, high] is `mos_range` when
+    given (the dataset's nominal scale), else the training split's observed [min, max]. Training values fall in
+    [0, 1]; test values outside the range map outside it (not clipped, so `to_mos` is an exact inverse).
+  * `mos_std01 = mos_std / (high - low)`: the same scaling, no shift.
+  * `level`: `num_levels` equal-width bins over the TRAINING split's observed range of mos01
+    ([train_low01, train_high01]); 0 is the worst ("bad"), num_levels - 1 the best ("perfect"); values outside
+    the training range are clipped into the first / last bin.
+
+  Attributes:
+    low, high: the score range that maps to [0, 1].
+    higher_is_better: False for DMOS-like scores (flipped in mos01).
+    train_low01, train_high01: the training split's range on the mos01 scale (the level bins' range).
+    num_levels: number of quality levels.
+  """
+  low: float
+  high: float
+  higher_is_better: bool
+  train_low01: float
+  train_high01: float
+  num_levels: int = 5
+
+  def __post_init__(self):
+    if not (math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
+      raise ValueError(f"LabelTransform needs a finite range low < high, got [{self.low}, {self.high}]")
+    if not self.train_high01 > self.train_low01:
+      raise ValueError(f"LabelTransform needs train_low01 < train_high01, got [{self.train_low01}, "
+                       f"{self.train_high01}]")
+    if self.num_levels < 1:
+      raise ValueError(f"num_levels must be at least 1, got {self.num_levels}")
+
+  @classmethod
+  def fit(cls, mos: Sequence[float] | np.ndarray, higher_is_better: bool,
+          mos_range: tuple[float, float] | None = None, num_levels: int = 5) -> LabelTransform:
+    """Fits the transform on the training split's scores.
+
+    Args:
+      mos: float [n] scores of the TRAINING split, as stored (MOS or DMOS).
+      higher_is_better: True for MOS, False for DMOS.
+      mos_range: the nominal (low, high) of the scale, or None for the training split's observed range.
+      num_levels: number of quality levels (the model's class words).
+
+    Raises:
+      ValueError: no scores, NaN/inf scores, or all scores equal (no range to bin).
+    """
+    values = np.asarray(mos, np.float64).reshape(-1)
+    if values.size == 0:
+      raise ValueError("LabelTransform.fit: no training scores")
+    if not np.isfinite(values).all():
+      bad = np.flatnonzero(~np.isfinite(values))
+      raise ValueError(f"LabelTransform.fit: {bad.size} non-finite training scores (first at position {bad[0]})")
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+      raise ValueError(f"LabelTransform.fit: all {values.size} training scores equal {lo}; no range to bin")
+    low, high = (lo, hi) if mos_range is None else (float(mos_range[0]), float(mos_range[1]))
+    if mos_range is not None and (lo < low or hi > high):
+      raise ValueError(f"LabelTransform.fit: training scores span [{lo}, {hi}], outside mos_range {mos_range}")
+    ends = sorted(_to01(np.array([lo, hi]), low, high, higher_is_better).tolist())
+    return cls(low=low, high=high, higher_is_better=bool(higher_is_better), train_low01=ends[0],
+               train_high01=ends[1], num_levels=int(num_levels))
+
+  def mos01(self, mos: float | np.ndarray) -> np.ndarray:
+    """float32 [...]: scores on the [0, 1] higher-is-better scale."""
+    return _to01(np.asarray(mos, np.float64), self.low, self.high, self.higher_is_better).astype(np.float32)
+
+  def mos_std01(self, mos_std: float | np.ndarray) -> np.ndarray:
+    """float32 [...]: standard deviations on the mos01 scale (NaN stays NaN)."""
+    return (np.asarray(mos_std, np.float64) / (self.high - self.low)).astype(np.float32)
+
+  def level(self, mos: float | np.ndarray) -> np.ndarray:
+    """int32 [...]: the quality level (0 = worst) of scores, binned on the training range."""
+    m01 = _to01(np.asarray(mos, np.float64), self.low, self.high, self.higher_is_better)
+    t = (m01 - self.train_low01) / (self.train_high01 - self.train_low01)
+    return np.clip(np.floor(t * self.num_levels), 0, self.num_levels - 1).astype(np.int32)
+
+  def to_mos(self, score01: float | np.ndarray) -> np.ndarray:
+    """float64 [...]: the inverse of mos01, back on the dataset's own scale and direction."""
+    s = np.asarray(score01, np.float64)
+    span = self.high - self.low
+    return self.low + s * span if self.higher_is_better else self.high - s * span
+
+
+def _to01(mos: np.ndarray, low: float, high: float, higher_is_better: bool) -> np.ndarray:
+  t = (mos - low) / (high - low)
+  return t if higher_is_better else 1.0 - t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-record transformations (module-level dataclasses: pickled into grain's worker processes).
+
+
+class _Rows:
+  """A grain source over chosen rows of a source: element i = (rows[i], source[rows[i]]); row -1 = padding."""
+
+  def __init__(self, source: Any, rows: np.ndarray):
+    self.source = source
+    self.rows = np.asarray(rows, np.int64)
+
+  def __len__(self) -> int:
+    return int(self.rows.size)
+
+  def __getitem__(self, i: int) -> tuple[int, Any]:
+    row = int(self.rows[i])
+    return row, (None if row < 0 else self.source[row])
+
+
+def _name(record: Any, row: int) -> str:
+  if isinstance(record, dict) and record.get("name") is not None:
+    return str(record["name"])
+  return f"<unnamed row {row}>"
+
+
+def _targets(record: dict[str, Any], row: int, labels: LabelTransform) -> dict[str, np.ndarray]:
+  """The label part of one example (scalars and [9] scenes)."""
+  mos = np.float32(record["mos"])
+  if not np.isfinite(mos):
+    raise ValueError(f"mos is {mos}")
+  mos_std = np.float32(record.get("mos_std", np.nan))
+  scene = record.get("scene")
+  has_scene = bool(record.get("has_scene", scene is not None)) and scene is not None
+  if has_scene:
+    scene = np.asarray(scene, np.float32).reshape(-1)
+    if scene.shape != (NUM_SCENES,):
+      raise ValueError(f"scene has shape {list(scene.shape)}, expected [{NUM_SCENES}]")
+  else:
+    scene = np.zeros(NUM_SCENES, np.float32)
+  distortion = record.get("distortion")
+  has_distortion = bool(record.get("has_distortion", distortion is not None)) and distortion is not None
+  distortion = int(distortion) if has_distortion else 0
+  if not 0 <= distortion < NUM_DISTORTIONS:
+    raise ValueError(f"distortion {distortion} is outside 0..{NUM_DISTORTIONS - 1}")
+  return {
+      "mos": mos,
+      "mos01": labels.mos01(mos),
+      "mos_std01": labels.mos_std01(mos_std),
+      "level": labels.level(mos),
+      "scene": scene,
+      "has_scene": np.float32(has_scene),
+      "distortion": np.int32(distortion),
+      "has_distortion": np.float32(has_distortion),
+      "index": np.int64(row),
+  }
+
+
+def _decoded(record: dict[str, Any], name: str, resize: int, max_upscale: float | None) -> np.ndarray:
+  """uint8 [h, w, 3] with min(h, w) == resize."""
+  img = images.decode(record["image"], name)
+  return images.resize_short_side(img, resize, max_upscale=max_upscale)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainExample(grain.transforms.RandomMap):
+  """(row, record) -> one training example with a random crop and flip."""
+  labels: LabelTransform
+  image_size: int
+  resize: int
+  max_upscale: float | None
+
+  def random_map(self, element: tuple[int, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    row, record = element
+    name = _name(record, row)
+    try:
+      img = _decoded(record, name, self.resize, self.max_upscale)
+      h, w = img.shape[:2]
+      top = int(rng.integers(0, h - self.image_size + 1))
+      left = int(rng.integers(0, w - self.image_size + 1))
+      flip = bool(rng.random() < 0.5)
+      crop = images.crop(img, top, left, self.image_size)
+      if flip:
+        crop = crop[:, ::-1]
+      example = _targets(record, row, self.labels)
+    except Exception as e:  # every failure names the row and the file: never a silent drop
+      raise RecordError(row, name, f"{type(e).__name__}: {e}") from e
+    example["image"] = np.ascontiguousarray(crop)
+    return example
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalExample(grain.transforms.Map):
+  """(row, record) -> one evaluation example with `num_crops` grid crops; row -1 -> a zero padding example."""
+  labels: LabelTransform
+  image_size: int
+  resize: int
+  num_crops: int
+  max_upscale: float | None
+
+  def map(self, element: tuple[int, Any]) -> dict[str, np.ndarray]:
+    row, record = element
+    s = self.image_size
+    if row < 0:
+      return {
+          "image": np.zeros((self.num_crops, s, s, 3), np.uint8),
+          "mos": np.float32(0), "mos01": np.float32(0), "mos_std01": np.float32(0), "level": np.int32(0),
+          "scene": np.zeros(NUM_SCENES, np.float32), "has_scene": np.float32(0), "distortion": np.int32(0),
+          "has_distortion": np.float32(0), "index": np.int64(-1), "weight": np.float32(0),
+      }
+    name = _name(record, row)
+    try:
+      img = _decoded(record, name, self.resize, self.max_upscale)
+      positions = images.grid_crop_positions(img.shape[0], img.shape[1], s, self.num_crops)
+      crops = np.stack([images.crop(img, top, left, s) for top, left in positions])
+      example = _targets(record, row, self.labels)
+    except Exception as e:
+      raise RecordError(row, name, f"{type(e).__name__}: {e}") from e
+    example["image"] = crops
+    example["weight"] = np.float32(1)
+    return example
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaders.
+
+
+def _check_rows(source: Any, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+  rows = np.asarray(indices, np.int64).reshape(-1)
+  n = len(source)
+  if rows.size and (rows.min() < 0 or rows.max() >= n):
+    raise IndexError(f"indices must be rows 0..{n - 1} of the source, got [{rows.min()}, {rows.max()}]")
+  return rows
+
+
+def _check_sizes(image_size: int, resize: int, batch_size: int) -> None:
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+  if resize < image_size:
+    raise ValueError(f"resize ({resize}) must be at least image_size ({image_size}): the short side is resized "
+                     "to `resize`, then cropped to `image_size`")
+
+
+def _check_shard(shard_index: int, shard_count: int) -> None:
+  if shard_count < 1 or not 0 <= shard_index < shard_count:
+    raise ValueError(f"need 0 <= shard_index < shard_count, got shard_index={shard_index}, "
+                     f"shard_count={shard_count}")
+
+
+def _train_shard(rows: np.ndarray, seed: int, shard_index: int, shard_count: int) -> np.ndarray:
+  """This process's rows: disjoint across processes, all of the same length.
+
+  The rows are permuted (by `seed`) before striding, so the at most shard_count - 1 rows left out to equalise
+  the shards are random ones, not always the end of the list.
+  """
+  permuted = rows[np.random.default_rng([seed, 0x5EED]).permutation(rows.size)]
+  per_shard = rows.size // shard_count
+  return permuted[shard_index::shard_count][:per_shard]
+
+
+def steps_per_epoch(num_rows: int, batch_size: int, shard_count: int = 1) -> int:
+  """Training batches per epoch per process: (num_rows // shard_count) // batch_size (remainders dropped)."""
+  return (num_rows // shard_count) // batch_size
+
+
+def num_eval_batches(num_rows: int, batch_size: int, shard_count: int = 1) -> int:
+  """Evaluation batches per process: ceil(ceil(num_rows / shard_count) / batch_size) (the last one padded)."""
+  return -(-(-(-num_rows // shard_count)) // batch_size)
+
+
+def _read_options(num_threads: int) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=_PREFETCH_BATCHES)
+
+
+def _own_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: np.array(v) for k, v in batch.items()}
+
+
+def _default_unparsed_grain_flag(name: str) -> None:
+  """Lets grain read its absl flag `name` at its default value when the program never parsed absl flags.
+
+  grain 0.2.18 reads `--grain_enable_multiprocess_worker_profiling` when it starts worker processes, which raises
+  `UnparsedFlagAccessError` in programs that do not go through `absl.app` (google/grain#1355, fixed upstream in
+  #1362 by falling back to the default). Marking just that flag present keeps its default value (grain does the
+  same for its debug flags in its workers); a later `FLAGS(argv)` still parses it from the command line.
+  """
+  if not flags.FLAGS.is_parsed() and name in flags.FLAGS and not flags.FLAGS[name].present:
+    flags.FLAGS[name].present = True
+
+
+def _with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+  if num_workers < 0:
+    raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+  if num_workers == 0:
+    return ds
+  _default_unparsed_grain_flag("grain_enable_multiprocess_worker_profiling")
+  ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=1))
+  # Workers hand batches over in shared memory blocks that live as long as the arrays; copying them into
+  # ordinary arrays releases each block at once (and leaves none behind at interpreter exit).
+  return ds.map(_own_arrays)
+
+
+def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size: int, image_size: int = 224,
+                 resize: int = 512, seed: int, labels: LabelTransform, num_workers: int = 0, shard_index: int = 0,
+                 shard_count: int = 1, num_epochs: int | None = None, num_threads: int = 1,
+                 max_upscale: float | None = 2.0) -> grain.IterDataset:
+  """Shuffled, augmented training batches of this process's shard, epoch after epoch.
+
+  Each epoch visits this process's rows once in a new order (seeded by `seed` and the epoch); its last partial
+  batch is dropped, so an epoch is `steps_per_epoch(len(indices), batch_size, shard_count)` batches.
+
+  Args:
+    source: random-access source (`len`, `source[row]` -> record dict with `image` bytes and `mos`, ...).
+    indices: rows of `source` to train on (e.g. a split's training rows).
+    batch_size: examples per batch in THIS process (the per-process batch).
+    image_size: crop side S.
+    resize: short side after resizing, before cropping (>= image_size).
+    seed: seeds the shuffle, the crops and the flips (and the shard assignment).
+    labels: the LabelTransform fitted on the training rows.
+    num_workers: grain worker processes decoding in parallel (0: in this process). Batches do not depend on it.
+    shard_index, shard_count: this process's shard (jax.process_index(), jax.process_count()).
+    num_epochs: stop after this many epochs (None: repeat forever).
+    num_threads: reader threads per process (grain ReadOptions.num_threads).
+    max_upscale: refuse images needing more than this upscale factor to reach `resize` (None: any).
+
+  Returns:
+    A grain IterDataset of batch dicts (see the module docstring). `it = iter(ds)` is checkpointable:
+    `it.get_state()` / `it.set_state(state)` (restore with the same arguments, num_workers included).
+  """
+  _check_sizes(image_size, resize, batch_size)
+  _check_shard(shard_index, shard_count)
+  rows = _train_shard(_check_rows(source, indices), seed, shard_index, shard_count)
+  if rows.size < batch_size:
+    raise ValueError(f"shard {shard_index} of {shard_count} has {rows.size} rows, fewer than batch_size "
+                     f"{batch_size}: no full batch to train on")
+  # Distinct seeds for the order and for the augmentation; grain folds in the epoch for both.
+  order_seed, augment_seed = np.random.SeedSequence([seed, 1]).generate_state(2).tolist()
+  ds = grain.MapDataset.source(_Rows(source, rows))
+  ds = ds.shuffle(seed=order_seed)
+  ds = ds.random_map(_TrainExample(labels, image_size, resize, max_upscale), seed=augment_seed)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.repeat(num_epochs)
+  return _with_workers(ds.to_iter_dataset(_read_options(num_threads)), num_workers)
+
+
+def eval_batches(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size: int, image_size: int = 224,
+                 resize: int = 512, num_crops: int = 15, labels: LabelTransform, num_workers: int = 0,
+                 shard_index: int = 0, shard_count: int = 1, num_threads: int = 1,
+                 max_upscale: float | None = 2.0) -> grain.IterDataset:
+  """Every row once, in order, as multi-crop batches; the last batch padded to `batch_size` (weight 0).
+
+  With shard_count > 1 each process gets rows[shard_index::shard_count], padded so that every process yields
+  `num_eval_batches(len(indices), batch_size, shard_count)` batches.
+
+  Args:
+    source, indices, image_size, resize, labels, num_workers, shard_index, shard_count, num_threads,
+      max_upscale: as in `train_loader`.
+    batch_size: images per batch (each with `num_crops` crops).
+    num_crops: crops per image, on the grid of `images.grid_crop_positions`.
+
+  Returns:
+    A grain IterDataset of batch dicts with `image` uint8 [B, num_crops, S, S, 3] and `weight` float32 [B].
+  """
+  _check_sizes(image_size, resize, batch_size)
+  _check_shard(shard_index, shard_count)
+  if num_crops < 1:
+    raise ValueError(f"num_crops must be at least 1, got {num_crops}")
+  all_rows = _check_rows(source, indices)
+  rows = all_rows[shard_index::shard_count]
+  total = num_eval_batches(all_rows.size, batch_size, shard_count) * batch_size
+  rows = np.concatenate([rows, np.full(total - rows.size, -1, np.int64)])
+  ds = grain.MapDataset.source(_Rows(source, rows))
+  ds = ds.map(_EvalExample(labels, image_size, resize, num_crops, max_upscale))
+  ds = ds.batch(batch_size, drop_remainder=False)
+  return _with_workers(ds.to_iter_dataset(_read_options(num_threads)), num_workers)
