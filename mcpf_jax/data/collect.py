@@ -171,15 +171,27 @@ def collect(layout: layouts.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
 
   # Duplicates, then files on disk (case-insensitive fallback).
   index = _CaseIndex(root)
-  seen: dict[str, layouts.Row] = {}
+  by_name: dict[str, list[layouts.Row]] = {}
+  for r in listing.rows:
+    by_name.setdefault(r.name, []).append(r)
   rows: list[layouts.Row] = []
   case_fixes = 0
   for r in listing.rows:
-    if r.name in seen:
-      first = seen[r.name]
-      log.add(problems.DUPLICATE, r.file, r.row, r.name, f"{r.name} is also named by {first.file}, {first.row}")
-      continue
-    seen[r.name] = r
+    same = by_name[r.name]
+    if len(same) > 1:
+      where = "; ".join(f"{o.file}, {o.row} (score {o.mos!r})" for o in same)
+      agree = len({(o.mos, repr(o.mos_std), o.content_id) for o in same}) == 1
+      if agree and r is same[0]:
+        pass  # identical repeats: keep the first, report the others
+      elif agree:
+        log.add(problems.DUPLICATE, r.file, r.row, r.name, f"{r.name} is named by several rows with the same "
+                f"labels: {where}")
+        continue
+      else:
+        # Conflicting labels for one image: no row can be trusted, all are reported and skipped.
+        log.add(problems.DUPLICATE, r.file, r.row, r.name, f"{r.name} is named by several rows with different "
+                f"labels: {where}")
+        continue
     found = index.resolve(r.name)
     if found is None:
       log.add(problems.MISSING_IMAGE, r.file, r.row, r.name, f"image file {r.name} not found in {root}")
