@@ -281,6 +281,8 @@ def test_label_transform_mos():
   np.testing.assert_allclose(lt.mos01([1.0, 3.0, 5.0]), [0.0, 0.5, 1.0])
   # Five equal bins of width 0.8 over [1, 5]; the maximum is in the top bin, test values outside are clipped.
   np.testing.assert_array_equal(lt.level([1.0, 1.79, 1.81, 3.0, 4.99, 5.0, 0.0, 7.0]), [0, 0, 1, 2, 4, 4, 0, 4])
+  # Edges written in decimal but stored as float32 (1.8 -> 1.79999995, 4.2 -> 4.19999981) are on the edge.
+  np.testing.assert_array_equal(lt.level(np.float32([1.8, 2.6, 3.4, 4.2])), [1, 2, 3, 4])
   np.testing.assert_allclose(lt.mos_std01(0.4), 0.1)
   assert np.isnan(lt.mos_std01(np.nan))
   np.testing.assert_allclose(lt.to_mos(lt.mos01([1.3, 4.2, 6.0])), [1.3, 4.2, 6.0])

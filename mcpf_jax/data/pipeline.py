@@ -51,6 +51,9 @@ NUM_DISTORTIONS = len(label_names.DISTORTIONS)
 # Batches in flight per process (after all transformations): small, since a batch of 512 px decodes is large.
 _PREFETCH_BATCHES = 2
 
+# Tolerance of the level bin edges, in bins: float32 scores sit within ~1e-7 of their decimal value.
+_EDGE_TOLERANCE = 1e-5
+
 
 class RecordError(ValueError):
   """A source record that the pipeline cannot turn into an example; names the row and the image."""
@@ -78,8 +81,9 @@ class LabelTransform:
     [0, 1]; test values outside the range map outside it (not clipped, so `to_mos` is an exact inverse).
   * `mos_std01 = mos_std / (high - low)`: the same scaling, no shift.
   * `level`: `num_levels` equal-width bins over the TRAINING split's observed range of mos01
-    ([train_low01, train_high01]); 0 is the worst ("bad"), num_levels - 1 the best ("perfect"); values outside
-    the training range are clipped into the first / last bin.
+    ([train_low01, train_high01]); 0 is the worst ("bad"), num_levels - 1 the best ("perfect"). Bins are
+    half-open [edge, next edge) (the top bin includes the training maximum); values outside the training range
+    are clipped into the first / last bin.
 
   Attributes:
     low, high: the score range that maps to [0, 1].
@@ -145,7 +149,9 @@ class LabelTransform:
     """int32 [...]: the quality level (0 = worst) of scores, binned on the training range."""
     m01 = _to01(np.asarray(mos, np.float64), self.low, self.high, self.higher_is_better)
     t = (m01 - self.train_low01) / (self.train_high01 - self.train_low01)
-    return np.clip(np.floor(t * self.num_levels), 0, self.num_levels - 1).astype(np.int32)
+    # Bins are [edge_k, edge_k+1); _EDGE_TOLERANCE (in bins) puts a score stored as float32 just below an edge
+    # (e.g. 1.8 on a [1, 5] scale) on the edge, as written in decimal.
+    return np.clip(np.floor(t * self.num_levels + _EDGE_TOLERANCE), 0, self.num_levels - 1).astype(np.int32)
 
   def to_mos(self, score01: float | np.ndarray) -> np.ndarray:
     """float64 [...]: the inverse of mos01, back on the dataset's own scale and direction."""
