@@ -1,0 +1,53 @@
+"""The IQA model on top of CLIP: prompts, fusion, heads (iqa.py) and losses (losses.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcpf_jax.model import losses
+from mcpf_jax.model.iqa import IQAModel, ModelSpec, class_token_ids
+
+__all__ = ["IQAModel", "ModelSpec", "build", "class_token_ids", "losses"]
+
+
+def build(model_config, bundle, rng: jax.Array) -> tuple[IQAModel, dict[str, Any]]:
+  """Builds the IQA model around a loaded CLIP `bundle` (mcpf_jax.clip.load) and initialises its parameters.
+
+  The CLIP parameters are the pretrained ones (`bundle.params`, not re-initialised); the layer-0 text prompts
+  start from the token embeddings of `model.text_prompt_init` (e.g. "a photo of a": its tokens fill the first
+  positions, any remaining ones keep their N(0, 0.02) draw); everything else is drawn from `rng`.
+
+  Returns:
+    (model, params) with params = {"clip": ..., "text_prompts_*": ..., "vision_prompts": ..., "fusion": ...}.
+  """
+  config = bundle.config
+  spec = ModelSpec.from_config(model_config, num_layers=min(config.text.num_hidden_layers,
+                                                            config.vision.num_hidden_layers))
+  ids = class_token_ids(spec, bundle.tokenizer)
+  model = IQAModel(config, spec, tuple((k, tuple(tuple(int(t) for t in row) for row in v)) for k, v in ids.items()))
+  size = config.vision.image_size
+  shapes = jax.eval_shape(model.init, rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+  # Initialise only what is new: the CLIP subtree comes from the checkpoint. Dropping it from the jitted output
+  # lets XLA remove its 150M-parameter random draw (and the init forward pass) entirely.
+  init_new = lambda r: {k: v for k, v in model.init(r, jnp.zeros((1, size, size, 3)))["params"].items()
+                        if k != "clip"}
+  params = dict(jax.jit(init_new)(rng))
+  expected = jax.tree.map(lambda s: (s.shape, s.dtype), shapes["clip"])
+  got = jax.tree.map(lambda a: (a.shape, a.dtype), bundle.params)
+  if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
+    raise ValueError("CLIP parameters of the checkpoint do not match the model built from its config")
+  params["clip"] = bundle.params
+  if spec.text_depth > 0 and spec.text_prompt_init:
+    phrase = bundle.tokenizer.encode(spec.text_prompt_init)
+    if len(phrase) > spec.num_text_prompts:
+      raise ValueError(f"model.text_prompt_init={spec.text_prompt_init!r} is {len(phrase)} tokens, more than "
+                       f"model.num_text_prompts={spec.num_text_prompts}")
+    table = bundle.params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    emb = jnp.asarray(np.asarray(table)[np.asarray(phrase)])
+    for name in [k for k in params if k.startswith("text_prompts_")]:
+      params[name] = params[name].at[0, :len(phrase)].set(emb)
+  return model, params

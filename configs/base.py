@@ -1,0 +1,88 @@
+"""The defaults of ../shared/DESIGN.md. Every dataset config imports this and overrides a few fields.
+
+Override anything on the command line: `python train.py --config configs/livec.py --config.optim.lr=5e-4`.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # parameter init and data order; the split seed is data.split_seed
+
+  c.clip = ml_collections.ConfigDict()
+  c.clip.name = "openai/clip-vit-base-patch16"  # hub id, local HF folder, or preset (vit-b-32/-b-16/-l-14/-l-14-336)
+  c.clip.revision = placeholder(str)  # hub branch/tag/commit; None = main
+  c.clip.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.clip.remat = False  # rematerialise each transformer block in the backward pass (memory for compute)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "mcpf"  # mcpf | maple | coop | mpiqe | clipiqa
+  c.model.prompt_depth = 9  # J: layers 0..J-1 get prompts (variants with a fixed depth ignore it)
+  c.model.text_depth = placeholder(int)  # override the variant's text prompt depth
+  c.model.vision_depth = placeholder(int)  # override the variant's visual prompt depth
+  c.model.num_text_prompts = 8  # n learnable text prompts after SOS
+  c.model.num_vision_prompts = 8  # n_v learnable visual prompts after the patches
+  c.model.text_prompt_init = "a photo of a"  # layer-0 text prompts start from this phrase's embedding; "" = random
+  c.model.fusion = placeholder(str)  # cross_attention | linear | none; None = the variant's
+  c.model.fusion_width = 128  # shared width of the cross-attention fusion (keeps fusion ~3% of ViT-B/16)
+  c.model.fusion_heads = 4
+  c.model.shared_text_prompts = placeholder(bool)  # one text prompt set for all label sets; None = the variant's
+  c.model.quality_classes = ("bad", "poor", "fair", "good", "perfect")  # worst to best
+  c.model.quality_template = "{} quality."
+  c.model.aux = ("scene", "distortion")  # auxiliary label sets (masked where a dataset has none)
+  c.model.scene_template = "{}."
+  c.model.distortion_template = "{} artifacts."
+  c.model.query_heads = 8  # MP-IQE text-query cross-attention heads
+  c.model.trainable = "prompts"  # prompts | all | none, or a tuple of regexes of trainable parameter paths
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.rank = 1.0  # pairwise fidelity ranking loss
+  c.loss.l1 = 1.0  # L1 on MOS normalised to [0, 1]
+  c.loss.cls = 0.5  # cross-entropy on the 5 MOS levels
+  c.loss.aux = 0.1  # scene + distortion cross-entropies
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "livec"  # a dataset of mcpf_jax.data (prepared with `python -m mcpf_jax.data.prepare`)
+  c.data.data_dir = "~/tensorflow_datasets"  # where prepared datasets live
+  c.data.manual_dir = placeholder(str)  # the official extracted folder; set to prepare on first use
+  c.data.split = "seed"  # "seed": a seeded 80/20 split by content; "official": the dataset's own split
+  c.data.split_seed = 0  # seeds 0..9 are the protocol's ten splits
+  c.data.train_fraction = 0.8
+  c.data.resize = 512  # short side before cropping
+  c.data.image_size = placeholder(int)  # crop size; None = the CLIP's input size (224, or 336 for L/14-336)
+  c.data.num_workers = 2  # decoding worker processes (0 = in the main process)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32  # global batch (split over the mesh's data axis)
+  c.train.num_epochs = 30
+  c.train.accumulate_steps = 1  # gradient accumulation micro-batches per step
+  c.train.log_every = 10  # steps between log lines / TensorBoard scalars
+  c.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
+  c.train.eval_every = 0  # steps between held-out evaluations (0 = only at checkpoints)
+  c.train.keep = 3  # most recent checkpoints kept (the best one is always kept too)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 100
+  c.optim.total_steps = placeholder(int)  # None = num_epochs * steps per epoch
+  c.optim.final_lr_fraction = 0.0
+  c.optim.weight_decay = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip_norm = 1.0  # 0 = off
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_crops = 15  # evenly spaced crops averaged per image
+  c.eval.batch_size = 16  # images per eval batch (x num_crops crops)
+  c.eval.dataset = placeholder(str)  # evaluate on another dataset (cross-dataset); None = data.name
+  c.eval.checkpoint = "best"  # best | latest | a step number
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # devices along the batch axis (-1 = the rest)
+  c.mesh.model = 1  # devices the frozen backbone is sharded over (FSDP-style rules below)
+  c.mesh.shard_backbone = False  # shard large backbone kernels over 'model' (for L/14 on small-memory chips)
+
+  c.splits = 1  # >1 runs the protocol: splits 0..N-1, each trained and evaluated, median reported
+  return c

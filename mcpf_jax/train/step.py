@@ -1,0 +1,99 @@
+"""The train step and the eval step: pure functions of (state, batch), jitted by the caller with shardings.
+
+State is a plain dict (big_vision style): {"params": the full parameter tree (CLIP included), "opt": optimizer
+state (trainable leaves only), "step": int32 scalar}. Only the trainable leaves are differentiated, so no
+gradient of the frozen backbone's weights is ever computed; frozen leaves pass through the step untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mcpf_jax.clip import preprocess
+from mcpf_jax.model import losses
+from mcpf_jax.train import optim
+
+State = dict[str, Any]
+Batch = Mapping[str, jax.Array]
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> State:
+  return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(model, labels: Any, tx: optax.GradientTransformation, loss_weights: Mapping[str, float],
+                    accumulate_steps: int = 1) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+  """Returns `train_step(state, batch) -> (state, metrics)`.
+
+  Args:
+    model: the IQAModel.
+    labels: trainable/frozen labels of the parameters (optim.trainable_labels).
+    tx: from optim.make_optimizer.
+    loss_weights: {"rank", "l1", "cls", "aux"}.
+    accumulate_steps: split the batch into this many micro-batches, run them one after another (lax.scan) and
+      apply their averaged gradient once: the same update as the whole batch, with a fraction of the memory.
+      The fidelity ranking loss pairs images within a micro-batch only.
+
+  The batch holds "image" uint8 [B, H, W, 3] (normalised here, on device) and the label arrays of
+  losses.batch_loss. metrics: "loss", each loss term, "grad_norm", "finite" (False when the loss or a
+  gradient is NaN/inf: the caller stops and keeps its last good checkpoint), "lr"-free (the loop logs it).
+  """
+  weights = dict(loss_weights)
+
+  def loss_fn(trainable, frozen, batch):
+    params = optim.merge(trainable, frozen)
+    out = model.apply({"params": params}, preprocess.normalize(batch["image"]), train=True)
+    return losses.batch_loss(out, batch, weights)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+    trainable, frozen = optim.split(state["params"], labels)
+    if accumulate_steps == 1:
+      (loss, terms), grads = grad_fn(trainable, frozen, batch)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((accumulate_steps, x.shape[0] // accumulate_steps) + x.shape[1:]),
+                           dict(batch))
+
+      def body(carry, mb):
+        (l, t), g = grad_fn(trainable, frozen, mb)
+        return jax.tree.map(jnp.add, carry, (l, t, g)), None
+
+      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(trainable, frozen,
+                                                                         jax.tree.map(lambda x: x[0], micro))))
+      (loss, terms, grads), _ = jax.lax.scan(body, (zero[0][0], zero[0][1], zero[1]), micro)
+      loss, terms, grads = jax.tree.map(lambda x: x / accumulate_steps, (loss, terms, grads))
+    # The optimizer sees the whole tree; frozen leaves get zeros, which set_to_zero discards (XLA removes them).
+    full_grads = optim.merge(grads, jax.tree.map(jnp.zeros_like, frozen))
+    updates, opt = tx.update(full_grads, state["opt"], state["params"])
+    params = optim.apply_updates(state["params"], updates, labels)
+    metrics = dict(terms)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["finite"] = jnp.isfinite(loss) & _all_finite(grads)
+    return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
+
+  return train_step
+
+
+def make_eval_step(model) -> Callable[[Any, Batch], jax.Array]:
+  """Returns `eval_step(params, batch) -> score01 [B]`: the mean over crops of the predicted score on [0, 1].
+
+  batch["image"] is uint8 [B, crops, H, W, 3]; every crop of every image goes through the model in one call.
+  """
+
+  def eval_step(params: Any, batch: Batch) -> jax.Array:
+    images = batch["image"]
+    b, c = images.shape[:2]
+    out = model.apply({"params": params}, preprocess.normalize(images.reshape((b * c,) + images.shape[2:])))
+    return jnp.mean(out["score01"].reshape(b, c), axis=1)
+
+  return eval_step
