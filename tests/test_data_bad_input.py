@@ -197,6 +197,12 @@ def test_prepare_cli_skip_bad_reports(tmp_path, capsys):
   assert summary == {"dataset": "livec", "config": None, "num_examples": 3,
                      "data_dir": str(tmp_path / "out" / "livec" / "1.0.0"), "skipped": 1, "report": str(report)}
   assert json.loads(report.read_text())["problems"][0]["name"] == "Images/10.bmp"
+  # A second run reuses the built dataset; --overwrite rebuilds it (here: now without the bad row).
+  data_fakes.write_images(root, ["Images/10.bmp"])
+  assert prepare.main(["livec", "--manual_dir", str(root), "--data_dir", str(tmp_path / "out")]) == 0
+  assert json.loads(capsys.readouterr().out)["num_examples"] == 3
+  assert prepare.main(["livec", "--manual_dir", str(root), "--data_dir", str(tmp_path / "out"), "--overwrite"]) == 0
+  assert json.loads(capsys.readouterr().out)["num_examples"] == 4
   assert prepare.main(["livec", "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path / "out3")]) == 1
   captured = capsys.readouterr()
   assert captured.out == "" and "did you mean" in captured.err

@@ -1,6 +1,6 @@
 """Builds one dataset from its extracted release folder and prints a one-line JSON summary.
 
-  python -m mcpf_jax.data.prepare NAME --manual_dir M --data_dir D [--skip_bad --report R] [--liqe_dir L]
+  python -m mcpf_jax.data.prepare NAME --manual_dir M --data_dir D [--skip_bad --report R] [--liqe_dir L] [--overwrite]
   python -m mcpf_jax.data.prepare csv --manual_dir IMAGES --data_dir D --csv_path scores.csv \
       --image_column path --mos_column mos [--config_name mydata ...]
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import pathlib
+import shutil
 import sys
 from typing import Sequence
 
@@ -32,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--liqe_dir", default=None, help="folder of LIQE split folders, to join scene/distortion labels")
   p.add_argument("--decode_check", default="full", choices=("full", "verify", "none"))
   p.add_argument("--num_threads", type=int, default=None)
+  p.add_argument("--overwrite", action="store_true",
+                 help="delete this dataset's already-built version folder first (tfds otherwise reuses it)")
   p.add_argument("--dmos", default="auto", choices=("auto", "realigned", "original"), help="live only")
   g = p.add_argument_group("csv dataset")
   g.add_argument("--config_name", default="default")
@@ -68,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # tfds prints progress on stdout; keep stdout for the one JSON line.
     with contextlib.redirect_stdout(sys.stderr):
       b = sources.builder(args.name, data_dir=args.data_dir, **kwargs)
+      if args.overwrite and pathlib.Path(b.data_dir).is_dir():
+        shutil.rmtree(b.data_dir)
       b.download_and_prepare(download_config=_download_config(args.manual_dir))
   except problems.DatasetError as e:
     print(f"error: {e}", file=sys.stderr)
