@@ -15,6 +15,7 @@ import openpyxl
 import pytest
 
 import data_fakes
+from mcpf_jax import labels
 import mcpf_jax.data as data
 from mcpf_jax.data import layouts
 from mcpf_jax.data import problems
@@ -35,6 +36,10 @@ def tmp(tmp_path_factory):
 def _build(name, root, out, **kwargs):
   data.builder(name, data_dir=out, **kwargs).download_and_prepare(download_config=data_fakes.manual(root))
   return data.source(name, data_dir=out)
+
+
+def test_spaq_scene_columns_are_liqe_scenes():
+  assert [c.lower().replace(" scene", "").replace("-", "_") for c in SPAQ_SCENES] == list(labels.SCENES)
 
 
 def test_spaq_counts_all_11125_rows(shared_data, tmp):

@@ -22,7 +22,6 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from mcpf_jax import labels as label_sets
 from mcpf_jax.data import problems
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"})
@@ -210,7 +209,7 @@ def mat_strings(layout: Layout, path: pathlib.Path, var: str) -> list[str]:
   """A MATLAB cell array of char rows (any orientation) as a list of str."""
   arr = mat_var(layout, path, load_mat(layout, path), var)
   out = []
-  for k, cell in enumerate(np.asarray(arr, dtype=object).ravel(order="F")):
+  for cell in np.asarray(arr, dtype=object).ravel(order="F"):
     values = np.asarray(cell).ravel()
     out.append(str(values[0]).strip() if values.size else "")
   return out
