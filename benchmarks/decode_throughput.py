@@ -85,7 +85,8 @@ def main() -> None:
             f"{r['total_images_per_s']:>11.1f}", flush=True)
   report = {
       "benchmark": "decode_throughput", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "machine": {"cpus": os.cpu_count(), "load_average_1m_at_start": load_at_start, "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+      "machine": {"cpus": os.cpu_count(), "load_average_1m_at_start": load_at_start,
+                  "load_average_1m_at_end": round(os.getloadavg()[0], 2),
                   "platform": platform.platform(), "python": platform.python_version()},
       "input": {"folder": str(args.images), "files": len(files), "records": len(source),
                 "bytes_min": sizes[0], "bytes_median": int(np.median([len(r["image"]) for r in source])),
