@@ -1,0 +1,324 @@
+"""Loading and saving CLIP weights in the Hugging Face formats, without torch.
+
+A model folder (local, or a hub snapshot fetched by huggingface_hub into its cache) holds `config.json` and
+the weights as either
+  - `model.safetensors` (PyTorch names and layouts: Linear `weight` [out, in], Conv2d OIHW, LayerNorm
+    `weight`, Embedding `weight`), read lazily tensor by tensor with `safetensors.safe_open`, or
+  - `flax_model.msgpack` (the HF Flax CLIP tree, which is our parameter tree as it is).
+When both are present `model.safetensors` is used: it is the format transformers and the hub maintain today
+(transformers 5 has no Flax models), and it is read tensor by tensor instead of as one blob. The tokenizer
+is loaded from the same folder when its files are there.
+
+Every tensor of the model must be in the file with the expected shape, and the file must hold nothing else
+(except the `position_ids` buffers older PyTorch checkpoints carry); otherwise the error names the tensors
+and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import serialization, traverse_util
+
+from mcpf_jax.clip.config import HUB_IDS, CLIPConfig
+from mcpf_jax.clip.model import CLIP, init_random, param_shapes
+
+__all__ = ["Bundle", "load", "load_folder", "read_params", "save_pretrained", "fingerprint", "init_random",
+           "to_torch_state_dict", "SAFETENSORS", "MSGPACK"]
+
+SAFETENSORS = "model.safetensors"
+MSGPACK = "flax_model.msgpack"
+WEIGHT_FILES = (SAFETENSORS, MSGPACK)  # in order of preference
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.json")
+# Non-persistent buffers that older transformers versions wrote into PyTorch checkpoints; not weights.
+_IGNORED_TORCH_KEYS = re.compile(r"^(text_model|vision_model)\.embeddings\.position_ids$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+  """A loaded CLIP.
+
+  Attributes:
+    model: the Linen module (`model.apply({"params": params}, ...)`).
+    params: float32 parameter tree (HF Flax layout), on the default device.
+    tokenizer: `mcpf_jax.clip.tokenizer.Tokenizer` from the folder's tokenizer files, or None without them.
+    config: the model's configuration (with the requested compute dtype).
+    source: where the weights came from: "<folder>/<file>" or "hf://<repo>@<commit>/<file>".
+    fingerprint: short hash of the parameter values (see `fingerprint`).
+  """
+  model: CLIP
+  params: Params
+  tokenizer: Any
+  config: CLIPConfig
+  source: str
+  fingerprint: str
+
+
+def fingerprint(params: Mapping[str, Any]) -> str:
+  """16 hex digits of sha256 over the sorted leaf paths, dtypes, shapes and bytes of a parameter tree."""
+  digest = hashlib.sha256()
+  for path, leaf in sorted(traverse_util.flatten_dict(dict(params), sep="/").items()):
+    arr = np.array(jax.device_get(leaf), order="C")
+    digest.update(f"{path}|{arr.dtype.str}|{arr.shape}|".encode())
+    digest.update(arr.tobytes())
+  return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PyTorch (safetensors) names and layouts.
+
+
+def _torch_key(path: tuple[str, ...]) -> str:
+  """Our path -> the PyTorch state-dict key (`.../kernel` -> `....weight`, `scale` -> `weight`, ...)."""
+  leaf = path[-1]
+  if leaf in ("kernel", "scale", "embedding"):
+    path = path[:-1] + ("weight",)
+  return ".".join(path)
+
+
+def _to_torch_layout(path: tuple[str, ...], arr: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel":
+    if arr.ndim == 2:  # Dense [in, out] -> Linear [out, in]
+      return arr.T
+    if arr.ndim == 4:  # Conv HWIO -> OIHW
+      return arr.transpose(3, 2, 0, 1)
+  return arr
+
+
+def _from_torch_layout(path: tuple[str, ...], arr: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel":
+    if arr.ndim == 2:
+      return arr.T
+    if arr.ndim == 4:  # OIHW -> HWIO
+      return arr.transpose(2, 3, 1, 0)
+  return arr
+
+
+def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  return _to_torch_layout(path, np.empty(shape, np.bool_)).shape
+
+
+def to_torch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Our parameter tree -> {PyTorch key: float32 array in PyTorch layout} (transformers' CLIPModel keys)."""
+  flat = traverse_util.flatten_dict(dict(jax.device_get(params)))
+  return {_torch_key(path): np.array(_to_torch_layout(path, np.asarray(v, np.float32)), order="C")  # keeps 0-d
+          for path, v in flat.items()}
+
+
+def _check_names(expected: Iterable[str], found: Iterable[str], source: str,
+                 ignored: Callable[[str], bool] = lambda _: False) -> None:
+  expected, found = set(expected), set(found)
+  missing = sorted(expected - found)
+  unknown = sorted(k for k in found - expected if not ignored(k))
+  if missing or unknown:
+    parts = []
+    if missing:
+      parts.append(f"missing tensors {missing}")
+    if unknown:
+      parts.append(f"unknown tensors {unknown}")
+    raise ValueError(f"{source}: {'; '.join(parts)} (expected a CLIPModel checkpoint matching config.json)")
+
+
+def _raise_misshaped(misshaped: list[str], source: str) -> None:
+  if misshaped:
+    raise ValueError(f"{source}: tensors with the wrong shape: {'; '.join(misshaped)}")
+
+
+def _read_safetensors(path: pathlib.Path, config: CLIPConfig) -> Params:
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
+  shapes = traverse_util.flatten_dict(param_shapes(config))
+  expected = {_torch_key(p): p for p in shapes}
+  flat, misshaped = {}, []
+  with safe_open(str(path), framework="numpy") as f:
+    _check_names(expected, f.keys(), str(path), lambda k: bool(_IGNORED_TORCH_KEYS.match(k)))
+    for key, p in sorted(expected.items()):
+      want = _torch_shape(p, shapes[p].shape)
+      got = tuple(f.get_slice(key).get_shape())
+      if got != want:
+        misshaped.append(f"{key} is {list(got)}, expected {list(want)}")
+        continue
+      try:
+        arr = f.get_tensor(key)
+      except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy cannot represent
+        raise ValueError(f"{path}: cannot read tensor {key} as numpy ({e}); expected float32/float16") from e
+      flat[p] = np.asarray(_from_torch_layout(p, arr), np.float32)
+  _raise_misshaped(misshaped, str(path))
+  return traverse_util.unflatten_dict(flat)
+
+
+def _read_msgpack(path: pathlib.Path, config: CLIPConfig) -> Params:
+  try:
+    tree = serialization.msgpack_restore(path.read_bytes())
+  except Exception as e:  # msgpack raises several unrelated types on corrupt input
+    raise ValueError(f"{path}: not a Flax msgpack checkpoint ({type(e).__name__}: {e})") from e
+  if not isinstance(tree, dict):
+    raise ValueError(f"{path}: expected a dict of parameters, got {type(tree).__name__}")
+  if set(tree) == {"params"}:  # some Flax checkpoints keep the collection name
+    tree = tree["params"]
+  shapes = {"/".join(p): s.shape for p, s in traverse_util.flatten_dict(param_shapes(config)).items()}
+  found = {"/".join(p): v for p, v in traverse_util.flatten_dict(tree).items()}
+  _check_names(shapes, found, str(path))
+  misshaped = [f"{k} is {list(np.shape(found[k]))}, expected {list(shapes[k])}" for k in sorted(shapes)
+               if tuple(np.shape(found[k])) != tuple(shapes[k])]
+  _raise_misshaped(misshaped, str(path))
+  return traverse_util.unflatten_dict({tuple(k.split("/")): np.asarray(v, np.float32) for k, v in found.items()})
+
+
+def read_config(folder: str | os.PathLike[str], *, dtype: str = "float32", remat: bool = False) -> CLIPConfig:
+  """`folder/config.json` -> CLIPConfig."""
+  path = pathlib.Path(folder) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: a CLIP model folder needs the Hugging Face config.json")
+  try:
+    raw = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  return CLIPConfig.from_hf(raw, dtype=dtype, remat=remat, source=str(path))
+
+
+def read_params(folder: str | os.PathLike[str], config: CLIPConfig) -> tuple[Params, pathlib.Path]:
+  """Reads the weights of `folder` as a float32 numpy tree; returns it and the file it came from."""
+  folder = pathlib.Path(folder)
+  for name, reader in ((SAFETENSORS, _read_safetensors), (MSGPACK, _read_msgpack)):
+    if (folder / name).is_file():
+      return reader(folder / name, config), folder / name
+  raise FileNotFoundError(f"{folder}: no weights found (expected {SAFETENSORS} or {MSGPACK})")
+
+
+def _tokenizer(folder: pathlib.Path) -> Any:
+  """The folder's tokenizer, or None if it has no tokenizer files or the tokenizer module is not there."""
+  has_files = (folder / "tokenizer.json").is_file() or (
+      (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+  if not has_files:
+    return None
+  try:
+    from mcpf_jax.clip import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    if e.name != "mcpf_jax.clip.tokenizer":
+      raise
+    return None
+  return tokenizer_lib.Tokenizer.from_pretrained(folder)
+
+
+def load_folder(folder: str | os.PathLike[str], *, dtype: str = "float32", remat: bool = False,
+                source: str | None = None) -> Bundle:
+  """Loads a local Hugging Face CLIP folder (see the module docstring)."""
+  folder = pathlib.Path(folder).expanduser()
+  config = read_config(folder, dtype=dtype, remat=remat)
+  params, weights = read_params(folder, config)
+  return Bundle(model=CLIP(config), params=jax.device_put(params), tokenizer=_tokenizer(folder),
+                config=config, source=source or str(weights.resolve()), fingerprint=fingerprint(params))
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> tuple[pathlib.Path, str]:
+  """Fetches (or finds in the cache) config.json, one weight file and the tokenizer files of a hub repo.
+
+  Returns the snapshot folder and the name of the weight file. Respects HF_HUB_OFFLINE (cache only).
+  """
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
+
+  def fetch(filename: str) -> pathlib.Path:
+    return pathlib.Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision,
+                                                        cache_dir=cache_dir))
+
+  where = f"hub model {repo_id!r} (revision {revision or 'main'})"
+  offline = huggingface_hub.constants.is_offline_mode()
+  try:
+    config_path = fetch("config.json")
+  except errors.EntryNotFoundError as e:
+    why = ("HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+           if offline else "it is not in the cache and the hub could not be reached or has no such file")
+    raise FileNotFoundError(
+        f"cannot get config.json of {where}: {why} (cache: {cache_dir or huggingface_hub.constants.HF_HUB_CACHE})."
+        f" Download it where there is network (`hf download {repo_id}`) or pass a local folder.") from e
+  weights = None
+  for name in WEIGHT_FILES:
+    try:
+      fetch(name)
+    except errors.EntryNotFoundError:
+      continue
+    weights = name
+    break
+  if weights is None:
+    raise FileNotFoundError(f"{where}: neither {SAFETENSORS} nor {MSGPACK} could be found"
+                            f"{' in the cache (HF_HUB_OFFLINE is set)' if offline else ''}")
+  for name in TOKENIZER_FILES:
+    try:
+      fetch(name)
+    except errors.EntryNotFoundError:
+      pass
+  return config_path.parent, weights
+
+
+def load(name_or_path: str | os.PathLike[str], *, dtype: str = "float32", revision: str | None = None,
+         remat: bool = False, cache_dir: str | None = None) -> Bundle:
+  """Loads a CLIP from a local folder, a hub id ("openai/clip-vit-base-patch16") or a preset name.
+
+  Args:
+    name_or_path: a folder with config.json + weights; a Hugging Face hub repo id; or one of the presets
+      "vit-b-32", "vit-b-16", "vit-l-14", "vit-l-14-336" (their OpenAI hub repos).
+    dtype: compute dtype, "float32" or "bfloat16" (parameters are float32 either way).
+    revision: hub branch, tag or commit (hub ids only).
+    remat: rematerialise every transformer block in the backward pass.
+    cache_dir: Hugging Face cache folder (default: huggingface_hub's, i.e. HF_HUB_CACHE).
+
+  Returns:
+    A Bundle; `source` names the folder or "hf://<repo>@<commit>" and the weight file.
+  """
+  path = pathlib.Path(name_or_path).expanduser()
+  if path.is_dir():
+    if revision is not None:
+      raise ValueError(f"revision={revision!r} given for the local folder {path}")
+    return load_folder(path, dtype=dtype, remat=remat)
+  name = str(name_or_path)
+  repo_id = HUB_IDS.get(name, name)
+  if path.exists() or not _REPO_ID.match(repo_id):
+    raise FileNotFoundError(f"{name}: not a model folder, a hub repo id or a preset ({sorted(HUB_IDS)})")
+  folder, weights = _hub_snapshot(repo_id, revision, cache_dir)
+  # huggingface_hub lays snapshots out as .../snapshots/<commit>/<file>.
+  return load_folder(folder, dtype=dtype, remat=remat, source=f"hf://{repo_id}@{folder.name}/{weights}")
+
+
+def save_pretrained(folder: str | os.PathLike[str], params: Mapping[str, Any], config: CLIPConfig, *,
+                    tokenizer_files: bool = False) -> pathlib.Path:
+  """Writes a transformers-loadable CLIP folder: config.json + model.safetensors (PyTorch names/layouts).
+
+  Args:
+    folder: created if needed; existing files of the same names are replaced.
+    params: parameter tree matching `config`.
+    config: the model's configuration.
+    tokenizer_files: also write the CLIP tokenizer files (`mcpf_jax.clip.tokenizer.write_tokenizer_files`).
+
+  Returns:
+    The folder.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  folder = pathlib.Path(folder)
+  expected = {p: s.shape for p, s in traverse_util.flatten_dict(param_shapes(config)).items()}
+  flat = traverse_util.flatten_dict(dict(params))
+  _check_names({"/".join(p) for p in expected}, {"/".join(p) for p in flat}, "save_pretrained(params)")
+  _raise_misshaped([f"{'/'.join(p)} is {list(np.shape(flat[p]))}, expected {list(s)}"
+                    for p, s in sorted(expected.items()) if tuple(np.shape(flat[p])) != tuple(s)],
+                   "save_pretrained(params)")
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
+  save_file(to_torch_state_dict(params), str(folder / SAFETENSORS), metadata={"format": "pt"})
+  if tokenizer_files:
+    from mcpf_jax.clip.tokenizer import write_tokenizer_files  # pylint: disable=g-import-not-at-top
+    write_tokenizer_files(folder)
+  return folder

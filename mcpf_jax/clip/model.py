@@ -1,0 +1,421 @@
+"""CLIP in Flax Linen: vision and text transformers, projections and the logit scale, with prompt hooks.
+
+Numerically this is transformers' PyTorch `CLIPModel` (pre-LayerNorm blocks, `pre_layrnorm` and
+`post_layernorm` on the CLS token in the vision tower, causal attention and end-of-text pooling in the text
+tower, bias-free projections, logits = exp(logit_scale) * cosine). Parameter names are those of the Hugging
+Face Flax CLIP checkpoints (`flax_model.msgpack`), so those load without renaming:
+
+  text_model/embeddings/{token_embedding,position_embedding}/embedding
+  text_model/encoder/layers/{i}/{self_attn/{q,k,v,out}_proj,mlp/fc1,mlp/fc2}/{kernel,bias}
+  text_model/encoder/layers/{i}/{layer_norm1,layer_norm2}/{scale,bias}, text_model/final_layer_norm
+  vision_model/embeddings/{class_embedding, patch_embedding/kernel (HWIO), position_embedding/embedding}
+  vision_model/{pre_layrnorm,post_layernorm}, vision_model/encoder/layers/{i}/...
+  visual_projection/kernel, text_projection/kernel, logit_scale
+
+Prompts (the hook prompt learning plugs into). `prompts` is None or a sequence of J arrays, J <= the tower's
+number of layers; element j is [n, width] (shared by the batch) or [batch, n, width]:
+  text:   prompts[0] replaces the token embeddings at positions 1..n (right after SOS) before the position
+          embedding is added (CoOp); prompts[j], j >= 1, replaces hidden positions 1..n at the input of
+          block j (MaPLe deep prompts). Pooling still reads the end-of-text position from the ids, so the
+          caller tokenizes n placeholder words there.
+  vision: prompts[0] is appended after the patch tokens (after the position embedding, before pre_layrnorm);
+          prompts[j], j >= 1, replaces those last n tokens at the input of block j (VPT-deep / MaPLe).
+          The CLS token is pooled as in CLIP; prompts are never pooled.
+Prompt shapes are static, values are plain arrays: everything jits and differentiates with respect to them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from mcpf_jax.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+Array = jax.Array
+Prompts = Sequence[Array] | None
+
+
+def _activation(name: str) -> Callable[[Array], Array]:
+  """transformers' ACT2FN entries used by CLIP checkpoints ("gelu" is the exact erf form)."""
+  if name == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name in ("gelu_new", "gelu_pytorch_tanh"):
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == "relu":
+    return jax.nn.relu
+  raise ValueError(f"unsupported hidden_act {name!r}")
+
+
+def _layer_norm(eps: float, dtype: Any, name: str) -> nn.LayerNorm:
+  # Two-pass variance, as torch.nn.LayerNorm computes it (the fast E[x^2]-E[x]^2 form costs precision).
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, name=name)
+
+
+def _dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with separate q/k/v/out projections (HF `CLIPAttention`)."""
+  num_heads: int
+  causal: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[batch, tokens, width] -> [batch, tokens, width]."""
+    batch, tokens, width = x.shape
+    heads = (batch, tokens, self.num_heads, width // self.num_heads)
+    q = _dense(width, self.dtype, "q_proj")(x).reshape(heads)
+    k = _dense(width, self.dtype, "k_proj")(x).reshape(heads)
+    v = _dense(width, self.dtype, "v_proj")(x).reshape(heads)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # scale = head_dim ** -0.5
+    return _dense(width, self.dtype, "out_proj")(out.reshape(batch, tokens, width))
+
+
+class MLP(nn.Module):
+  intermediate_size: int
+  hidden_act: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[batch, tokens, width] -> [batch, tokens, width]."""
+    h = _activation(self.hidden_act)(_dense(self.intermediate_size, self.dtype, "fc1")(x))
+    return _dense(x.shape[-1], self.dtype, "fc2")(h)
+
+
+class EncoderLayer(nn.Module):
+  """Pre-LayerNorm transformer block (HF `CLIPEncoderLayer`)."""
+  config: CLIPTextConfig | CLIPVisionConfig
+  causal: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[batch, tokens, width] -> [batch, tokens, width]."""
+    cfg = self.config
+    h = _layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm1")(x)
+    x = x + Attention(cfg.num_attention_heads, self.causal, self.dtype, name="self_attn")(h)
+    h = _layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm2")(x)
+    return x + MLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, name="mlp")(h)
+
+
+def _batched(prompt: Array, batch: int, dtype: Any) -> Array:
+  """[n, width] or [batch, n, width] -> [batch, n, width] in the compute dtype."""
+  prompt = jnp.asarray(prompt).astype(dtype)
+  if prompt.ndim == 2:
+    return jnp.broadcast_to(prompt[None], (batch,) + prompt.shape)
+  return prompt
+
+
+def _replace_after_first(x: Array, prompt: Array) -> Array:
+  """Hidden positions 1..n of [batch, tokens, width] <- prompt [batch, n, width]."""
+  n = prompt.shape[1]
+  return jnp.concatenate([x[:, :1], prompt, x[:, 1 + n:]], axis=1)
+
+
+def _replace_last(x: Array, prompt: Array) -> Array:
+  """The last n positions of [batch, tokens, width] <- prompt [batch, n, width]."""
+  return jnp.concatenate([x[:, :x.shape[1] - prompt.shape[1]], prompt], axis=1)
+
+
+class LayerStack(nn.Module):
+  """The blocks, named "0".."L-1" as in HF Flax (`encoder/layers/{i}`), with deep prompts between them.
+
+  Attributes:
+    prompt_slot: "after_first" (text: positions 1..n) or "last" (vision: the appended tokens).
+  """
+  config: CLIPTextConfig | CLIPVisionConfig
+  causal: bool
+  prompt_slot: str
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, deep_prompts: Sequence[Array] = ()) -> Array:
+    """x [batch, tokens, width]; deep_prompts[j - 1] enters block j -> [batch, tokens, width]."""
+    block = nn.remat(EncoderLayer) if self.remat else EncoderLayer
+    replace = _replace_after_first if self.prompt_slot == "after_first" else _replace_last
+    for i in range(self.config.num_hidden_layers):
+      if 1 <= i <= len(deep_prompts):
+        x = replace(x, _batched(deep_prompts[i - 1], x.shape[0], self.dtype))
+      x = block(self.config, self.causal, self.dtype, name=str(i))(x)
+    return x
+
+
+class Encoder(nn.Module):
+  """Holds the `layers` collection, so parameter paths read `encoder/layers/{i}` as in HF Flax."""
+  config: CLIPTextConfig | CLIPVisionConfig
+  causal: bool
+  prompt_slot: str
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, deep_prompts: Sequence[Array] = ()) -> Array:
+    return LayerStack(self.config, self.causal, self.prompt_slot, self.dtype, self.remat,
+                      name="layers")(x, deep_prompts)
+
+
+def _check_prompts(prompts: Sequence[Array], batch: int, width: int, layers: int, tower: str) -> None:
+  """Shape checks (all static): a clear message instead of a broadcasting error deep inside."""
+  if len(prompts) > layers:
+    raise ValueError(f"{tower} prompts: got {len(prompts)} prompt sets for {layers} layers")
+  for j, p in enumerate(prompts):
+    shape = tuple(jnp.shape(p))
+    if len(shape) not in (2, 3) or shape[-1] != width or (len(shape) == 3 and shape[0] != batch):
+      raise ValueError(f"{tower} prompts[{j}] has shape {shape}; expected [n, {width}] or "
+                       f"[{batch}, n, {width}]")
+
+
+class TextTransformer(nn.Module):
+  """HF `CLIPTextModel`: returns the pooled end-of-text state and all final states."""
+  config: CLIPTextConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, ids: Array, prompts: Sequence[Array] = ()) -> tuple[Array, Array]:
+    """ids int [batch, tokens] -> (pooled [batch, width], states [batch, tokens, width]).
+
+    `states` are after `final_layer_norm` (HF's `last_hidden_state`).
+    """
+    cfg = self.config
+    batch, tokens = ids.shape
+    if tokens > cfg.max_position_embeddings:
+      raise ValueError(f"text ids have {tokens} positions; the model has {cfg.max_position_embeddings}")
+    _check_prompts(prompts, batch, cfg.hidden_size, cfg.num_hidden_layers, "text")
+    if prompts and prompts[0].shape[-2] + 2 > tokens:
+      raise ValueError(f"text prompts[0] has {prompts[0].shape[-2]} tokens; only {tokens - 2} fit between "
+                       "SOS and EOS")
+    x = _TextEmbeddings(cfg, self.dtype, name="embeddings")(ids, prompts[0] if prompts else None)
+    x = Encoder(cfg, True, "after_first", self.dtype, self.remat, name="encoder")(x, tuple(prompts[1:]))
+    x = _layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
+    if cfg.legacy_eos_pooling:
+      # Old configs (eos_token_id == 2): the end-of-text token is the largest id in the sequence.
+      eos = jnp.argmax(ids, axis=-1)
+    else:
+      # First end-of-text token (padding may repeat it).
+      eos = jnp.argmax(ids == cfg.eos_token_id, axis=-1)
+    return x[jnp.arange(batch), eos], x
+
+
+class _TextEmbeddings(nn.Module):
+  """Token + position embeddings, with the first prompt written over the token embeddings at 1..n."""
+  config: CLIPTextConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: Array, prompt: Array | None) -> Array:
+    """ids [batch, tokens] -> [batch, tokens, width]."""
+    cfg = self.config
+    init = nn.initializers.normal(0.02)
+    x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, embedding_init=init,
+                 name="token_embedding")(ids)
+    if prompt is not None:
+      x = _replace_after_first(x, _batched(prompt, x.shape[0], x.dtype))
+    positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype, embedding_init=init,
+                         name="position_embedding")(jnp.arange(ids.shape[1]))
+    return x + positions[None]
+
+
+class VisionTransformer(nn.Module):
+  """HF `CLIPVisionModel`: returns the post-LayerNorm CLS state and all final states."""
+  config: CLIPVisionConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, pixels: Array, prompts: Sequence[Array] = (),
+               interpolate_pos_encoding: bool = False) -> tuple[Array, Array]:
+    """pixels [batch, height, width, channels] -> (pooled [batch, width], states [batch, tokens, width]).
+
+    `states` are the output of the last block, before `post_layernorm` (HF's `last_hidden_state`), with
+    the appended prompts at the end: tokens = 1 + patches + n.
+    """
+    cfg = self.config
+    batch = pixels.shape[0]
+    _check_prompts(prompts, batch, cfg.hidden_size, cfg.num_hidden_layers, "vision")
+    if any(p.shape[-2] != prompts[0].shape[-2] for p in prompts[1:]):
+      raise ValueError("vision prompts: every layer must have as many tokens as prompts[0] (they replace "
+                       f"the appended ones); got {[p.shape[-2] for p in prompts]}")
+    x = _VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels, interpolate_pos_encoding)
+    if prompts:
+      x = jnp.concatenate([x, _batched(prompts[0], batch, self.dtype)], axis=1)
+    x = _layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layrnorm")(x)
+    x = Encoder(cfg, False, "last", self.dtype, self.remat, name="encoder")(x, tuple(prompts[1:]))
+    pooled = _layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])
+    return pooled, x
+
+
+class _VisionEmbeddings(nn.Module):
+  config: CLIPVisionConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels: Array, interpolate_pos_encoding: bool = False) -> Array:
+    """[batch, height, width, channels] -> [batch, 1 + patches, width] (CLS first, position added)."""
+    cfg = self.config
+    _, height, width_px, channels = pixels.shape
+    if channels != cfg.num_channels:
+      raise ValueError(f"pixels have {channels} channels (last axis); the model expects {cfg.num_channels} "
+                       "(layout [batch, height, width, channels])")
+    if (height, width_px) != (cfg.image_size, cfg.image_size) and not interpolate_pos_encoding:
+      raise ValueError(f"pixels are {height}x{width_px}; the model takes {cfg.image_size}x{cfg.image_size} "
+                       "(pass interpolate_pos_encoding=True to resize the position embedding)")
+    p = cfg.patch_size
+    patches = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+                      dtype=self.dtype, param_dtype=jnp.float32, name="patch_embedding")(pixels.astype(self.dtype))
+    batch, grid_h, grid_w, _ = patches.shape
+    patches = patches.reshape(batch, grid_h * grid_w, cfg.hidden_size)  # row-major, as torch's flatten(2)
+    cls = self.param("class_embedding", nn.initializers.normal(cfg.hidden_size ** -0.5), (cfg.hidden_size,))
+    cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, cfg.hidden_size))
+    table = nn.Embed(cfg.num_patches + 1, cfg.hidden_size, dtype=self.dtype,
+                     embedding_init=nn.initializers.normal(0.02),
+                     name="position_embedding")(jnp.arange(cfg.num_patches + 1))
+    if grid_h * grid_w != cfg.num_patches or grid_h != grid_w:
+      table = _resize_positions(table, grid_h, grid_w)
+    return jnp.concatenate([cls, patches], axis=1) + table[None]
+
+
+def _resize_positions(table: Array, grid_h: int, grid_w: int) -> Array:
+  """[1 + g*g, width] -> [1 + grid_h*grid_w, width], bicubic over the patch grid (CLS row kept).
+
+  Like HF's `interpolate_pos_encoding` in spirit; jax.image's cubic kernel (Keys, a = -0.5) differs from
+  torch's bicubic (a = -0.75), so resized embeddings are close to, not equal to, transformers' values.
+  """
+  grid = int(round((table.shape[0] - 1) ** 0.5))
+  patch = table[1:].reshape(grid, grid, table.shape[1])
+  patch = jax.image.resize(patch.astype(jnp.float32), (grid_h, grid_w, table.shape[1]), "cubic",
+                           antialias=False).astype(table.dtype)
+  return jnp.concatenate([table[:1], patch.reshape(grid_h * grid_w, -1)], axis=0)
+
+
+class CLIP(nn.Module):
+  """The whole CLIP. Methods (call through `model.apply(variables, ..., method=...)`):
+
+  - `encode_image(pixels, prompts=None, return_tokens=False)`: projected (not normalised) image features.
+  - `encode_text(ids, prompts=None, return_tokens=False)`: projected (not normalised) text features.
+  - `__call__(pixels, ids, image_prompts=None, text_prompts=None)`: logits_per_image [n_img, n_txt].
+  """
+  config: CLIPConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    self.text_model = TextTransformer(cfg.text, dtype, cfg.remat)
+    self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat)
+    self.visual_projection = _dense(cfg.projection_dim, dtype, "visual_projection", use_bias=False)
+    self.text_projection = _dense(cfg.projection_dim, dtype, "text_projection", use_bias=False)
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.logit_scale_init_value), (),
+                                  jnp.float32)
+
+  def encode_image(self, pixels: Array, prompts: Prompts = None, return_tokens: bool = False,
+                   interpolate_pos_encoding: bool = False) -> Array | tuple[Array, Array]:
+    """Image features.
+
+    Args:
+      pixels: float [batch, height, width, channels], normalised with CLIP's mean/std.
+      prompts: None or J arrays [n, vision_width] / [batch, n, vision_width] (see the module docstring).
+      return_tokens: also return the final hidden states.
+      interpolate_pos_encoding: allow another input size by resizing the position embedding.
+
+    Returns:
+      features float32 [batch, embed_dim] (projected, not normalised), and with `return_tokens` also
+      tokens [batch, 1 + patches + n, vision_width] in the compute dtype: the output of the last block
+      (before post_layernorm), prompts at the end.
+    """
+    pooled, tokens = self.vision_model(pixels, tuple(prompts or ()), interpolate_pos_encoding)
+    features = self.visual_projection(pooled).astype(jnp.float32)
+    return (features, tokens) if return_tokens else features
+
+  def encode_text(self, ids: Array, prompts: Prompts = None,
+                  return_tokens: bool = False) -> Array | tuple[Array, Array]:
+    """Text features.
+
+    Args:
+      ids: int [batch, tokens] (tokens <= 77), from the CLIP tokenizer; with prompts, the caller put n
+        placeholder words at positions 1..n.
+      prompts: None or J arrays [n, text_width] / [batch, n, text_width] (see the module docstring).
+      return_tokens: also return the final hidden states.
+
+    Returns:
+      features float32 [batch, embed_dim] (projected, not normalised), and with `return_tokens` also
+      tokens [batch, tokens, text_width] after final_layer_norm, in the compute dtype.
+    """
+    pooled, tokens = self.text_model(jnp.asarray(ids, jnp.int32), tuple(prompts or ()))
+    features = self.text_projection(pooled).astype(jnp.float32)
+    return (features, tokens) if return_tokens else features
+
+  def __call__(self, pixels: Array, ids: Array, image_prompts: Prompts = None,
+               text_prompts: Prompts = None) -> Array:
+    """pixels [n_img, H, W, C], ids [n_txt, tokens] -> logits_per_image float32 [n_img, n_txt]."""
+    image = self.encode_image(pixels, image_prompts)
+    text = self.encode_text(ids, text_prompts)
+    return logits(image, text, self.logit_scale)
+
+
+def logits(image_features: Array, text_features: Array, logit_scale: Array) -> Array:
+  """exp(logit_scale) * cosine similarity: [n_img, D], [n_txt, D] -> [n_img, n_txt] float32."""
+  image = image_features.astype(jnp.float32)
+  text = text_features.astype(jnp.float32)
+  image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
+  text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+  return jnp.exp(logit_scale.astype(jnp.float32)) * image @ text.T
+
+
+def init_random(config: CLIPConfig, seed: int = 0) -> dict[str, Any]:
+  """A random float32 parameter tree for `config` (the `params` collection, HF Flax layout).
+
+  Drawn in numpy with transformers' CLIP initialisation (`CLIPPreTrainedModel._init_weights`, factor 1):
+  no XLA compile, so a tiny model for tests or the smoke run is instant. LayerNorms start at (1, 0), biases
+  at 0 and `logit_scale` at `config.logit_scale_init_value`.
+  """
+  rng = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(param_shapes(config))
+  out = {}
+  for path, spec in sorted(flat.items()):
+    name, leaf = path[-2] if len(path) > 1 else "", path[-1]
+    tower = config.text if path[0] == "text_model" else config.vision
+    width, layers = tower.hidden_size, tower.num_hidden_layers
+    if leaf == "logit_scale":
+      value = np.full(spec.shape, config.logit_scale_init_value)
+    elif leaf == "bias":
+      value = np.zeros(spec.shape)
+    elif leaf == "scale":
+      value = np.ones(spec.shape)
+    else:
+      if leaf == "class_embedding":
+        std = width ** -0.5
+      elif leaf == "embedding" or name == "patch_embedding":
+        std = 0.02
+      elif name in ("q_proj", "k_proj", "v_proj", "fc2"):
+        std = width ** -0.5 * (2 * layers) ** -0.5
+      elif name == "out_proj":
+        std = width ** -0.5
+      elif name == "fc1":
+        std = (2 * width) ** -0.5
+      elif name in ("visual_projection", "text_projection"):
+        std = spec.shape[0] ** -0.5
+      else:
+        raise AssertionError(f"no initialiser for {'/'.join(path)}")
+      value = rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(std)
+    out[path] = jnp.asarray(value, jnp.float32)
+  return traverse_util.unflatten_dict(out)
+
+
+def param_shapes(config: CLIPConfig) -> dict[str, Any]:
+  """The parameter tree of `config` as `jax.ShapeDtypeStruct`s, without computing anything."""
+  model = CLIP(config)
+  size = config.vision.image_size
+  pixels = jax.ShapeDtypeStruct((1, size, size, config.vision.num_channels), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, config.text.max_position_embeddings), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.key(0), pixels, ids)["params"]
