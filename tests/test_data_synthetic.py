@@ -55,6 +55,8 @@ def test_live_779_distorted_images(shared_data, tmp, live_expected):
   meta = src.metadata
   assert meta["higher_is_better"] is False and meta["mos_kind"] == "DMOS" and meta["num_contents"] == 29
   assert meta["excluded"] == {"reference copies (orgs = 1)": 203}
+  # Realigned DMOS has no fixed scale (it goes below 0 and above 100): the observed range is the range.
+  assert meta["mos_range_source"] == "observed" and meta["mos_range"][0] < 0 < 100 < meta["mos_range"][1]
   # The shared refnames_all.mat is a re-indexed 779-entry copy and its `orgs` is truncated: the builder falls back
   # to the folders' info.txt and to (dmos_new == 0 and dmos_std == 0).
   assert meta["notes"]["reference_source"] == "info.txt"
@@ -67,13 +69,27 @@ def test_live_779_distorted_images(shared_data, tmp, live_expected):
     np.testing.assert_array_equal(rec["scene"], liqe[rec["name"]][1])
 
 
-def test_live_official_refnames(shared_data, tmp, live_expected):
+def test_live_official_refnames_and_original_dmos(shared_data, tmp, live_expected):
   root = data_fakes.live(tmp / "live_b", shared_data / "labels", official_refnames=True)
   (root / "jp2k" / "info.txt").unlink()  # the official 1x982 refnames_all.mat is enough
   src = _build("live", root, tmp / "live_b" / "tfds", decode_check="none")
   assert len(src) == 779
   assert src.metadata["notes"]["reference_source"] == "refnames_all.mat"
   assert [live_expected[n][2] for n in src.names] == list(src.content_ids)
+  # dmos.mat in the official layout (`dmos`, `orgs`: 1x982), rebuilt from pyiqa's original DMOS of the 779
+  # distorted images; dmos=original reads it (orgs from the file, no std, range 0-100).
+  original = {r["dist_name"]: float(r["mos"])
+              for r in data_fakes.read_csv(shared_data / "labels" / "pyiqa_meta_info" / "meta_info_LIVEIQADataset.csv")}
+  names = [f"{d}/img{k}.bmp" for d, n in data_fakes.LIVE_FOLDERS for k in range(1, n + 1)]
+  scipy.io.savemat(root / "dmos.mat", {"dmos": np.array([[original.get(n, 0.0) for n in names]]),
+                                       "orgs": np.array([[float(n not in original) for n in names]])})
+  src = _build("live", root, tmp / "live_b" / "tfds_original", decode_check="none", dmos="original")
+  assert len(src) == 779
+  np.testing.assert_array_equal(src.mos, np.float32([original[n] for n in src.names]))
+  assert all(math.isnan(src[i]["mos_std"]) for i in range(0, 779, 50))
+  meta = src.metadata
+  assert meta["notes"]["orgs_source"] == "dmos.mat:orgs" and meta["notes"]["mos_column"] == "dmos"
+  assert meta["mos_range"] == [0.0, 100.0] and meta["mos_range_source"] == "nominal"
 
 
 def test_live_modified_refnames_without_info_txt_is_an_error(shared_data, tmp):

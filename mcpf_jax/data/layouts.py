@@ -419,7 +419,7 @@ class Live(Layout):
   homepage = "https://live.ece.utexas.edu/research/quality/subjective.htm"
   mos_kind = "DMOS"
   higher_is_better = False
-  mos_range = (0.0, 100.0)
+  mos_range = None  # realigned DMOS (the default) spans about -3..112; set to 0-100 when dmos.mat is read
   content_kind = "reference"
   FOLDERS = (("jp2k", 227), ("jpeg", 233), ("wn", 174), ("gblur", 174), ("fastfading", 174))
   required = (("dmos_realigned.mat", "dmos.mat"), ("jp2k",), ("jpeg",), ("wn",), ("gblur",), ("fastfading",))
@@ -439,6 +439,7 @@ class Live(Layout):
     if not (root / label_file).exists():
       raise self.error(root / label_file, None, f"not found (dmos={self.dmos!r}); found {listing(root)}")
     mat = load_mat(self, root / label_file)
+    self.mos_range = None if use_realigned else (0.0, 100.0)
     if use_realigned:
       dmos = mat_numbers(self, root / label_file, "dmos_new", mat)
       std = mat_numbers(self, root / label_file, "dmos_std", mat) if "dmos_std" in mat else np.full(n_total, np.nan)
@@ -682,7 +683,7 @@ class Agiqa3k(Layout):
   name = "agiqa3k"
   title = "AGIQA-3K"
   homepage = "https://github.com/lcysyzxdxc/AGIQA-3k-Database"
-  mos_range = (0.0, 5.0)
+  mos_range = None  # "normalized MOS", scale not stated: the observed range is recorded
   content_kind = "prompt"
   required = (("data.csv",),)
   expected = "data.csv and the images (in the same folder or a subfolder such as images/)"
