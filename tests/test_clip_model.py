@@ -372,6 +372,9 @@ def test_prompt_shape_errors(tiny):
     bundle.model.apply(p, ids, [np.zeros((4, 48), np.float32)], method="encode_text")
   with pytest.raises(ValueError, match="3 prompt sets for 2 layers"):
     bundle.model.apply(p, ids, [np.zeros((4, 32), np.float32)] * 3, method="encode_text")
+  with pytest.raises(ValueError, match=r"text prompts\[1\] has 76 tokens; only 75 fit"):
+    bundle.model.apply(p, ids, [np.zeros((4, 32), np.float32), np.zeros((76, 32), np.float32)],
+                       method="encode_text")
   with pytest.raises(ValueError, match=r"\[3, n, 48\]"):
     bundle.model.apply(p, pixels, [np.zeros((5, 2, 48), np.float32)], method="encode_image")
   with pytest.raises(ValueError, match="as many tokens as prompts"):
@@ -390,8 +393,9 @@ def test_bfloat16_close_to_float32(tiny):
   assert bf16.fingerprint == bundle.fingerprint
   pixels, ids = _inputs(seed=6, eos=500)
   f32, low = _forward(bundle.model, bundle.params, pixels, ids), _forward(bf16.model, bf16.params, pixels, ids)
+  assert low["vision_tokens"].dtype == low["text_tokens"].dtype == jnp.bfloat16
   for key in ("image", "text"):
-    assert low[key].dtype == jnp.float32 and low[f"{'vision' if key == 'image' else 'text'}_tokens"].dtype == jnp.bfloat16
+    assert low[key].dtype == jnp.float32
     a, b = np.asarray(f32[key]), np.asarray(low[key])
     cos = np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     assert np.all(cos > 0.99), (key, cos)

@@ -31,8 +31,8 @@ from flax import serialization, traverse_util
 from mcpf_jax.clip.config import HUB_IDS, CLIPConfig
 from mcpf_jax.clip.model import CLIP, init_random, param_shapes
 
-__all__ = ["Bundle", "load", "load_folder", "read_params", "save_pretrained", "fingerprint", "init_random",
-           "to_torch_state_dict", "SAFETENSORS", "MSGPACK"]
+__all__ = ["Bundle", "MSGPACK", "SAFETENSORS", "fingerprint", "init_random", "load", "load_folder", "read_config",
+           "read_params", "save_pretrained", "to_torch_state_dict"]
 
 SAFETENSORS = "model.safetensors"
 MSGPACK = "flax_model.msgpack"

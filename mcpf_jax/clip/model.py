@@ -22,6 +22,11 @@ number of layers; element j is [n, width] (shared by the batch) or [batch, n, wi
           prompts[j], j >= 1, replaces those last n tokens at the input of block j (VPT-deep / MaPLe).
           The CLS token is pooled as in CLIP; prompts are never pooled.
 Prompt shapes are static, values are plain arrays: everything jits and differentiates with respect to them.
+
+Precision: float32 parity with transformers (1e-5 relative, tested on CPU) assumes full-precision float32
+matmuls; on GPUs/TPUs XLA may use TF32/bf16 passes for float32 by default (`jax.default_matmul_precision`
+sets it). `CLIPConfig.dtype = "bfloat16"` computes in bfloat16 with float32 parameters, LayerNorm
+statistics and outputs (features and logits).
 """
 
 from __future__ import annotations
@@ -193,9 +198,10 @@ class TextTransformer(nn.Module):
     if tokens > cfg.max_position_embeddings:
       raise ValueError(f"text ids have {tokens} positions; the model has {cfg.max_position_embeddings}")
     _check_prompts(prompts, batch, cfg.hidden_size, cfg.num_hidden_layers, "text")
-    if prompts and prompts[0].shape[-2] + 2 > tokens:
-      raise ValueError(f"text prompts[0] has {prompts[0].shape[-2]} tokens; only {tokens - 2} fit between "
-                       "SOS and EOS")
+    for j, p in enumerate(prompts):
+      if jnp.shape(p)[-2] + 2 > tokens:
+        raise ValueError(f"text prompts[{j}] has {jnp.shape(p)[-2]} tokens; only {tokens - 2} fit between "
+                         "SOS and EOS")
     x = _TextEmbeddings(cfg, self.dtype, name="embeddings")(ids, prompts[0] if prompts else None)
     x = Encoder(cfg, True, "after_first", self.dtype, self.remat, name="encoder")(x, tuple(prompts[1:]))
     x = _layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
@@ -244,9 +250,9 @@ class VisionTransformer(nn.Module):
     cfg = self.config
     batch = pixels.shape[0]
     _check_prompts(prompts, batch, cfg.hidden_size, cfg.num_hidden_layers, "vision")
-    if any(p.shape[-2] != prompts[0].shape[-2] for p in prompts[1:]):
+    if any(jnp.shape(p)[-2] != jnp.shape(prompts[0])[-2] for p in prompts[1:]):
       raise ValueError("vision prompts: every layer must have as many tokens as prompts[0] (they replace "
-                       f"the appended ones); got {[p.shape[-2] for p in prompts]}")
+                       f"the appended ones); got {[jnp.shape(p)[-2] for p in prompts]}")
     x = _VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels, interpolate_pos_encoding)
     if prompts:
       x = jnp.concatenate([x, _batched(prompts[0], batch, self.dtype)], axis=1)
