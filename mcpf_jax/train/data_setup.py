@@ -1,0 +1,106 @@
+"""From the config to a dataset source, its train/val/test split and its label transform.
+
+`data.name = "smoke"` is the built-in smoke data (scikit-image photos with synthetic distortions), written and
+built through the generic csv builder on first use. Other datasets are read from `data.data_dir`; if one is not
+built yet and `data.manual_dir` is set, it is built from that release folder first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mcpf_jax import data as datasets
+from mcpf_jax.data import pipeline, smoke, splits
+
+SMOKE = "smoke"
+
+
+@dataclasses.dataclass
+class DatasetSplits:
+  """A dataset with the record positions of each side of its split (`indices["train"|"val"|"test"|"all"]`)."""
+  name: str
+  source: datasets.IqaSource
+  indices: dict[str, np.ndarray]
+  higher_is_better: bool
+  labels: pipeline.LabelTransform
+
+  @property
+  def mos(self) -> np.ndarray:
+    return self.source.mos.astype(np.float64)
+
+  @property
+  def names(self) -> np.ndarray:
+    return self.source.names
+
+
+def data_dir(config, workdir: pathlib.Path) -> pathlib.Path:
+  """config.data.data_dir, or <workdir>/data when it is empty (self-contained runs such as smoke)."""
+  return pathlib.Path(config.data.data_dir).expanduser() if config.data.data_dir else workdir / "data"
+
+
+def _build(name: str, root: pathlib.Path, manual_dir: pathlib.Path, **kwargs: Any) -> None:
+  # Only process 0 writes; the others wait for it (multi-host runs share data_dir).
+  if jax.process_index() == 0:
+    datasets.builder(name, data_dir=root, **kwargs).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"built {name}")
+
+
+def open_source(config, name: str, workdir: pathlib.Path) -> datasets.IqaSource:
+  """The built dataset `name`, building it first where it can (smoke; or a dataset with data.manual_dir)."""
+  root = data_dir(config, workdir)
+  if name == SMOKE:
+    try:
+      return datasets.source("csv", root, config=SMOKE)
+    except FileNotFoundError:
+      raw = root / "smoke_release"
+      if jax.process_index() == 0:
+        smoke.write_smoke_dataset(raw)
+      _build("csv", root, raw, config_name=SMOKE, **smoke.CSV_CONFIG)
+      return datasets.source("csv", root, config=SMOKE)
+  try:
+    return datasets.source(name, root)
+  except FileNotFoundError:
+    if not config.data.manual_dir:
+      raise
+    _build(name, root, pathlib.Path(config.data.manual_dir).expanduser())
+    return datasets.source(name, root)
+
+
+def load(config, workdir: pathlib.Path, *, dataset: str | None = None) -> DatasetSplits:
+  """The configured dataset and its split; `dataset` (cross-dataset evaluation) is used whole, as "all"."""
+  name = dataset or config.data.name
+  src = open_source(config, name, workdir)
+  higher = bool(src.metadata.get("higher_is_better", True))
+  n = len(src)
+  indices = {"all": np.arange(n, dtype=np.int64)}
+  if dataset is None:
+    if config.data.split == "official":
+      official = splits.official_split_indices(src.official_split)
+      if not official:
+        raise ValueError(f"data.split='official': dataset {name} has no official split; use data.split='seed'")
+      indices["train"] = official.get("training", official.get("train"))
+      indices["val"] = official.get("validation", np.zeros((0,), np.int64))
+      indices["test"] = official["test"]
+    elif config.data.split == "seed":
+      train, test = splits.split_indices(src.content_ids, config.data.split_seed, config.data.train_fraction)
+      val = np.zeros((0,), np.int64)
+      if config.data.val_fraction > 0:
+        train, val = splits.validation_split(src.content_ids, train, config.data.split_seed, config.data.val_fraction)
+      indices.update(train=train, val=val, test=test)
+      splits.check_disjoint(src.content_ids, train, val, test)
+    else:
+      raise ValueError(f"data.split={config.data.split!r}: expected 'seed' or 'official'")
+    fit_on = indices["train"]
+  else:
+    fit_on = indices["all"]
+  labels = pipeline.LabelTransform.fit(src.mos[fit_on], higher_is_better=higher)
+  return DatasetSplits(name, src, indices, higher, labels)

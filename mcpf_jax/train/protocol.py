@@ -1,0 +1,51 @@
+"""The papers' protocol: train and evaluate on N seeded splits (seeds 0..N-1), report the median and spread."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from mcpf_jax.train import trainer
+
+log = logging.getLogger("mcpf_jax")
+_KEYS = ("srcc", "plcc", "plcc_logistic", "krcc", "rmse")
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+  """Median, mean, std, min, max and quartiles of each metric over splits."""
+  out = {}
+  for k in _KEYS:
+    v = np.asarray([r[k] for r in results], np.float64)
+    out[k] = {"median": float(np.median(v)), "mean": float(np.mean(v)), "std": float(np.std(v)),
+              "min": float(np.min(v)), "max": float(np.max(v)),
+              "q25": float(np.percentile(v, 25)), "q75": float(np.percentile(v, 75)), "values": v.tolist()}
+  return out
+
+
+def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains split s in <workdir>/split_<s> for s in 0..config.splits-1 (each resumable), then summarizes.
+
+  Writes <workdir>/protocol.json.
+  """
+  workdir = pathlib.Path(workdir).expanduser()
+  results = []
+  for s in range(config.splits):
+    cfg = config.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.splits = 1
+      cfg.data.split_seed = s
+    summary = trainer.train_and_evaluate(cfg, workdir / f"split_{s}")
+    results.append(summary["test"])
+    log.info("split %d: test SRCC %.4f PLCC %.4f", s, summary["test"]["srcc"], summary["test"]["plcc"])
+  out = {"dataset": config.data.name, "model": config.model.name, "splits": config.splits,
+         "summary": summarize(results), "per_split": results}
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "protocol.json").write_text(json.dumps(out, indent=2) + "\n")
+  s = out["summary"]
+  log.info("%d splits of %s: median SRCC %.4f (IQR %.4f-%.4f), median PLCC %.4f", config.splits, config.data.name,
+           s["srcc"]["median"], s["srcc"]["q25"], s["srcc"]["q75"], s["plcc"]["median"])
+  return out

@@ -1,0 +1,305 @@
+"""The training loop and evaluation: `train_and_evaluate(config, workdir)`, `evaluate(config, workdir)`.
+
+One jitted, donated update step over a ("data", "model") mesh; grain input with checkpointable state; orbax
+checkpoints every `train.checkpoint_every` steps and at the end (last K + best by validation SRCC). Starting again
+with the same workdir resumes from the latest checkpoint exactly: parameters, optimizer state, step and the
+position of the input iterator. A NaN/inf loss or gradient stops the run before anything is saved, so the last
+checkpoint on disk is the last good one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from mcpf_jax import clip, metrics
+from mcpf_jax import model as iqa
+from mcpf_jax.data import pipeline
+from mcpf_jax.train import checkpoints as ckpt_lib
+from mcpf_jax.train import data_setup, mesh as mesh_lib, optim, step as step_lib
+
+log = logging.getLogger("mcpf_jax")
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or a gradient became NaN/inf."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run builds from its config (shared by training, evaluation and scoring)."""
+  config: Any
+  workdir: pathlib.Path
+  mesh: Any
+  bundle: clip.Bundle
+  model: iqa.IQAModel
+  params: Any
+  labels: Any
+  data: data_setup.DatasetSplits
+
+  @property
+  def image_size(self) -> int:
+    return self.config.data.image_size or self.bundle.config.vision.image_size
+
+  def meta(self) -> dict[str, Any]:
+    return {
+        "backbone": {"source": self.bundle.source, "fingerprint": self.bundle.fingerprint},
+        "dataset": self.data.name,
+        "label_transform": dataclasses.asdict(self.data.labels),
+        "split": {k: len(v) for k, v in self.data.indices.items()},
+        "config": json.loads(self.config.to_json_best_effort()),
+    }
+
+
+def load_clip(config, workdir: pathlib.Path) -> clip.Bundle:
+  """config.clip.name: a hub id, folder or preset; "tiny" writes a tiny random HF-format CLIP into the workdir."""
+  name = config.clip.name
+  if name == "tiny":
+    from mcpf_jax.clip.tiny import write_tiny_clip  # pylint: disable=g-import-not-at-top
+    name = str(write_tiny_clip(workdir / "tiny_clip", seed=config.clip.tiny_seed, **config.clip.tiny))
+  return clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat)
+
+
+def build_run(config, workdir: str | pathlib.Path, *, dataset: str | None = None) -> Run:
+  workdir = pathlib.Path(workdir).expanduser()
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.model)
+  bundle = load_clip(config, workdir)
+  splits = data_setup.load(config, workdir, dataset=dataset)
+  model, params = iqa.build(config.model, bundle, jax.random.key(config.seed))
+  labels = optim.trainable_labels(params, config.model.trainable)
+  return Run(config, workdir, mesh, bundle, model, params, labels, splits)
+
+
+def _optim_config(config, steps_per_epoch: int):
+  oc = config.optim.copy_and_resolve_references()
+  with oc.unlocked():
+    if oc.total_steps is None:
+      oc.total_steps = config.train.num_epochs * steps_per_epoch
+  return oc
+
+
+def _predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding) -> np.ndarray:
+  """score01 for every image in `indices` (multi-crop mean), in the order of `indices`."""
+  cfg = run.config
+  out = np.full((len(indices),), np.nan, np.float64)
+  pos = {int(i): k for k, i in enumerate(indices)}
+  n_proc, pid = jax.process_count(), jax.process_index()
+  for batch in pipeline.eval_batches(run.data.source, indices, batch_size=cfg.eval.batch_size,
+                                     image_size=run.image_size, resize=cfg.data.resize,
+                                     num_crops=cfg.eval.num_crops, labels=run.data.labels,
+                                     num_workers=cfg.data.num_workers):
+    per = cfg.eval.batch_size // n_proc
+    local = {"image": batch["image"][pid * per:(pid + 1) * per]}
+    scores = np.asarray(eval_fn(params, mesh_lib.global_batch(local, batch_sharding)))
+    for s, i, w in zip(scores, batch["index"], batch["weight"]):
+      if w:
+        out[pos[int(i)]] = s
+  if np.isnan(out).any():
+    raise RuntimeError(f"{int(np.isnan(out).sum())} images were not scored by the eval pipeline")
+  return out
+
+
+def evaluate_split(run: Run, params: Any, split: str, eval_fn, batch_sharding) -> tuple[dict[str, Any], dict]:
+  """Metrics and per-image predictions (on the dataset's MOS scale) for one split."""
+  idx = run.data.indices[split]
+  score01 = _predict(run, params, idx, eval_fn, batch_sharding)
+  pred = run.data.labels.to_mos(score01)
+  mos = run.data.mos[idx]
+  result = metrics.evaluate(pred, mos, higher_is_better=run.data.higher_is_better)
+  result.update(dataset=run.data.name, split=split)
+  rows = {"name": [run.data.names[i] for i in idx], "mos": mos, "score": pred}
+  return result, rows
+
+
+def _jit_steps(run: Run, tx, state_shapes):
+  cfg = run.config
+  p_sh = mesh_lib.param_shardings(run.params, run.mesh, cfg.mesh.shard_backbone)
+  s_sh = mesh_lib.state_shardings(state_shapes, p_sh, run.mesh)
+  b_sh = mesh_lib.batch_sharding(run.mesh)
+  rep = mesh_lib.replicated(run.mesh)
+  weights = {k: float(cfg.loss[k]) for k in ("rank", "l1", "cls", "aux")}
+  train_step = jax.jit(step_lib.make_train_step(run.model, run.labels, tx, weights, cfg.train.accumulate_steps),
+                       in_shardings=(s_sh, b_sh), out_shardings=(s_sh, rep), donate_argnums=0)
+  eval_step = jax.jit(step_lib.make_eval_step(run.model), in_shardings=(p_sh, b_sh), out_shardings=rep)
+  return train_step, eval_step, s_sh, p_sh, b_sh
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains (resuming from the workdir's latest checkpoint if any), then evaluates the test split.
+
+  Returns the final summary (also written to <workdir>/train_summary.json).
+  """
+  run = build_run(config, workdir)
+  cfg, workdir = run.config, run.workdir
+  n_proc = jax.process_count()
+  if cfg.train.batch_size % (run.mesh.shape["data"] * cfg.train.accumulate_steps) or cfg.train.batch_size % n_proc:
+    raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the mesh data axis "
+                     f"({run.mesh.shape['data']}) x train.accumulate_steps ({cfg.train.accumulate_steps}) and "
+                     f"by the number of processes ({n_proc})")
+  if cfg.eval.batch_size % run.mesh.shape["data"]:
+    raise ValueError(f"eval.batch_size={cfg.eval.batch_size} must be divisible by the mesh data axis "
+                     f"({run.mesh.shape['data']})")
+  train_idx = run.data.indices["train"]
+  steps_per_epoch = len(train_idx) // cfg.train.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{run.data.name}: {len(train_idx)} training images is fewer than one batch of "
+                     f"{cfg.train.batch_size}")
+  ocfg = _optim_config(cfg, steps_per_epoch)
+  total = ocfg.total_steps
+  tx = optim.make_optimizer(ocfg, run.labels)
+  state = step_lib.init_state(run.params, tx)
+  train_step, eval_step, s_sh, p_sh, b_sh = _jit_steps(run, tx, state)
+  state = jax.device_put(state, s_sh)
+
+  loader = pipeline.train_loader(run.data.source, train_idx, batch_size=cfg.train.batch_size // n_proc,
+                                 image_size=run.image_size, resize=cfg.data.resize, seed=cfg.seed,
+                                 labels=run.data.labels, num_workers=cfg.data.num_workers,
+                                 shard_index=jax.process_index(), shard_count=n_proc)
+  iterator = iter(loader)
+  ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=cfg.train.keep)
+  meta = run.meta()
+  start = 0
+  if ckpts.latest_step() is not None:
+    start = ckpts.latest_step()
+    ckpt_lib.check_backbone(ckpts.restore_meta(start), run.bundle.source, run.bundle.fingerprint, ckpts.directory)
+    state = ckpts.restore(start, state, run.labels, s_sh, iterator)
+    log.info("resumed from %s/%d", ckpts.directory, start)
+  log.info("%s | %s on %s: %d train / %d val / %d test images, %d steps (%d per epoch), %d trainable of %d "
+           "parameters", mesh_lib.describe(run.mesh), cfg.model.name, run.data.name, len(train_idx),
+           len(run.data.indices["val"]), len(run.data.indices["test"]), total, steps_per_epoch,
+           optim.count(run.params, run.labels), optim.count(run.params))
+
+  writer = None
+  if jax.process_index() == 0:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    writer = SummaryWriter(str(workdir / "tensorboard"))
+  schedule = optim.learning_rate_schedule(ocfg)
+  bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
+                  dynamic_ncols=True)
+  tick, seen, last_val = time.perf_counter(), 0, None
+  for step in range(start, total):
+    batch = mesh_lib.global_batch(next(iterator), b_sh)
+    state, m = train_step(state, batch)
+    m = jax.device_get(m)
+    if not m["finite"]:
+      ckpts.wait()
+      raise NonFiniteError(f"step {step + 1}: loss={m['loss']}, grad_norm={m['grad_norm']} is not finite; stopped "
+                           f"without saving. The last good checkpoint is step {ckpts.latest_step()} in "
+                           f"{ckpts.directory} (lower optim.lr or check the data)")
+    seen += cfg.train.batch_size
+    bar.update(1)
+    done = step + 1
+    if done % cfg.train.log_every == 0 or done == total:
+      rate = seen / (time.perf_counter() - tick)
+      bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{rate:.1f}")
+      if writer is not None:
+        for k, v in m.items():
+          if k != "finite":
+            writer.add_scalar(f"train/{k}", float(v), done)
+        writer.add_scalar("train/lr", float(schedule(done)), done)
+        writer.add_scalar("train/images_per_second", rate, done)
+      tick, seen = time.perf_counter(), 0
+    if done % cfg.train.checkpoint_every == 0 or done == total:
+      val_metrics = None
+      if len(run.data.indices["val"]) >= 3:
+        val, _ = evaluate_split(run, state["params"], "val", eval_step, b_sh)
+        val_metrics = {ckpt_lib.BEST_METRIC: float(val["srcc"])}
+        last_val = val
+        if writer is not None:
+          writer.add_scalar("val/srcc", val["srcc"], done)
+          writer.add_scalar("val/plcc", val["plcc"], done)
+      ckpts.save(done, state, run.labels, iterator, meta, val_metrics)
+      tick, seen = time.perf_counter(), 0
+  bar.close()
+  ckpts.wait()
+  test, rows = evaluate_split(run, state["params"], "test", eval_step, b_sh)
+  summary = {"step": int(total), "test": test, "val": last_val, "devices": jax.device_count(),
+             "mesh": dict(run.mesh.shape), "checkpoints": ckpts.all_steps(), "best_step": ckpts.best_step()}
+  if jax.process_index() == 0:
+    (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if writer is not None:
+      writer.add_scalar("test/srcc", test["srcc"], total)
+      writer.close()
+  ckpts.close()
+  log.info("done: %s step %d | test SRCC %.4f PLCC %.4f (%d images) | %s", run.data.name, total, test["srcc"],
+           test["plcc"], test["num_images"], mesh_lib.describe(run.mesh))
+  return summary
+
+
+def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | None = None,
+             dataset: str | None = None, split: str | None = None) -> dict[str, Any]:
+  """Restores a checkpoint and evaluates it; writes eval.json, eval_predictions.csv and eval_scatter.png.
+
+  Args:
+    checkpoint: "best", "latest" or a step (default config.eval.checkpoint).
+    dataset: another dataset to evaluate on (cross-dataset: all its images); default config.eval.dataset or the
+      training dataset's test split.
+    split: which split of the training dataset ("test" by default).
+  """
+  cfg = config
+  dataset = dataset or cfg.eval.dataset
+  run = build_run(cfg, workdir, dataset=dataset)
+  workdir = run.workdir
+  ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=cfg.train.keep, read_only=True)
+  which = checkpoint if checkpoint is not None else cfg.eval.checkpoint
+  if which == "best":
+    step = ckpts.best_step() if ckpts.best_step() is not None else ckpts.latest_step()
+  elif which == "latest":
+    step = ckpts.latest_step()
+  else:
+    step = int(which)
+  if step is None or step not in ckpts.all_steps():
+    raise FileNotFoundError(f"{ckpts.directory}: no checkpoint {which!r} (found steps {ckpts.all_steps()}); "
+                            "train first with the same --workdir")
+  meta = ckpts.restore_meta(step)
+  ckpt_lib.check_backbone(meta, run.bundle.source, run.bundle.fingerprint, ckpts.directory)
+  # Labels map to the MOS scale of the TRAINING split, as saved, whatever dataset is evaluated.
+  train_labels = pipeline.LabelTransform(**meta["label_transform"])
+  if dataset is not None and dataset != meta["dataset"]:
+    run.data = dataclasses.replace(run.data, labels=train_labels)
+    split = "all"
+  else:
+    run.data = dataclasses.replace(run.data, labels=train_labels)
+    split = split or "test"
+  tx = optim.make_optimizer(_optim_config(cfg, 1), run.labels)
+  state = step_lib.init_state(run.params, tx)
+  _, eval_step, s_sh, p_sh, b_sh = _jit_steps(run, tx, state)
+  state = ckpts.restore(step, jax.device_put(state, s_sh), run.labels, s_sh)
+  result, rows = evaluate_split(run, state["params"], split, eval_step, b_sh)
+  result.update(checkpoint_step=int(step), trained_on=meta["dataset"])
+  if jax.process_index() == 0:
+    (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(workdir / "eval_predictions.csv", "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(["name", "mos", "score"])
+      for name, mos, score in zip(rows["name"], rows["mos"], rows["score"]):
+        w.writerow([name, f"{mos:.6f}", f"{score:.6f}"])
+    _scatter(workdir / "eval_scatter.png", rows, result)
+  ckpts.close()
+  return result
+
+
+def _scatter(path: pathlib.Path, rows: dict, result: dict) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+  ax.scatter(rows["score"], rows["mos"], s=10, alpha=0.7)
+  ax.set_xlabel("predicted score (MOS scale)")
+  ax.set_ylabel("MOS" if "higher" in result["label_direction"] else "DMOS")
+  ax.set_title(f"{result['dataset']} ({result['split']}): SRCC {result['srcc']:.3f}, PLCC {result['plcc']:.3f}, "
+               f"n={result['num_images']}", fontsize=9)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

@@ -1,0 +1,40 @@
+"""Train an IQA model: `python train.py --config configs/livec.py --workdir runs/livec`.
+
+Starting again with the same --workdir resumes from its latest checkpoint. `--config.splits=10` runs the papers'
+10-split protocol (each split in <workdir>/split_<s>) and writes <workdir>/protocol.json. On several hosts pass
+--distributed on every host (jax.distributed.initialize()).
+"""
+
+import json
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and results go")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize() first")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  import jax  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from mcpf_jax.train import protocol, trainer  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  if config.splits > 1:
+    out = protocol.run(config, _WORKDIR.value)
+    print(json.dumps({"splits": out["splits"], "srcc_median": out["summary"]["srcc"]["median"],
+                      "plcc_median": out["summary"]["plcc"]["median"]}))
+  else:
+    summary = trainer.train_and_evaluate(config, _WORKDIR.value)
+    t = summary["test"]
+    print(json.dumps({"dataset": t["dataset"], "step": summary["step"], "test_srcc": t["srcc"],
+                      "test_plcc": t["plcc"], "num_images": t["num_images"], "devices": summary["devices"]}))
+
+
+if __name__ == "__main__":
+  app.run(main)
