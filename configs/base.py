@@ -45,11 +45,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "livec"  # a dataset of mcpf_jax.data (prepared with `python -m mcpf_jax.data.prepare`)
-  c.data.data_dir = "~/tensorflow_datasets"  # where prepared datasets live
+  c.data.data_dir = "~/tensorflow_datasets"  # where prepared datasets live ("" = <workdir>/data)
   c.data.manual_dir = placeholder(str)  # the official extracted folder; set to prepare on first use
   c.data.split = "seed"  # "seed": a seeded 80/20 split by content; "official": the dataset's own split
   c.data.split_seed = 0  # seeds 0..9 are the protocol's ten splits
   c.data.train_fraction = 0.8
+  c.data.val_fraction = 0.1  # of the training contents, held out to pick the best checkpoint (0 = none)
   c.data.resize = 512  # short side before cropping
   c.data.image_size = placeholder(int)  # crop size; None = the CLIP's input size (224, or 336 for L/14-336)
   c.data.num_workers = 2  # decoding worker processes (0 = in the main process)

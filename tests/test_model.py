@@ -85,9 +85,9 @@ def test_train_step_updates_only_trainable(bundle, variant):
     assert frozen and all(k.startswith("clip/") for k in frozen)
     assert not any(k.startswith("clip/") for k in trainable)
   # Every trainable leaf has a non-zero gradient and moved.
-  grad_fn = jax.grad(lambda tr: losses.batch_loss(
+  grad_fn = jax.jit(jax.grad(lambda tr: losses.batch_loss(
       model.apply({"params": optim.merge(tr, frozen)}, preprocess.normalize(batch["image"])), batch,
-      weights)[0])
+      weights)[0]))
   grads = grad_fn(trainable)
   for k, g in grads.items():
     assert np.any(np.asarray(g) != 0), f"zero gradient for {k}"
