@@ -25,7 +25,8 @@ from mcpf_jax import clip, metrics
 from mcpf_jax import model as iqa
 from mcpf_jax.data import pipeline
 from mcpf_jax.train import checkpoints as ckpt_lib
-from mcpf_jax.train import data_setup, mesh as mesh_lib, optim, step as step_lib
+from mcpf_jax.train import data_setup, mesh as mesh_lib, optim, restore, step as step_lib
+from mcpf_jax.train.restore import load_clip, optim_config as _optim_config  # re-exported
 
 log = logging.getLogger("mcpf_jax")
 
@@ -60,15 +61,6 @@ class Run:
     }
 
 
-def load_clip(config, workdir: pathlib.Path) -> clip.Bundle:
-  """config.clip.name: a hub id, folder or preset; "tiny" writes a tiny random HF-format CLIP into the workdir."""
-  name = config.clip.name
-  if name == "tiny":
-    from mcpf_jax.clip.tiny import write_tiny_clip  # pylint: disable=g-import-not-at-top
-    name = str(write_tiny_clip(workdir / "tiny_clip", seed=config.clip.tiny_seed, **config.clip.tiny))
-  return clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat)
-
-
 def build_run(config, workdir: str | pathlib.Path, *, dataset: str | None = None) -> Run:
   workdir = pathlib.Path(workdir).expanduser()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -78,14 +70,6 @@ def build_run(config, workdir: str | pathlib.Path, *, dataset: str | None = None
   model, params = iqa.build(config.model, bundle, jax.random.key(config.seed))
   labels = optim.trainable_labels(params, config.model.trainable)
   return Run(config, workdir, mesh, bundle, model, params, labels, splits)
-
-
-def _optim_config(config, steps_per_epoch: int):
-  oc = config.optim.copy_and_resolve_references()
-  with oc.unlocked():
-    if oc.total_steps is None:
-      oc.total_steps = config.train.num_epochs * steps_per_epoch
-  return oc
 
 
 def _predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding) -> np.ndarray:
@@ -251,16 +235,7 @@ def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | Non
   run = build_run(cfg, workdir, dataset=dataset)
   workdir = run.workdir
   ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=cfg.train.keep, read_only=True)
-  which = checkpoint if checkpoint is not None else cfg.eval.checkpoint
-  if which == "best":
-    step = ckpts.best_step() if ckpts.best_step() is not None else ckpts.latest_step()
-  elif which == "latest":
-    step = ckpts.latest_step()
-  else:
-    step = int(which)
-  if step is None or step not in ckpts.all_steps():
-    raise FileNotFoundError(f"{ckpts.directory}: no checkpoint {which!r} (found steps {ckpts.all_steps()}); "
-                            "train first with the same --workdir")
+  step = restore.checkpoint_step(ckpts, checkpoint if checkpoint is not None else cfg.eval.checkpoint)
   meta = ckpts.restore_meta(step)
   ckpt_lib.check_backbone(meta, run.bundle.source, run.bundle.fingerprint, ckpts.directory)
   # Labels map to the MOS scale of the TRAINING split, as saved, whatever dataset is evaluated.
@@ -272,10 +247,9 @@ def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | Non
     run.data = dataclasses.replace(run.data, labels=train_labels)
     split = split or "test"
   tx = optim.make_optimizer(_optim_config(cfg, 1), run.labels)
-  state = step_lib.init_state(run.params, tx)
-  _, eval_step, s_sh, p_sh, b_sh = _jit_steps(run, tx, state)
-  state = ckpts.restore(step, jax.device_put(state, s_sh), run.labels, s_sh)
-  result, rows = evaluate_split(run, state["params"], split, eval_step, b_sh)
+  _, eval_step, _, _, b_sh = _jit_steps(run, tx, step_lib.init_state(run.params, tx))
+  params = restore.restore_params(cfg, ckpts, step, run.params, run.labels, run.mesh)
+  result, rows = evaluate_split(run, params, split, eval_step, b_sh)
   result.update(checkpoint_step=int(step), trained_on=meta["dataset"])
   if jax.process_index() == 0:
     (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
