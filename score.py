@@ -1,0 +1,145 @@
+"""Score images: `python score.py --checkpoint runs/livec --output scores.csv photos/ more.jpg`.
+
+PATHS are image files and folders (searched recursively for image extensions, in sorted order). With
+--checkpoint (a training run's workdir) the scores are on the MOS scale of the dataset it was trained on; with
+`--model clipiqa --clip NAME_OR_FOLDER` and no checkpoint they are zero-shot CLIP-IQA scores on [0, 1].
+
+Output (--format csv, or json; default from the --output extension): one row per file with `path`, `score`,
+`error`, `width`, `height`, `note`. A file that cannot be read or decoded gets an error row and the others are
+still scored. Exit status: 0 when every image was scored; 1 when any failed (after writing every row), when
+no image was found or the model could not be loaded; 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence, TextIO
+
+COLUMNS = ("path", "score", "error", "width", "height", "note")
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python score.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
+  p.add_argument("--checkpoint", help="a training run's workdir (or its checkpoints/<step> folder)")
+  p.add_argument("--step", default="best", help="best | latest | a step number (with --checkpoint)")
+  p.add_argument("--model", default=None, choices=("clipiqa",),
+                 help="zero-shot model to use without --checkpoint")
+  p.add_argument("--clip", default=None,
+                 help="CLIP hub id or folder: the zero-shot backbone, or where a checkpoint's backbone is now")
+  p.add_argument("--output", "-o", default="-", help="output file ('-': stdout)")
+  p.add_argument("--format", choices=("csv", "json"), default=None,
+                 help="default: json for a .json output, else csv")
+  p.add_argument("--batch_size", type=int, default=16, help="images per model call")
+  p.add_argument("--num_crops", type=int, default=None,
+                 help="crops per image (default: the run's eval.num_crops; 15 zero-shot)")
+  p.add_argument("--num_workers", type=int, default=2, help="decoding threads")
+  p.add_argument("--max_upscale", type=float, default=None,
+                 help="refuse images that must be enlarged more than this (default: score them, with a note)")
+  p.add_argument("--no_progress", action="store_true", help="no progress bar")
+  return p
+
+
+def _format_row(r) -> dict[str, Any]:
+  return {"path": r.path, "score": None if r.score is None else round(r.score, 6), "error": r.error,
+          "width": r.width, "height": r.height, "note": r.note}
+
+
+class _CsvWriter:
+  """Writes rows as they come, so a long run leaves its rows on disk."""
+
+  def __init__(self, f: TextIO, info: dict[str, Any]):
+    del info
+    self._f = f
+    self._w = csv.writer(f)
+    self._w.writerow(COLUMNS)
+
+  def write(self, row: dict[str, Any]) -> None:
+    self._w.writerow(["" if row[k] is None else (f"{row[k]:.6f}" if k == "score" else row[k]) for k in COLUMNS])
+    self._f.flush()
+
+  def close(self, summary: dict[str, Any]) -> None:
+    del summary
+
+
+class _JsonWriter:
+  """{"scorer": info, "summary": {...}, "results": [rows]}, written at the end."""
+
+  def __init__(self, f: TextIO, info: dict[str, Any]):
+    self._f, self._info, self._rows = f, info, []
+
+  def write(self, row: dict[str, Any]) -> None:
+    self._rows.append(row)
+
+  def close(self, summary: dict[str, Any]) -> None:
+    json.dump({"scorer": self._info, "summary": summary, "results": self._rows}, self._f, indent=1)
+    self._f.write("\n")
+
+
+def _make_scorer(args):
+  from mcpf_jax.scoring import DEFAULT_NUM_CROPS, Scorer  # pylint: disable=g-import-not-at-top
+  common = dict(batch_size=args.batch_size, num_workers=args.num_workers, max_upscale=args.max_upscale)
+  if args.checkpoint:
+    return Scorer.from_checkpoint(args.checkpoint, args.step, num_crops=args.num_crops, clip_name=args.clip,
+                                  **common)
+  return Scorer.zero_shot(args.clip, num_crops=args.num_crops or DEFAULT_NUM_CROPS, **common)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.checkpoint and args.model:
+    parser.error("give either --checkpoint (a trained model) or --model clipiqa (zero-shot), not both")
+  if not args.checkpoint and not args.model:
+    parser.error("give --checkpoint WORKDIR, or --model clipiqa --clip NAME_OR_FOLDER for zero-shot scores")
+  if args.model and not args.clip:
+    parser.error("--model clipiqa needs --clip (a hub id such as openai/clip-vit-base-patch16, or a folder)")
+  fmt = args.format or ("json" if args.output.lower().endswith(".json") else "csv")
+  # Library INFO logs (orbax, absl) would bury the progress bar; warnings and errors still show.
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.ERROR)
+
+  import tqdm  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.scoring import find_images  # pylint: disable=g-import-not-at-top
+
+  paths = find_images(args.paths)
+  if not paths:
+    print(f"score.py: no image files found in {' '.join(args.paths)} (extensions: jpg, png, tif, bmp, webp, ...)",
+          file=sys.stderr)
+    return 1
+  try:
+    scorer = _make_scorer(args)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"score.py: {e}", file=sys.stderr)
+    return 1
+
+  out = sys.stdout if args.output == "-" else open(args.output, "w", newline="", encoding="utf-8")
+  try:
+    writer = (_JsonWriter if fmt == "json" else _CsvWriter)(out, scorer.info)
+    failed = 0
+    with tqdm.tqdm(total=len(paths), unit="img", desc="score", disable=args.no_progress, file=sys.stderr,
+                   dynamic_ncols=True) as bar:
+      for result in scorer.iter_score(paths):
+        writer.write(_format_row(result))
+        failed += not result.ok
+        bar.update(1)
+        if not result.ok:
+          bar.write(f"error: {result.error}", file=sys.stderr)
+    summary = {"images": len(paths), "scored": len(paths) - failed, "failed": failed}
+    writer.close(summary)
+  finally:
+    if out is not sys.stdout:
+      out.close()
+  where = "" if args.output == "-" else f" -> {os.path.abspath(args.output)}"
+  print(f"score.py: {summary['scored']} of {len(paths)} images scored, {failed} failed{where}", file=sys.stderr)
+  return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,351 @@
+"""Scoring users' images (mcpf_jax.scoring, score.py): a trained smoke checkpoint and zero-shot CLIP-IQA.
+
+The checkpoint scorer must reproduce the training run's own test evaluation; the zero-shot scorer must match
+transformers' CLIPModel + CLIP image processor (an independent implementation). Every kind of input file is
+either scored (the same score as its pixels given as an array, decoded independently here) or reported.
+"""
+
+import copy
+import csv
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mcpf_jax import images, metrics
+from mcpf_jax.clip.tiny import write_tiny_clip
+from mcpf_jax.scoring import Scorer, find_images
+import score as score_cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = dict(width=32, layers=2, heads=4, image_size=32, patch_size=8, embed_dim=32)
+
+
+def _photo(h: int, w: int, seed: int) -> np.ndarray:
+  """A smooth, asymmetric uint8 [h, w, 3] test picture (random low-res colours, upsampled)."""
+  rng = np.random.default_rng(seed)
+  small = Image.fromarray(rng.integers(0, 256, (6, 9, 3), dtype=np.uint8))
+  return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))
+
+
+def _png(path: pathlib.Path, img: np.ndarray | Image.Image) -> pathlib.Path:
+  (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(path)
+  return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixtures: a briefly trained smoke run, and zero-shot scorers on a tiny CLIP folder.
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A smoke run trained for one epoch (9 steps; checkpoints at steps 5 and 9)."""
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  config.train.num_epochs = 1
+  config.train.checkpoint_every = 5
+  workdir = tmp_path_factory.mktemp("run")
+  summary = trainer.train_and_evaluate(config, workdir)
+  return workdir, config, summary
+
+
+@pytest.fixture(scope="module")
+def scorer(run, tmp_path_factory):
+  """The run's latest checkpoint, restored from a copy of checkpoints/ alone: no dataset, no CLIP folder."""
+  deployed = tmp_path_factory.mktemp("deployed")
+  shutil.copytree(run[0] / "checkpoints", deployed / "checkpoints")
+  return Scorer.from_checkpoint(deployed, "latest", batch_size=4, num_workers=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+  return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=5, **TINY)
+
+
+@pytest.fixture(scope="module")
+def zero_shot(tiny_clip):
+  """Zero-shot scorer: 4 crops of 32 after resizing the short side to 48."""
+  return Scorer.zero_shot(tiny_clip, batch_size=4, num_crops=4, resize=48, num_workers=2)
+
+
+def _score(scorer: Scorer, item) -> float:
+  (r,) = scorer.score(item)
+  assert r.ok, r.error
+  return r.score
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The checkpoint scorer.
+
+
+def test_checkpoint_scores_reproduce_the_runs_test_evaluation(run, scorer):
+  from mcpf_jax.train import data_setup  # pylint: disable=g-import-not-at-top
+  workdir, config, summary = run
+  data = data_setup.load(config, workdir)
+  test = data.indices["test"]
+  paths = [workdir / "data" / "smoke_release" / data.names[i] for i in test]
+  results = scorer.score(paths)
+  assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+  pred = np.array([r.score for r in results])
+  ours = metrics.evaluate(pred, data.mos[test], higher_is_better=True)
+  for key in ("srcc", "plcc", "rmse"):
+    assert ours[key] == pytest.approx(summary["test"][key], abs=1e-5), key
+  assert scorer.info["step"] == 9 and scorer.info["trained_on"] == "smoke"
+  assert scorer.info["num_crops"] == config.eval.num_crops and scorer.info["resize"] == config.data.resize
+  assert scorer.info["higher_is_better"] and len(set(np.round(pred, 6))) > 1
+
+
+def test_score_does_not_depend_on_the_batch(scorer, run, tmp_path):
+  release = run[0] / "data" / "smoke_release" / "images"
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  names = sorted(os.listdir(release))[:9]
+  for n in names:
+    shutil.copy(release / n, folder / n)
+  _png(folder / "zz_wide.png", _photo(300, 700, 1))
+  (folder / "bad.jpg").write_bytes(b"not a jpeg")  # an error row between them shifts batch positions
+  paths = find_images([folder])
+  target = folder / names[5]
+  alone = _score(scorer, target)
+  results = scorer.score(paths)
+  assert [r.path for r in results] == paths
+  in_folder = results[paths.index(str(target))].score
+  assert abs(alone - in_folder) <= 1e-5, (alone, in_folder)
+  # Other neighbours and another position in the batch.
+  reordered = scorer.score([str(target)] + paths[::-1])
+  assert abs(reordered[0].score - alone) <= 1e-5
+  assert abs(reordered[1 + paths[::-1].index(str(target))].score - alone) <= 1e-5
+  scores = [r.score for r in results if r.ok]
+  assert len(scores) == 10 and np.ptp(scores) > 1e-4  # the images really differ
+
+
+def test_checkpoint_errors(run, tiny_clip, tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint 7 \(found steps \[5, 9\]\)"):
+    Scorer.from_checkpoint(run[0], 7)
+  with pytest.raises(FileNotFoundError, match="not a training run"):
+    Scorer.from_checkpoint(tmp_path)
+  with pytest.raises(ValueError, match="fingerprint"):  # another backbone than the one trained on
+    Scorer.from_checkpoint(run[0] / "checkpoints" / "5", clip_name=str(tiny_clip))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero-shot.
+
+
+def test_zero_shot_matches_transformers(tiny_clip, tmp_path):
+  """One centre crop after a short-side resize is CLIP's own preprocessing: compare with transformers."""
+  torch = pytest.importorskip("torch")
+  import transformers  # pylint: disable=g-import-not-at-top
+  files = [_png(tmp_path / "a.png", _photo(80, 120, 2)), _png(tmp_path / "b.png", _photo(100, 70, 3))]
+  scorer = Scorer.zero_shot(tiny_clip, batch_size=2, num_crops=1, resize=32, num_workers=0)
+  ours = [r.score for r in scorer.score(files)]
+  processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+  pixels = processor(images=[Image.open(f).convert("RGB") for f in files], return_tensors="np")["pixel_values"]
+  tok = transformers.CLIPTokenizer.from_pretrained(tiny_clip)
+  text = tok(["Bad photo.", "Good photo."], padding=True, return_tensors="pt")
+  ref = transformers.CLIPModel.from_pretrained(tiny_clip).eval()
+  with torch.no_grad():
+    logits = ref(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
+                 pixel_values=torch.from_numpy(pixels)).logits_per_image
+  theirs = torch.softmax(logits, dim=-1)[:, 1].numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)
+  assert scorer.info["model"] == "clipiqa" and 0 < min(ours) and max(ours) < 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every kind of input.
+
+
+def test_every_pixel_format_is_scored_as_its_pixels(zero_shot, tmp_path):
+  """Each file's score equals the score of its RGB pixels decoded independently (numpy, not mcpf_jax)."""
+  rgb = _photo(90, 130, 4)
+  grey = rgb[..., 1]
+  cases = {}  # file -> expected uint8 [h, w, 3]
+  cases[_png(tmp_path / "grey.png", grey)] = np.repeat(grey[..., None], 3, -1)
+  pal = Image.fromarray(rgb).quantize(colors=16)
+  lut = np.asarray(pal.getpalette(), np.uint8).reshape(-1, 3)
+  cases[_png(tmp_path / "palette.png", pal)] = lut[np.asarray(pal)]
+  alpha = np.linspace(0, 255, rgb.shape[1]).astype(np.uint8)[None, :].repeat(rgb.shape[0], 0)
+  on_white = np.round(rgb * (alpha[..., None] / 255.0) + 255 * (1 - alpha[..., None] / 255.0)).astype(np.uint8)
+  cases[_png(tmp_path / "rgba.png", np.dstack([rgb, alpha]))] = on_white
+  grey16 = (grey.astype(np.uint16) * 257 + np.arange(grey.size, dtype=np.uint16).reshape(grey.shape) % 200)
+  Image.fromarray(grey16).save(tmp_path / "grey16.png")
+  assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+  cases[tmp_path / "grey16.png"] = np.repeat(np.round(grey16 / 257.0).astype(np.uint8)[..., None], 3, -1)
+  # EXIF orientation 6: the stored pixels are shown turned 90 degrees clockwise.
+  stored = np.ascontiguousarray(np.rot90(rgb, 1))
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(stored).save(tmp_path / "rotated.jpg", quality=95, exif=exif.tobytes())
+  raw = np.asarray(Image.open(tmp_path / "rotated.jpg").convert("RGB"))  # PIL's open does not rotate
+  cases[tmp_path / "rotated.jpg"] = np.ascontiguousarray(np.rot90(raw, -1))
+  Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+  assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+  cases[tmp_path / "cmyk.jpg"] = np.asarray(Image.open(tmp_path / "cmyk.jpg").convert("RGB"))
+  tiny = _photo(12, 20, 5)  # smaller than a 32 crop: resized up
+  cases[_png(tmp_path / "tiny.png", tiny)] = tiny
+
+  files = list(cases)
+  results = zero_shot.score(files)
+  arrays = zero_shot.score(list(cases.values()))
+  for f, r, a in zip(files, results, arrays):
+    assert r.ok, r.error
+    assert (r.height, r.width) == cases[f].shape[:2], f.name
+    assert abs(r.score - a.score) <= 1e-6, f.name
+  by_name = {pathlib.Path(r.path).name: r for r in results}
+  assert (by_name["rotated.jpg"].width, by_name["rotated.jpg"].height) == (130, 90)
+  # The orientation matters: the stored (unrotated) pixels score differently.
+  assert abs(_score(zero_shot, stored) - by_name["rotated.jpg"].score) > 1e-4
+  assert "upscaled 4.00x from 20x12" in by_name["tiny.png"].note
+  assert by_name["grey.png"].note is None
+  # A refusal instead of an upscale, on request.
+  strict = copy.copy(zero_shot)
+  strict.preprocessing = dataclasses.replace(zero_shot.preprocessing, max_upscale=2.0)
+  (refused,) = strict.score(tmp_path / "tiny.png")
+  assert not refused.ok and "more than max_upscale=2.0" in refused.error and "tiny.png" in refused.error
+
+
+def test_very_large_image_memory_stays_bounded(zero_shot, tmp_path):
+  big = Image.fromarray(_photo(40, 60, 6)).resize((6000, 4000), Image.Resampling.BILINEAR)
+  big.save(tmp_path / "big.jpg", quality=90)
+  decoded_bytes = 6000 * 4000 * 3
+  one = copy.copy(zero_shot)
+  one.num_workers = 1  # one decode at a time: peak memory is about one image, however many are queued
+  one.score(np.zeros((40, 40, 3), np.uint8))  # compile outside the measurement
+  tracemalloc.start()
+  try:
+    results = one.score([tmp_path / "big.jpg"] * 4)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert all(r.ok and (r.width, r.height) == (6000, 4000) for r in results), results
+  assert len({r.score for r in results}) == 1
+  # A decode briefly holds PIL's bytes and the array (2 copies); holding the 4 images would need 4.
+  assert peak < 2.6 * decoded_bytes, f"peak {peak / 1e6:.0f} MB for 4 images of {decoded_bytes / 1e6:.0f} MB"
+
+
+def test_unreadable_and_broken_files_get_error_rows(zero_shot, tmp_path):
+  good = _png(tmp_path / "good.png", _photo(60, 80, 7))
+  (tmp_path / "empty.jpg").write_bytes(b"")
+  buf = io.BytesIO()
+  Image.fromarray(_photo(60, 80, 8)).save(buf, "JPEG")
+  (tmp_path / "truncated.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+  (tmp_path / "notes.jpg").write_text("these are notes, not a photo")
+  (tmp_path / "folder.jpg").mkdir()
+  os.symlink(tmp_path / "gone.png", tmp_path / "broken.png")
+  good2 = _png(tmp_path / "good2.png", _photo(70, 50, 9))
+  inputs = [good, tmp_path / "empty.jpg", tmp_path / "truncated.jpg", tmp_path / "notes.jpg",
+            tmp_path / "folder.jpg", tmp_path / "broken.png", tmp_path / "missing.png", good2,
+            np.zeros((10, 10, 3), np.float32)]
+  expected = {"empty.jpg": "the file is empty", "truncated.jpg": "truncated", "notes.jpg": "not an image format",
+              "folder.jpg": "Is a directory", "broken.png": "No such file", "missing.png": "No such file"}
+  if os.geteuid() != 0:  # root reads files whatever their permissions
+    locked = _png(tmp_path / "locked.png", _photo(20, 20, 10))
+    locked.chmod(0)
+    inputs.insert(1, locked)
+    expected["locked.png"] = "Permission denied"
+  results = zero_shot.score(inputs)
+  assert [r.path for r in results[:-1]] == [str(p) for p in inputs[:-1]]
+  by_name = {pathlib.Path(r.path).name: r for r in results}
+  assert by_name["good.png"].ok and by_name["good2.png"].ok
+  assert by_name["good.png"].score == pytest.approx(_score(zero_shot, good), abs=1e-6)
+  for name, reason in expected.items():
+    r = by_name[name]
+    assert not r.ok and r.score is None and r.width is None, name
+    assert name in r.error and reason in r.error, r.error
+  assert results[-1].path == "<array 8>" and "expected a uint8 [height, width, 3]" in results[-1].error
+
+
+def test_iter_score_reads_ahead_a_bounded_number_of_inputs(zero_shot):
+  pulled = []
+
+  def inputs():
+    for i in range(30):
+      pulled.append(i)
+      yield _photo(40 + i, 50, 100 + i)
+
+  results = []
+  for r in zero_shot.iter_score(inputs()):
+    results.append(r)
+    assert len(pulled) - len(results) <= 3 * zero_shot.batch_size
+  assert [r.path for r in results] == [f"<array {i}>" for i in range(30)]
+  again = zero_shot.score([_photo(40 + i, 50, 100 + i) for i in (0, 17, 29)])
+  for r, i in zip(again, (0, 17, 29)):
+    assert abs(r.score - results[i].score) <= 1e-5
+
+
+def test_find_images_order_and_extensions(tmp_path):
+  (tmp_path / "b" / "c.JPG").mkdir(parents=True)  # a folder named like an image: searched, never scored
+  for rel in ("a.png", "b/z.jpeg", "b/c.JPG/inner.webp", "b/a.TIF", "b/readme.txt", "b/data.csv"):
+    (tmp_path / rel).write_bytes(b"x")
+  os.symlink(tmp_path / "nowhere.bmp", tmp_path / "b" / "link.bmp")
+  found = find_images([tmp_path / "b", tmp_path / "a.png", tmp_path / "b" / "z.jpeg", tmp_path / "x.txt"])
+  rel = [os.path.relpath(p, tmp_path) for p in found]
+  assert rel == ["b/a.TIF", "b/c.JPG/inner.webp", "b/link.bmp", "b/z.jpeg", "a.png", "x.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# score.py.
+
+
+def test_cli_scores_a_folder_and_exits_1_on_a_bad_file(run, scorer, tmp_path):
+  release = run[0] / "data" / "smoke_release" / "images"
+  folder = tmp_path / "photos"
+  (folder / "sub").mkdir(parents=True)
+  shutil.copy(release / "camera_noise2.png", folder / "camera.png")
+  shutil.copy(release / "coffee_jpeg3.jpg", folder / "sub" / "coffee.jpg")
+  (folder / "sub" / "broken.jpg").write_bytes((release / "coffee_jpeg3.jpg").read_bytes()[:500])
+  (folder / "notes.txt").write_text("skipped: not an image extension")
+  out = tmp_path / "scores.csv"
+  proc = subprocess.run([sys.executable, "score.py", "--checkpoint", str(run[0]), "--step", "latest",
+                         "--output", str(out), str(folder)], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 1, proc.stderr
+  assert "2 of 3 images scored, 1 failed" in proc.stderr
+  rows = list(csv.DictReader(out.open()))
+  assert list(rows[0]) == ["path", "score", "error", "width", "height", "note"]
+  assert [os.path.relpath(r["path"], folder) for r in rows] == ["camera.png", "sub/broken.jpg", "sub/coffee.jpg"]
+  api = scorer.score([folder / "camera.png", folder / "sub" / "coffee.jpg"])
+  assert float(rows[0]["score"]) == pytest.approx(api[0].score, abs=1e-5)
+  assert float(rows[2]["score"]) == pytest.approx(api[1].score, abs=1e-5)
+  assert rows[1]["score"] == "" and "broken.jpg" in rows[1]["error"] and "truncated" in rows[1]["error"].lower()
+  assert rows[0]["error"] == "" and rows[0]["width"] == "256"
+
+
+def test_cli_zero_shot_json_exits_0(tiny_clip, tmp_path, capsys):
+  for i in range(3):
+    _png(tmp_path / f"img{i}.png", _photo(50 + 10 * i, 60, 20 + i))
+  out = tmp_path / "scores.json"
+  code = score_cli.main(["--model", "clipiqa", "--clip", str(tiny_clip), "--num_crops", "2", "--batch_size", "2",
+                         "--output", str(out), "--no_progress", str(tmp_path)])
+  assert code == 0, capsys.readouterr().err
+  doc = json.loads(out.read_text())
+  assert doc["scorer"]["model"] == "clipiqa" and doc["scorer"]["num_crops"] == 2
+  assert doc["summary"] == {"images": 3, "scored": 3, "failed": 0}
+  assert [pathlib.Path(r["path"]).name for r in doc["results"]] == ["img0.png", "img1.png", "img2.png"]
+  assert all(0 < r["score"] < 1 and r["error"] is None for r in doc["results"])
+
+
+def test_cli_argument_and_setup_errors(tmp_path, capsys):
+  img = _png(tmp_path / "a.png", _photo(40, 40, 30))
+  for argv, message in ((["--output", "o.csv", str(img)], "give --checkpoint"),
+                        (["--checkpoint", "w", "--model", "clipiqa", str(img)], "not both"),
+                        (["--model", "clipiqa", str(img)], "needs --clip")):
+    with pytest.raises(SystemExit) as e:
+      score_cli.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+  (tmp_path / "empty").mkdir()
+  assert score_cli.main(["--model", "clipiqa", "--clip", "x", str(tmp_path / "empty")]) == 1
+  assert "no image files found" in capsys.readouterr().err
+  assert score_cli.main(["--checkpoint", str(tmp_path / "nowhere"), str(img)]) == 1
+  assert "not a training run" in capsys.readouterr().err
