@@ -216,4 +216,4 @@ def test_trainable_parameter_count_vit_b16():
   labels = optim.trainable_labels(shapes, config.model.trainable)
   n_train, n_frozen = optim.count(shapes, labels), optim.count(shapes, labels, optim.FROZEN)
   assert 140e6 < n_frozen < 160e6
-  assert n_train < 0.1 * n_frozen
+  assert n_train < 0.05 * n_frozen  # 4.25M of 149.6M with the defaults (python -m mcpf_jax.model.summary)

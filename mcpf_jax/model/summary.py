@@ -1,0 +1,67 @@
+"""Parameter counts of a config's model, without loading any weights.
+
+  python -m mcpf_jax.model.summary --config configs/base.py      # ViT-B/16, the default MCPF model
+
+Prints one line per top-level parameter group (trainable or frozen under `model.trainable`) and a JSON total.
+The CLIP sizes come from the preset / hub id named by `clip.name` (or a local folder's config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from mcpf_jax.clip import config as clip_config
+from mcpf_jax.model.iqa import IQAModel, ModelSpec
+from mcpf_jax.train import optim
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "config file")
+
+
+def clip_config_of(name: str) -> clip_config.CLIPConfig:
+  """The CLIP config named by a preset, an OpenAI hub id or a local folder (no weights read)."""
+  if name in clip_config.PRESETS:
+    return clip_config.PRESETS[name]
+  by_hub = {v: k for k, v in clip_config.HUB_IDS.items()}
+  if name in by_hub:
+    return clip_config.PRESETS[by_hub[name]]
+  path = pathlib.Path(name).expanduser() / "config.json"
+  if path.exists():
+    return clip_config.CLIPConfig.from_hf(json.loads(path.read_text()), source=str(path))
+  raise ValueError(f"clip.name={name!r}: not a preset {sorted(clip_config.PRESETS)}, an OpenAI hub id, or a folder "
+                   "with config.json")
+
+
+def count(config) -> dict[str, object]:
+  """{"groups": {name: (count, trainable?)}, "trainable": n, "frozen": n, "fraction": trainable / frozen}."""
+  cc = clip_config_of(config.clip.name)
+  spec = ModelSpec.from_config(config.model, num_layers=min(cc.text.num_hidden_layers, cc.vision.num_hidden_layers))
+  ids = tuple((s, ((0,) * cc.text.max_position_embeddings,) * len(spec.class_phrases(s))) for s in spec.label_sets)
+  size = cc.vision.image_size
+  shapes = jax.eval_shape(IQAModel(cc, spec, ids).init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"]
+  labels = optim.trainable_labels(shapes, config.model.trainable)
+  groups = {k: (optim.count(v), optim.count(v, labels[k]) > 0) for k, v in shapes.items()}
+  trainable, frozen = optim.count(shapes, labels), optim.count(shapes, labels, optim.FROZEN)
+  return {"groups": groups, "trainable": trainable, "frozen": frozen,
+          "fraction": trainable / max(frozen, 1)}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  out = count(config)
+  print(f"{config.model.name} on {config.clip.name}")
+  for name, (n, trains) in sorted(out["groups"].items()):
+    print(f"  {name:28s} {n:>13,d}  {'trainable' if trains else 'frozen'}")
+  print(json.dumps({"model": config.model.name, "clip": config.clip.name, "trainable": out["trainable"],
+                    "frozen": out["frozen"], "trainable_fraction": round(out["fraction"], 5)}))
+
+
+if __name__ == "__main__":
+  app.run(main)
