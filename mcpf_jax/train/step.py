@@ -40,11 +40,13 @@ def make_train_step(model, labels: Any, tx: optax.GradientTransformation, loss_w
     loss_weights: {"rank", "l1", "cls", "aux"}.
     accumulate_steps: split the batch into this many micro-batches, run them one after another (lax.scan) and
       apply their averaged gradient once: the same update as the whole batch, with a fraction of the memory.
-      The fidelity ranking loss pairs images within a micro-batch only.
+      Two exceptions: the fidelity ranking loss pairs images within a micro-batch only, and a masked mean (a
+      label set only some images have) is taken per micro-batch, then averaged with equal weights.
 
   The batch holds "image" uint8 [B, H, W, 3] (normalised here, on device) and the label arrays of
   losses.batch_loss. metrics: "loss", each loss term, "grad_norm", "finite" (False when the loss or a
-  gradient is NaN/inf: the caller stops and keeps its last good checkpoint), "lr"-free (the loop logs it).
+  gradient or an updated trainable parameter is NaN/inf: the caller stops and keeps its last good checkpoint),
+  "lr"-free (the loop logs it).
   """
   weights = dict(loss_weights)
 
@@ -78,7 +80,10 @@ def make_train_step(model, labels: Any, tx: optax.GradientTransformation, loss_w
     metrics = dict(terms)
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["finite"] = jnp.isfinite(loss) & _all_finite(grads)
+    # The new trainable parameters too: a finite loss and gradient can still give an inf/NaN update (a huge or
+    # NaN learning rate), and the state after this step is what the next checkpoint saves.
+    new_trainable, _ = optim.split(params, labels)
+    metrics["finite"] = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_trainable)
     return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
 
   return train_step
