@@ -7,6 +7,7 @@ Kept: the last `keep` checkpoints and the best one by validation SRCC.
 
 from __future__ import annotations
 
+import math
 import pathlib
 from typing import Any
 
@@ -21,17 +22,25 @@ from mcpf_jax.train import optim
 BEST_METRIC = "val_srcc"
 
 
+def _best_metric(metrics: dict[str, Any]) -> float:
+  # A NaN SRCC (constant predictions) ranks last instead of making the sort order undefined.
+  value = float(metrics[BEST_METRIC])
+  return value if math.isfinite(value) else -math.inf
+
+
 class Checkpoints:
   """A thin wrapper over `ocp.CheckpointManager` with this project's items."""
 
   def __init__(self, directory: str | pathlib.Path, keep: int = 3, *, read_only: bool = False):
     self.directory = pathlib.Path(directory).expanduser().absolute()
+    # BestN sorts ascending (reverse=False) and keeps the last n: the highest SRCC. best_fn must be set too, or
+    # orbax neither writes the metrics nor tracks best_step() (which then returns the latest step).
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=keep),
-        pp.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
-                 keep_checkpoints_without_metrics=False),
+        pp.BestN(get_metric_fn=_best_metric, reverse=False, n=1, keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only, create=not read_only,
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_best_metric, best_mode="max",
+                                           read_only=read_only, create=not read_only,
                                            cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
