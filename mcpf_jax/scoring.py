@@ -189,7 +189,7 @@ class Scorer:
   def from_checkpoint(cls, workdir: str | os.PathLike[str], checkpoint: str | int = "best", *,
                       batch_size: int = DEFAULT_BATCH_SIZE, num_crops: int | None = None, num_workers: int = 2,
                       clip_name: str | None = None, max_upscale: float | None = None) -> Scorer:
-    """Restores a trained model from a training run's workdir; needs neither the dataset nor the train code.
+    """Restores a trained model from a training run's workdir alone: the dataset is not needed.
 
     The model is rebuilt from the training config saved in the checkpoint, around the CLIP that config names
     (`clip_name` overrides where to find it, e.g. a local copy of the hub weights; its fingerprint must match
