@@ -3,8 +3,9 @@
 One jitted, donated update step over a ("data", "model") mesh; grain input with checkpointable state; orbax
 checkpoints every `train.checkpoint_every` steps and at the end (last K + best by validation SRCC). Starting again
 with the same workdir resumes from the latest checkpoint exactly: parameters, optimizer state, step and the
-position of the input iterator. A NaN/inf loss or gradient stops the run before anything is saved, so the last
-checkpoint on disk is the last good one.
+position of the input iterator. A NaN/inf loss, gradient or updated parameter, or a non-finite validation score
+at a checkpoint, stops the run (NonFiniteError) before anything is saved, so the last checkpoint on disk is the
+last good one, and the message names it.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def _predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding
   """score01 for every image in `indices` (multi-crop mean), in the order of `indices`."""
   cfg = run.config
   out = np.full((len(indices),), np.nan, np.float64)
+  scored = np.zeros((len(indices),), bool)  # apart from `out`: a NaN score is not a missing one
   pos = {int(i): k for k, i in enumerate(indices)}
   n_proc, pid = jax.process_count(), jax.process_index()
   for batch in pipeline.eval_batches(run.data.source, indices, batch_size=cfg.eval.batch_size,
@@ -88,8 +90,11 @@ def _predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding
     for s, i, w in zip(scores, batch["index"], batch["weight"]):
       if w:
         out[pos[int(i)]] = s
-  if np.isnan(out).any():
-    raise RuntimeError(f"{int(np.isnan(out).sum())} images were not scored by the eval pipeline")
+        scored[pos[int(i)]] = True
+  if not scored.all():
+    raise RuntimeError(f"{int((~scored).sum())} images were not scored by the eval pipeline")
+  if not np.isfinite(out).all():
+    raise NonFiniteError(f"{int((~np.isfinite(out)).sum())} of {out.size} predicted scores are not finite")
   return out
 
 
@@ -116,6 +121,15 @@ def _jit_steps(run: Run, tx, state_shapes):
                        in_shardings=(s_sh, b_sh), out_shardings=(s_sh, rep), donate_argnums=0)
   eval_step = jax.jit(step_lib.make_eval_step(run.model), in_shardings=(p_sh, b_sh), out_shardings=rep)
   return train_step, eval_step, s_sh, p_sh, b_sh
+
+
+def _last_good(ckpts: ckpt_lib.Checkpoints) -> str:
+  """Names the last checkpoint on disk (every save is checked first), after the saves in flight are done."""
+  ckpts.wait()
+  step = ckpts.latest_step()
+  where = (f"The last good checkpoint is step {step} in {ckpts.directory}" if step is not None else
+           f"No checkpoint was saved yet in {ckpts.directory}")
+  return f"{where} (lower optim.lr or check the data)."
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -176,10 +190,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     state, m = train_step(state, batch)
     m = jax.device_get(m)
     if not m["finite"]:
-      ckpts.wait()
-      raise NonFiniteError(f"step {step + 1}: loss={m['loss']}, grad_norm={m['grad_norm']} is not finite; stopped "
-                           f"without saving. The last good checkpoint is step {ckpts.latest_step()} in "
-                           f"{ckpts.directory} (lower optim.lr or check the data)")
+      raise NonFiniteError(f"step {step + 1}: loss={m['loss']}, grad_norm={m['grad_norm']} or the updated "
+                           f"parameters are not finite; stopped without saving. {_last_good(ckpts)}")
     seen += cfg.train.batch_size
     bar.update(1)
     done = step + 1
@@ -196,7 +208,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     if done % cfg.train.checkpoint_every == 0 or done == total:
       val_metrics = None
       if len(run.data.indices["val"]) >= 3:
-        val, _ = evaluate_split(run, state["params"], "val", eval_step, b_sh)
+        try:
+          val, _ = evaluate_split(run, state["params"], "val", eval_step, b_sh)
+        except NonFiniteError as e:  # finite but huge parameters: not a checkpoint worth keeping
+          raise NonFiniteError(f"step {done}: validation: {e}; stopped without saving. {_last_good(ckpts)}") from e
         val_metrics = {ckpt_lib.BEST_METRIC: float(val["srcc"])}
         last_val = val
         if writer is not None:
