@@ -2,7 +2,8 @@
 
 Writes <workdir>/eval.json (srcc, plcc, plcc after the 4-parameter logistic fit, krcc, rmse, num_images),
 <workdir>/eval_predictions.csv (name, mos, score) and <workdir>/eval_scatter.png. `--checkpoint best|latest|STEP`;
-`--dataset NAME` evaluates on another (built) dataset, all of it (cross-dataset).
+`--dataset NAME` evaluates on another (built) dataset, all of it (cross-dataset). orbax's INFO lines are hidden
+unless --verbosity is given.
 """
 
 import json
@@ -22,6 +23,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from mcpf_jax.train import logs  # pylint: disable=g-import-not-at-top
+  logs.quiet_library_info()  # orbax's INFO lines only with an explicit --verbosity
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize()

@@ -2,7 +2,8 @@
 
 Starting again with the same --workdir resumes from its latest checkpoint. `--config.splits=10` runs the papers'
 10-split protocol (each split in <workdir>/split_<s>) and writes <workdir>/protocol.json. On several hosts pass
---distributed on every host (jax.distributed.initialize()).
+--distributed on every host (jax.distributed.initialize()). orbax's INFO lines (dozens per checkpoint) are hidden
+unless --verbosity is given (e.g. --verbosity=0).
 """
 
 import json
@@ -20,6 +21,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from mcpf_jax.train import logs  # pylint: disable=g-import-not-at-top
+  logs.quiet_library_info()  # orbax's INFO lines only with an explicit --verbosity
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize()

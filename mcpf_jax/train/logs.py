@@ -1,0 +1,39 @@
+"""Logging of the command-line programs: our INFO lines readable, orbax's per-save INFO chatter only on request.
+
+orbax logs some forty INFO lines per checkpoint save through absl logging (the "absl" logger, whatever the
+module), which drowns the progress and summary lines. absl has no per-module verbosity in Python, so a filter
+drops INFO and DEBUG records whose source file lies inside the named packages; their warnings and errors pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+from absl import flags
+
+QUIET_PACKAGES = ("orbax",)
+
+
+class BelowWarningFrom(logging.Filter):
+  """Drops records below WARNING logged from files inside any of `packages` (matched as a path component)."""
+
+  def __init__(self, packages: Sequence[str]):
+    super().__init__()
+    self.parts = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(p in record.pathname for p in self.parts)
+
+
+def quiet_library_info(packages: Sequence[str] = QUIET_PACKAGES) -> BelowWarningFrom | None:
+  """Installs `BelowWarningFrom(packages)` on the absl logger, unless --verbosity (-v) was given explicitly.
+
+  Call after absl parsed the flags (in `main`). Returns the filter (None when the user asked for verbosity).
+  """
+  if "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present:
+    return None
+  quiet = BelowWarningFrom(packages)
+  logging.getLogger("absl").addFilter(quiet)
+  return quiet
