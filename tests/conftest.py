@@ -7,8 +7,15 @@ unless MCPF_ALLOW_MISSING_SHARED_DATA=1, in which case they are skipped (still r
 
 import os
 import pathlib
+import tempfile
 
 import pytest
+
+# One persistent XLA compilation cache for the whole session (the xdist workers and the train.py / eval.py
+# subprocesses inherit it): many tests compile the same tiny models, and CPU compiles dominate the suite's time.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mcpf_jax_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("MCPF_SHARED_DATA", REPO.parent / "shared" / "data"))
