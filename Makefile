@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+SMOKE_DIR ?= runs/smoke
+SMOKE_ARGS ?=
 
 .PHONY: setup setup-test smoke test
 
@@ -20,8 +22,8 @@ setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test
 
 smoke: setup
-	$(PY) train.py --config configs/smoke.py --workdir runs/smoke
-	$(PY) eval.py --config configs/smoke.py --workdir runs/smoke
+	$(PY) train.py --config configs/smoke.py --workdir $(SMOKE_DIR) $(SMOKE_ARGS)
+	$(PY) eval.py --config configs/smoke.py --workdir $(SMOKE_DIR) $(SMOKE_ARGS)
 
 test: setup-test
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
