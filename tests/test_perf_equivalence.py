@@ -1,0 +1,61 @@
+"""Performance changes compute the same numbers: each fast path against the plain computation it replaces.
+
+(Parity with independent implementations is in test_clip_model.py and test_model.py; these check that a shortcut
+taken for speed, e.g. dropping the text positions after end-of-text, is exact.)
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcpf_jax import clip
+from mcpf_jax import model as iqa
+from mcpf_jax.clip.model import end_of_text_span
+from mcpf_jax.clip.tiny import write_tiny_clip
+
+IMAGE = 32
+SMALL = dict(width=32, layers=3, heads=4, image_size=IMAGE, patch_size=8, embed_dim=24)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+  return clip.load(write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=5, **SMALL))
+
+
+def test_end_of_text_span_follows_the_pooling_rule():
+  text = clip.CLIPTextConfig()
+  ids = np.full((3, 77), text.eos_token_id)  # padded with end-of-text, as the CLIP tokenizer does
+  ids[:, 0] = text.bos_token_id
+  ids[0, 1:4], ids[1, 1:9], ids[2, 1:2] = 5, 6, 7  # end-of-text at 4, 9 and 2
+  assert end_of_text_span(ids, text) == 10
+  legacy = clip.CLIPTextConfig(eos_token_id=2)  # pools at argmax(ids): the largest id
+  zero_padded = np.where(np.arange(77) > np.array([[4], [9], [2]]), 0, ids)
+  assert end_of_text_span(zero_padded, legacy) == 10
+  no_eos = ids.copy()
+  no_eos[1] = 5  # a row without end-of-text: nothing is dropped
+  assert end_of_text_span(no_eos, text) == 77
+
+
+@pytest.mark.parametrize("name", ["mcpf", "mpiqe"])
+def test_class_features_same_as_full_length(bundle, name):
+  """Class features from the end-of-text span equal those from all 77 positions, deep prompts included."""
+  config = dict(name=name, prompt_depth=2, num_text_prompts=4, num_vision_prompts=4, fusion_width=16,
+                fusion_heads=2, query_heads=2)
+  model, params = iqa.build(config, bundle, jax.random.key(1))
+  assert model.text_span < 77
+
+  def both(m):
+    text_prompts, _ = m.prompts()
+    short = m.encode_classes(text_prompts)
+    full = {}
+    for label_set, rows in m.text_ids:  # each set with its own prompts (mpiqe) or the shared ones (mcpf)
+      prompts = text_prompts["all"] if "all" in text_prompts else text_prompts[label_set]
+      f = m.clip.encode_text(jnp.asarray(np.asarray(rows, np.int32)), prompts)
+      assert f.shape[0] == len(rows) and np.asarray(rows).shape[1] == 77
+      full[label_set] = f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+    return short, full
+
+  short, full = model.apply({"params": params}, method=both)
+  for label_set in full:
+    np.testing.assert_allclose(np.asarray(short[label_set]), np.asarray(full[label_set]), rtol=1e-5, atol=1e-6)
