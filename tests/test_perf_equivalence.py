@@ -59,3 +59,25 @@ def test_class_features_same_as_full_length(bundle, name):
   short, full = model.apply({"params": params}, method=both)
   for label_set in full:
     np.testing.assert_allclose(np.asarray(short[label_set]), np.asarray(full[label_set]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_cls_only_last_block_same_features(bundle, remat):
+  """encode_image without tokens (the last block updates only CLS) equals the full last block's CLS, prompts on."""
+  config = bundle.config.replace(remat=remat)
+  model = clip.CLIP(config)
+  rng = np.random.default_rng(0)
+  pixels = jnp.asarray(rng.standard_normal((2, IMAGE, IMAGE, 3)), jnp.float32)
+  prompts = [jnp.asarray(rng.standard_normal((3, config.vision.hidden_size)) * 0.1, jnp.float32)] * 2
+
+  def features(p, return_tokens):
+    out = model.apply({"params": bundle.params}, pixels, p, return_tokens=return_tokens, method="encode_image")
+    return out[0] if return_tokens else out
+
+  fast, full = features(prompts, False), features(prompts, True)
+  np.testing.assert_allclose(np.asarray(fast), np.asarray(full), rtol=1e-5, atol=1e-6)
+  # Gradients with respect to the prompts (what training differentiates) agree too.
+  loss = lambda p, t: jnp.sum(jnp.sin(features(p, t)))
+  g_fast, g_full = jax.grad(loss)(prompts, False), jax.grad(loss)(prompts, True)
+  for a, b in zip(g_fast, g_full):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

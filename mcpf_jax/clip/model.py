@@ -74,15 +74,19 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """[batch, tokens, width] -> [batch, tokens, width]."""
+  def __call__(self, x: Array, num_queries: int | None = None) -> Array:
+    """[batch, tokens, width] -> [batch, queries, width]: the first `num_queries` tokens (default all) attend.
+
+    Non-causal only when `num_queries` is given (the vision tower's CLS-only last block).
+    """
     batch, tokens, width = x.shape
-    heads = (batch, tokens, self.num_heads, width // self.num_heads)
-    q = _dense(width, self.dtype, "q_proj")(x).reshape(heads)
-    k = _dense(width, self.dtype, "k_proj")(x).reshape(heads)
-    v = _dense(width, self.dtype, "v_proj")(x).reshape(heads)
+    queries = tokens if num_queries is None else num_queries
+    head_dim = width // self.num_heads
+    q = _dense(width, self.dtype, "q_proj")(x[:, :queries]).reshape(batch, queries, self.num_heads, head_dim)
+    k = _dense(width, self.dtype, "k_proj")(x).reshape(batch, tokens, self.num_heads, head_dim)
+    v = _dense(width, self.dtype, "v_proj")(x).reshape(batch, tokens, self.num_heads, head_dim)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # scale = head_dim ** -0.5
-    return _dense(width, self.dtype, "out_proj")(out.reshape(batch, tokens, width))
+    return _dense(width, self.dtype, "out_proj")(out.reshape(batch, queries, width))
 
 
 class MLP(nn.Module):
@@ -98,17 +102,28 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-  """Pre-LayerNorm transformer block (HF `CLIPEncoderLayer`)."""
+  """Pre-LayerNorm transformer block (HF `CLIPEncoderLayer`).
+
+  Attributes:
+    num_queries: None: every token is updated; k: only the first k tokens are (they still attend to all), and
+      the output is [batch, k, width]. Every other operation is per token, so those k rows are exactly the
+      full block's; the vision tower uses k = 1 for its last block when only the CLS token is pooled.
+  """
   config: CLIPTextConfig | CLIPVisionConfig
   causal: bool
   dtype: Any = jnp.float32
+  num_queries: int | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    """[batch, tokens, width] -> [batch, tokens, width]."""
+    """[batch, tokens, width] -> [batch, tokens (or num_queries), width]."""
     cfg = self.config
+    if self.num_queries is not None and self.causal:
+      raise ValueError("num_queries is for non-causal blocks (causal queries would see a shorter past)")
     h = _layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm1")(x)
-    x = x + Attention(cfg.num_attention_heads, self.causal, self.dtype, name="self_attn")(h)
+    if self.num_queries is not None:
+      x = x[:, :self.num_queries]
+    x = x + Attention(cfg.num_attention_heads, self.causal, self.dtype, name="self_attn")(h, self.num_queries)
     h = _layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm2")(x)
     return x + MLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, name="mlp")(h)
 
@@ -145,14 +160,20 @@ class LayerStack(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, deep_prompts: Sequence[Array] = ()) -> Array:
-    """x [batch, tokens, width]; deep_prompts[j - 1] enters block j -> [batch, tokens, width]."""
+  def __call__(self, x: Array, deep_prompts: Sequence[Array] = (), last_queries: int | None = None) -> Array:
+    """x [batch, tokens, width]; deep_prompts[j - 1] enters block j -> [batch, tokens, width].
+
+    `last_queries` = k: the last block updates only the first k tokens (see EncoderLayer.num_queries) and the
+    output is [batch, k, width].
+    """
     block = nn.remat(EncoderLayer) if self.remat else EncoderLayer
     replace = _replace_after_first if self.prompt_slot == "after_first" else _replace_last
-    for i in range(self.config.num_hidden_layers):
+    layers = self.config.num_hidden_layers
+    for i in range(layers):
       if 1 <= i <= len(deep_prompts):
         x = replace(x, _batched(deep_prompts[i - 1], x.shape[0], self.dtype))
-      x = block(self.config, self.causal, self.dtype, name=str(i))(x)
+      queries = last_queries if i == layers - 1 else None
+      x = block(self.config, self.causal, self.dtype, queries, name=str(i))(x)
     return x
 
 
@@ -165,9 +186,9 @@ class Encoder(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, deep_prompts: Sequence[Array] = ()) -> Array:
+  def __call__(self, x: Array, deep_prompts: Sequence[Array] = (), last_queries: int | None = None) -> Array:
     return LayerStack(self.config, self.causal, self.prompt_slot, self.dtype, self.remat,
-                      name="layers")(x, deep_prompts)
+                      name="layers")(x, deep_prompts, last_queries)
 
 
 def _check_prompts(prompts: Sequence[Array], batch: int, width: int, layers: int, tower: str) -> None:
@@ -259,12 +280,14 @@ class VisionTransformer(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, pixels: Array, prompts: Sequence[Array] = (),
-               interpolate_pos_encoding: bool = False) -> tuple[Array, Array]:
+  def __call__(self, pixels: Array, prompts: Sequence[Array] = (), interpolate_pos_encoding: bool = False,
+               pooled_only: bool = False) -> tuple[Array, Array]:
     """pixels [batch, height, width, channels] -> (pooled [batch, width], states [batch, tokens, width]).
 
     `states` are the output of the last block, before `post_layernorm` (HF's `last_hidden_state`), with
-    the appended prompts at the end: tokens = 1 + patches + n.
+    the appended prompts at the end: tokens = 1 + patches + n. With `pooled_only` the last block updates only
+    the CLS token (the pooled state is the same, and most of the last block's work is saved: only its K and V
+    projections still see every token) and `states` is [batch, 1, width].
     """
     cfg = self.config
     batch = pixels.shape[0]
@@ -276,7 +299,8 @@ class VisionTransformer(nn.Module):
     if prompts:
       x = jnp.concatenate([x, _batched(prompts[0], batch, self.dtype)], axis=1)
     x = _layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layrnorm")(x)
-    x = Encoder(cfg, False, "last", self.dtype, self.remat, name="encoder")(x, tuple(prompts[1:]))
+    x = Encoder(cfg, False, "last", self.dtype, self.remat, name="encoder")(x, tuple(prompts[1:]),
+                                                                              1 if pooled_only else None)
     pooled = _layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])
     return pooled, x
 
@@ -358,7 +382,8 @@ class CLIP(nn.Module):
       tokens [batch, 1 + patches + n, vision_width] in the compute dtype: the output of the last block
       (before post_layernorm), prompts at the end.
     """
-    pooled, tokens = self.vision_model(pixels, tuple(prompts or ()), interpolate_pos_encoding)
+    pooled, tokens = self.vision_model(pixels, tuple(prompts or ()), interpolate_pos_encoding,
+                                       pooled_only=not return_tokens)
     features = self.visual_projection(pooled).astype(jnp.float32)
     return (features, tokens) if return_tokens else features
 
