@@ -17,6 +17,7 @@ from mcpf_jax.clip.tiny import write_tiny_clip
 from mcpf_jax.model import losses
 from mcpf_jax.model.fusion import CrossAttentionFusion
 from mcpf_jax.train import optim, step as train_step_lib
+from tests.batches import iqa_batch
 
 IMAGE = 32
 SMALL = dict(width=32, layers=3, heads=4, image_size=IMAGE, patch_size=8, embed_dim=24)
@@ -33,20 +34,6 @@ class Cfg(dict):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
   return clip.load(write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=3, **SMALL))
-
-
-def _batch(rng, n=4):
-  mos01 = rng.uniform(size=n).astype(np.float32)
-  scene = np.zeros((n, 9), np.float32)
-  scene[np.arange(n), rng.integers(0, 9, n)] = 1
-  return {
-      "image": rng.integers(0, 256, (n, IMAGE, IMAGE, 3), dtype=np.uint8),
-      "mos01": mos01, "mos_std01": np.full((n,), 0.1, np.float32),
-      "level": np.minimum((mos01 * 5).astype(np.int32), 4),
-      "scene": scene, "has_scene": np.array([1, 1, 0, 1], np.float32)[:n],
-      "distortion": rng.integers(0, 11, n).astype(np.int32), "has_distortion": np.array([1, 0, 1, 1],
-                                                                                        np.float32)[:n],
-  }
 
 
 VARIANTS = {
@@ -69,7 +56,7 @@ def test_train_step_updates_only_trainable(bundle, variant):
   state = train_step_lib.init_state(params, tx)
   weights = {"rank": 1.0, "l1": 1.0, "cls": 0.5, "aux": 0.1}
   step = jax.jit(train_step_lib.make_train_step(model, labels, tx, weights))
-  batch = _batch(np.random.default_rng(0))
+  batch = iqa_batch(4, IMAGE, has_scene=[1, 1, 0, 1], has_distortion=[1, 0, 1, 1])
   before = jax.tree.map(np.asarray, params)
   new_state, metrics = step(state, batch)
   assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))

@@ -9,6 +9,7 @@ from mcpf_jax import clip
 from mcpf_jax import model as iqa
 from mcpf_jax.clip.tiny import write_tiny_clip
 from mcpf_jax.train import optim, step as step_lib
+from tests.batches import iqa_batch
 
 IMAGE = 32
 SMALL = dict(width=32, layers=1, heads=4, image_size=IMAGE, patch_size=8, embed_dim=24)
@@ -28,18 +29,7 @@ def tiny(tmp_path_factory):
 
 def _batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
   """n examples; every micro-batch of 4 holds 2 scene labels and 2 distortion labels (equal counts per half)."""
-  rng = np.random.default_rng(seed)
-  mos01 = rng.uniform(size=n).astype(np.float32)
-  scene = np.zeros((n, 9), np.float32)
-  scene[np.arange(n), rng.integers(0, 9, n)] = 1
-  return {
-      "image": rng.integers(0, 256, (n, IMAGE, IMAGE, 3), dtype=np.uint8),
-      "mos01": mos01, "mos_std01": np.full((n,), 0.1, np.float32),
-      "level": np.minimum((mos01 * 5).astype(np.int32), 4),
-      "scene": scene, "has_scene": np.tile(np.array([1, 0, 1, 0], np.float32), n // 4),
-      "distortion": rng.integers(0, 11, n).astype(np.int32),
-      "has_distortion": np.tile(np.array([0, 1, 1, 0], np.float32), n // 4),
-  }
+  return iqa_batch(n, IMAGE, seed, has_scene=[1, 0, 1, 0], has_distortion=[0, 1, 1, 0])
 
 
 # One SGD step with lr 1: the parameter change is minus the (accumulated) gradient itself, so it shows any
