@@ -81,3 +81,23 @@ def test_cls_only_last_block_same_features(bundle, remat):
   g_fast, g_full = jax.grad(loss)(prompts, False), jax.grad(loss)(prompts, True)
   for a, b in zip(g_fast, g_full):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_per_head_attention_matches_jax(causal, dtype):
+  """The per-head attention of the towers against jax.nn.dot_product_attention: values and gradients."""
+  from mcpf_jax.clip.model import _attention  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 7, 3, 8)), dtype) for _ in range(3))
+  ours = _attention(q, k, v, causal)
+  ref = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  assert ours.dtype == ref.dtype
+  tol = 1e-6 if dtype == "float32" else 2e-2
+  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
+  if dtype == "float32":
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    g_ours = jax.grad(loss(lambda *a: _attention(*a, causal)), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, is_causal=causal)), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_ours, g_ref):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

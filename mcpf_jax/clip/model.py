@@ -67,6 +67,28 @@ def _dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.De
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+def _attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
+  """Attention: q [batch, queries, heads, head_dim], k and v [batch, keys, heads, head_dim] -> like q.
+
+  The numerics of `jax.nn.dot_product_attention`'s XLA path (float32 logits scaled by head_dim ** -0.5, the
+  causal mask as -0.7 * float32 max, float32 softmax, probabilities cast to the value dtype), computed one head
+  at a time: XLA's CPU backend runs the per-head batched matmuls about twice as fast as the [batch, heads, ...]
+  einsums with their transposes (ViT-B/16 encoding 1.1x faster at batch 32, the train step 1.09x at batch 8;
+  see BENCHMARKS.md). XLA fuses the per-head slices and the final stack into the neighbouring ops.
+  """
+  scale = q.shape[-1] ** -0.5
+  mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)) if causal else None
+  big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+  outs = []
+  for h in range(q.shape[2]):
+    logits = jnp.einsum("bqd,bkd->bqk", q[:, :, h], k[:, :, h], preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+      logits = jnp.where(mask, logits, big_negative)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    outs.append(jnp.einsum("bqk,bkd->bqd", probs, v[:, :, h]))
+  return jnp.stack(outs, axis=2)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with separate q/k/v/out projections (HF `CLIPAttention`)."""
   num_heads: int
@@ -85,7 +107,7 @@ class Attention(nn.Module):
     q = _dense(width, self.dtype, "q_proj")(x[:, :queries]).reshape(batch, queries, self.num_heads, head_dim)
     k = _dense(width, self.dtype, "k_proj")(x).reshape(batch, tokens, self.num_heads, head_dim)
     v = _dense(width, self.dtype, "v_proj")(x).reshape(batch, tokens, self.num_heads, head_dim)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # scale = head_dim ** -0.5
+    out = _attention(q, k, v, self.causal)
     return _dense(width, self.dtype, "out_proj")(out.reshape(batch, queries, width))
 
 
