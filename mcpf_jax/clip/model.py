@@ -74,7 +74,8 @@ def _attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
   causal mask as -0.7 * float32 max, float32 softmax, probabilities cast to the value dtype), computed one head
   at a time: XLA's CPU backend runs the per-head batched matmuls about twice as fast as the [batch, heads, ...]
   einsums with their transposes (ViT-B/16 encoding 1.1x faster at batch 32, the train step 1.09x at batch 8;
-  see BENCHMARKS.md). XLA fuses the per-head slices and the final stack into the neighbouring ops.
+  see BENCHMARKS.md). XLA fuses the per-head slices and the final stack into the neighbouring ops. Used on the
+  CPU backend only: elsewhere `Attention` calls `jax.nn.dot_product_attention`, so GPUs get the fused kernel.
   """
   scale = q.shape[-1] ** -0.5
   mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)) if causal else None
@@ -107,7 +108,10 @@ class Attention(nn.Module):
     q = _dense(width, self.dtype, "q_proj")(x[:, :queries]).reshape(batch, queries, self.num_heads, head_dim)
     k = _dense(width, self.dtype, "k_proj")(x).reshape(batch, tokens, self.num_heads, head_dim)
     v = _dense(width, self.dtype, "v_proj")(x).reshape(batch, tokens, self.num_heads, head_dim)
-    out = _attention(q, k, v, self.causal)
+    if jax.default_backend() == "cpu":
+      out = _attention(q, k, v, self.causal)
+    else:  # GPU/TPU: the fused kernel (cuDNN flash attention where it applies)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # scale = head_dim ** -0.5
     return _dense(width, self.dtype, "out_proj")(out.reshape(batch, queries, width))
 
 
