@@ -35,7 +35,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.scene_template = "{}."
   c.model.distortion_template = "{} artifacts."
   c.model.query_heads = 8  # MP-IQE text-query cross-attention heads
-  c.model.image_chunk = placeholder(int)  # images per vision-tower pass (speed only); None: 8 on CPU, all on GPU/TPU
   c.model.trainable = "prompts"  # prompts | all | none, or a tuple of regexes of trainable parameter paths
 
   c.loss = ml_collections.ConfigDict()
