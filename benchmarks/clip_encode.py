@@ -13,7 +13,7 @@ Threads: XLA's intra-op pool and torch.set_num_threads both get `MCPF_BENCH_THRE
 torch one inter-op thread. The outputs are compared (max |difference| of the features) so "the same
 weights" is checked, not assumed.
 
-  python benchmarks/clip_encode.py [--batch_sizes 8 32] [--dtypes float32 bfloat16] [--repeats 5]
+  python benchmarks/clip_encode.py [--batch_sizes 8 32] [--dtypes float32 bfloat16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 32])
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-  parser.add_argument("--repeats", type=int, default=5, help="alternated calls per implementation")
+  parser.add_argument("--repeats", type=int, default=3, help="alternated calls per implementation")
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args()
 
