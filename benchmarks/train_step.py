@@ -12,9 +12,9 @@ Measured per batch size:
     resident set is reported: sampled every 5 ms while the steps run (peak), plus `ru_maxrss` (the process peak
     so far, compilation included) and XLA's own buffer plan of the compiled step (`memory_analysis()`:
     arguments + outputs + temporaries - aliased);
-  - MFU against the MEASURED matmul peak: a jitted float32 2048x2048 @ 2048x2048 matmul through XLA, run
-    `--peak_calls` times before every step in the same loop (matmul, step, matmul, step, ...: both see the same
-    machine load), peak = 2 * 2048^3 / median time. Two FLOP counts:
+  - MFU against the MEASURED matmul peak: jitted float32 square matmuls through XLA (2048 and 3072: n x n @
+    n x n), each run `--peak_calls` times before every step in the same loop (matmuls, step, matmuls, step, ...:
+    they see the same machine load); peak = the larger of 2 * n^3 / median time. Two FLOP counts:
       * XLA: `cost_analysis()["flops"]` of the step (elementwise ops included), lowered with
         `model.image_chunk = 0`: XLA's cost analysis counts a loop body once, so the chunked step's own count
         (`xla_compiled_gflop_per_step`, also recorded) misses all chunks but one at batch > 8;
@@ -46,7 +46,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-order
 import jax.numpy as jnp
 import numpy as np
 
-MATMUL = 2048
+MATMUL_SIZES = (2048, 3072)
 
 
 def _tower_layer_flops(tokens: int, width: int, mlp: int, queries: int | None = None) -> tuple[float, float]:
@@ -127,6 +127,14 @@ def text_tokens_computed(model) -> int:
   return int(span) if span is not None else len(model.text_ids[0][1][0])
 
 
+def _vision_pass(batch: int, spec) -> int:
+  """Images per vision-tower pass: the chunk size where the model has `image_chunk`, else the batch."""
+  if not hasattr(spec, "image_chunk"):
+    return batch
+  from mcpf_jax.clip.model import _chunking  # pylint: disable=g-import-not-at-top
+  return _chunking(batch, spec.image_chunk)[0]
+
+
 def _flops(cost) -> float:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -163,13 +171,11 @@ def main() -> None:
   print(f"params: {optim.count(params, labels):,} trainable of {optim.count(params):,}; text tower: {text_rows} "
         f"class prompts x {text_tokens} positions; RSS {rss_params:.0f} MiB after loading")
 
-  a = jax.random.normal(jax.random.key(1), (MATMUL, MATMUL), jnp.float32)
-  b = jax.random.normal(jax.random.key(2), (MATMUL, MATMUL), jnp.float32)
   matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()
-
-  def peak_call():
-    return matmul(a, b).block_until_ready()
+  operands = {n: (jax.random.normal(jax.random.key(1), (n, n), jnp.float32),
+                  jax.random.normal(jax.random.key(2), (n, n), jnp.float32)) for n in MATMUL_SIZES}
+  for a, b in operands.values():
+    matmul(a, b).block_until_ready()
 
   step_fn = step_lib.make_train_step(model, labels, tx, dict(config.loss))
   rng = np.random.default_rng(0)
@@ -183,7 +189,8 @@ def main() -> None:
     rss_compiled_peak = _common.peak_rss_mib()
     cost = _flops(compiled.cost_analysis())
     # The FLOP count without the chunk loop (lowered only, not compiled: cheap).
-    flat_model = model.clone(spec=dataclasses.replace(model.spec, image_chunk=0))
+    chunked = hasattr(model.spec, "image_chunk")  # the chunked vision tower (reverted in 00786b0) may be absent
+    flat_model = model.clone(spec=dataclasses.replace(model.spec, image_chunk=0)) if chunked else model
     flat_step = jax.jit(step_lib.make_train_step(flat_model, labels, tx, dict(config.loss)))
     xla_flops = _flops(flat_step.lower(state, batch).cost_analysis())
     mem = compiled.memory_analysis()
@@ -196,22 +203,26 @@ def main() -> None:
                                  + plan["temp_size_in_bytes"] - plan["alias_size_in_bytes"]) / 2 ** 20, 1)
     warm_s, (state, metrics) = _common.timed(lambda: jax.block_until_ready(compiled(state, batch)))
     assert bool(metrics["finite"]), metrics
-    step_times, peak_times, loads = [], [], []
+    step_times, peak_times, loads = [], {n: [] for n in MATMUL_SIZES}, []
     with _RssSampler() as sampler:
       for _ in range(args.repeats):
         for _ in range(args.peak_calls):
-          peak_times.append(_common.timed(peak_call)[0])
+          for n, (a, b) in operands.items():
+            peak_times[n].append(_common.timed(lambda: matmul(a, b).block_until_ready())[0])
         loads.append(os.getloadavg()[0])
         t, (state, metrics) = _common.timed(lambda: jax.block_until_ready(compiled(state, batch)))
         step_times.append(t)
     step_s = statistics.median(step_times)
-    peak_flops = 2 * MATMUL ** 3 / statistics.median(peak_times)
+    matmul_gflops = {n: 2 * n ** 3 / statistics.median(t) / 1e9 for n, t in peak_times.items()}
+    peak_flops = max(matmul_gflops.values()) * 1e9
     model_flops = analytic_flops(bundle.config, model.spec, batch_size, text_rows, text_tokens)
     row = {
         "batch": batch_size, "dtype": args.dtype, "remat": args.remat,
+        "images_per_vision_pass": _vision_pass(batch_size, model.spec),
         "images_per_s": batch_size / step_s, "step_s": step_s, "step_times_s": [round(t, 3) for t in step_times],
         "lower_s": lower_s, "compile_s": compile_s, "first_step_s": warm_s,
-        "matmul_peak_gflops": peak_flops / 1e9, "matmul_times_s": [round(t, 4) for t in peak_times],
+        "matmul_peak_gflops": peak_flops / 1e9, "matmul_gflops_by_size": matmul_gflops,
+        "matmul_times_s": {n: [round(x, 4) for x in t] for n, t in peak_times.items()},
         "xla_gflop_per_step": xla_flops / 1e9, "xla_compiled_gflop_per_step": cost / 1e9,
         "analytic_gflop_per_step": model_flops["total"] / 1e9,
         "analytic_gflop_parts": {k: round(v / 1e9, 2) for k, v in model_flops.items()},
@@ -238,7 +249,8 @@ def main() -> None:
       "machine": _common.machine(), "load_average_start": load_start, "load_average_end": _common.load_average(),
       "settings": {"model": "MCPF (configs/base.py model) on random ViT-B/16 weights", "weights": str(folder),
                    "dtype": args.dtype, "remat": args.remat, "repeats": args.repeats, "peak_calls": args.peak_calls,
-                   "matmul_peak": f"jit(jnp.matmul) float32 {MATMUL}x{MATMUL} @ {MATMUL}x{MATMUL}, median",
+                   "matmul_peak": f"jit(jnp.matmul) float32 n x n @ n x n, n in {MATMUL_SIZES}: the best median",
+                   "image_chunk": getattr(model.spec, "image_chunk", "absent"),
                    "text_rows": text_rows, "text_tokens_computed": text_tokens,
                    "rss_before_load_mib": rss_before, "rss_after_load_mib": rss_params,
                    "memory_note": "CPU: no device memory statistic; process RSS (sampled) and XLA's buffer plan"},
