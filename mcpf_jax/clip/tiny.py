@@ -3,6 +3,9 @@
 No machine of this project can download weights, so the smoke config builds one of these: config.json +
 model.safetensors (PyTorch key names and layouts, loadable by transformers' CLIPModel) + the real CLIP tokenizer
 files (the 49,408-token vocabulary shipped in mcpf_jax/clip/assets).
+
+The smoke config's tiny CLIP keeps a random text tower but takes the bundled vision tower pre-trained on
+procedural dead-leaves images (`vision_weights="smoke"`, see `mcpf_jax.clip.tiny_pretrain` for why and how).
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ def tiny_config(*, width: int = 64, layers: int = 4, heads: int = 4, image_size:
   return CLIPConfig(text=text, vision=vision, projection_dim=embed_dim, **changes)
 
 
+# The smoke config's tiny CLIP (configs/smoke.py: c.clip.tiny, c.clip.tiny_seed): the bundled pre-trained vision
+# tower (tiny_pretrain.ASSET) is made for exactly these sizes.
+SMOKE_SIZES = dict(width=64, layers=4, heads=4, image_size=64, patch_size=8, embed_dim=64)
+SMOKE_SEED = 0
+VISION_WEIGHTS = {"smoke": "tiny_smoke_vision.safetensors"}  # names of bundled vision towers (in clip/assets)
+
+
+def smoke_tiny_config() -> CLIPConfig:
+  return tiny_config(**SMOKE_SIZES)
+
+
 def perturbed_params(config: CLIPConfig, seed: int = 0, scale: float = 0.1, *, logit_scale: float = 100.0,
                      highpass_patches: bool = False) -> dict[str, Any]:
   """Random parameters where every leaf (LayerNorm scales and biases too) is perturbed, so every block matters.
@@ -45,7 +59,7 @@ def perturbed_params(config: CLIPConfig, seed: int = 0, scale: float = 0.1, *, l
       minus its Gaussian blur at sigma 0.5, 1 or 2 px; norm 3). A purely random backbone's features barely
       reflect image sharpness or noise, so no prompt can rank distortion levels on unseen photos (a linear probe
       on its image features reaches held-out SRCC 0.27 on the smoke data; with these filters 0.6-0.7, measured).
-      Trained CLIPs have such filters in their first layer; this gives the tiny smoke CLIP the same start.
+      The smoke config now uses the pre-trained tower of `tiny_pretrain` instead (probe ~0.87).
   """
   params = init_random(config, seed)
   leaves, treedef = jax.tree.flatten(params)
@@ -65,11 +79,22 @@ def perturbed_params(config: CLIPConfig, seed: int = 0, scale: float = 0.1, *, l
   return params
 
 
+def vision_weights_path(vision_weights: str) -> pathlib.Path:
+  """A bundled tower's name (VISION_WEIGHTS) or a file path -> the safetensors file."""
+  if vision_weights in VISION_WEIGHTS:
+    return pathlib.Path(__file__).resolve().parent / "assets" / VISION_WEIGHTS[vision_weights]
+  return pathlib.Path(vision_weights).expanduser()
+
+
 def write_tiny_clip(folder: str | os.PathLike[str], *, seed: int = 0, logit_scale: float = 100.0,
-                    highpass_patches: bool = False, **config_changes: Any) -> pathlib.Path:
+                    highpass_patches: bool = False, vision_weights: str | None = None,
+                    **config_changes: Any) -> pathlib.Path:
   """Writes a tiny random CLIP folder (HF format, with tokenizer files) and returns its path.
 
-  `logit_scale` and `highpass_patches` as in `perturbed_params`; the rest changes `tiny_config`.
+  `logit_scale` and `highpass_patches` as in `perturbed_params`; `vision_weights`: None (all random), the name of
+  a bundled pre-trained vision tower ("smoke": see `mcpf_jax.clip.tiny_pretrain`) or the path of a safetensors
+  file of `tiny_pretrain.save_tower`; it replaces the vision tower and visual projection (the text tower and logit
+  scale stay random). The rest changes `tiny_config`.
 
   Idempotent: a folder already written with the same recipe (mcpf_tiny.json: seed, options, config) is left as
   it is, so resumed runs and later eval/score runs read the same backbone.
@@ -77,11 +102,19 @@ def write_tiny_clip(folder: str | os.PathLike[str], *, seed: int = 0, logit_scal
   folder = pathlib.Path(folder)
   config = tiny_config(**config_changes)
   recipe = {"seed": seed, "logit_scale": logit_scale, "highpass_patches": highpass_patches, "config": config.to_hf()}
+  tower = None
+  if vision_weights is not None:
+    from mcpf_jax.clip import tiny_pretrain  # pylint: disable=g-import-not-at-top
+    tower_file = vision_weights_path(vision_weights)
+    tower = tiny_pretrain.load_tower(tower_file, config)
+    recipe["vision_weights"] = {"name": vision_weights, "sha256": tiny_pretrain.file_sha256(tower_file)}
   marker = folder / "mcpf_tiny.json"
   if marker.exists() and (folder / "model.safetensors").exists():
     if json.loads(marker.read_text()) == json.loads(json.dumps(recipe)):
       return folder
   params = perturbed_params(config, seed, logit_scale=logit_scale, highpass_patches=highpass_patches)
+  if tower is not None:
+    params.update(tower)
   save_pretrained(folder, params, config, tokenizer_files=True)
   marker.write_text(json.dumps(recipe, indent=2) + "\n")  # written last: a complete folder
   return folder

@@ -83,14 +83,14 @@ def _resize_short_side(img: np.ndarray, short_side: int) -> np.ndarray:
   return np.asarray(PIL.Image.fromarray(img).resize(size, PIL.Image.Resampling.BICUBIC))
 
 
-def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+def blur(img: np.ndarray, sigma: float) -> np.ndarray:
   # No blur across colour channels: sigma 0 on the channel axis.
   sigmas = (sigma, sigma) + (0.0,) * (img.ndim - 2)
   out = scipy.ndimage.gaussian_filter(img.astype(np.float32), sigmas, mode="reflect")
   return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _noise(img: np.ndarray, std: float, seed: int) -> np.ndarray:
+def noise(img: np.ndarray, std: float, seed: int) -> np.ndarray:
   rng = np.random.default_rng(seed)
   out = img.astype(np.float32) + rng.normal(0.0, std, img.shape).astype(np.float32)
   return np.clip(np.rint(out), 0, 255).astype(np.uint8)
@@ -138,10 +138,10 @@ def write_smoke_dataset(folder: str | pathlib.Path, *, short_side: int = 256,
     for level in range(1, NUM_LEVELS + 1):
       k = level - 1
       rel = f"images/{name}_blur{level}.png"
-      _write_png(_blur(img, BLUR_SIGMAS[k]), folder / rel)
+      _write_png(blur(img, BLUR_SIGMAS[k]), folder / rel)
       rows.append((rel, mos_of_level(level), name, "blur", level))
       rel = f"images/{name}_noise{level}.png"
-      _write_png(_noise(img, NOISE_STDS[k], seed=photo_seed + level), folder / rel)
+      _write_png(noise(img, NOISE_STDS[k], seed=photo_seed + level), folder / rel)
       rows.append((rel, mos_of_level(level), name, "noise", level))
       rel = f"images/{name}_jpeg{level}.jpg"
       _write_jpeg(img, folder / rel, JPEG_QUALITIES[k])
