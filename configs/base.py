@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.scene_template = "{}."
   c.model.distortion_template = "{} artifacts."
   c.model.query_heads = 8  # MP-IQE text-query cross-attention heads
+  c.model.image_chunk = placeholder(int)  # images per vision-tower pass (speed only); None: 8 on CPU (towers >= 256
+  # wide), the whole batch on GPU/TPU; 0: the whole batch
   c.model.trainable = "prompts"  # prompts | all | none, or a tuple of regexes of trainable parameter paths
 
   c.loss = ml_collections.ConfigDict()

@@ -101,3 +101,33 @@ def test_per_head_attention_matches_jax(causal, dtype):
     g_ref = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, is_causal=causal)), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_ours, g_ref):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, chunk", [(6, 3), (7, 4), (5, None)])
+def test_chunked_image_encoding_same_as_whole_batch(bundle, n, chunk):
+  """CLIP.image_chunk encodes a batch chunk by chunk (padding the last one) with the whole batch's numbers."""
+  from mcpf_jax.clip.model import _chunking  # pylint: disable=g-import-not-at-top
+  assert _chunking(32, 8) == (8, 32) and _chunking(30, 8) == (6, 30) and _chunking(13, 8) == (7, 14)
+  assert _chunking(13, 0) == (13, 13) and _chunking(5, 8) == (5, 5)
+  cpu = jax.default_backend() == "cpu"
+  assert _chunking(32, None, 768) == ((8, 32) if cpu else (32, 32)) and _chunking(32, None, 64) == (32, 32)
+  config = bundle.config
+  rng = np.random.default_rng(3)
+  pixels = jnp.asarray(rng.standard_normal((n, IMAGE, IMAGE, 3)), jnp.float32)
+  width = config.vision.hidden_size
+  shared = jnp.asarray(rng.standard_normal((2, width)) * 0.1, jnp.float32)
+  per_image = jnp.asarray(rng.standard_normal((n, 2, width)) * 0.1, jnp.float32)  # one prompt set per image
+  prompts = [shared, per_image]
+
+  def encode(image_chunk, p, return_tokens=False):
+    return clip.CLIP(config, image_chunk=image_chunk).apply({"params": bundle.params}, pixels, p,
+                                                             return_tokens=return_tokens, method="encode_image")
+
+  whole = encode(0, prompts, True)
+  chunked = encode(chunk, prompts, True)
+  for a, b in zip(chunked, whole):  # float rounding only: 1e-5 of the largest value (as test_clip_model)
+    assert a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  loss = lambda c: lambda p: jnp.sum(jnp.sin(encode(c, p)))
+  for a, b in zip(jax.grad(loss(chunk))(prompts), jax.grad(loss(0))(prompts)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -62,6 +62,7 @@ class ModelSpec:
   scene_template: str = "{}."
   distortion_template: str = "{} artifacts."
   query_heads: int = 8
+  image_chunk: int | None = None
 
   @classmethod
   def from_config(cls, model_config: Mapping[str, Any], num_layers: int) -> "ModelSpec":
@@ -171,7 +172,7 @@ class IQAModel(nn.Module):
 
   def setup(self):
     s, c = self.spec, self.clip_config
-    self.clip = CLIP(c)
+    self.clip = CLIP(c, image_chunk=s.image_chunk)
     dtype = jnp.dtype(c.dtype)
     groups = ("all",) if s.shared_text_prompts else s.label_sets
     if s.text_depth > 0:
