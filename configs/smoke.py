@@ -31,7 +31,7 @@ def get_config():
   c.data.num_workers = 0  # 2 cores: decoding in the main process is fastest (benchmarks/decode_throughput.py)
 
   # Ranking + L1, no level cross-entropy; no auxiliary labels in the smoke data. Measured on the default split with
-  # the pre-trained tower: rank alone 0.76, rank + L1 0.79, rank + L1 + CE 0.79 (one run each; 2 test photos).
+  # an earlier (2000-step) tower: rank alone 0.76, rank + L1 0.79, rank + L1 + CE 0.79 (one run each; 2 test photos).
   c.loss.l1 = 1.0
   c.loss.cls = 0.0
   c.loss.aux = 0.0

@@ -59,7 +59,7 @@ def perturbed_params(config: CLIPConfig, seed: int = 0, scale: float = 0.1, *, l
       minus its Gaussian blur at sigma 0.5, 1 or 2 px; norm 3). A purely random backbone's features barely
       reflect image sharpness or noise, so no prompt can rank distortion levels on unseen photos (a linear probe
       on its image features reaches held-out SRCC 0.27 on the smoke data; with these filters 0.6-0.7, measured).
-      The smoke config now uses the pre-trained tower of `tiny_pretrain` instead (probe ~0.87).
+      The smoke config now uses the pre-trained tower of `tiny_pretrain` instead (probe 0.90).
   """
   params = init_random(config, seed)
   leaves, treedef = jax.tree.flatten(params)

@@ -2,9 +2,10 @@
 
 Why: the smoke run trains prompts and fusion on top of a FROZEN tiny CLIP. A purely random vision tower barely
 encodes sharpness, noise or compression: a ridge probe on its image features ranks the smoke test photos' distortion
-levels at SRCC 0.2-0.3 (0.6 with high-pass random patch filters), so no prompt could reach issue 5's 0.8. Real CLIPs
-arrive quality-aware from web-scale pre-training; this module gives the tiny one the same kind of start, without
-ever seeing a smoke photo.
+levels at SRCC 0.2-0.3 (0.6 with high-pass random patch filters), so no prompt could reach issue 5's 0.8. With
+this tower the same probe reaches 0.90 (mean over all 66 ways to hold out 2 of the 12 photos; 10th percentile
+0.85). Real CLIPs arrive quality-aware from web-scale pre-training; this module gives the tiny one the same kind of
+start, without ever seeing a smoke photo.
 
 What: `dead_leaves` draws images of the classical dead-leaves model (occluding discs with power-law radii, flat or
 textured: natural-image-like 1/f spectra and edges), `pretraining_set` degrades each by the SAME distortion family as
@@ -19,7 +20,8 @@ it writes; the text tower and logit scale stay random. Regenerate it with
 
     python -m mcpf_jax.clip.tiny_pretrain --out mcpf_jax/clip/assets/tiny_smoke_vision.safetensors
 
-(~10 min on 2 CPU cores; bitwise only on the same jax/XLA build and machine).
+(~15 min on 2 CPU cores: 2.5 min of images, 12 min of training; bitwise only on the same jax/XLA build and
+machine).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ ASSET = pathlib.Path(__file__).resolve().parent / "assets" / "tiny_smoke_vision.
 TOWER = ("vision_model", "visual_projection")  # the top-level parameter groups the asset holds
 
 # The recipe of the bundled asset (also written into its metadata).
-RECIPE = dict(num_images=480, image_size=128, data_seed=0, steps=2000, batch_size=64, lr=1e-3, warmup_steps=100,
+RECIPE = dict(num_images=960, image_size=128, data_seed=0, steps=4000, batch_size=64, lr=1e-3, warmup_steps=100,
               weight_decay=1e-4, train_seed=0)
 
 
