@@ -7,7 +7,6 @@ unless --verbosity is given.
 """
 
 import json
-import logging
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,12 +21,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   from mcpf_jax.train import logs  # pylint: disable=g-import-not-at-top
-  logs.quiet_library_info()  # orbax's INFO lines only with an explicit --verbosity
-  import jax  # pylint: disable=g-import-not-at-top
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  logs.start_program(_DISTRIBUTED.value)  # logging (orbax's INFO lines only with --verbosity), multi-host start
   from mcpf_jax.train import trainer  # pylint: disable=g-import-not-at-top
   result = trainer.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, dataset=_DATASET.value)
   print(json.dumps({k: result[k] for k in ("dataset", "split", "checkpoint_step", "srcc", "plcc", "plcc_logistic",

@@ -7,7 +7,6 @@ unless --verbosity is given (e.g. --verbosity=0).
 """
 
 import json
-import logging
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -20,12 +19,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   from mcpf_jax.train import logs  # pylint: disable=g-import-not-at-top
-  logs.quiet_library_info()  # orbax's INFO lines only with an explicit --verbosity
-  import jax  # pylint: disable=g-import-not-at-top
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  logs.start_program(_DISTRIBUTED.value)  # logging (orbax's INFO lines only with --verbosity), multi-host start
   from mcpf_jax.train import protocol, trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if config.splits > 1:

@@ -135,3 +135,14 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]
   lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
   lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
   return "\n".join(lines)
+
+
+def tower_layer_flops(tokens: int, width: int, mlp: int, queries: int | None = None) -> tuple[float, float]:
+  """(matmul FLOPs, attention-core FLOPs) of one pre-LN block's forward on one sequence of `tokens`.
+
+  `queries`: only that many tokens are updated (the vision tower's CLS-only last block): K and V still see all.
+  """
+  q = tokens if queries is None else queries
+  dense = 2 * tokens * width * (2 * width) + 2 * q * width * (2 * width) + 2 * q * width * mlp * 2  # k, v; q, out; mlp
+  attention = 2 * 2 * q * tokens * width  # QK^T and PV over all heads (causal masks, XLA computes all)
+  return dense, attention

@@ -49,17 +49,6 @@ import numpy as np
 MATMUL_SIZES = (2048, 3072)
 
 
-def _tower_layer_flops(tokens: int, width: int, mlp: int, queries: int | None = None) -> tuple[float, float]:
-  """(matmul FLOPs, attention-core FLOPs) of one pre-LN block's forward on one sequence of `tokens`.
-
-  `queries`: only that many tokens are updated (the vision tower's CLS-only last block): K and V still see all.
-  """
-  q = tokens if queries is None else queries
-  dense = 2 * tokens * width * (2 * width) + 2 * q * width * (2 * width) + 2 * q * width * mlp * 2  # k, v; q, out; mlp
-  attention = 2 * 2 * q * tokens * width  # QK^T and PV over all heads (causal masks, XLA computes all)
-  return dense, attention
-
-
 def analytic_flops(clip_config, spec, batch: int, text_rows: int, text_tokens: int, train: bool = True) -> dict:
   """Model FLOPs of one forward (+ activation backward when `train`) of the IQA model.
 
@@ -73,10 +62,10 @@ def analytic_flops(clip_config, spec, batch: int, text_rows: int, text_tokens: i
   """
   v, t = clip_config.vision, clip_config.text
   v_tokens = 1 + v.num_patches + spec.num_vision_prompts
-  vd, va = _tower_layer_flops(v_tokens, v.hidden_size, v.intermediate_size)
+  vd, va = _common.tower_layer_flops(v_tokens, v.hidden_size, v.intermediate_size)
   # The last vision block updates only CLS when the tokens are not returned (mcpf_jax.clip.model.EncoderLayer).
-  vd_last, va_last = _tower_layer_flops(v_tokens, v.hidden_size, v.intermediate_size, queries=1)
-  td, ta = _tower_layer_flops(text_tokens, t.hidden_size, t.intermediate_size)
+  vd_last, va_last = _common.tower_layer_flops(v_tokens, v.hidden_size, v.intermediate_size, queries=1)
+  td, ta = _common.tower_layer_flops(text_tokens, t.hidden_size, t.intermediate_size)
   patch = 2 * v.num_patches * (v.patch_size ** 2 * v.num_channels) * v.hidden_size
   proj_v = 2 * v.hidden_size * clip_config.projection_dim
   proj_t = 2 * t.hidden_size * clip_config.projection_dim

@@ -37,3 +37,13 @@ def quiet_library_info(packages: Sequence[str] = QUIET_PACKAGES) -> BelowWarning
   quiet = BelowWarningFrom(packages)
   logging.getLogger("absl").addFilter(quiet)
   return quiet
+
+
+def start_program(distributed: bool = False) -> None:
+  """The start of train.py and eval.py, after absl parsed the flags: INFO logging in our format, orbax's INFO
+  lines hidden (`quiet_library_info`), and `jax.distributed.initialize()` first when `distributed` (multi-host)."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  quiet_library_info()
+  if distributed:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
