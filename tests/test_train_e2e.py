@@ -376,8 +376,10 @@ def test_protocol_runner_reports_median_and_spread(runs):
     assert got["values"] == values
     assert got["median"] == pytest.approx(np.median(values)) and got["std"] == pytest.approx(np.std(values))
     assert got["min"] <= got["q25"] <= got["median"] <= got["q75"] <= got["max"]
-  # The two splits hold out different photos.
-  assert out["per_split"][0]["srcc"] != out["per_split"][1]["srcc"]
+  # The two splits hold out different photos: their continuous metrics differ (SRCC alone can coincide: two test
+  # sets of 32 images whose predictions rank alike give the same rank correlation, as seen in CI).
+  first, second = ({k: r[k] for k in ("plcc", "rmse")} for r in out["per_split"])
+  assert first["plcc"] != second["plcc"] and first["rmse"] != second["rmse"], (first, second)
   assert run.json()["splits"] == 2 and run.json()["srcc_median"] == out["summary"]["srcc"]["median"]
 
 
