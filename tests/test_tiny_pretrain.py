@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from mcpf_jax import clip
 from mcpf_jax.clip import tiny, tiny_pretrain
-from mcpf_jax.clip.preprocess import CLIP_MEAN, CLIP_STD
+from mcpf_jax.clip.preprocess import normalize
 from mcpf_jax.data import smoke
 
 
@@ -79,17 +79,17 @@ def test_save_and_load_tower_round_trip_and_errors(tmp_path):
   config = tiny.smoke_tiny_config()
   params = tiny.perturbed_params(config, 4)
   path = tiny_pretrain.save_tower(tmp_path / "tower.safetensors", params, {"note": "test"})
-  back = tiny_pretrain.load_tower(path, config)
-  assert clip.fingerprint(back) == clip.fingerprint({k: params[k] for k in tiny_pretrain.TOWER})
+  back = tiny.load_vision_tower(path, config)
+  assert clip.fingerprint(back) == clip.fingerprint({k: params[k] for k in tiny.VISION_TOWER})
   with safe_open(str(path), framework="numpy") as f:
     assert json.loads(f.metadata()["mcpf_recipe"]) == {"note": "test"}
     # transformers' CLIPModel names: the patch embedding is a torch Conv2d weight [out, in, kh, kw].
     assert f.get_tensor("vision_model.embeddings.patch_embedding.weight").shape == (64, 3, 8, 8)
   with pytest.raises(FileNotFoundError, match="nothere.safetensors"):
-    tiny_pretrain.load_tower(tmp_path / "nothere.safetensors", config)
+    tiny.load_vision_tower(tmp_path / "nothere.safetensors", config)
   other = tiny.tiny_config(width=32, layers=4, heads=4, image_size=64, patch_size=8, embed_dim=64)
   with pytest.raises(ValueError, match=r"tower\.safetensors.*(is \[|missing)"):
-    tiny_pretrain.load_tower(path, other)
+    tiny.load_vision_tower(path, other)
 
 
 def test_bundled_tower_matches_its_recipe_and_goes_into_the_tiny_clip(tmp_path):
@@ -102,10 +102,10 @@ def test_bundled_tower_matches_its_recipe_and_goes_into_the_tiny_clip(tmp_path):
   folder = tiny.write_tiny_clip(tmp_path / "tiny", seed=tiny.SMOKE_SEED, vision_weights="smoke",
                                 **tiny.SMOKE_SIZES)
   recipe = json.loads((folder / "mcpf_tiny.json").read_text())
-  assert recipe["vision_weights"] == {"name": "smoke", "sha256": tiny_pretrain.file_sha256(path)}
+  assert recipe["vision_weights"] == {"name": "smoke", "sha256": tiny.file_sha256(path)}
   bundle = clip.load(folder)
-  tower = tiny_pretrain.load_tower(path, tiny.smoke_tiny_config())
-  assert clip.fingerprint({k: bundle.params[k] for k in tiny_pretrain.TOWER}) == clip.fingerprint(tower)
+  tower = tiny.load_vision_tower(path, tiny.smoke_tiny_config())
+  assert clip.fingerprint({k: bundle.params[k] for k in tiny.VISION_TOWER}) == clip.fingerprint(tower)
   random = tiny.perturbed_params(tiny.smoke_tiny_config(), tiny.SMOKE_SEED)
   assert clip.fingerprint(bundle.params["text_model"]) == clip.fingerprint(random["text_model"])
   # Still a real Hugging Face checkpoint: transformers loads every tensor, nothing missing or unexpected.
@@ -132,12 +132,12 @@ def _features(bundle, folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = list(csv.DictReader(f))
   crops = []
   for r in rows:
-    img = (images.load(folder / r["path"]).astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+    img = images.load(folder / r["path"])
     h, w = img.shape[:2]
     crops += [img[y:y + 64, x:x + 64] for y in np.linspace(0, h - 64, 3).astype(int)
               for x in np.linspace(0, w - 64, 3).astype(int)]
-  encode = jax.jit(lambda p, x: bundle.model.apply({"params": p}, x, method=bundle.model.encode_image))
-  feats = np.asarray(encode(bundle.params, np.stack(crops).astype(np.float32))).reshape(len(rows), 9, -1).mean(1)
+  encode = jax.jit(lambda p, x: bundle.model.apply({"params": p}, normalize(x), method=bundle.model.encode_image))
+  feats = np.asarray(encode(bundle.params, np.stack(crops))).reshape(len(rows), 9, -1).mean(1)
   return (feats / np.linalg.norm(feats, axis=-1, keepdims=True), np.array([float(r["mos"]) for r in rows]),
           np.array([r["content_id"] for r in rows]))
 

@@ -136,10 +136,18 @@ def _raise_misshaped(misshaped: list[str], source: str) -> None:
     raise ValueError(f"{source}: tensors with the wrong shape: {'; '.join(misshaped)}")
 
 
-def _read_safetensors(path: pathlib.Path, config: CLIPConfig) -> Params:
+def read_safetensors(path: pathlib.Path, config: CLIPConfig, groups: Iterable[str] | None = None) -> Params:
+  """A safetensors file of transformers' CLIPModel (PyTorch names and layouts) -> our float32 numpy tree.
+
+  `groups`: read only these top-level parameter groups (e.g. ("vision_model", "visual_projection")), for a file
+  holding just them; None: the whole model. Names and shapes are checked against `config`; errors name the file.
+  """
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
   shapes = traverse_util.flatten_dict(param_shapes(config))
+  if groups is not None:
+    groups = set(groups)
+    shapes = {p: s for p, s in shapes.items() if p[0] in groups}
   expected = {_torch_key(p): p for p in shapes}
   flat, misshaped = {}, []
   with safe_open(str(path), framework="numpy") as f:
@@ -192,7 +200,7 @@ def read_config(folder: str | os.PathLike[str], *, dtype: str = "float32", remat
 def read_params(folder: str | os.PathLike[str], config: CLIPConfig) -> tuple[Params, pathlib.Path]:
   """Reads the weights of `folder` as a float32 numpy tree; returns it and the file it came from."""
   folder = pathlib.Path(folder)
-  for name, reader in ((SAFETENSORS, _read_safetensors), (MSGPACK, _read_msgpack)):
+  for name, reader in ((SAFETENSORS, read_safetensors), (MSGPACK, _read_msgpack)):
     if (folder / name).is_file():
       return reader(folder / name, config), folder / name
   raise FileNotFoundError(f"{folder}: no weights found (expected {SAFETENSORS} or {MSGPACK})")

@@ -10,6 +10,7 @@ procedural dead-leaves images (`vision_weights="smoke"`, see `mcpf_jax.clip.tiny
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 import scipy.ndimage
 
-from mcpf_jax.clip.checkpoint import save_pretrained
+from mcpf_jax.clip.checkpoint import read_safetensors, save_pretrained
 from mcpf_jax.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from mcpf_jax.clip.model import init_random
 
@@ -40,6 +41,7 @@ def tiny_config(*, width: int = 64, layers: int = 4, heads: int = 4, image_size:
 SMOKE_SIZES = dict(width=64, layers=4, heads=4, image_size=64, patch_size=8, embed_dim=64)
 SMOKE_SEED = 0
 VISION_WEIGHTS = {"smoke": "tiny_smoke_vision.safetensors"}  # names of bundled vision towers (in clip/assets)
+VISION_TOWER = ("vision_model", "visual_projection")  # the top-level parameter groups a vision-tower file holds
 
 
 def smoke_tiny_config() -> CLIPConfig:
@@ -79,6 +81,24 @@ def perturbed_params(config: CLIPConfig, seed: int = 0, scale: float = 0.1, *, l
   return params
 
 
+def load_vision_tower(path: str | os.PathLike[str], config: CLIPConfig) -> dict[str, Any]:
+  """A vision-tower file (`tiny_pretrain.save_tower`) -> {vision_model: ..., visual_projection: ...} for `config`.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: a tensor is missing, unknown or of another shape than `config` needs (names the file and tensor).
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such vision-tower file (expected a safetensors file of "
+                            "mcpf_jax.clip.tiny_pretrain.save_tower)")
+  return read_safetensors(path, config, groups=VISION_TOWER)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
 def vision_weights_path(vision_weights: str) -> pathlib.Path:
   """A bundled tower's name (VISION_WEIGHTS) or a file path -> the safetensors file."""
   if vision_weights in VISION_WEIGHTS:
@@ -102,19 +122,19 @@ def write_tiny_clip(folder: str | os.PathLike[str], *, seed: int = 0, logit_scal
   folder = pathlib.Path(folder)
   config = tiny_config(**config_changes)
   recipe = {"seed": seed, "logit_scale": logit_scale, "highpass_patches": highpass_patches, "config": config.to_hf()}
-  tower = None
   if vision_weights is not None:
-    from mcpf_jax.clip import tiny_pretrain  # pylint: disable=g-import-not-at-top
     tower_file = vision_weights_path(vision_weights)
-    tower = tiny_pretrain.load_tower(tower_file, config)
-    recipe["vision_weights"] = {"name": vision_weights, "sha256": tiny_pretrain.file_sha256(tower_file)}
+    if not tower_file.is_file():
+      raise FileNotFoundError(f"{tower_file}: no such vision-tower file (vision_weights={vision_weights!r}: a "
+                              f"bundled name {sorted(VISION_WEIGHTS)} or a safetensors file of tiny_pretrain.save_tower)")
+    recipe["vision_weights"] = {"name": vision_weights, "sha256": file_sha256(tower_file)}
   marker = folder / "mcpf_tiny.json"
   if marker.exists() and (folder / "model.safetensors").exists():
     if json.loads(marker.read_text()) == json.loads(json.dumps(recipe)):
       return folder
   params = perturbed_params(config, seed, logit_scale=logit_scale, highpass_patches=highpass_patches)
-  if tower is not None:
-    params.update(tower)
+  if vision_weights is not None:
+    params.update(load_vision_tower(tower_file, config))
   save_pretrained(folder, params, config, tokenizer_files=True)
   marker.write_text(json.dumps(recipe, indent=2) + "\n")  # written last: a complete folder
   return folder

@@ -15,7 +15,8 @@ through a linear read-out of the normalised image feature (MSE + pairwise logist
 dropped; only the tower is kept.
 
 The result is bundled (`assets/tiny_smoke_vision.safetensors`, PyTorch key names and layouts of transformers'
-CLIPModel, the recipe in its metadata) and `tiny.write_tiny_clip(vision_weights="smoke")` puts it into the tiny CLIP
+CLIPModel, the recipe in its metadata; `tiny.load_vision_tower` reads it) and
+`tiny.write_tiny_clip(vision_weights="smoke")` puts it into the tiny CLIP
 it writes; the text tower and logit scale stay random. Regenerate it with
 
     python -m mcpf_jax.clip.tiny_pretrain --out mcpf_jax/clip/assets/tiny_smoke_vision.safetensors
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import io
 import json
 import logging
@@ -44,16 +44,14 @@ import numpy as np
 import optax
 import PIL.Image
 import scipy.ndimage
-from flax import traverse_util
 
-from mcpf_jax.clip import checkpoint
+from mcpf_jax.clip import checkpoint, tiny
 from mcpf_jax.clip.config import CLIPConfig
-from mcpf_jax.clip.model import CLIP, param_shapes
-from mcpf_jax.clip.preprocess import CLIP_MEAN, CLIP_STD
+from mcpf_jax.clip.model import CLIP
+from mcpf_jax.clip.preprocess import normalize
 from mcpf_jax.data import smoke
 
 ASSET = pathlib.Path(__file__).resolve().parent / "assets" / "tiny_smoke_vision.safetensors"
-TOWER = ("vision_model", "visual_projection")  # the top-level parameter groups the asset holds
 
 # The recipe of the bundled asset (also written into its metadata).
 RECIPE = dict(num_images=960, image_size=128, data_seed=0, steps=4000, batch_size=64, lr=1e-3, warmup_steps=100,
@@ -174,15 +172,13 @@ def pretrain(config: CLIPConfig, params: dict[str, Any], images: np.ndarray, mos
   model = CLIP(config)
   crop = config.vision.image_size
   width = config.projection_dim
-  trainable = {k: params[k] for k in TOWER}
+  trainable = {k: params[k] for k in tiny.VISION_TOWER}
   trainable["readout"] = {"w": np.zeros((width,), np.float32), "b": np.zeros((), np.float32)}
-  frozen = {k: v for k, v in params.items() if k not in TOWER}
-  mean = np.asarray(CLIP_MEAN, np.float32)
-  std = np.asarray(CLIP_STD, np.float32)
+  frozen = {k: v for k, v in params.items() if k not in tiny.VISION_TOWER}
 
-  def loss_fn(t, pixels, target):
-    p = dict(frozen, **{k: t[k] for k in TOWER})
-    f = model.apply({"params": p}, pixels, method=model.encode_image)
+  def loss_fn(t, crops, target):
+    p = dict(frozen, **{k: t[k] for k in tiny.VISION_TOWER})
+    f = model.apply({"params": p}, normalize(crops), method=model.encode_image)
     f = f / jnp.linalg.norm(f, axis=-1, keepdims=True)
     score = 8.0 * f @ t["readout"]["w"] + t["readout"]["b"]
     normalised = (target - 3.0) / 1.5  # the smoke MOS range [1, 5] -> [-1.33, 1.33]
@@ -196,8 +192,8 @@ def pretrain(config: CLIPConfig, params: dict[str, Any], images: np.ndarray, mos
   opt_state = optimizer.init(trainable)
 
   @jax.jit
-  def step(t, o, pixels, target):
-    loss, grads = jax.value_and_grad(loss_fn)(t, pixels, target)
+  def step(t, o, crops, target):
+    loss, grads = jax.value_and_grad(loss_fn)(t, crops, target)
     updates, o = optimizer.update(grads, o, t)
     return optax.apply_updates(t, updates), o, loss
 
@@ -211,14 +207,13 @@ def pretrain(config: CLIPConfig, params: dict[str, Any], images: np.ndarray, mos
     batch = np.stack([images[j, y:y + crop, x:x + crop] for j, y, x in zip(idx, ys, xs)])
     flip = rng.random(batch_size) < 0.5
     batch[flip] = batch[flip, :, ::-1]
-    pixels = (batch.astype(np.float32) / 255.0 - mean) / std
-    trainable, opt_state, loss = step(trainable, opt_state, pixels, mos[idx])
+    trainable, opt_state, loss = step(trainable, opt_state, batch, mos[idx])
     losses.append(float(loss))
     if log_every and (i % log_every == 0 or i == steps - 1):
       logging.info("tiny vision pre-training: step %d/%d loss %.4f (%.0f s)", i + 1, steps, losses[-1],
                    time.time() - start)
   out = dict(params)
-  out.update({k: jax.device_get(trainable[k]) for k in TOWER})
+  out.update({k: jax.device_get(trainable[k]) for k in tiny.VISION_TOWER})
   return out, losses
 
 
@@ -232,51 +227,14 @@ def save_tower(path: str | os.PathLike[str], params: dict[str, Any], metadata: d
 
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tensors = checkpoint.to_torch_state_dict({k: params[k] for k in TOWER})
+  tensors = checkpoint.to_torch_state_dict({k: params[k] for k in tiny.VISION_TOWER})
   save_file(tensors, str(path), metadata={"format": "pt", "mcpf_recipe": json.dumps(metadata, sort_keys=True)})
   return path
-
-
-def load_tower(path: str | os.PathLike[str], config: CLIPConfig) -> dict[str, Any]:
-  """Reads a file of `save_tower` into {vision_model: ..., visual_projection: ...} for `config`.
-
-  Raises:
-    FileNotFoundError: no such file.
-    ValueError: a tensor is missing, unknown or of another shape than `config` needs (names the file and tensor).
-  """
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such vision-tower file (expected a safetensors file of "
-                            "mcpf_jax.clip.tiny_pretrain.save_tower)")
-  expected = {p: s.shape for p, s in traverse_util.flatten_dict(param_shapes(config)).items() if p[0] in TOWER}
-  keys = {checkpoint._torch_key(p): p for p in expected}  # pylint: disable=protected-access
-  flat = {}
-  with safe_open(str(path), framework="numpy") as f:
-    found = set(f.keys())
-    missing, unknown = sorted(set(keys) - found), sorted(found - set(keys))
-    if missing or unknown:
-      raise ValueError(f"{path}: not a vision tower of this tiny CLIP config: missing tensors {missing}, "
-                       f"unknown tensors {unknown}")
-    for key, p in keys.items():
-      arr = checkpoint._from_torch_layout(p, f.get_tensor(key))  # pylint: disable=protected-access
-      if tuple(arr.shape) != tuple(expected[p]):
-        raise ValueError(f"{path}: tensor {key} is {list(arr.shape)} after layout change, the config needs "
-                         f"{list(expected[p])}")
-      flat[p] = np.asarray(arr, np.float32)
-  return traverse_util.unflatten_dict(flat)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def build_asset(out: str | os.PathLike[str], *, recipe: dict[str, Any] | None = None,
                 workers: int | None = None) -> dict[str, Any]:
   """Builds the smoke vision tower from scratch with `recipe` (default RECIPE) and writes it to `out`."""
-  from mcpf_jax.clip import tiny  # pylint: disable=g-import-not-at-top
-
   recipe = dict(RECIPE, **(recipe or {}))
   config = tiny.smoke_tiny_config()
   start = time.time()
@@ -302,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   meta = build_asset(args.out, recipe={"steps": args.steps, "num_images": args.num_images}, workers=args.workers)
-  print(json.dumps({"out": args.out, "sha256": file_sha256(args.out), **meta}))
+  print(json.dumps({"out": args.out, "sha256": tiny.file_sha256(args.out), **meta}))
 
 
 if __name__ == "__main__":
