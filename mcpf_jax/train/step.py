@@ -15,7 +15,7 @@ import optax
 
 from mcpf_jax.clip import preprocess
 from mcpf_jax.model import losses
-from mcpf_jax.train import optim
+from mcpf_jax.train import mesh as mesh_lib, optim
 
 State = dict[str, Any]
 Batch = Mapping[str, jax.Array]
@@ -102,3 +102,24 @@ def make_eval_step(model) -> Callable[[Any, Batch], jax.Array]:
     return jnp.mean(out["score01"].reshape(b, c), axis=1)
 
   return eval_step
+
+
+def jit_steps(config, model, labels: Any, tx: optax.GradientTransformation, params: Any, state_shapes: State,
+              mesh: jax.sharding.Mesh):
+  """The jitted train and eval steps of a run, with their shardings: what train.py runs, built from shapes alone.
+
+  `params` and `state_shapes` may be arrays or `jax.ShapeDtypeStruct`s (nothing is read from them but shapes),
+  so the same programs can be lowered ahead of time for another platform.
+
+  Returns:
+    (train_step, eval_step, state_shardings, param_shardings, batch_sharding). train_step donates the state.
+  """
+  p_sh = mesh_lib.param_shardings(params, mesh, config.mesh.shard_backbone)
+  s_sh = mesh_lib.state_shardings(state_shapes, p_sh, mesh)
+  b_sh = mesh_lib.batch_sharding(mesh)
+  rep = mesh_lib.replicated(mesh)
+  weights = {k: float(config.loss[k]) for k in ("rank", "l1", "cls", "aux")}
+  train_step = jax.jit(make_train_step(model, labels, tx, weights, config.train.accumulate_steps),
+                       in_shardings=(s_sh, b_sh), out_shardings=(s_sh, rep), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(p_sh, b_sh), out_shardings=rep)
+  return train_step, eval_step, s_sh, p_sh, b_sh

@@ -111,16 +111,7 @@ def evaluate_split(run: Run, params: Any, split: str, eval_fn, batch_sharding) -
 
 
 def _jit_steps(run: Run, tx, state_shapes):
-  cfg = run.config
-  p_sh = mesh_lib.param_shardings(run.params, run.mesh, cfg.mesh.shard_backbone)
-  s_sh = mesh_lib.state_shardings(state_shapes, p_sh, run.mesh)
-  b_sh = mesh_lib.batch_sharding(run.mesh)
-  rep = mesh_lib.replicated(run.mesh)
-  weights = {k: float(cfg.loss[k]) for k in ("rank", "l1", "cls", "aux")}
-  train_step = jax.jit(step_lib.make_train_step(run.model, run.labels, tx, weights, cfg.train.accumulate_steps),
-                       in_shardings=(s_sh, b_sh), out_shardings=(s_sh, rep), donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(run.model), in_shardings=(p_sh, b_sh), out_shardings=rep)
-  return train_step, eval_step, s_sh, p_sh, b_sh
+  return step_lib.jit_steps(run.config, run.model, run.labels, tx, run.params, state_shapes, run.mesh)
 
 
 def _last_good(ckpts: ckpt_lib.Checkpoints) -> str:
