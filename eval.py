@@ -1,4 +1,9 @@
-"""Evaluate a trained checkpoint: `python eval.py --config configs/livec.py --workdir runs/livec`.
+"""Evaluate a trained checkpoint: `python eval.py --workdir runs/livec` (or with `--config configs/livec.py`).
+
+The model, backbone, split, preprocessing and score mapping are the run's own (<workdir>/run.json, split.json):
+`--workdir runs/livec/split_3` evaluates exactly split 3's test images. `--config` is optional; only its eval.*
+fields (and where the data and backbone live, and the mesh) are used, and a `--config.x=y` that asks for another
+model, split or preprocessing than the run's is refused.
 
 Writes <workdir>/eval.json (srcc, plcc, plcc after the 4-parameter logistic fit, krcc, rmse, num_images),
 <workdir>/eval_predictions.csv (name, mos, score) and <workdir>/eval_scatter.png. `--checkpoint best|latest|STEP`;
@@ -7,24 +12,31 @@ unless --verbosity is given.
 """
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "the config the run was trained with", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "optional: a config file; only its eval.* fields are used",
+                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "best | latest | a step (default: config.eval.checkpoint)")
 _DATASET = flags.DEFINE_string("dataset", None, "evaluate on another dataset (default: the test split)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize() first")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   del argv
   from mcpf_jax.train import logs  # pylint: disable=g-import-not-at-top
   logs.start_program(_DISTRIBUTED.value)  # logging (orbax's INFO lines only with --verbosity), multi-host start
-  from mcpf_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  result = trainer.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, dataset=_DATASET.value)
+  from mcpf_jax.train import identity, trainer  # pylint: disable=g-import-not-at-top
+  explicit = config_flags.get_override_values(flags.FLAGS["config"]) if _CONFIG.value is not None else {}
+  try:
+    result = trainer.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, dataset=_DATASET.value,
+                              explicit=explicit)
+  except identity.RunMismatchError as e:
+    sys.exit(f"eval.py: {e}")
   print(json.dumps({k: result[k] for k in ("dataset", "split", "checkpoint_step", "srcc", "plcc", "plcc_logistic",
                                            "krcc", "rmse", "num_images")}))
 

@@ -1,12 +1,16 @@
 """Train an IQA model: `python train.py --config configs/livec.py --workdir runs/livec`.
 
-Starting again with the same --workdir resumes from its latest checkpoint. `--config.splits=10` runs the papers'
+Starting again with the same --workdir resumes from its latest checkpoint, with the same config: a restart that
+changes what is computed (model, data, split, loss, optimizer, batch, seed, ...) is refused, naming each field; the
+fields that may change are listed in the README. `--config.init_from=runs/koniq` starts a NEW run from another run's
+trained weights. `--config.splits=10` runs the papers'
 10-split protocol (each split in <workdir>/split_<s>) and writes <workdir>/protocol.json. On several hosts pass
 --distributed on every host (jax.distributed.initialize()). orbax's INFO lines (dozens per checkpoint) are hidden
 unless --verbosity is given (e.g. --verbosity=0).
 """
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -21,8 +25,15 @@ def main(argv):
   del argv
   from mcpf_jax.train import logs  # pylint: disable=g-import-not-at-top
   logs.start_program(_DISTRIBUTED.value)  # logging (orbax's INFO lines only with --verbosity), multi-host start
-  from mcpf_jax.train import protocol, trainer  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import identity, protocol, trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  try:
+    _train(config, protocol, trainer)
+  except identity.RunMismatchError as e:  # a refused restart: nothing in the workdir was changed
+    sys.exit(f"train.py: {e}")
+
+
+def _train(config, protocol, trainer):
   if config.splits > 1:
     out = protocol.run(config, _WORKDIR.value)
     print(json.dumps({"splits": out["splits"], "srcc_median": out["summary"]["srcc"]["median"],

@@ -213,7 +213,7 @@ class Scorer:
     try:
       step = restore.checkpoint_step(ckpts, checkpoint)
       meta = ckpts.restore_meta(step)
-      config = restore.config_from_meta(meta)
+      config = restore.run_config(workdir, meta)
       bundle = restore.load_clip(config, workdir, name=clip_name)
       ckpt_lib.check_backbone(meta, bundle.source, bundle.fingerprint, ckpts.directory / str(step))
       model, params = iqa.build(config.model, bundle, jax.random.key(config.seed))

@@ -3,194 +3,52 @@
 Checks issue 5's acceptance: the same held-out scores on 8 simulated devices as on 1 (relative difference
 <= 1e-3), exact resume after SIGKILL (<= 1e-5), checkpoints along the run (last K + the best by validation SRCC),
 the non-finite guard, the 10-split protocol runner (here 2 splits), TensorBoard scalars, the progress bar and a
-log without orbax's INFO chatter.
+log without orbax's INFO chatter; and a run's identity: restarts with a changed config or a rebuilt dataset are
+refused and leave the workdir byte-identical, an allowed change resumes, eval.py of a protocol split scores that
+split's own test images (with and without --config), and init_from starts from another run's weights.
 
 Cost: every run is the smoke run cut to one epoch (9 steps of 16 images, a checkpoint every 3 steps). The runs
 go in two lanes of subprocesses started once per module (module fixture `runs`): lane 1 runs the 1-device run,
 its evaluation, the killed and resumed run and the protocol; lane 2 the 8-device run and the non-finite run.
 They share one smoke dataset (built once, in this process) and one JAX persistent compilation cache, so identical
 programs (the 1-device train and eval steps of the plain, resumed and protocol runs) are compiled once. Measured
-on 2 shared cores (load ~5): ~215 s wall, ~235 s CPU in all; the 1-device run ~48 s CPU (half of it compiling
+on 2 shared cores (load ~5): ~215 s wall, ~235 s CPU in all before the identity runs (~360 s wall with them:
+each refused start ~5 s CPU, init_from ~36 s); the 1-device run ~48 s CPU (half of it compiling
 the train step), the 8-device run ~62 s, the non-finite run ~30 s (lr is a compile-time constant). The module's
 teardown prints each run's wall and CPU time (`pytest -s`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import csv
-import dataclasses
 import json
 import math
-import os
 import pathlib
 import re
 import signal
 import struct
-import subprocess
 import sys
-import threading
 import time
-from typing import Callable
 
 import jax
 import numpy as np
 import pytest
 
+import e2e_support as e2e
+
 pytestmark = pytest.mark.slow
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SMOKE = str(REPO / "configs" / "smoke.py")
-TIMEOUT_S = 600
-# One epoch of the smoke run, a checkpoint every 3 steps; the batch sizes divide over 8 devices.
-SHORT = {
-    "train.num_epochs": 1, "train.batch_size": 16, "eval.batch_size": 16, "train.checkpoint_every": 3,
-    "train.keep": 2, "train.log_every": 3, "optim.warmup_steps": 2,
-}
 # orbax modules that log INFO lines at every save / restore (absl's log prefix names the file).
 # No line anchor: tqdm's carriage-return updates put a progress bar in front of some log lines.
 ORBAX_INFO = re.compile(r"I\d{4} [\d:.]+ +\d+ (checkpoint_manager|async_checkpointer|composite_checkpoint_handler)"
                         r"\.py:\d+\]")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Running the commands.
-
-
-@dataclasses.dataclass
-class Run:
-  """One finished command: its workdir, exit status, outputs and wall time."""
-  name: str
-  workdir: pathlib.Path
-  returncode: int
-  stdout: str
-  stderr: str
-  seconds: float
-  info: dict = dataclasses.field(default_factory=dict)
-
-  def check(self) -> "Run":
-    assert self.returncode == 0, f"{self.name} exited with {self.returncode}:\n{self.stderr[-4000:]}"
-    return self
-
-  def json(self) -> dict:
-    return json.loads(self.stdout.strip().splitlines()[-1])
-
-
-class Commands:
-  """Builds and runs train.py / eval.py command lines against a shared dataset and compilation cache."""
-
-  def __init__(self, root: pathlib.Path, data_dir: pathlib.Path):
-    self.root = root
-    self.data_dir = data_dir
-    self.cache = root / "jax_cache"
-    self.timings: dict[str, tuple[float, float]] = {}  # name: (wall seconds, CPU seconds)
-
-  def env(self, devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(self.cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    if devices > 1:
-      env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-  def argv(self, script: str, workdir: pathlib.Path, overrides: dict, extra: tuple[str, ...] = ()) -> list[str]:
-    cfg = {**SHORT, "data.data_dir": str(self.data_dir), **overrides}
-    return ([sys.executable, script, "--config", SMOKE, "--workdir", str(workdir)]
-            + [f"--config.{k}={v}" for k, v in cfg.items()] + list(extra))
-
-  def run(self, name: str, script: str, workdir: pathlib.Path, overrides: dict | None = None, *, devices: int = 1,
-          extra: tuple[str, ...] = (), kill_after_checkpoint: bool = False) -> Run:
-    """Runs `script` to the end, or with kill_after_checkpoint, SIGKILLs it once a checkpoint is committed."""
-    argv = self.argv(script, workdir, overrides or {}, extra)
-    out, err = self.root / f"{name}.stdout", self.root / f"{name}.stderr"
-    start = time.perf_counter()
-    info = {}
-    with open(out, "w") as fo, open(err, "w") as fe:
-      proc = subprocess.Popen(argv, cwd=REPO, env=self.env(devices), stdout=fo, stderr=fe)
-      if kill_after_checkpoint:
-        info.update(_kill_after_first_checkpoint(proc, workdir / "checkpoints", start))
-      returncode, cpu = _wait(proc, start + TIMEOUT_S)
-    seconds = time.perf_counter() - start
-    self.timings[name] = (seconds, cpu)
-    return Run(name, workdir, returncode, out.read_text(), err.read_text(), seconds, info)
-
-
-def _wait(proc: subprocess.Popen, deadline: float) -> tuple[int, float]:
-  """(exit status, CPU seconds used) of `proc`, killed at `deadline` (time.perf_counter())."""
-  while True:
-    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-    if pid:
-      proc.returncode = os.waitstatus_to_exitcode(status)
-      return proc.returncode, usage.ru_utime + usage.ru_stime
-    if time.perf_counter() > deadline:
-      proc.kill()
-    time.sleep(0.05)
-
-
-def _kill_after_first_checkpoint(proc: subprocess.Popen, checkpoints: pathlib.Path, start: float) -> dict:
-  """SIGKILLs `proc` as soon as a committed checkpoint exists.
-
-  orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` when it is complete, so a
-  directory named by digits alone is a committed checkpoint.
-  """
-  while time.perf_counter() - start < TIMEOUT_S:
-    # WNOWAIT: look without reaping, so that _wait still collects the exit status and CPU time.
-    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-      return {"killed": False}
-    steps = [p.name for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.is_dir() else []
-    if steps:
-      finished_before = (checkpoints.parent / "train_summary.json").exists()
-      os.kill(proc.pid, signal.SIGKILL)
-      return {"killed": True, "committed_at_kill": sorted(int(s) for s in steps),
-              "summary_before_kill": finished_before}
-    time.sleep(0.02)
-  return {"killed": False}
-
-
-class Lane:
-  """Runs named jobs one after another in a background thread; `futures[name]` holds each job's result."""
-
-  def __init__(self, jobs: list[tuple[str, Callable[[], Run]]]):
-    self.futures = {name: concurrent.futures.Future() for name, _ in jobs}
-    self.thread = threading.Thread(target=self._work, args=(jobs,), daemon=True)
-    self.thread.start()
-
-  def _work(self, jobs):
-    for name, job in jobs:
-      try:
-        self.futures[name].set_result(job())
-      except BaseException as e:  # pylint: disable=broad-except
-        self.futures[name].set_exception(e)
-
-
-class Runs:
-  """`runs[name]` waits for the run `name` of any lane and returns it (or raises what it raised)."""
-
-  def __init__(self, commands: Commands, lanes: list[Lane]):
-    self.commands = commands
-    self.futures = {k: f for lane in lanes for k, f in lane.futures.items()}
-
-  def __getitem__(self, name: str) -> Run:
-    return self.futures[name].result(timeout=3 * TIMEOUT_S)
-
-
-def _build_smoke_data(data_dir: pathlib.Path) -> None:
-  """Builds the smoke dataset once, with the project's own code, for every run to share."""
-  from configs import smoke  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import data_setup  # pylint: disable=g-import-not-at-top
-  config = smoke.get_config()
-  with config.unlocked():
-    config.data.data_dir = str(data_dir)
-  data_setup.open_source(config, data_setup.SMOKE, data_dir)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Runs:
+def runs(tmp_path_factory) -> e2e.Runs:
   root = tmp_path_factory.mktemp("e2e")
   start = time.perf_counter()
-  _build_smoke_data(root / "data")
-  commands = Commands(root, root / "data")
+  e2e.build_smoke_data(root / "data")
+  commands = e2e.Commands(root, root / "data")
   commands.timings["build smoke data"] = (time.perf_counter() - start, math.nan)
 
   def train(name, **kw):
@@ -199,42 +57,82 @@ def runs(tmp_path_factory) -> Runs:
   def evaluate(name, **kw):
     return lambda: commands.run(name, "eval.py", root / name.split(":")[0], **kw)
 
-  lane1 = Lane([
+  split_1 = root / "protocol" / "split_1"
+  lane1 = e2e.Lane([
       ("one", train("one")),
       ("one:eval", evaluate("one:eval")),
+      ("one:refused", lambda: _refused_restarts(commands, root / "one", root / "data_rebuilt")),
       ("resumed:killed", train("resumed:killed", kill_after_checkpoint=True)),
-      ("resumed", train("resumed")),
+      # An allowed change on restart (how often to log) resumes.
+      ("resumed", train("resumed", overrides={"train.log_every": 1})),
       ("resumed:eval", evaluate("resumed:eval", extra=("--verbosity=0",))),
       ("protocol", train("protocol", overrides={"splits": 2, "train.checkpoint_every": 9})),
+      # The config file says data.split_seed=0; split 1 must still be evaluated on its own test images.
+      ("split_1:eval", lambda: commands.run("split_1:eval", "eval.py", split_1, extra=("--checkpoint=latest",))),
+      ("split_1:eval-noconfig", lambda: commands.run("split_1:eval-noconfig", "eval.py", split_1,
+                                                      extra=("--checkpoint=latest",), config_file=False)),
   ])
-  lane2 = Lane([
+  lane2 = e2e.Lane([
       ("eight", train("eight", overrides={"mesh.data": 8}, devices=8)),
       ("eight:eval", evaluate("eight:eval", overrides={"mesh.data": 8}, devices=8)),
       ("nonfinite", train("nonfinite", overrides={"optim.lr": 1e30, "train.checkpoint_every": 1})),
+      # A new run from "one"'s trained weights; lr 0 keeps them, so its checkpoint holds what step 0 started from.
+      ("init", lambda: (lane1.futures["one"].result(timeout=3 * e2e.TIMEOUT_S),
+                        commands.run("init", "train.py", root / "init",
+                                     {"init_from": root / "one", "init_from_checkpoint": "latest", "optim.lr": 0.0,
+                                      "train.num_epochs": 1, "optim.total_steps": 3}))[1]),
   ])
-  yield Runs(commands, [lane1, lane2])
+  yield e2e.Runs(commands, [lane1, lane2])
   for lane in (lane1, lane2):
-    lane.thread.join(timeout=3 * TIMEOUT_S)
+    lane.thread.join(timeout=3 * e2e.TIMEOUT_S)
   total = time.perf_counter() - start
   lines = [f"  {k:<20s} {wall:6.1f} s wall {cpu:6.1f} s CPU" for k, (wall, cpu) in commands.timings.items()]
   lines.append(f"  total {total:.1f} s wall")
   sys.stderr.write("\nend-to-end runs (two lanes in parallel):\n" + "\n".join(lines) + "\n")
 
 
+# Restarts of the finished run "one" that must be refused before anything is touched: (name, overrides, field).
+REFUSED = (
+    ("split_seed", {"data.split_seed": 1}, "data.split_seed", "0", "1"),
+    ("batch_size", {"train.batch_size": 8}, "train.batch_size", "16", "8"),
+    ("lr", {"optim.lr": 1e-3}, "optim.lr", "0.003", "0.001"),
+    ("fusion", {"model.fusion": "linear"}, "model.fusion", "null", '"linear"'),
+    ("resize", {"data.resize": 128}, "data.resize", "256", "128"),
+)
+
+
+def _rebuilt_smoke_data(original: pathlib.Path, out: pathlib.Path) -> None:
+  """The smoke dataset rebuilt from its release folder with other rows: one image's MOS changed."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from mcpf_jax import data  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.data import smoke  # pylint: disable=g-import-not-at-top
+  release = out / "smoke_release"
+  shutil.copytree(original / "smoke_release", release)
+  csv_path = release / smoke.CSV_NAME
+  lines = csv_path.read_text().splitlines()
+  header = lines[0].split(",")
+  row = lines[1].split(",")
+  row[header.index("mos")] = "4.5"  # was 5 (a pristine photo)
+  csv_path.write_text("\n".join([lines[0], ",".join(row)] + lines[2:]) + "\n")
+  data.builder("csv", data_dir=out, config_name="smoke", **smoke.CSV_CONFIG).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(release)))
+
+
+def _refused_restarts(commands: e2e.Commands, workdir: pathlib.Path, rebuilt: pathlib.Path) -> dict:
+  """Restarts the finished run in `workdir` with each REFUSED change and with a rebuilt dataset (train and eval)."""
+  before = e2e.tree_digest(workdir)
+  out = {name: commands.run(f"one:refused-{name}", "train.py", workdir, overrides)
+         for name, overrides, *_ in REFUSED}
+  _rebuilt_smoke_data(commands.data_dir, rebuilt)
+  out["rebuilt:train"] = commands.run("one:rebuilt-train", "train.py", workdir, {"data.data_dir": rebuilt})
+  out["rebuilt:eval"] = commands.run("one:rebuilt-eval", "eval.py", workdir, {"data.data_dir": rebuilt})
+  out["digests"] = (before, e2e.tree_digest(workdir))
+  return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reading the outputs.
-
-
-def _predictions(workdir: pathlib.Path) -> dict[str, tuple[float, float]]:
-  with open(workdir / "eval_predictions.csv", newline="") as f:
-    rows = list(csv.DictReader(f))
-  assert rows and list(rows[0]) == ["name", "mos", "score"]
-  return {r["name"]: (float(r["mos"]), float(r["score"])) for r in rows}
-
-
-def _max_relative_difference(a: dict, b: dict) -> float:
-  assert sorted(a) == sorted(b), "the two runs scored different images"
-  return max(abs(a[k][1] - b[k][1]) / abs(b[k][1]) for k in a)
 
 
 def _masked_crc32c(data: bytes) -> int:
@@ -265,7 +163,7 @@ def _scalars(workdir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
   return out
 
 
-def _total_steps(run: Run) -> tuple[int, int]:
+def _total_steps(run: e2e.Run) -> tuple[int, int]:
   """(total steps, steps per epoch) from the run's start-up log line."""
   m = re.search(r"(\d+) steps \((\d+) per epoch\)", run.stderr)
   assert m, f"{run.name}: no start-up line with the step count:\n{run.stderr[-2000:]}"
@@ -283,9 +181,9 @@ def test_sharded_run_on_8_devices_gives_the_same_scores_as_on_1(runs):
   assert re.search(r"1 devices \(cpu.*mesh data=1 x model=1", one.stderr)
   assert re.search(r"8 devices \(cpu.*mesh data=8 x model=1", eight.stderr), eight.stderr[-3000:]
   assert eight.json()["devices"] == 8 and one.json()["devices"] == 1
-  a, b = _predictions(one.workdir), _predictions(eight.workdir)
+  a, b = e2e.predictions(one.workdir), e2e.predictions(eight.workdir)
   assert len(a) >= 16
-  diff = _max_relative_difference(b, a)
+  diff = e2e.max_relative_difference(b, a)
   assert diff <= 1e-3, f"8 devices vs 1: max relative score difference {diff:.2e}"
   ea = json.loads((one.workdir / "eval.json").read_text())
   eb = json.loads((eight.workdir / "eval.json").read_text())
@@ -303,7 +201,7 @@ def test_sigkilled_run_resumes_exactly(runs):
   m = re.search(r"resumed from \S+/checkpoints/(\d+)", resumed.stderr)
   assert m, resumed.stderr[-3000:]
   assert first <= int(m.group(1)) < total
-  diff = _max_relative_difference(_predictions(resumed.workdir), _predictions(one.workdir))
+  diff = e2e.max_relative_difference(e2e.predictions(resumed.workdir), e2e.predictions(one.workdir))
   assert diff <= 1e-5, f"resumed vs uninterrupted: max relative score difference {diff:.2e}"
   sa = json.loads((one.workdir / "train_summary.json").read_text())
   sb = json.loads((resumed.workdir / "train_summary.json").read_text())
@@ -315,7 +213,7 @@ def test_sigkilled_run_resumes_exactly(runs):
 def test_checkpoints_along_the_run_keep_last_k_and_best(runs):
   one = runs["one"].check()
   total, _ = _total_steps(one)
-  every, keep = SHORT["train.checkpoint_every"], SHORT["train.keep"]
+  every, keep = e2e.SHORT["train.checkpoint_every"], e2e.SHORT["train.keep"]
   saved = sorted({s for s in range(every, total + 1, every)} | {total})
   assert len(saved) >= 3
   # Every save evaluates the validation split first and logs its SRCC.
@@ -391,7 +289,7 @@ def test_logging_progress_bar_tensorboard_and_quiet_orbax(runs):
   assert re.search(r"done: smoke step \d+ \| test SRCC -?[\d.]+ PLCC -?[\d.]+ \(\d+ images\)", one.stderr)
   # TensorBoard: train/loss every log_every steps, finite.
   scalars = _scalars(one.workdir)
-  every = SHORT["train.log_every"]
+  every = e2e.SHORT["train.log_every"]
   loss = dict(scalars["train/loss"])
   assert sorted(loss) == sorted(set(range(every, total + 1, every)) | {total})
   assert all(math.isfinite(v) and v > 0 for v in loss.values())
@@ -401,3 +299,84 @@ def test_logging_progress_bar_tensorboard_and_quiet_orbax(runs):
   assert not ORBAX_INFO.search(one.stderr), ORBAX_INFO.search(one.stderr).group(0)
   assert not ORBAX_INFO.search(runs["one:eval"].stderr)
   assert ORBAX_INFO.search(resumed_eval.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A run's identity: config, dataset and split, checked on every restart and evaluation.
+
+
+def test_restart_with_a_changed_config_is_refused_and_changes_nothing(runs):
+  runs["one"].check()
+  out = runs["one:refused"]
+  for name, _, field, saved, new in REFUSED:
+    run = out[name]
+    assert run.returncode != 0, f"a restart with {field} changed was not refused"
+    assert f"{field}: saved {saved}, now {new}" in run.stderr, run.stderr[-2000:]
+    assert "Nothing was changed" in run.stderr and "init_from" in run.stderr
+    assert "Traceback" not in run.stderr and "train: " not in run.stderr  # no traceback, no step
+  before, after = out["digests"]
+  assert before == after, "a refused restart changed files: " + str(sorted(set(before.items()) ^ set(after.items())))
+  assert any(k.startswith("checkpoints/") for k in before)
+
+
+def test_a_rebuilt_dataset_is_refused_at_resume_and_at_eval(runs):
+  out = runs["one:refused"]
+  for key in ("rebuilt:train", "rebuilt:eval"):
+    run = out[key]
+    assert run.returncode != 0, f"{key}: a rebuilt dataset was accepted"
+    assert "is not the one this run started on" in run.stderr and "fingerprint: saved" in run.stderr, \
+        run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+
+
+def test_an_allowed_change_resumes(runs):
+  resumed = runs["resumed"].check()
+  assert "restart with train.log_every changed: 3 -> 1" in resumed.stderr, resumed.stderr[-3000:]
+
+
+def test_the_run_records_its_config_dataset_and_split(runs):
+  one = runs["one"].check()
+  record = json.loads((one.workdir / "run.json").read_text())
+  split = json.loads((one.workdir / "split.json").read_text())
+  assert record["config"]["train"]["batch_size"] == 16 and record["config"]["data"]["split_seed"] == 0
+  assert record["dataset"]["name"] == "smoke" and len(record["dataset"]["fingerprint"]) == 64
+  assert split["protocol"] == "seed" and split["split_seed"] == 0
+  names = {side: set(split[side]) for side in ("train", "val", "test")}
+  assert not (names["train"] & names["test"]) and not (names["val"] & names["test"])
+  assert record["split"]["num_test"] == len(split["test"]) == one.json()["num_images"]
+  assert set(e2e.predictions(one.workdir)) == names["test"]  # one:eval scored exactly the test images
+
+
+def test_eval_of_a_protocol_split_uses_that_splits_own_test_images(runs):
+  protocol = runs["protocol"].check()
+  split_1 = protocol.workdir / "split_1"
+  summary = json.loads((split_1 / "train_summary.json").read_text())
+  test_names = json.loads((split_1 / "split.json").read_text())["test"]
+  out = json.loads((protocol.workdir / "protocol.json").read_text())
+  assert out["runs"][1]["split_seed"] == 1 and out["runs"][1]["split_file"] == "split_1/split.json"
+  # Split 1's test photos are not split 0's: a config-file seed would have evaluated other images.
+  assert set(test_names) != set(json.loads((protocol.workdir / "split_0" / "split.json").read_text())["test"])
+  with_config = runs["split_1:eval"].check()
+  without = runs["split_1:eval-noconfig"].check()
+  for run in (with_config, without):
+    got = run.json()
+    assert got["num_images"] == len(test_names) == summary["test"]["num_images"]
+    assert got["srcc"] == summary["test"]["srcc"] and got["plcc"] == summary["test"]["plcc"], (got, summary)
+  assert "not used from --config: data.split_seed=0 (the run has 1)" in with_config.stderr
+  assert set(e2e.predictions(split_1)) == set(test_names)
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")  # read back on this process's CPU
+def test_init_from_starts_from_the_other_runs_trainable_weights(runs):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  one, init = runs["one"].check(), runs["init"].check()
+  record = json.loads((init.workdir / "run.json").read_text())
+  src_step = max(int(p.name) for p in (one.workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert record["init_from"]["step"] == src_step and "step 0 starts from the trainable weights" in init.stderr
+  read = lambda d: ocp.PyTreeCheckpointer().restore(d / "state")["params"]
+  theirs = read(one.workdir / "checkpoints" / str(src_step))
+  ours = read(init.workdir / "checkpoints" / "3")
+  flat_a, flat_b = jax.tree_util.tree_flatten_with_path(theirs)[0], jax.tree_util.tree_flatten_with_path(ours)[0]
+  assert [k for k, _ in flat_a] == [k for k, _ in flat_b] and flat_a
+  for (k, a), (_, b) in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(k))

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from mcpf_jax import data as datasets
 from mcpf_jax.data import pipeline, smoke, splits
+from mcpf_jax.train import mesh as mesh_lib
 
 SMOKE = "smoke"
 
@@ -49,9 +50,7 @@ def _build(name: str, root: pathlib.Path, manual_dir: pathlib.Path, **kwargs: An
   if jax.process_index() == 0:
     datasets.builder(name, data_dir=root, **kwargs).download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(f"built {name}")
+  mesh_lib.sync(f"built {name}")
 
 
 def open_source(config, name: str, workdir: pathlib.Path) -> datasets.IqaSource:

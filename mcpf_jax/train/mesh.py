@@ -86,3 +86,10 @@ def state_shardings(state_shapes: Any, params_shardings: Any, mesh: Mesh) -> Any
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """This process's slice of the batch -> global jax.Arrays split over "data" (works on 1 and N hosts)."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (multi-host), a no-op in one process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mcpf_jax.train import trainer
+from mcpf_jax.train import identity, trainer
 
 log = logging.getLogger("mcpf_jax")
 _KEYS = ("srcc", "plcc", "plcc_logistic", "krcc", "rmse")
@@ -29,10 +29,11 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Trains split s in <workdir>/split_<s> for s in 0..config.splits-1 (each resumable), then summarizes.
 
-  Writes <workdir>/protocol.json.
+  Writes <workdir>/protocol.json: the summary, each split's test metrics ("per_split"), and each split's seed,
+  workdir and split file ("runs").
   """
   workdir = pathlib.Path(workdir).expanduser()
-  results = []
+  results, runs = [], []
   for s in range(config.splits):
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
@@ -40,9 +41,15 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
       cfg.data.split_seed = s
     summary = trainer.train_and_evaluate(cfg, workdir / f"split_{s}")
     results.append(summary["test"])
+    runs.append({"split": s, "split_seed": s, "workdir": f"split_{s}",
+                 "split_file": f"split_{s}/{identity.SPLIT_FILE}", "run_file": f"split_{s}/{identity.RUN_FILE}",
+                 "num_test": summary["test"]["num_images"]})
     log.info("split %d: test SRCC %.4f PLCC %.4f", s, summary["test"]["srcc"], summary["test"]["plcc"])
   out = {"dataset": config.data.name, "model": config.model.name, "splits": config.splits,
-         "summary": summarize(results), "per_split": results}
+         "summary": summarize(results), "per_split": results,
+         # Each split's seed and where its train/val/test images are listed by name (audit: eval.py --workdir
+         # <workdir>/split_<s> evaluates exactly those test images).
+         "runs": runs}
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "protocol.json").write_text(json.dumps(out, indent=2) + "\n")
   s = out["summary"]

@@ -15,7 +15,7 @@ import ml_collections
 
 from mcpf_jax import clip
 from mcpf_jax.train import checkpoints as ckpt_lib
-from mcpf_jax.train import mesh as mesh_lib, optim, step as step_lib
+from mcpf_jax.train import identity, mesh as mesh_lib, optim, step as step_lib
 
 
 def load_clip(config, workdir: pathlib.Path, *, name: str | None = None) -> clip.Bundle:
@@ -63,6 +63,15 @@ def checkpoint_step(ckpts: ckpt_lib.Checkpoints, which: str | int) -> int:
   return step
 
 
+def run_config(workdir: str | pathlib.Path, meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The config a run was trained with: its run.json (written at its start), else the one saved in the checkpoint's
+  `meta` (runs of older versions). eval.py and the Scorer both take the model from here."""
+  saved = identity.read(pathlib.Path(workdir))
+  if saved is not None:
+    return ml_collections.ConfigDict(saved[0]["config"])
+  return config_from_meta(meta)
+
+
 def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """The training config saved in a checkpoint's `meta` item (JSON: tuples come back as lists)."""
   if "config" not in meta:
@@ -82,3 +91,59 @@ def restore_params(config, ckpts: ckpt_lib.Checkpoints, step: int, params: Any, 
   p_sh = mesh_lib.param_shardings(params, mesh, config.mesh.shard_backbone)
   s_sh = mesh_lib.state_shardings(state, p_sh, mesh)
   return ckpts.restore(step, jax.device_put(state, s_sh), labels, s_sh)["params"]
+
+
+def _init_from_checkpoints(config) -> tuple[ckpt_lib.Checkpoints, int]:
+  where = pathlib.Path(config.init_from).expanduser()
+  directory = where / "checkpoints" if (where / "checkpoints").is_dir() else where
+  if not directory.is_dir():
+    raise FileNotFoundError(f"init_from={config.init_from!r}: no run there (expected a training run's workdir "
+                            "with checkpoints/)")
+  ckpts = ckpt_lib.Checkpoints(directory, read_only=True)
+  try:
+    step = checkpoint_step(ckpts, config.init_from_checkpoint)
+  except Exception:
+    ckpts.close()
+    raise
+  return ckpts, step
+
+
+def init_from_source(config) -> dict[str, Any]:
+  """Where `config.init_from` points: {"workdir", "checkpoint", "step"} (the step "best"/"latest" resolve to)."""
+  ckpts, step = _init_from_checkpoints(config)
+  ckpts.close()
+  return {"workdir": str(pathlib.Path(config.init_from).expanduser().absolute()), "step": int(step),
+          "checkpoint": str(ckpts.directory / str(step))}
+
+
+# Model fields that must agree for another run's trainable parameters to fit this one's (speed-only ones aside).
+_SAME_MODEL_EXCEPT = ("image_chunk",)
+
+
+def init_from(config, bundle: clip.Bundle, params: Any, labels: Any, mesh: jax.sharding.Mesh) -> tuple[Any, str]:
+  """`params` with the trainable leaves of another run's checkpoint (`config.init_from`): a new run that starts
+  from trained prompts and fusion (e.g. fine-tuning on a second dataset). The optimizer state is not taken.
+
+  Raises:
+    FileNotFoundError: no such run or checkpoint.
+    ValueError: the other run used another backbone, or a model whose trainable parameters differ from this one's
+      (the differing model fields are named).
+  """
+  ckpts, step = _init_from_checkpoints(config)
+  try:
+    meta = ckpts.restore_meta(step)
+    where = ckpts.directory / str(step)
+    ckpt_lib.check_backbone(meta, bundle.source, bundle.fingerprint, where)
+    other = config_from_meta(meta)
+    mine = json.loads(config.model.to_json_best_effort())
+    theirs = json.loads(json.dumps(other.model.to_dict()))
+    diff = sorted(k for k in set(mine) | set(theirs) if k not in _SAME_MODEL_EXCEPT and mine.get(k) != theirs.get(k))
+    if diff:
+      raise ValueError(f"init_from: {where} was trained with another model; its parameters do not fit this run's: "
+                       + ", ".join(f"model.{k} there {theirs.get(k)!r}, here {mine.get(k)!r}" for k in diff))
+    their_labels = optim.trainable_labels(params, other.model.trainable)
+    restored = restore_params(other, ckpts, step, params, their_labels, mesh)
+  finally:
+    ckpts.close()
+  del labels  # this run's trainable leaves are a subset of the tree restored (the frozen ones are the backbone's)
+  return restored, str(where)

@@ -16,9 +16,10 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 import tqdm
 
@@ -26,7 +27,7 @@ from mcpf_jax import clip, metrics
 from mcpf_jax import model as iqa
 from mcpf_jax.data import pipeline
 from mcpf_jax.train import checkpoints as ckpt_lib
-from mcpf_jax.train import data_setup, mesh as mesh_lib, optim, restore, step as step_lib
+from mcpf_jax.train import data_setup, identity, mesh as mesh_lib, optim, restore, step as step_lib
 from mcpf_jax.train.restore import load_clip, optim_config as _optim_config  # re-exported
 
 log = logging.getLogger("mcpf_jax")
@@ -123,13 +124,68 @@ def _last_good(ckpts: ckpt_lib.Checkpoints) -> str:
   return f"{where} (lower optim.lr or check the data)."
 
 
+def _saved_identity(workdir: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+  """(run.json, split.json) of a run that has checkpoints; for a run of an older version without run.json, the
+  config saved in its latest checkpoint. None when nothing was trained in `workdir` yet (a fresh start)."""
+  directory = workdir / "checkpoints"
+  if not directory.is_dir():
+    return None
+  ckpts = ckpt_lib.Checkpoints(directory, read_only=True)
+  try:
+    step = ckpts.latest_step()
+    if step is None:
+      return None
+    saved = identity.read(workdir)
+    if saved is not None:
+      return saved
+    meta = ckpts.restore_meta(step)
+    return {"config": restore.config_from_meta(meta).to_dict(), "from": f"checkpoint {directory / str(step)}"}, None
+  finally:
+    ckpts.close()
+
+
+def _check_identity(run: Run, saved: tuple[dict[str, Any], dict[str, Any] | None] | None) -> dict[str, Any]:
+  """Checks the dataset and the split against the saved identity (refusing a changed one), and writes run.json and
+  split.json at a fresh start (process 0). Returns the run's identity record."""
+  ds = identity.dataset_identity(run.data.source, run.data.name)
+  split = identity.split_record(run.config, run.data.names, run.data.indices)
+  if saved is not None:
+    run_rec, split_rec = saved
+    if "dataset" in run_rec:
+      identity.check_dataset(run_rec["dataset"], ds, run.workdir)
+    if split_rec is not None and any(split_rec[k] != split[k] for k in ("train", "val", "test")):
+      raise identity.RunMismatchError(f"{run.workdir}: the split computed now is not the one in "
+                                      f"{run.workdir / identity.SPLIT_FILE}; nothing was changed")
+    if "dataset" in run_rec and split_rec is not None:
+      return run_rec
+  record = {"format": identity.FORMAT, "config": identity.config_dict(run.config), "dataset": ds,
+            "split": {k: split[k] for k in ("protocol", "split_seed", "train_fraction", "val_fraction")} |
+                     {f"num_{k}": len(split[k]) for k in ("train", "val", "test")},
+            "backbone": {"source": run.bundle.source, "fingerprint": run.bundle.fingerprint},
+            "init_from": None}
+  if run.config.init_from:
+    record["init_from"] = restore.init_from_source(run.config)
+  if jax.process_index() == 0:
+    identity.write(run.workdir, record, split)
+  mesh_lib.sync(f"identity of {run.workdir}")
+  return record
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Trains (resuming from the workdir's latest checkpoint if any), then evaluates the test split.
 
+  A restart must use the config the run started with, up to the fields that do not change what is computed
+  (identity.OBSERVE): anything else is refused (identity.RunMismatchError) before the workdir is touched.
   Returns the final summary (also written to <workdir>/train_summary.json).
   """
+  workdir = pathlib.Path(workdir).expanduser()
+  saved = _saved_identity(workdir)
+  if saved is not None:
+    for key, old, new in identity.compare(saved[0]["config"], config, workdir):
+      log.info("restart with %s changed: %s -> %s (does not change what is computed)", key, old, new)
   run = build_run(config, workdir)
   cfg, workdir = run.config, run.workdir
+  _check_identity(run, saved)
   n_proc = jax.process_count()
   if cfg.train.batch_size % (run.mesh.shape["data"] * cfg.train.accumulate_steps) or cfg.train.batch_size % n_proc:
     raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the mesh data axis "
@@ -163,6 +219,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     ckpt_lib.check_backbone(ckpts.restore_meta(start), run.bundle.source, run.bundle.fingerprint, ckpts.directory)
     state = ckpts.restore(start, state, run.labels, s_sh, iterator)
     log.info("resumed from %s/%d", ckpts.directory, start)
+  elif cfg.init_from:
+    params, where = restore.init_from(cfg, run.bundle, run.params, run.labels, run.mesh)
+    state = dict(state, params=jax.device_put(params, s_sh["params"]))
+    log.info("step 0 starts from the trainable weights of %s", where)
   log.info("%s | %s on %s: %d train / %d val / %d test images, %d steps (%d per epoch), %d trainable of %d "
            "parameters", mesh_lib.describe(run.mesh), cfg.model.name, run.data.name, len(train_idx),
            len(run.data.indices["val"]), len(run.data.indices["test"]), total, steps_per_epoch,
@@ -226,32 +286,92 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   return summary
 
 
+def eval_config(saved: Mapping[str, Any], config=None, explicit: Mapping[str, Any] | None = None
+                ) -> ml_collections.ConfigDict:
+  """The config an evaluation runs with: the run's own (`saved`), with the evaluation fields (`eval.*`) and the
+  free fields (identity.OBSERVE / IDENTITY_BY_FINGERPRINT: mesh, where the backbone and data live) of `config`.
+
+  `config`'s other fields are not used (a warning lists those that differ from the run's). `explicit`: the fields
+  set on the command line (`--config.x=y`); one that is not an evaluation or free field and differs from the run's
+  value is refused (identity.RunMismatchError), since the run cannot be evaluated as something it was not.
+  """
+  cfg = ml_collections.ConfigDict(identity.config_dict(saved))
+  if config is None:
+    return cfg
+  run_values = identity.flatten(identity.config_dict(saved))
+  refused = [(k, run_values.get(k, "<absent>"), v) for k, v in (explicit or {}).items()
+             if not (identity.is_eval_field(k) or identity.is_free(k))
+             and identity.config_dict({"v": v})["v"] != run_values.get(k, "<absent>")]
+  if refused:
+    lines = "\n".join(f"  {k}: the run has {json.dumps(a)}, the command line asks for {json.dumps(b, default=str)}"
+                      for k, a, b in refused)
+    raise identity.RunMismatchError(
+        "a run is evaluated as it was trained; only eval.* fields (and where the data, backbone and devices "
+        f"are) may be overridden:\n{lines}")
+  applied, ignored = {}, []
+  for key, old, new in identity.differences(saved, config):
+    if identity.is_eval_field(key) or identity.is_free(key):
+      if new != "<absent>":
+        applied[key] = new
+    else:
+      ignored.append(f"{key}={json.dumps(new)} (the run has {json.dumps(old)})")
+  if ignored:
+    log.warning("the run's own config is used; not used from --config: %s", "; ".join(ignored))
+  with cfg.unlocked():
+    for key, value in applied.items():
+      *path, leaf = key.split(".")
+      node = cfg
+      for part in path:
+        node = node[part]
+      node[leaf] = value
+  return cfg
+
+
 def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | None = None,
-             dataset: str | None = None, split: str | None = None) -> dict[str, Any]:
+             dataset: str | None = None, split: str | None = None,
+             explicit: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Restores a checkpoint and evaluates it; writes eval.json, eval_predictions.csv and eval_scatter.png.
 
+  The model, backbone, split, preprocessing and score mapping are the run's own (its run.json and split.json, or
+  for runs of older versions the config saved in the checkpoint); `config` (optional) contributes only its
+  evaluation fields (see `eval_config`). The run's own test split is exactly the test images listed in its
+  split.json, and the dataset must still be the one it was trained on (same fingerprint).
+
   Args:
-    checkpoint: "best", "latest" or a step (default config.eval.checkpoint).
-    dataset: another dataset to evaluate on (cross-dataset: all its images); default config.eval.dataset or the
+    config: a config file's ConfigDict, or None (everything from the run).
+    checkpoint: "best", "latest" or a step (default: eval.checkpoint).
+    dataset: another dataset to evaluate on (cross-dataset: all its images); default eval.dataset or the
       training dataset's test split.
     split: which split of the training dataset ("test" by default).
+    explicit: the config fields set on the command line (refused unless evaluation fields; `eval_config`).
   """
-  cfg = config
-  dataset = dataset or cfg.eval.dataset
-  run = build_run(cfg, workdir, dataset=dataset)
-  workdir = run.workdir
-  ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=cfg.train.keep, read_only=True)
+  workdir = pathlib.Path(workdir).expanduser()
+  directory = workdir / "checkpoints"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train first with train.py --workdir {workdir}")
+  ckpts = ckpt_lib.Checkpoints(directory, read_only=True)
+  saved = identity.read(workdir)
+  latest = ckpts.latest_step()
+  if latest is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint; train first with the same --workdir")
+  run_cfg = (saved[0]["config"] if saved is not None else
+             restore.config_from_meta(ckpts.restore_meta(latest)).to_dict())
+  cfg = eval_config(run_cfg, config, explicit)
   step = restore.checkpoint_step(ckpts, checkpoint if checkpoint is not None else cfg.eval.checkpoint)
   meta = ckpts.restore_meta(step)
+  dataset = dataset or cfg.eval.dataset
+  cross = dataset is not None and dataset != meta["dataset"]
+  run = build_run(cfg, workdir, dataset=dataset if cross else None)
   ckpt_lib.check_backbone(meta, run.bundle.source, run.bundle.fingerprint, ckpts.directory)
+  if not cross and saved is not None:
+    run_rec, split_rec = saved
+    if "dataset" in run_rec:
+      identity.check_dataset(run_rec["dataset"], identity.dataset_identity(run.data.source, run.data.name), workdir)
+    if split_rec is not None:
+      run.data.indices.update(identity.indices_from_split(split_rec, run.data.names, workdir))
   # Labels map to the MOS scale of the TRAINING split, as saved, whatever dataset is evaluated.
-  train_labels = pipeline.LabelTransform(**meta["label_transform"])
-  if dataset is not None and dataset != meta["dataset"]:
-    run.data = dataclasses.replace(run.data, labels=train_labels)
-    split = "all"
-  else:
-    run.data = dataclasses.replace(run.data, labels=train_labels)
-    split = split or "test"
+  run.data = dataclasses.replace(run.data, labels=pipeline.LabelTransform(**meta["label_transform"]))
+  split = "all" if cross else (split or "test")
   tx = optim.make_optimizer(_optim_config(cfg, 1), run.labels)
   _, eval_step, _, _, b_sh = _jit_steps(run, tx, step_lib.init_state(run.params, tx))
   params = restore.restore_params(cfg, ckpts, step, run.params, run.labels, run.mesh)

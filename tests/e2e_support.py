@@ -1,0 +1,191 @@
+"""Running train.py / eval.py as subprocesses the way people run them, for the end-to-end tests.
+
+`Commands` builds the command lines (the smoke config cut short, a shared dataset and XLA compilation cache);
+`Lane`s run jobs one after another in background threads and `Runs` waits for any of them by name.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs" / "smoke.py")
+TIMEOUT_S = 600
+# One epoch of the smoke run, a checkpoint every 3 steps; the batch sizes divide over 8 devices.
+SHORT = {
+    "train.num_epochs": 1, "train.batch_size": 16, "eval.batch_size": 16, "train.checkpoint_every": 3,
+    "train.keep": 2, "train.log_every": 3, "optim.warmup_steps": 2,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running the commands.
+
+
+@dataclasses.dataclass
+class Run:
+  """One finished command: its workdir, exit status, outputs and wall time."""
+  name: str
+  workdir: pathlib.Path
+  returncode: int
+  stdout: str
+  stderr: str
+  seconds: float
+  info: dict = dataclasses.field(default_factory=dict)
+
+  def check(self) -> "Run":
+    assert self.returncode == 0, f"{self.name} exited with {self.returncode}:\n{self.stderr[-4000:]}"
+    return self
+
+  def json(self) -> dict:
+    return json.loads(self.stdout.strip().splitlines()[-1])
+
+
+class Commands:
+  """Builds and runs train.py / eval.py command lines against a shared dataset and compilation cache."""
+
+  def __init__(self, root: pathlib.Path, data_dir: pathlib.Path):
+    self.root = root
+    self.data_dir = data_dir
+    self.cache = root / "jax_cache"
+    self.timings: dict[str, tuple[float, float]] = {}  # name: (wall seconds, CPU seconds)
+
+  def env(self, devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(self.cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    if devices > 1:
+      env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+  def argv(self, script: str, workdir: pathlib.Path, overrides: dict | None, extra: tuple[str, ...] = ()
+           ) -> list[str]:
+    """The command line; `overrides` None: no --config at all (eval.py takes everything from the run)."""
+    if overrides is None:
+      return [sys.executable, script, "--workdir", str(workdir)] + list(extra)
+    cfg = {**SHORT, "data.data_dir": str(self.data_dir), **overrides}
+    return ([sys.executable, script, "--config", SMOKE, "--workdir", str(workdir)]
+            + [f"--config.{k}={v}" for k, v in cfg.items()] + list(extra))
+
+  def run(self, name: str, script: str, workdir: pathlib.Path, overrides: dict | None = None, *, devices: int = 1,
+          extra: tuple[str, ...] = (), kill_after_checkpoint: bool = False, config_file: bool = True) -> Run:
+    """Runs `script` to the end, or with kill_after_checkpoint, SIGKILLs it once a checkpoint is committed.
+
+    config_file=False: no --config (and no overrides) on the command line.
+    """
+    argv = self.argv(script, workdir, (overrides or {}) if config_file else None, extra)
+    out, err = self.root / f"{name}.stdout", self.root / f"{name}.stderr"
+    start = time.perf_counter()
+    info = {}
+    with open(out, "w") as fo, open(err, "w") as fe:
+      proc = subprocess.Popen(argv, cwd=REPO, env=self.env(devices), stdout=fo, stderr=fe)
+      if kill_after_checkpoint:
+        info.update(kill_after_first_checkpoint(proc, workdir / "checkpoints", start))
+      returncode, cpu = wait(proc, start + TIMEOUT_S)
+    seconds = time.perf_counter() - start
+    self.timings[name] = (seconds, cpu)
+    return Run(name, workdir, returncode, out.read_text(), err.read_text(), seconds, info)
+
+
+def wait(proc: subprocess.Popen, deadline: float) -> tuple[int, float]:
+  """(exit status, CPU seconds used) of `proc`, killed at `deadline` (time.perf_counter())."""
+  while True:
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid:
+      proc.returncode = os.waitstatus_to_exitcode(status)
+      return proc.returncode, usage.ru_utime + usage.ru_stime
+    if time.perf_counter() > deadline:
+      proc.kill()
+    time.sleep(0.05)
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, checkpoints: pathlib.Path, start: float) -> dict:
+  """SIGKILLs `proc` as soon as a committed checkpoint exists.
+
+  orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` when it is complete, so a
+  directory named by digits alone is a committed checkpoint.
+  """
+  while time.perf_counter() - start < TIMEOUT_S:
+    # WNOWAIT: look without reaping, so that _wait still collects the exit status and CPU time.
+    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+      return {"killed": False}
+    steps = [p.name for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.is_dir() else []
+    if steps:
+      finished_before = (checkpoints.parent / "train_summary.json").exists()
+      os.kill(proc.pid, signal.SIGKILL)
+      return {"killed": True, "committed_at_kill": sorted(int(s) for s in steps),
+              "summary_before_kill": finished_before}
+    time.sleep(0.02)
+  return {"killed": False}
+
+
+class Lane:
+  """Runs named jobs one after another in a background thread; `futures[name]` holds each job's result."""
+
+  def __init__(self, jobs: list[tuple[str, Callable[[], Run]]]):
+    self.futures = {name: concurrent.futures.Future() for name, _ in jobs}
+    self.thread = threading.Thread(target=self._work, args=(jobs,), daemon=True)
+    self.thread.start()
+
+  def _work(self, jobs):
+    for name, job in jobs:
+      try:
+        self.futures[name].set_result(job())
+      except BaseException as e:  # pylint: disable=broad-except
+        self.futures[name].set_exception(e)
+
+
+class Runs:
+  """`runs[name]` waits for the run `name` of any lane and returns it (or raises what it raised)."""
+
+  def __init__(self, commands: Commands, lanes: list[Lane]):
+    self.commands = commands
+    self.futures = {k: f for lane in lanes for k, f in lane.futures.items()}
+
+  def __getitem__(self, name: str) -> Run:
+    return self.futures[name].result(timeout=3 * TIMEOUT_S)
+
+
+def build_smoke_data(data_dir: pathlib.Path) -> None:
+  """Builds the smoke dataset once, with the project's own code, for every run to share."""
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import data_setup  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  with config.unlocked():
+    config.data.data_dir = str(data_dir)
+  data_setup.open_source(config, data_setup.SMOKE, data_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the outputs.
+
+
+def predictions(workdir: pathlib.Path) -> dict[str, tuple[float, float]]:
+  with open(workdir / "eval_predictions.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert rows and list(rows[0]) == ["name", "mos", "score"]
+  return {r["name"]: (float(r["mos"]), float(r["score"])) for r in rows}
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+  assert sorted(a) == sorted(b), "the two runs scored different images"
+  return max(abs(a[k][1] - b[k][1]) / abs(b[k][1]) for k in a)
+
+
+def tree_digest(root: pathlib.Path) -> dict[str, str]:
+  """{relative path: sha256} of every file under `root`: proof that a refused start changed nothing."""
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob("*")) if p.is_file()}
