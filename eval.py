@@ -17,26 +17,30 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mcpf_jax.train import launch  # noqa: F401  (defines the multi-host launch flags)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "optional: a config file; only its eval.* fields are used",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "best | latest | a step (default: config.eval.checkpoint)")
 _DATASET = flags.DEFINE_string("dataset", None, "evaluate on another dataset (default: the test split)")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize() first")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   del argv
   from mcpf_jax.train import logs  # pylint: disable=g-import-not-at-top
-  logs.start_program(_DISTRIBUTED.value)  # logging (orbax's INFO lines only with --verbosity), multi-host start
-  from mcpf_jax.train import identity, trainer  # pylint: disable=g-import-not-at-top
+  logs.start_program()  # logging (orbax's INFO lines only with --verbosity), multi-host start (launch flags)
+  from mcpf_jax.train import identity, preemption, trainer  # pylint: disable=g-import-not-at-top
   explicit = config_flags.get_override_values(flags.FLAGS["config"]) if _CONFIG.value is not None else {}
   try:
     result = trainer.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, dataset=_DATASET.value,
                               explicit=explicit)
   except identity.RunMismatchError as e:
     sys.exit(f"eval.py: {e}")
+  except preemption.Stopped as e:  # SIGTERM / SIGINT: nothing written
+    print(f"eval.py: {e}", file=sys.stderr)
+    sys.exit(e.status)
   print(json.dumps({k: result[k] for k in ("dataset", "split", "checkpoint_step", "srcc", "plcc", "plcc_logistic",
                                            "krcc", "rmse", "num_images")}))
 

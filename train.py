@@ -5,7 +5,9 @@ changes what is computed (model, data, split, loss, optimizer, batch, seed, ...)
 fields that may change are listed in the README. `--config.init_from=runs/koniq` starts a NEW run from another run's
 trained weights. `--config.splits=10` runs the papers'
 10-split protocol (each split in <workdir>/split_<s>) and writes <workdir>/protocol.json. On several hosts pass
---distributed on every host (jax.distributed.initialize()). orbax's INFO lines (dozens per checkpoint) are hidden
+--distributed on every host (jax.distributed.initialize() detects the cluster), or --coordinator_address HOST:PORT
+--num_processes N --process_id I. SIGTERM / SIGINT: the run finishes its step, saves it and exits with status 143
+(SIGTERM; any signal under jax.distributed) or 130 (SIGINT); the same command resumes. orbax's INFO lines (dozens per checkpoint) are hidden
 unless --verbosity is given (e.g. --verbosity=0).
 """
 
@@ -15,22 +17,26 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mcpf_jax.train import launch  # noqa: F401  (defines the multi-host launch flags)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and results go")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize() first")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   from mcpf_jax.train import logs  # pylint: disable=g-import-not-at-top
-  logs.start_program(_DISTRIBUTED.value)  # logging (orbax's INFO lines only with --verbosity), multi-host start
-  from mcpf_jax.train import identity, protocol, trainer  # pylint: disable=g-import-not-at-top
+  logs.start_program()  # logging (orbax's INFO lines only with --verbosity), multi-host start (launch flags)
+  from mcpf_jax.train import identity, preemption, protocol, trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:
     _train(config, protocol, trainer)
   except identity.RunMismatchError as e:  # a refused restart: nothing in the workdir was changed
     sys.exit(f"train.py: {e}")
+  except preemption.Stopped as e:  # SIGTERM / SIGINT: the step reached is saved; the same command resumes
+    print(f"train.py: {e}", file=sys.stderr)
+    sys.exit(e.status)
 
 
 def _train(config, protocol, trainer):

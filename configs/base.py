@@ -64,6 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10  # steps between log lines / TensorBoard scalars
   c.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
   c.train.eval_every = 0  # steps between held-out evaluations (0 = only at checkpoints)
+  c.train.checkpoint_minutes = 30.0  # also save when this long passed since the last save (bounds what a hard kill
+  # loses; such saves are not validated and never become the best checkpoint). 0 = off
   c.train.keep = 3  # most recent checkpoints kept (the best one is always kept too)
 
   c.optim = ml_collections.ConfigDict()

@@ -57,7 +57,7 @@ def test_a_field_absent_on_one_side_is_a_difference():
 @pytest.mark.parametrize("key,free", [
     ("train.log_every", True), ("train.checkpoint_every", True), ("train.keep", True), ("eval.batch_size", True),
     ("mesh.shard_backbone", True), ("clip.name", True), ("data.data_dir", True), ("clip.remat", True),
-    ("train.batch_size", False), ("data.num_workers", False), ("eval.num_crops", False), ("seed", False),
+    ("train.batch_size", False), ("data.num_workers", True), ("eval.num_crops", False), ("seed", False),
     ("clip.dtype", False), ("init_from", False), ("meshy", False), ("model.image_chunk", True),
 ])
 def test_free_fields(key, free):

@@ -27,9 +27,10 @@ Batches are dicts of numpy arrays (B = batch size, S = image_size, C = num_crops
   index            int64   [B]  the record's row in the source (-1 for eval padding)
   weight           float32 [B]  eval only: 1 for real rows, 0 for padding
 
-Multi-host: each process calls `train_loader(..., shard_index=jax.process_index(),
-shard_count=jax.process_count())` with its per-process batch size; the rows are split into disjoint,
-equally long shards (so every process runs the same number of steps per epoch).
+Multi-host: each process calls `train_loader(..., batch_size=GLOBAL batch, shard_index=jax.process_index(),
+shard_count=jax.process_count())` and gets its rows of each global batch (one global order: the same batches on 1
+and N processes); `eval_batches(..., shard_index, shard_count)` gives each process every N-th row, each decoded by
+one process only.
 """
 
 from __future__ import annotations
@@ -313,20 +314,42 @@ def _check_shard(shard_index: int, shard_count: int) -> None:
                      f"shard_count={shard_count}")
 
 
-def _train_shard(rows: np.ndarray, seed: int, shard_index: int, shard_count: int) -> np.ndarray:
-  """This process's rows: disjoint across processes, all of the same length.
+class _ProcessRows(grain.MapDataset):
+  """This process's part of a stream of GLOBAL batches: rows [p * k, (p + 1) * k) of each one (k = B / P).
 
-  The rows are permuted (by `seed`) before striding, so the at most shard_count - 1 rows left out to equalise
-  the shards are random ones, not always the end of the list.
+  `parent` is the global, per-epoch shuffled and augmented example sequence (epoch e's examples at parent positions
+  e * num_rows + 0..num_rows - 1); global batch i of epoch e holds parent positions e * num_rows + b * B + 0..B - 1
+  for b = i mod steps_per_epoch, exactly the positions grain's `batch(B, drop_remainder=True)` gives it. Element n of
+  this dataset is position o = n mod k of this process's part of global batch n // k. Positions past one epoch
+  wrap into the next one, as grain's batch and repeat do, so `batch(k).repeat()` on top continues across epochs.
   """
-  permuted = rows[np.random.default_rng([seed, 0x5EED]).permutation(rows.size)]
-  per_shard = rows.size // shard_count
-  return permuted[shard_index::shard_count][:per_shard]
+
+  def __init__(self, parent: grain.MapDataset, num_rows: int, global_batch: int, shard_index: int,
+               shard_count: int):
+    super().__init__(parent)
+    self._num_rows, self._global_batch = num_rows, global_batch
+    self._local = global_batch // shard_count
+    self._offset = shard_index * self._local
+    self._steps = num_rows // global_batch
+
+  def __len__(self) -> int:
+    return self._steps * self._local
+
+  def __str__(self) -> str:
+    return f"_ProcessRows(offset={self._offset}, local={self._local}, global_batch={self._global_batch})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, o = divmod(int(index), self._local)
+    epoch, b = divmod(step, self._steps)
+    return self._parent[epoch * self._num_rows + b * self._global_batch + self._offset + o]
 
 
-def steps_per_epoch(num_rows: int, batch_size: int, shard_count: int = 1) -> int:
-  """Training batches per epoch per process: (num_rows // shard_count) // batch_size (remainders dropped)."""
-  return (num_rows // shard_count) // batch_size
+def steps_per_epoch(num_rows: int, batch_size: int) -> int:
+  """Training steps per epoch: num_rows // batch_size global batches (the remainder dropped), on any number of
+  processes."""
+  return num_rows // batch_size
 
 
 def num_eval_batches(num_rows: int, batch_size: int, shard_count: int = 1) -> int:
@@ -368,44 +391,57 @@ def _with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
 
 def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size: int, image_size: int = 224,
                  resize: int = 512, seed: int, labels: LabelTransform, num_workers: int = 0, shard_index: int = 0,
-                 shard_count: int = 1, num_epochs: int | None = None, num_threads: int = 1,
+                 shard_count: int = 1, num_epochs: int | None = None, start_batch: int = 0, num_threads: int = 1,
                  max_upscale: float | None = 2.0) -> grain.IterDataset:
-  """Shuffled, augmented training batches of this process's shard, epoch after epoch.
+  """Shuffled, augmented training batches: this process's rows of each GLOBAL batch, epoch after epoch.
 
-  Each epoch visits this process's rows once in a new order (seeded by `seed` and the epoch); its last partial
-  batch is dropped, so an epoch is `steps_per_epoch(len(indices), batch_size, shard_count)` batches.
+  There is one global order of examples, seeded by `seed` alone: each epoch visits the rows once in a new order,
+  its last partial global batch dropped (`steps_per_epoch(len(indices), batch_size)` steps). With shard_count P,
+  process p yields rows [p * B / P, (p + 1) * B / P) of each global batch of B and decodes only those; the crops
+  and flips depend on the example's global position, not on the process. So 1 process and P processes see the same
+  global batches, and the stream at step t is a pure function of t (`start_batch`): a run resumes exactly from its
+  step alone, on any number of processes and workers.
 
   Args:
     source: random-access source (`len`, `source[row]` -> record dict with `image` bytes and `mos`, ...).
     indices: rows of `source` to train on (e.g. a split's training rows).
-    batch_size: examples per batch in THIS process (the per-process batch).
+    batch_size: the GLOBAL batch B (examples per step over all processes); divisible by shard_count.
     image_size: crop side S.
     resize: short side after resizing, before cropping (>= image_size).
-    seed: seeds the shuffle, the crops and the flips (and the shard assignment).
+    seed: seeds the order, the crops and the flips.
     labels: the LabelTransform fitted on the training rows.
     num_workers: grain worker processes decoding in parallel (0: in this process). Batches do not depend on it.
-    shard_index, shard_count: this process's shard (jax.process_index(), jax.process_count()).
+    shard_index, shard_count: this process (jax.process_index(), jax.process_count()).
     num_epochs: stop after this many epochs (None: repeat forever).
+    start_batch: the first global batch to yield (a resumed run's step).
     num_threads: reader threads per process (grain ReadOptions.num_threads).
     max_upscale: refuse images needing more than this upscale factor to reach `resize` (None: any).
 
   Returns:
-    A grain IterDataset of batch dicts (see the module docstring). `it = iter(ds)` is checkpointable:
-    `it.get_state()` / `it.set_state(state)` (restore with the same arguments, num_workers included).
+    A grain IterDataset of batch dicts of B / P examples (see the module docstring).
   """
   _check_sizes(image_size, resize, batch_size)
   _check_shard(shard_index, shard_count)
-  rows = _train_shard(_check_rows(source, indices), seed, shard_index, shard_count)
+  if batch_size % shard_count:
+    raise ValueError(f"the global batch_size {batch_size} must be divisible by the number of processes "
+                     f"{shard_count}")
+  if start_batch < 0:
+    raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+  rows = _check_rows(source, indices)
+  # A seeded permutation before grain's shuffle: the order of runs of earlier versions (same batches, same numbers).
+  rows = rows[np.random.default_rng([seed, 0x5EED]).permutation(rows.size)]
   if rows.size < batch_size:
-    raise ValueError(f"shard {shard_index} of {shard_count} has {rows.size} rows, fewer than batch_size "
-                     f"{batch_size}: no full batch to train on")
+    raise ValueError(f"{rows.size} training rows are fewer than batch_size {batch_size}: no full batch to train on")
   # Distinct seeds for the order and for the augmentation; grain folds in the epoch for both.
   order_seed, augment_seed = np.random.SeedSequence([seed, 1]).generate_state(2).tolist()
   ds = grain.MapDataset.source(_Rows(source, rows))
   ds = ds.shuffle(seed=order_seed)
   ds = ds.random_map(_TrainExample(labels, image_size, resize, max_upscale), seed=augment_seed)
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = _ProcessRows(ds, rows.size, batch_size, shard_index, shard_count)
+  ds = ds.batch(batch_size // shard_count, drop_remainder=True)
   ds = ds.repeat(num_epochs)
+  if start_batch:
+    ds = ds[start_batch:]
   return _with_workers(ds.to_iter_dataset(_read_options(num_threads)), num_workers)
 
 

@@ -41,6 +41,7 @@ OBSERVE = (
     "mesh.",  # where the work runs (devices per axis, backbone sharding), not what is computed
     "clip.remat",  # recompute activations in the backward pass: memory for compute, same numbers
     "model.image_chunk",  # images per vision-tower pass: speed only
+    "data.num_workers",  # decoding processes: the input stream is a function of the step alone
     "splits",  # the protocol's number of splits (each split's own run has splits=1)
 )
 # Where the backbone and the dataset are read from: may move, their fingerprints are checked instead.

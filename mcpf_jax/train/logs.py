@@ -39,11 +39,11 @@ def quiet_library_info(packages: Sequence[str] = QUIET_PACKAGES) -> BelowWarning
   return quiet
 
 
-def start_program(distributed: bool = False) -> None:
+def start_program() -> bool:
   """The start of train.py and eval.py, after absl parsed the flags: INFO logging in our format, orbax's INFO
-  lines hidden (`quiet_library_info`), and `jax.distributed.initialize()` first when `distributed` (multi-host)."""
+  lines hidden (`quiet_library_info`), and jax.distributed started when the launch flags ask for it
+  (`launch.initialize`). Returns True for a multi-process job."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   quiet_library_info()
-  if distributed:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+  from mcpf_jax.train import launch  # pylint: disable=g-import-not-at-top
+  return launch.initialize()

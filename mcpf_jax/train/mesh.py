@@ -7,6 +7,7 @@ Prompts, fusion and optimizer state are tiny and replicated.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -93,3 +94,18 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+@functools.lru_cache(maxsize=None)
+def gather_fn(mesh: Mesh):
+  """A jitted identity whose outputs are replicated: brings a batch-sharded pytree to every process."""
+  return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A replicated (or single-process) array as numpy; works when the array spans other processes' devices too."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  if not x.is_fully_replicated:
+    raise ValueError("to_host needs a replicated array across processes (use gather_fn first)")
+  return np.asarray(x.addressable_data(0))

@@ -27,7 +27,8 @@ from mcpf_jax import clip, metrics
 from mcpf_jax import model as iqa
 from mcpf_jax.data import pipeline
 from mcpf_jax.train import checkpoints as ckpt_lib
-from mcpf_jax.train import data_setup, identity, mesh as mesh_lib, optim, restore, step as step_lib
+from mcpf_jax.train import data_setup, identity, launch, mesh as mesh_lib, optim, preemption, restore
+from mcpf_jax.train import step as step_lib
 from mcpf_jax.train.restore import load_clip, optim_config as _optim_config  # re-exported
 
 log = logging.getLogger("mcpf_jax")
@@ -74,24 +75,39 @@ def build_run(config, workdir: str | pathlib.Path, *, dataset: str | None = None
   return Run(config, workdir, mesh, bundle, model, params, labels, splits)
 
 
-def _predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding) -> np.ndarray:
-  """score01 for every image in `indices` (multi-crop mean), in the order of `indices`."""
+def _predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding,
+             stop: preemption.StopRequest | None = None) -> np.ndarray:
+  """score01 for every image in `indices` (multi-crop mean), in the order of `indices`.
+
+  Each process decodes only its share (every N-th image of `indices` for N processes); the global batch's scores
+  come back with the image index of each row, so no result depends on which process's devices hold which rows.
+  `stop`: polled once per batch; a stop request raises preemption.Stopped.
+  """
   cfg = run.config
   out = np.full((len(indices),), np.nan, np.float64)
   scored = np.zeros((len(indices),), bool)  # apart from `out`: a NaN score is not a missing one
   pos = {int(i): k for k, i in enumerate(indices)}
   n_proc, pid = jax.process_count(), jax.process_index()
-  for batch in pipeline.eval_batches(run.data.source, indices, batch_size=cfg.eval.batch_size,
+  if cfg.eval.batch_size % n_proc:
+    raise ValueError(f"eval.batch_size={cfg.eval.batch_size} must be divisible by the number of processes ({n_proc})")
+  gather = mesh_lib.gather_fn(batch_sharding.mesh)
+  decoded = 0
+  for batch in pipeline.eval_batches(run.data.source, indices, batch_size=cfg.eval.batch_size // n_proc,
                                      image_size=run.image_size, resize=cfg.data.resize,
                                      num_crops=cfg.eval.num_crops, labels=run.data.labels,
-                                     num_workers=cfg.data.num_workers):
-    per = cfg.eval.batch_size // n_proc
-    local = {"image": batch["image"][pid * per:(pid + 1) * per]}
-    scores = np.asarray(eval_fn(params, mesh_lib.global_batch(local, batch_sharding)))
-    for s, i, w in zip(scores, batch["index"], batch["weight"]):
+                                     num_workers=cfg.data.num_workers, shard_index=pid, shard_count=n_proc):
+    local = {"image": batch["image"], "index": batch["index"].astype(np.int32), "weight": batch["weight"]}
+    decoded += int(batch["weight"].sum())
+    glob = mesh_lib.global_batch(local, batch_sharding)
+    scores = eval_fn(params, {"image": glob["image"]})
+    scores, index, weight = (mesh_lib.to_host(x) for x in gather((scores, glob["index"], glob["weight"])))
+    for sc, i, w in zip(scores, index, weight):
       if w:
-        out[pos[int(i)]] = s
+        out[pos[int(i)]] = sc
         scored[pos[int(i)]] = True
+    if stop is not None and stop.poll():
+      raise preemption.Stopped("stopped on a signal during evaluation", stop.status)
+  log.info("evaluated %d images; this process (%d of %d) decoded %d of them", len(indices), pid, n_proc, decoded)
   if not scored.all():
     raise RuntimeError(f"{int((~scored).sum())} images were not scored by the eval pipeline")
   if not np.isfinite(out).all():
@@ -99,10 +115,11 @@ def _predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding
   return out
 
 
-def evaluate_split(run: Run, params: Any, split: str, eval_fn, batch_sharding) -> tuple[dict[str, Any], dict]:
+def evaluate_split(run: Run, params: Any, split: str, eval_fn, batch_sharding,
+                   stop: preemption.StopRequest | None = None) -> tuple[dict[str, Any], dict]:
   """Metrics and per-image predictions (on the dataset's MOS scale) for one split."""
   idx = run.data.indices[split]
-  score01 = _predict(run, params, idx, eval_fn, batch_sharding)
+  score01 = _predict(run, params, idx, eval_fn, batch_sharding, stop)
   pred = run.data.labels.to_mos(score01)
   mos = run.data.mos[idx]
   result = metrics.evaluate(pred, mos, higher_is_better=run.data.higher_is_better)
@@ -206,23 +223,25 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   train_step, eval_step, s_sh, p_sh, b_sh = _jit_steps(run, tx, state)
   state = jax.device_put(state, s_sh)
 
-  loader = pipeline.train_loader(run.data.source, train_idx, batch_size=cfg.train.batch_size // n_proc,
-                                 image_size=run.image_size, resize=cfg.data.resize, seed=cfg.seed,
-                                 labels=run.data.labels, num_workers=cfg.data.num_workers,
-                                 shard_index=jax.process_index(), shard_count=n_proc)
-  iterator = iter(loader)
   ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=cfg.train.keep)
   meta = run.meta()
   start = 0
   if ckpts.latest_step() is not None:
     start = ckpts.latest_step()
     ckpt_lib.check_backbone(ckpts.restore_meta(start), run.bundle.source, run.bundle.fingerprint, ckpts.directory)
-    state = ckpts.restore(start, state, run.labels, s_sh, iterator)
+    state = ckpts.restore(start, state, run.labels, s_sh)
     log.info("resumed from %s/%d", ckpts.directory, start)
   elif cfg.init_from:
     params, where = restore.init_from(cfg, run.bundle, run.params, run.labels, run.mesh)
     state = dict(state, params=jax.device_put(params, s_sh["params"]))
     log.info("step 0 starts from the trainable weights of %s", where)
+  # The input stream at step t is a function of t alone (one global order), so a resumed run, on any number of
+  # processes or workers, continues exactly where the checkpoint is.
+  iterator = iter(pipeline.train_loader(run.data.source, train_idx, batch_size=cfg.train.batch_size,
+                                        image_size=run.image_size, resize=cfg.data.resize, seed=cfg.seed,
+                                        labels=run.data.labels, num_workers=cfg.data.num_workers,
+                                        shard_index=jax.process_index(), shard_count=n_proc, start_batch=start))
+  log.info("%s", launch.topology(run.mesh))
   log.info("%s | %s on %s: %d train / %d val / %d test images, %d steps (%d per epoch), %d trainable of %d "
            "parameters", mesh_lib.describe(run.mesh), cfg.model.name, run.data.name, len(train_idx),
            len(run.data.indices["val"]), len(run.data.indices["test"]), total, steps_per_epoch,
@@ -236,45 +255,92 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
                   dynamic_ncols=True)
   tick, seen, last_val = time.perf_counter(), 0, None
-  for step in range(start, total):
-    batch = mesh_lib.global_batch(next(iterator), b_sh)
-    state, m = train_step(state, batch)
-    m = jax.device_get(m)
-    if not m["finite"]:
-      raise NonFiniteError(f"step {step + 1}: loss={m['loss']}, grad_norm={m['grad_norm']} or the updated "
-                           f"parameters are not finite; stopped without saving. {_last_good(ckpts)}")
-    seen += cfg.train.batch_size
-    bar.update(1)
-    done = step + 1
-    if done % cfg.train.log_every == 0 or done == total:
-      rate = seen / (time.perf_counter() - tick)
-      bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{rate:.1f}")
-      if writer is not None:
-        for k, v in m.items():
-          if k != "finite":
-            writer.add_scalar(f"train/{k}", float(v), done)
-        writer.add_scalar("train/lr", float(schedule(done)), done)
-        writer.add_scalar("train/images_per_second", rate, done)
-      tick, seen = time.perf_counter(), 0
-    if done % cfg.train.checkpoint_every == 0 or done == total:
-      val_metrics = None
-      if len(run.data.indices["val"]) >= 3:
-        try:
-          val, _ = evaluate_split(run, state["params"], "val", eval_step, b_sh)
-        except NonFiniteError as e:  # finite but huge parameters: not a checkpoint worth keeping
-          raise NonFiniteError(f"step {done}: validation: {e}; stopped without saving. {_last_good(ckpts)}") from e
-        val_metrics = {ckpt_lib.BEST_METRIC: float(val["srcc"])}
-        last_val = val
+  # Metrics stay on the device until a log step or a save: the host does not wait for the device every step.
+  # Every pending step is checked for non-finite values before anything is saved.
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+
+  def check_finite() -> dict[str, np.ndarray] | None:
+    fetched = [(s, {k: mesh_lib.to_host(v) for k, v in m.items()}) for s, m in pending]
+    pending.clear()
+    for s, m in fetched:
+      if not m["finite"]:
+        raise NonFiniteError(f"step {s}: loss={m['loss']}, grad_norm={m['grad_norm']} or the updated "
+                             f"parameters are not finite; stopped without saving. {_last_good(ckpts)}")
+    return fetched[-1][1] if fetched else None
+
+  def save(step: int, val_metrics: dict[str, float] | None) -> None:
+    ckpts.save(step, state, run.labels, None, meta, val_metrics)
+
+  def stopped(step: int, where: str) -> preemption.Stopped:
+    """Saves `step` (not validated: it does not compete for the best checkpoint), waits until it is durable."""
+    check_finite()
+    if ckpts.latest_step() != step:
+      save(step, None)
+    ckpts.wait()
+    ckpts.close()
+    bar.close()
+    message = (f"stopped on a signal {where}; saved step {step} in {ckpts.directory}. Run the same command again "
+               "to resume from it")
+    log.warning("%s", message)
+    return preemption.Stopped(message, stop.status)
+
+  stop = preemption.StopRequest().install()
+  last_save = time.monotonic()
+  try:
+    for step in range(start, total):
+      batch = mesh_lib.global_batch(next(iterator), b_sh)
+      state, m = train_step(state, batch)
+      done = step + 1
+      pending.append((done, m))
+      seen += cfg.train.batch_size
+      bar.update(1)
+      if stop.poll():
+        raise stopped(done, f"at step {done}")
+      log_now = done % cfg.train.log_every == 0 or done == total
+      if log_now:
+        m = check_finite()
+        rate = seen / (time.perf_counter() - tick)
+        bar.set_postfix(loss=f"{float(m['loss']):.4f}", img_s=f"{rate:.1f}")
         if writer is not None:
-          writer.add_scalar("val/srcc", val["srcc"], done)
-          writer.add_scalar("val/plcc", val["plcc"], done)
-      ckpts.save(done, state, run.labels, iterator, meta, val_metrics)
-      tick, seen = time.perf_counter(), 0
-  bar.close()
-  ckpts.wait()
-  test, rows = evaluate_split(run, state["params"], "test", eval_step, b_sh)
+          for k, v in m.items():
+            if k != "finite":
+              writer.add_scalar(f"train/{k}", float(v), done)
+          writer.add_scalar("train/lr", float(schedule(done)), done)
+          writer.add_scalar("train/images_per_second", rate, done)
+        tick, seen = time.perf_counter(), 0
+      if done % cfg.train.checkpoint_every == 0 or done == total:
+        check_finite()
+        val_metrics = None
+        if len(run.data.indices["val"]) >= 3:
+          try:
+            val, _ = evaluate_split(run, state["params"], "val", eval_step, b_sh, stop)
+          except NonFiniteError as e:  # finite but huge parameters: not a checkpoint worth keeping
+            raise NonFiniteError(f"step {done}: validation: {e}; stopped without saving. {_last_good(ckpts)}") from e
+          except preemption.Stopped:
+            raise stopped(done, f"during the validation of step {done}") from None
+          val_metrics = {ckpt_lib.BEST_METRIC: float(val["srcc"])}
+          last_val = val
+          if writer is not None:
+            writer.add_scalar("val/srcc", val["srcc"], done)
+            writer.add_scalar("val/plcc", val["plcc"], done)
+        save(done, val_metrics)
+        last_save = time.monotonic()
+        tick, seen = time.perf_counter(), 0
+      elif log_now and _time_to_save(last_save, cfg.train.checkpoint_minutes):
+        check_finite()
+        save(done, None)  # time-based: not validated (the best checkpoint must not depend on the clock)
+        last_save = time.monotonic()
+    bar.close()
+    ckpts.wait()
+    test, rows = evaluate_split(run, state["params"], "test", eval_step, b_sh, stop)
+  except preemption.Stopped:
+    ckpts.close()
+    raise
+  finally:
+    stop.uninstall()
   summary = {"step": int(total), "test": test, "val": last_val, "devices": jax.device_count(),
-             "mesh": dict(run.mesh.shape), "checkpoints": ckpts.all_steps(), "best_step": ckpts.best_step()}
+             "processes": jax.process_count(), "mesh": dict(run.mesh.shape), "checkpoints": ckpts.all_steps(),
+             "best_step": ckpts.best_step()}
   if jax.process_index() == 0:
     (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if writer is not None:
@@ -284,6 +350,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   log.info("done: %s step %d | test SRCC %.4f PLCC %.4f (%d images) | %s", run.data.name, total, test["srcc"],
            test["plcc"], test["num_images"], mesh_lib.describe(run.mesh))
   return summary
+
+
+def _time_to_save(last_save: float, minutes: float) -> bool:
+  """Whether `minutes` have passed since the last save, decided by process 0's clock for every process."""
+  if not minutes:
+    return False
+  due = time.monotonic() - last_save >= 60.0 * minutes
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due, np.int32)))
+  return due
 
 
 def eval_config(saved: Mapping[str, Any], config=None, explicit: Mapping[str, Any] | None = None
@@ -375,7 +452,12 @@ def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | Non
   tx = optim.make_optimizer(_optim_config(cfg, 1), run.labels)
   _, eval_step, _, _, b_sh = _jit_steps(run, tx, step_lib.init_state(run.params, tx))
   params = restore.restore_params(cfg, ckpts, step, run.params, run.labels, run.mesh)
-  result, rows = evaluate_split(run, params, split, eval_step, b_sh)
+  try:
+    with preemption.StopRequest() as stop:
+      result, rows = evaluate_split(run, params, split, eval_step, b_sh, stop)
+  except preemption.Stopped:
+    ckpts.close()
+    raise
   result.update(checkpoint_step=int(step), trained_on=meta["dataset"])
   if jax.process_index() == 0:
     (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
