@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -81,10 +82,12 @@ class Commands:
             + [f"--config.{k}={v}" for k, v in cfg.items()] + list(extra))
 
   def run(self, name: str, script: str, workdir: pathlib.Path, overrides: dict | None = None, *, devices: int = 1,
-          extra: tuple[str, ...] = (), kill_after_checkpoint: bool = False, config_file: bool = True) -> Run:
+          extra: tuple[str, ...] = (), kill_after_checkpoint: bool = False, config_file: bool = True,
+          signal_after_checkpoint: int | None = None, signal_after_step: int | None = None) -> Run:
     """Runs `script` to the end, or with kill_after_checkpoint, SIGKILLs it once a checkpoint is committed.
 
-    config_file=False: no --config (and no overrides) on the command line.
+    config_file=False: no --config (and no overrides) on the command line. signal_after_checkpoint: a signal to
+    send once a checkpoint is committed (kill_after_checkpoint: SIGKILL).
     """
     argv = self.argv(script, workdir, (overrides or {}) if config_file else None, extra)
     out, err = self.root / f"{name}.stdout", self.root / f"{name}.stderr"
@@ -93,11 +96,54 @@ class Commands:
     with open(out, "w") as fo, open(err, "w") as fe:
       proc = subprocess.Popen(argv, cwd=REPO, env=self.env(devices), stdout=fo, stderr=fe)
       if kill_after_checkpoint:
-        info.update(kill_after_first_checkpoint(proc, workdir / "checkpoints", start))
+        signal_after_checkpoint = signal.SIGKILL
+      if signal_after_checkpoint is not None:
+        info.update(signal_after_first_checkpoint([proc], workdir / "checkpoints", start, signal_after_checkpoint))
+      elif signal_after_step is not None:
+        info.update(signal_when([proc], trained_a_step(err), workdir / "checkpoints", start, signal_after_step))
       returncode, cpu = wait(proc, start + TIMEOUT_S)
+      if "signalled_at" in info:
+        info["exited_after_signal_s"] = time.perf_counter() - info["signalled_at"]
     seconds = time.perf_counter() - start
     self.timings[name] = (seconds, cpu)
     return Run(name, workdir, returncode, out.read_text(), err.read_text(), seconds, info)
+
+  def run_processes(self, name: str, script: str, workdir: pathlib.Path, overrides: dict | None = None, *,
+                    processes: int = 2, devices: int = 2, extra: tuple[str, ...] = (),
+                    signal_after_checkpoint: int | None = None, signal_after_step: int | None = None,
+                    targets: tuple[int, ...] | None = None) -> list[Run]:
+    """Runs `script` as `processes` jax processes on localhost (gloo collectives), `devices` CPU devices each,
+    with the explicit launch flags; optionally sends `signal_after_checkpoint` to procs `targets` once a
+    checkpoint is committed, or `signal_after_step` once process 0 finished a training step. Returns one Run per process (info["exited_at"]: seconds after the signal)."""
+    port = free_port()
+    start = time.perf_counter()
+    procs, files = [], []
+    for i in range(processes):
+      argv = self.argv(script, workdir, overrides or {}, extra + (
+          f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"))
+      fo, fe = open(self.root / f"{name}.{i}.stdout", "w"), open(self.root / f"{name}.{i}.stderr", "w")
+      files.append((fo, fe))
+      procs.append(subprocess.Popen(argv, cwd=REPO, env=self.env(devices), stdout=fo, stderr=fe))
+    info = {}
+    if signal_after_checkpoint is not None:
+      info = signal_after_first_checkpoint(procs, workdir / "checkpoints", start, signal_after_checkpoint, targets)
+    elif signal_after_step is not None:
+      info = signal_when(procs, trained_a_step(self.root / f"{name}.0.stderr"), workdir / "checkpoints", start,
+                         signal_after_step, targets)
+    runs = []
+    for i, proc in enumerate(procs):
+      returncode, cpu = wait(proc, start + TIMEOUT_S)
+      ended = time.perf_counter()
+      fo, fe = files[i]
+      fo.close()
+      fe.close()
+      self.timings[f"{name}.{i}"] = (ended - start, cpu)
+      proc_info = dict(info)
+      if "signalled_at" in info:
+        proc_info["exited_after_signal_s"] = ended - info["signalled_at"]
+      runs.append(Run(f"{name}.{i}", workdir, returncode, (self.root / f"{name}.{i}.stdout").read_text(),
+                      (self.root / f"{name}.{i}.stderr").read_text(), ended - start, proc_info))
+    return runs
 
 
 def wait(proc: subprocess.Popen, deadline: float) -> tuple[int, float]:
@@ -112,24 +158,59 @@ def wait(proc: subprocess.Popen, deadline: float) -> tuple[int, float]:
     time.sleep(0.05)
 
 
-def kill_after_first_checkpoint(proc: subprocess.Popen, checkpoints: pathlib.Path, start: float) -> dict:
-  """SIGKILLs `proc` as soon as a committed checkpoint exists.
+def committed_checkpoint(checkpoints: pathlib.Path) -> Callable[[], bool]:
+  """A condition: a committed checkpoint exists. orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and
+  renames it to `<step>` when it is complete, so a directory named by digits alone is a committed checkpoint."""
+  return lambda: checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
 
-  orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` when it is complete, so a
-  directory named by digits alone is a committed checkpoint.
+
+# tqdm's progress bar (process 0's stderr) once at least one step is done: "train:  11%|...| 1/9 [".
+_STEPPED = re.compile(r"\| *[1-9]\d*/\d+ \[")
+
+
+def trained_a_step(stderr: pathlib.Path) -> Callable[[], bool]:
+  """A condition: the progress bar in `stderr` shows at least one finished step (training is under way)."""
+  return lambda: stderr.exists() and bool(_STEPPED.search(stderr.read_text(errors="replace")))
+
+
+def signal_when(procs: list[subprocess.Popen], ready: Callable[[], bool], checkpoints: pathlib.Path,
+                start: float, sig: int = signal.SIGKILL, targets: tuple[int, ...] | None = None) -> dict:
+  """Sends `sig` to procs[i] for i in `targets` (default all) as soon as `ready()`.
+
+  info: killed (whether the signal was sent before any process ended), committed_at_kill (the committed
+  checkpoint steps then), summary_before_kill, signalled_at (time.perf_counter()).
   """
+  targets = tuple(range(len(procs))) if targets is None else targets
   while time.perf_counter() - start < TIMEOUT_S:
-    # WNOWAIT: look without reaping, so that _wait still collects the exit status and CPU time.
-    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+    # WNOWAIT: look without reaping, so that wait() still collects the exit status and CPU time.
+    if any(os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None for p in procs):
       return {"killed": False}
-    steps = [p.name for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.is_dir() else []
-    if steps:
+    if ready():
+      steps = [p.name for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.is_dir() else []
       finished_before = (checkpoints.parent / "train_summary.json").exists()
-      os.kill(proc.pid, signal.SIGKILL)
+      for i in targets:
+        os.kill(procs[i].pid, sig)
       return {"killed": True, "committed_at_kill": sorted(int(s) for s in steps),
-              "summary_before_kill": finished_before}
+              "summary_before_kill": finished_before, "signalled_at": time.perf_counter()}
     time.sleep(0.02)
   return {"killed": False}
+
+
+def signal_after_first_checkpoint(procs: list[subprocess.Popen], checkpoints: pathlib.Path, start: float,
+                                  sig: int = signal.SIGKILL, targets: tuple[int, ...] | None = None) -> dict:
+  return signal_when(procs, committed_checkpoint(checkpoints), checkpoints, start, sig, targets)
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, checkpoints: pathlib.Path, start: float) -> dict:
+  """SIGKILLs `proc` as soon as a committed checkpoint exists."""
+  return signal_after_first_checkpoint([proc], checkpoints, start)
+
+
+def free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 class Lane:
@@ -173,8 +254,9 @@ def build_smoke_data(data_dir: pathlib.Path) -> None:
 # Reading the outputs.
 
 
-def predictions(workdir: pathlib.Path) -> dict[str, tuple[float, float]]:
-  with open(workdir / "eval_predictions.csv", newline="") as f:
+def predictions(workdir: pathlib.Path, file: str = "eval_predictions.csv") -> dict[str, tuple[float, float]]:
+  """{name: (mos, score)} of eval.py's predictions (or train.py's final test_predictions.csv)."""
+  with open(workdir / file, newline="") as f:
     rows = list(csv.DictReader(f))
   assert rows and list(rows[0]) == ["name", "mos", "score"]
   return {r["name"]: (float(r["mos"]), float(r["score"])) for r in rows}

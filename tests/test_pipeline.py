@@ -165,21 +165,45 @@ def test_resume_from_iterator_state_mid_epoch(source, labels):
   assert len(rest) == 5 and _same(list(resumed), rest)
 
 
-def test_two_shards_are_disjoint_equal_and_cover_the_rows(labels):
-  src = _source(13)
-  rows = []
+class _CountingSource(list):
+  """A list source that records which rows were read (decoded) from it."""
+
+  def __init__(self, records):
+    super().__init__(records)
+    self.reads: list[int] = []
+
+  def __getitem__(self, i):
+    self.reads.append(int(i))
+    return super().__getitem__(i)
+
+
+def test_processes_get_their_rows_of_each_global_batch_and_decode_only_those(labels):
+  records = _source(13)
+  reference = list(_train(records, labels, batch_size=4, num_epochs=2))
+  assert len(reference) == 2 * pipeline.steps_per_epoch(13, 4) == 6
+  parts = []
   for shard in range(2):
-    batches = list(_train(src, labels, batch_size=2, num_epochs=1, shard_index=shard, shard_count=2))
-    assert len(batches) == pipeline.steps_per_epoch(13, 2, shard_count=2) == 3
-    rows.append(set(np.concatenate([b["index"] for b in batches]).tolist()))
-  assert not rows[0] & rows[1]
-  assert len(rows[0]) == len(rows[1]) == 6  # 13 // 2 rows each: one row is left out so the shards are equal
-  # With batch 3 nothing is dropped within a shard: together the shards cover all but that one row.
-  cover = set()
-  for shard in range(2):
-    for b in _train(src, labels, batch_size=3, num_epochs=1, shard_index=shard, shard_count=2):
-      cover |= set(b["index"].tolist())
-  assert len(cover) == 12 and cover <= set(range(13))
+    src = _CountingSource(records)
+    batches = list(_train(src, labels, batch_size=4, num_epochs=2, shard_index=shard, shard_count=2))
+    assert len(batches) == 6 and all(len(b["index"]) == 2 for b in batches)
+    # This process read exactly the rows it yields, nothing of the other process's half.
+    assert sorted(src.reads) == sorted(int(i) for b in batches for i in b["index"])
+    parts.append(batches)
+  for g, (a, b) in enumerate(zip(*parts)):
+    joined = {k: np.concatenate([a[k], b[k]]) for k in a}
+    assert _same([joined], [reference[g]]), f"global batch {g}: the two processes' halves are not the batch"
+  with pytest.raises(ValueError, match="global batch_size 5 must be divisible by the number of processes 2"):
+    _train(records, labels, batch_size=5, shard_count=2)
+
+
+def test_start_batch_continues_the_stream_on_any_number_of_processes(labels):
+  records = _source(13)
+  reference = list(_train(records, labels, batch_size=4, num_epochs=3))
+  assert _same(list(_train(records, labels, batch_size=4, num_epochs=3, start_batch=4)), reference[4:])
+  halves = [list(_train(records, labels, batch_size=4, num_epochs=3, start_batch=4, shard_index=p, shard_count=2))
+            for p in range(2)]
+  joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*halves)]
+  assert _same(joined, reference[4:])
 
 
 def test_workers_give_the_same_batches_and_resume(source, labels):
@@ -225,7 +249,7 @@ def test_argument_errors(source, labels):
   with pytest.raises(ValueError, match="resize"):
     _train(source, labels, resize=S - 1)
   with pytest.raises(ValueError, match="fewer than batch_size"):
-    _train(source, labels, batch_size=7, shard_count=2)
+    _train(source, labels, batch_size=14)
   with pytest.raises(IndexError, match="rows 0..11"):
     _train(source, labels, indices=[0, 12])
   with pytest.raises(ValueError, match="shard_index"):
@@ -268,9 +292,12 @@ def test_eval_is_repeatable_and_workers_do_not_change_it(source, labels):
 def test_eval_shards_cover_the_rows_with_equal_batch_counts(source, labels):
   seen, counts = [], []
   for shard in range(3):
-    batches = _eval(source, labels, range(11), batch_size=2, shard_index=shard, shard_count=3)
+    src = _CountingSource(source)
+    batches = _eval(src, labels, range(11), batch_size=2, shard_index=shard, shard_count=3)
     counts.append(len(batches))
-    seen += [int(i) for b in batches for i, w in zip(b["index"], b["weight"]) if w]
+    mine = [int(i) for b in batches for i, w in zip(b["index"], b["weight"]) if w]
+    assert sorted(src.reads) == sorted(mine) == list(range(shard, 11, 3))  # each image decoded by one process
+    seen += mine
   assert counts == [pipeline.num_eval_batches(11, 2, shard_count=3)] * 3 == [2, 2, 2]
   assert sorted(seen) == list(range(11))
 

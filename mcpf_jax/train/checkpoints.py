@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run: trainable parameters, optimizer state, step, input iterator state, and metadata.
+"""Orbax checkpoints of a run: trainable parameters, optimizer state, step, and metadata (and optionally a grain
+iterator's state; the trainer needs none: its input stream is a function of the step).
 
 Layout: <workdir>/checkpoints/<step>/{state, data, meta}. The frozen CLIP backbone is never copied into a
 checkpoint: `meta` names it (source + fingerprint) and `check_backbone` refuses to resume on other weights.

@@ -343,6 +343,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
              "best_step": ckpts.best_step()}
   if jax.process_index() == 0:
     (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_predictions(workdir / "test_predictions.csv", rows)
     if writer is not None:
       writer.add_scalar("test/srcc", test["srcc"], total)
       writer.close()
@@ -461,14 +462,18 @@ def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | Non
   result.update(checkpoint_step=int(step), trained_on=meta["dataset"])
   if jax.process_index() == 0:
     (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    with open(workdir / "eval_predictions.csv", "w", newline="") as f:
-      w = csv.writer(f)
-      w.writerow(["name", "mos", "score"])
-      for name, mos, score in zip(rows["name"], rows["mos"], rows["score"]):
-        w.writerow([name, f"{mos:.6f}", f"{score:.6f}"])
+    _write_predictions(workdir / "eval_predictions.csv", rows)
     _scatter(workdir / "eval_scatter.png", rows, result)
   ckpts.close()
   return result
+
+
+def _write_predictions(path: pathlib.Path, rows: dict) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["name", "mos", "score"])
+    for name, mos, score in zip(rows["name"], rows["mos"], rows["score"]):
+      w.writerow([name, f"{mos:.6f}", f"{score:.6f}"])
 
 
 def _scatter(path: pathlib.Path, rows: dict, result: dict) -> None:
