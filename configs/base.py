@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.val_fraction = 0.1  # of the training contents, held out to pick the best checkpoint (0 = none)
   c.data.resize = 512  # short side before cropping
   c.data.image_size = placeholder(int)  # crop size; None = the CLIP's input size (224, or 336 for L/14-336)
+  c.data.prefetch_to_device = 2  # training batches transferred to the devices ahead of the step (0 = none)
   c.data.num_workers = 2  # decoding worker processes (0 = in the main process)
 
   c.train = ml_collections.ConfigDict()

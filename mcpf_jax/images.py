@@ -40,6 +40,11 @@ from PIL import Image, ImageOps
 DEFAULT_MAX_PIXELS = 89_478_485
 ALPHA_MODES = ("white", "drop")
 BICUBIC = Image.Resampling.BICUBIC
+# `decode(short_side=S)` decodes a JPEG at a reduced DCT scale when its short side is at least this many times S.
+DRAFT_MIN_FACTOR = 2
+# After a DCT-scaled decode, PIL's resize reduces by whole factors (box filter) down to this many times the target
+# before the bicubic step (`Image.resize(reducing_gap=...)`).
+REDUCING_GAP = 2.0
 
 
 class ImageDecodeError(ValueError):
@@ -51,24 +56,42 @@ class ImageDecodeError(ValueError):
     super().__init__(f"{name}: cannot decode image: {reason}")
 
 
-def decode(data: bytes, name: str = "<bytes>", *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+def decode(data: bytes, name: str = "<bytes>", *, short_side: int | None = None,
+           max_upscale: float | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
            alpha: str = "white", exif_transpose: bool = True) -> np.ndarray:
   """Decodes an encoded image (JPEG, PNG, TIFF, BMP, WebP, GIF, ... whatever PIL reads) to 8-bit RGB.
+
+  With `short_side`, the image comes back resized so its short side is `short_side` (aspect kept, the long side
+  `int(short_side * long / short)`, as `resize_short_side`). A JPEG at least `DRAFT_MIN_FACTOR` times larger
+  than that is decoded at a reduced DCT scale (PIL's `draft`: 1/2, 1/4 or 1/8, never below the target) and then
+  resized with PIL's `reducing_gap`, so the full-size image is never built; other formats and smaller images are
+  decoded whole and resized bicubic (`resize_short_side`). Both paths give the same shape; the reduced one is
+  within a mean of about 0.3-0.6 grey levels of the full one on photos (BENCHMARKS.md has the measurement).
 
   Args:
     data: the file's bytes.
     name: the file's name, used in errors and warnings.
+    short_side: resize to this short side (None: the decoded size).
+    max_upscale: with short_side, refuse an image that would be enlarged by more than this (None: any).
     max_pixels: refuse images with more pixels than this before decoding them (None: only PIL's own limit).
     alpha: "white" composites transparent images on white, "drop" discards the alpha channel.
     exif_transpose: apply the EXIF orientation tag.
 
   Returns:
-    uint8 [height, width, 3], height and width after the EXIF orientation.
+    uint8 [height, width, 3], height and width after the EXIF orientation (and the resize).
 
   Raises:
     ImageDecodeError: empty, truncated or unidentifiable data, too many pixels, or a pixel format with no
       defined 8-bit RGB meaning.
+    ValueError: the upscale to `short_side` would be larger than `max_upscale`.
   """
+  return _decode(data, name, short_side=short_side, max_upscale=max_upscale, max_pixels=max_pixels, alpha=alpha,
+                 exif_transpose=exif_transpose)[0]
+
+
+def _decode(data: bytes, name: str, *, short_side: int | None, max_upscale: float | None, max_pixels: int | None,
+            alpha: str, exif_transpose: bool) -> tuple[np.ndarray, tuple[int, int]]:
+  """`decode`, and the image's (height, width) after the EXIF orientation and before any resize."""
   if alpha not in ALPHA_MODES:
     raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
   if not data:
@@ -89,6 +112,15 @@ def decode(data: bytes, name: str = "<bytes>", *, max_pixels: int | None = DEFAU
     if max_pixels is not None and width * height > max_pixels:
       raise ImageDecodeError(name, f"{width}x{height} = {width * height} pixels is more than max_pixels="
                              f"{max_pixels} (decompression-bomb guard; pass a larger max_pixels to allow it)")
+    target, drafted = None, False
+    # The size after the EXIF orientation (a 90-degree turn swaps the sides).
+    turned = exif_transpose and _orientation(img) in (5, 6, 7, 8)
+    out_h, out_w = (width, height) if turned else (height, width)
+    if short_side is not None:
+      target = _resize_target(out_h, out_w, short_side, name, max_upscale, max_pixels)
+      if img.format == "JPEG" and min(out_h, out_w) >= DRAFT_MIN_FACTOR * short_side:
+        # The largest DCT reduction that keeps both sides >= short_side.
+        drafted = img.draft(None, (short_side, short_side)) is not None
     try:
       img.load()
     except MemoryError:
@@ -97,11 +129,40 @@ def decode(data: bytes, name: str = "<bytes>", *, max_pixels: int | None = DEFAU
       raise ImageDecodeError(name, f"{type(e).__name__}: {e}") from e
     if exif_transpose:
       img = _exif_transpose(img, name)
-    return _to_rgb8(img, name, alpha)
+    rgb = _to_rgb8(img, name, alpha)
+  size = (out_h, out_w)
+  if target is None or rgb.shape[:2] == target:
+    return rgb, size
+  if drafted:
+    return np.array(Image.fromarray(rgb).resize((target[1], target[0]), resample=BICUBIC,
+                                                reducing_gap=REDUCING_GAP)), size
+  return resize(rgb, *target), size
+
+
+def _resize_target(height: int, width: int, short_side: int, name: str, max_upscale: float | None,
+                   max_pixels: int | None) -> tuple[int, int]:
+  """The (height, width) of a short-side resize, refusing a too large upscale or too many resulting pixels."""
+  factor = short_side / min(height, width)
+  if max_upscale is not None and factor > max_upscale:
+    raise ValueError(f"{name}: a {width}x{height} image would be upscaled {factor:.2f}x to a short side of "
+                     f"{short_side}, more than max_upscale={max_upscale} (pass max_upscale=None to allow it)")
+  new_h, new_w = short_side_size(height, width, short_side)
+  if max_pixels is not None and new_h * new_w > max_pixels:
+    raise ValueError(f"{name}: a {width}x{height} image resized to a short side of {short_side} would be "
+                     f"{new_w}x{new_h}, more than {max_pixels} pixels (aspect ratio too extreme)")
+  return new_h, new_w
+
+
+def _orientation(img: Image.Image) -> int:
+  try:
+    return int(img.getexif().get(0x0112, 1))
+  except Exception:  # pylint: disable=broad-except  (unreadable EXIF: _exif_transpose warns about it)
+    return 1
 
 
 def load(path: str | os.PathLike[str], **kwargs) -> np.ndarray:
-  """Reads and decodes an image file; keyword arguments as `decode`. Returns uint8 [height, width, 3]."""
+  """Reads and decodes an image file; keyword arguments as `decode` (e.g. `short_side=512`). Returns uint8
+  [height, width, 3]."""
   with open(path, "rb") as f:
     data = f.read()
   return decode(data, os.fspath(path), **kwargs)
@@ -185,6 +246,9 @@ def resize(img: np.ndarray, height: int, width: int, *, resample: int = BICUBIC)
   if img.shape[:2] == (height, width):
     return img
   return np.array(Image.fromarray(img).resize((width, height), resample=resample))
+
+
+_resize_image = resize  # for `eval_crops`, whose argument `resize` is the short side
 
 
 def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -297,3 +361,41 @@ def grid_crop_positions(height: int, width: int, size: int | Sequence[int], num_
   tops = _axis_positions(height, h, rows)
   lefts = _axis_positions(width, w, cols)
   return [(t, l) for t in tops for l in lefts]
+
+
+# Upscaling beyond this factor is reported (`eval_crops` returns the factor; the Scorer notes it per image).
+NOTE_UPSCALE = 2.0
+
+
+def eval_crops(image: bytes | np.ndarray, name: str, *, resize: int, image_size: int, num_crops: int,
+               max_upscale: float | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+               ) -> tuple[np.ndarray, tuple[int, int]]:
+  """The evaluation protocol, used by eval.py's pipeline and by the Scorer alike: the image resized so its short
+  side is `resize` (`decode(short_side=...)` for encoded bytes), then `num_crops` crops of `image_size` on the grid
+  of `grid_crop_positions`.
+
+  Upscale policy (one for both): an image that needs more than `max_upscale` to reach `resize` is refused with an
+  error naming it (None: any factor); the factor is `resize / min(height, width)` of the returned size, and the
+  Scorer notes it on the result past NOTE_UPSCALE.
+
+  Args:
+    image: the encoded file's bytes, or a decoded uint8 [h, w, 3] RGB array.
+    name: the file's name, for errors.
+
+  Returns:
+    (uint8 [num_crops, image_size, image_size, 3], (height, width) of the image before the resize).
+  """
+  if resize < image_size:
+    raise ValueError(f"resize ({resize}) must be at least the crop size ({image_size})")
+  if num_crops < 1:
+    raise ValueError(f"num_crops must be at least 1, got {num_crops}")
+  if isinstance(image, np.ndarray):
+    _check_rgb8(image)
+    size = image.shape[:2]
+    img = _resize_image(image, *_resize_target(size[0], size[1], resize, name, max_upscale, max_pixels))
+  else:
+    img, size = _decode(image, name, short_side=resize, max_upscale=max_upscale, max_pixels=max_pixels,
+                        alpha="white", exif_transpose=True)
+  positions = grid_crop_positions(img.shape[0], img.shape[1], image_size, num_crops)
+  return np.stack([crop(img, top, left, image_size) for top, left in positions]), (int(size[0]), int(size[1]))
+

@@ -46,8 +46,8 @@ from mcpf_jax.train import mesh as mesh_lib, optim, restore, step as step_lib
 DEFAULT_RESIZE = 512
 DEFAULT_NUM_CROPS = 15
 DEFAULT_BATCH_SIZE = 16
-# Upscaling beyond this factor is noted in the result (DESIGN.md: never upscale past 2x without saying so).
-NOTE_UPSCALE = 2.0
+# Upscaling beyond this factor is noted in the result (never past 2x without saying so).
+NOTE_UPSCALE = images.NOTE_UPSCALE
 # File extensions collected from folders (case-insensitive); files named explicitly are always tried.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".tif", ".tiff",
                               ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k"})
@@ -93,24 +93,17 @@ class Preprocessing:
     if self.num_crops < 1:
       raise ValueError(f"num_crops must be at least 1, got {self.num_crops}")
 
-  def crops(self, img: np.ndarray, name: str) -> tuple[np.ndarray, str | None]:
-    """uint8 [h, w, 3] -> (uint8 [num_crops, image_size, image_size, 3], note or None)."""
-    h, w = img.shape[:2]
+  def crops(self, image: bytes | np.ndarray, name: str) -> tuple[np.ndarray, tuple[int, int], str | None]:
+    """Encoded bytes or uint8 [h, w, 3] -> (uint8 [num_crops, image_size, image_size, 3], (h, w) before the
+    resize, note or None): `images.eval_crops`, the function eval.py's pipeline uses."""
+    crops, (h, w) = images.eval_crops(image, name, resize=self.resize, image_size=self.image_size,
+                                      num_crops=self.num_crops, max_upscale=self.max_upscale,
+                                      max_pixels=self.max_pixels)
     factor = self.resize / min(h, w)
-    if self.max_upscale is not None and factor > self.max_upscale:
-      raise ValueError(f"{name}: a {w}x{h} image would be upscaled {factor:.2f}x to a short side of "
-                       f"{self.resize}, more than max_upscale={self.max_upscale}")
-    new_h, new_w = images.short_side_size(h, w, self.resize)
-    if self.max_pixels is not None and new_h * new_w > self.max_pixels:
-      raise ValueError(f"{name}: a {w}x{h} image resized to a short side of {self.resize} would be "
-                       f"{new_w}x{new_h}, more than {self.max_pixels} pixels (aspect ratio too extreme)")
-    img = images.resize_short_side(img, self.resize, max_upscale=None)
-    positions = images.grid_crop_positions(img.shape[0], img.shape[1], self.image_size, self.num_crops)
-    crops = np.stack([images.crop(img, top, left, self.image_size) for top, left in positions])
     note = None
     if factor > NOTE_UPSCALE:
       note = f"upscaled {factor:.2f}x from {w}x{h} to a short side of {self.resize} (small image)"
-    return crops, note
+    return crops, (h, w), note
 
 
 @dataclasses.dataclass
@@ -141,13 +134,14 @@ def _prepare(index: int, item: Input, preprocessing: Preprocessing) -> _Prepared
     if isinstance(item, np.ndarray):
       if item.dtype != np.uint8 or item.ndim != 3 or item.shape[-1] != 3 or 0 in item.shape:
         raise ValueError(f"expected a uint8 [height, width, 3] RGB array, got {item.dtype} {list(item.shape)}")
-      img = item
+      data = item
     else:
-      img = images.load(name, max_pixels=preprocessing.max_pixels)
-    crops, note = preprocessing.crops(img, name)
+      with open(name, "rb") as f:
+        data = f.read()
+    crops, (height, width), note = preprocessing.crops(data, name)
   except Exception as e:  # pylint: disable=broad-except  (one bad file must not stop the others)
     return _Prepared(name, error=_describe_error(e, name))
-  return _Prepared(name, crops=crops, width=int(img.shape[1]), height=int(img.shape[0]), note=note)
+  return _Prepared(name, crops=crops, width=width, height=height, note=note)
 
 
 class Scorer:

@@ -27,13 +27,16 @@ Record (FEATURES):
 from __future__ import annotations
 
 import dataclasses
+import io
 import pathlib
 from typing import Any
 
 from etils import epath
 import numpy as np
+import PIL.Image
 import tensorflow_datasets as tfds
 
+from mcpf_jax import images
 from mcpf_jax import labels as label_sets
 from mcpf_jax.data import collect
 from mcpf_jax.data import layouts
@@ -73,6 +76,11 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       distortion labels; None = no labels.
     decode_check: "full" (default; decode every image), "verify" (PIL structure check) or "none".
     num_threads: decode-check threads.
+    resize: store the images pre-resized to this short side (None: the original bytes). An image whose short side
+      is larger is decoded and resized as training does (`images.decode(short_side=resize)`) and stored as a
+      lossless PNG, so training on it sees exactly the pixels of the on-the-fly path, without decoding the
+      full-size file every epoch; smaller images keep their bytes (training resizes them up as usual). Recorded as
+      `metadata["resize"]`; training refuses a config whose `data.resize` differs.
   """
 
   VERSION = tfds.core.Version(DATASET_VERSION)
@@ -80,7 +88,11 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   LAYOUT: type[layouts.Layout] = layouts.Layout
 
   def __init__(self, *, skip_bad: bool = False, report_path: str | None = None, liqe_dir: str | None = None,
-               decode_check: str = "full", num_threads: int | None = None, **kwargs: Any):
+               decode_check: str = "full", num_threads: int | None = None, resize: int | None = None,
+               **kwargs: Any):
+    if resize is not None and int(resize) < 1:
+      raise ValueError(f"resize must be a positive short side in pixels, got {resize}")
+    self._resize = None if resize is None else int(resize)
     self._skip_bad = skip_bad
     self._report_path = report_path
     self._liqe_dir = liqe_dir
@@ -125,6 +137,9 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if not result.examples:
       raise problems.DatasetError(lay.name, str(root), None, "no examples left to build")
     self.info.metadata.update(result.metadata)
+    self.info.metadata["resize"] = self._resize
+    if self._resize:
+      self.info.metadata["resize_format"] = "png"
     return {SPLIT: self._generate_examples(result.examples)}
 
   def _liqe_folder(self) -> str | None:
@@ -137,7 +152,7 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, examples: list[collect.Example]):
     for i, e in enumerate(examples):
       yield i, {
-          "image": e.path.read_bytes(),
+          "image": _stored_bytes(e.path.read_bytes(), e.name, self._resize),
           "name": e.name,
           "mos": np.float32(e.mos),
           "mos_std": np.float32(e.mos_std),
@@ -150,6 +165,19 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           "has_distortion": e.has_distortion,
           "index": np.int64(i),
       }
+
+
+def _stored_bytes(data: bytes, name: str, resize: int | None) -> bytes:
+  """The original bytes, or with `resize` an image larger than that as a PNG at short side `resize`."""
+  if resize is None:
+    return data
+  with PIL.Image.open(io.BytesIO(data)) as img:  # the short side does not depend on the EXIF orientation
+    if min(img.size) <= resize:
+      return data
+  small = images.decode(data, name, short_side=resize)
+  buf = io.BytesIO()
+  PIL.Image.fromarray(small).save(buf, format="PNG")
+  return buf.getvalue()
 
 
 def _builder_class(layout_cls: type[layouts.Layout]) -> type[IqaBuilder]:

@@ -224,9 +224,8 @@ def _targets(record: dict[str, Any], row: int, labels: LabelTransform) -> dict[s
 
 
 def _decoded(record: dict[str, Any], name: str, resize: int, max_upscale: float | None) -> np.ndarray:
-  """uint8 [h, w, 3] with min(h, w) == resize."""
-  img = images.decode(record["image"], name)
-  return images.resize_short_side(img, resize, max_upscale=max_upscale)
+  """uint8 [h, w, 3] with min(h, w) == resize (a large JPEG decoded at a reduced DCT scale: `images.decode`)."""
+  return images.decode(record["image"], name, short_side=resize, max_upscale=max_upscale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,9 +276,8 @@ class _EvalExample(grain.transforms.Map):
       }
     name = _name(record, row)
     try:
-      img = _decoded(record, name, self.resize, self.max_upscale)
-      positions = images.grid_crop_positions(img.shape[0], img.shape[1], s, self.num_crops)
-      crops = np.stack([images.crop(img, top, left, s) for top, left in positions])
+      crops, _ = images.eval_crops(record["image"], name, resize=self.resize, image_size=s,
+                                   num_crops=self.num_crops, max_upscale=self.max_upscale)
       example = _targets(record, row, self.labels)
     except Exception as e:
       raise RecordError(row, name, f"{type(e).__name__}: {e}") from e

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--liqe_dir", default=None, help="folder of LIQE split folders, to join scene/distortion labels")
   p.add_argument("--decode_check", default="full", choices=("full", "verify", "none"))
   p.add_argument("--num_threads", type=int, default=None)
+  p.add_argument("--resize", type=int, default=None,
+                 help="store the images pre-resized to this short side (lossless PNG), for a training config with "
+                      "the same data.resize: no full-size decode per epoch (use its own --data_dir)")
   p.add_argument("--overwrite", action="store_true",
                  help="delete this dataset's already-built version folder first (tfds otherwise reuses it)")
   p.add_argument("--dmos", default="auto", choices=("auto", "realigned", "original"), help="live only")
@@ -56,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   kwargs = dict(skip_bad=args.skip_bad, report_path=args.report, liqe_dir=args.liqe_dir,
-                decode_check=args.decode_check, num_threads=args.num_threads)
+                decode_check=args.decode_check, num_threads=args.num_threads, resize=args.resize)
   if args.name == "live":
     kwargs["dmos"] = args.dmos
   if args.name == "csv":

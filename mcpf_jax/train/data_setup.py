@@ -74,10 +74,21 @@ def open_source(config, name: str, workdir: pathlib.Path) -> datasets.IqaSource:
     return datasets.source(name, root)
 
 
+def check_stored_size(src: datasets.IqaSource, config, name: str) -> None:
+  """A dataset prepared with `--resize S` stores its images at short side S: only data.resize == S may read it."""
+  stored = src.metadata.get("resize")
+  if stored and int(stored) != int(config.data.resize):
+    raise ValueError(f"{src.path}: dataset {name} was prepared with its images stored at a short side of {stored} "
+                     f"(prepare --resize {stored}), but data.resize={config.data.resize}; set "
+                     f"--config.data.resize={stored}, or use a build without --resize (or with --resize "
+                     f"{config.data.resize})")
+
+
 def load(config, workdir: pathlib.Path, *, dataset: str | None = None) -> DatasetSplits:
   """The configured dataset and its split; `dataset` (cross-dataset evaluation) is used whole, as "all"."""
   name = dataset or config.data.name
   src = open_source(config, name, workdir)
+  check_stored_size(src, config, name)
   higher = bool(src.metadata.get("higher_is_better", True))
   n = len(src)
   indices = {"all": np.arange(n, dtype=np.int64)}

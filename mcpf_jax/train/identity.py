@@ -42,6 +42,7 @@ OBSERVE = (
     "clip.remat",  # recompute activations in the backward pass: memory for compute, same numbers
     "model.image_chunk",  # images per vision-tower pass: speed only
     "data.num_workers",  # decoding processes: the input stream is a function of the step alone
+    "data.prefetch_to_device",  # batches sent to the devices ahead of the step: same batches, same order
     "splits",  # the protocol's number of splits (each split's own run has splits=1)
 )
 # Where the backbone and the dataset are read from: may move, their fingerprints are checked instead.
@@ -138,13 +139,14 @@ def dataset_identity(source: Any, name: str) -> dict[str, Any]:
     h.update(n.encode("utf-8") + b"\0" + c.encode("utf-8") + b"\n")
   h.update(np.ascontiguousarray(np.asarray(source.mos, np.float32)).tobytes())
   path = pathlib.Path(getattr(source, "path", ""))
+  stored = (getattr(source, "metadata", None) or {}).get("resize")
   return {"name": name, "version": path.name if path.name else None, "path": str(path), "num_records": len(names),
-          "fingerprint": h.hexdigest()}
+          "fingerprint": h.hexdigest(), "stored_short_side": stored}
 
 
 def check_dataset(saved: Mapping[str, Any], current: Mapping[str, Any], where: str | os.PathLike[str]) -> None:
   """The dataset read now must be the one the run started on (same name, version and fingerprint)."""
-  keys = ("name", "version", "num_records", "fingerprint")
+  keys = ("name", "version", "num_records", "fingerprint", "stored_short_side")
   diff = [(k, saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)]
   if diff:
     lines = "\n".join(f"  {k}: saved {json.dumps(a)}, now {json.dumps(b)}" for k, a, b in diff)

@@ -7,9 +7,10 @@ Prompts, fusion and optimizer state are tiny and replicated.
 
 from __future__ import annotations
 
+import collections
 import functools
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -109,3 +110,24 @@ def to_host(x: jax.Array) -> np.ndarray:
   if not x.is_fully_replicated:
     raise ValueError("to_host needs a replicated array across processes (use gather_fn first)")
   return np.asarray(x.addressable_data(0))
+
+
+def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int = 2
+                       ) -> Iterator[dict[str, jax.Array]]:
+  """Yields `global_batch(b, sharding)` for each host batch b, keeping `size` batches already sent to the devices
+  ahead of the one yielded: the transfer of the next batches overlaps the step that runs now. Same batches, same
+  order as the plain loop; `size` 0 transfers each batch only when it is asked for."""
+  queue: collections.deque = collections.deque()
+  iterator = iter(batches)
+
+  def fill() -> None:
+    while len(queue) <= size:
+      try:
+        queue.append(global_batch(next(iterator), sharding))
+      except StopIteration:
+        return
+
+  fill()
+  while queue:
+    yield queue.popleft()
+    fill()

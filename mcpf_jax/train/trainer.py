@@ -3,7 +3,7 @@
 One jitted, donated update step over a ("data", "model") mesh; grain input with checkpointable state; orbax
 checkpoints every `train.checkpoint_every` steps and at the end (last K + best by validation SRCC). Starting again
 with the same workdir resumes from the latest checkpoint exactly: parameters, optimizer state, step and the
-position of the input iterator. A NaN/inf loss, gradient or updated parameter, or a non-finite validation score
+position in the input stream (a function of the step). A NaN/inf loss, gradient or updated parameter, or a non-finite validation score
 at a checkpoint, stops the run (NonFiniteError) before anything is saved, so the last checkpoint on disk is the
 last good one, and the message names it.
 """
@@ -237,10 +237,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     log.info("step 0 starts from the trainable weights of %s", where)
   # The input stream at step t is a function of t alone (one global order), so a resumed run, on any number of
   # processes or workers, continues exactly where the checkpoint is.
-  iterator = iter(pipeline.train_loader(run.data.source, train_idx, batch_size=cfg.train.batch_size,
-                                        image_size=run.image_size, resize=cfg.data.resize, seed=cfg.seed,
-                                        labels=run.data.labels, num_workers=cfg.data.num_workers,
-                                        shard_index=jax.process_index(), shard_count=n_proc, start_batch=start))
+  loader = pipeline.train_loader(run.data.source, train_idx, batch_size=cfg.train.batch_size,
+                                 image_size=run.image_size, resize=cfg.data.resize, seed=cfg.seed,
+                                 labels=run.data.labels, num_workers=cfg.data.num_workers,
+                                 shard_index=jax.process_index(), shard_count=n_proc, start_batch=start)
+  # Batches reach the devices ahead of the step that needs them.
+  device_batches = mesh_lib.prefetch_to_device(loader, b_sh, size=cfg.data.prefetch_to_device)
   log.info("%s", launch.topology(run.mesh))
   log.info("%s | %s on %s: %d train / %d val / %d test images, %d steps (%d per epoch), %d trainable of %d "
            "parameters", mesh_lib.describe(run.mesh), cfg.model.name, run.data.name, len(train_idx),
@@ -288,8 +290,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   last_save = time.monotonic()
   try:
     for step in range(start, total):
-      batch = mesh_lib.global_batch(next(iterator), b_sh)
-      state, m = train_step(state, batch)
+      state, m = train_step(state, next(device_batches))
       done = step + 1
       pending.append((done, m))
       seen += cfg.train.batch_size
