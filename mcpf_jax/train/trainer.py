@@ -1,11 +1,11 @@
 """The training loop and evaluation: `train_and_evaluate(config, workdir)`, `evaluate(config, workdir)`.
 
-One jitted, donated update step over a ("data", "model") mesh; grain input with checkpointable state; orbax
-checkpoints every `train.checkpoint_every` steps and at the end (last K + best by validation SRCC). Starting again
-with the same workdir resumes from the latest checkpoint exactly: parameters, optimizer state, step and the
-position in the input stream (a function of the step). A NaN/inf loss, gradient or updated parameter, or a non-finite validation score
-at a checkpoint, stops the run (NonFiniteError) before anything is saved, so the last checkpoint on disk is the
-last good one, and the message names it.
+One jitted, donated update step over a ("data", "model") mesh; grain input whose stream at step t is a function
+of t; orbax checkpoints every `train.checkpoint_every` steps, every `train.checkpoint_minutes`, on SIGTERM/SIGINT
+and at the end (last K + best by validation SRCC). Starting again with the same workdir resumes from the latest
+checkpoint exactly: parameters, optimizer state, step and so the position in the input stream. A NaN/inf loss,
+gradient or updated parameter, or a non-finite validation score at a checkpoint, stops the run (NonFiniteError)
+before anything is saved, so the last checkpoint on disk is the last good one, and the message names it.
 """
 
 from __future__ import annotations
