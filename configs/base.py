@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.clip = ml_collections.ConfigDict()
   c.clip.name = "openai/clip-vit-base-patch16"  # hub id, local HF folder, or preset (vit-b-32/-b-16/-l-14/-l-14-336)
   c.clip.revision = placeholder(str)  # hub branch/tag/commit; None = main
-  c.clip.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.clip.dtype = "float32"  # compute dtype: float32 | bfloat16 (bf16 inputs, float32-accumulating matmuls)
+  c.clip.param_dtype = "float32"  # the frozen backbone's weights in memory: float32 | bfloat16 (half the memory)
   c.clip.remat = False  # rematerialise each transformer block in the backward pass (memory for compute)
 
   c.model = ml_collections.ConfigDict()

@@ -25,6 +25,7 @@ import re
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
@@ -221,14 +222,32 @@ def _tokenizer(folder: pathlib.Path) -> Any:
   return tokenizer_lib.Tokenizer.from_pretrained(folder)
 
 
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def cast_params(params: Params, param_dtype: str) -> Params:
+  """The floating-point leaves of `params` stored in `param_dtype` (bfloat16 halves a frozen backbone's memory)."""
+  if param_dtype not in PARAM_DTYPES:
+    raise ValueError(f"param_dtype {param_dtype!r} is not one of {PARAM_DTYPES}")
+  target = jnp.dtype(param_dtype)
+  return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def load_folder(folder: str | os.PathLike[str], *, dtype: str = "float32", remat: bool = False,
-                source: str | None = None) -> Bundle:
-  """Loads a local Hugging Face CLIP folder (see the module docstring)."""
+                source: str | None = None, param_dtype: str = "float32") -> Bundle:
+  """Loads a local Hugging Face CLIP folder (see the module docstring).
+
+  param_dtype: how the weights are stored in memory ("bfloat16" halves them); the fingerprint is always that of
+  the float32 values in the file, so a run's backbone check does not depend on it.
+  """
   folder = pathlib.Path(folder).expanduser()
   config = read_config(folder, dtype=dtype, remat=remat)
   params, weights = read_params(folder, config)
+  digest = fingerprint(params)
+  if param_dtype != "float32":
+    params = cast_params(params, param_dtype)
   return Bundle(model=CLIP(config), params=jax.device_put(params), tokenizer=_tokenizer(folder),
-                config=config, source=source or str(weights.resolve()), fingerprint=fingerprint(params))
+                config=config, source=source or str(weights.resolve()), fingerprint=digest)
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> tuple[pathlib.Path, str]:
@@ -273,14 +292,15 @@ def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> 
 
 
 def load(name_or_path: str | os.PathLike[str], *, dtype: str = "float32", revision: str | None = None,
-         remat: bool = False, cache_dir: str | None = None) -> Bundle:
+         remat: bool = False, cache_dir: str | None = None, param_dtype: str = "float32") -> Bundle:
   """Loads a CLIP from a local folder, a hub id ("openai/clip-vit-base-patch16") or a preset name.
 
   Args:
     name_or_path: a folder with config.json + weights; a Hugging Face hub repo id; or one of the presets
       "vit-b-32", "vit-b-16", "vit-l-14", "vit-l-14-336" (their OpenAI hub repos).
-    dtype: compute dtype, "float32" or "bfloat16" (parameters are float32 either way).
+    dtype: compute dtype, "float32" or "bfloat16" (bf16 inputs, float32-accumulating matmuls).
     revision: hub branch, tag or commit (hub ids only).
+    param_dtype: the weights' dtype in memory: "float32" or "bfloat16" (a frozen backbone's half-size copy).
     remat: rematerialise every transformer block in the backward pass.
     cache_dir: Hugging Face cache folder (default: huggingface_hub's, i.e. HF_HUB_CACHE).
 
@@ -291,14 +311,15 @@ def load(name_or_path: str | os.PathLike[str], *, dtype: str = "float32", revisi
   if path.is_dir():
     if revision is not None:
       raise ValueError(f"revision={revision!r} given for the local folder {path}")
-    return load_folder(path, dtype=dtype, remat=remat)
+    return load_folder(path, dtype=dtype, remat=remat, param_dtype=param_dtype)
   name = str(name_or_path)
   repo_id = HUB_IDS.get(name, name)
   if path.exists() or not _REPO_ID.match(repo_id):
     raise FileNotFoundError(f"{name}: not a model folder, a hub repo id or a preset ({sorted(HUB_IDS)})")
   folder, weights = _hub_snapshot(repo_id, revision, cache_dir)
   # huggingface_hub lays snapshots out as .../snapshots/<commit>/<file>.
-  return load_folder(folder, dtype=dtype, remat=remat, source=f"hf://{repo_id}@{folder.name}/{weights}")
+  return load_folder(folder, dtype=dtype, remat=remat, source=f"hf://{repo_id}@{folder.name}/{weights}",
+                     param_dtype=param_dtype)
 
 
 def save_pretrained(folder: str | os.PathLike[str], params: Mapping[str, Any], config: CLIPConfig, *,

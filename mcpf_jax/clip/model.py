@@ -25,8 +25,9 @@ Prompt shapes are static, values are plain arrays: everything jits and different
 
 Precision: float32 parity with transformers (1e-5 relative, tested on CPU) assumes full-precision float32
 matmuls; on GPUs/TPUs XLA may use TF32/bf16 passes for float32 by default (`jax.default_matmul_precision`
-sets it). `CLIPConfig.dtype = "bfloat16"` computes in bfloat16 with float32 parameters, LayerNorm
-statistics and outputs (features and logits).
+sets it). `CLIPConfig.dtype = "bfloat16"` feeds bfloat16 to every matmul and to the patch convolution, which
+accumulate in float32 and round their result to bfloat16 once (`f32_accumulating`); LayerNorm, the attention
+softmax and the logits are float32. The weights may be stored in float32 or bfloat16 (`clip.load(param_dtype=)`).
 """
 
 from __future__ import annotations
@@ -58,13 +59,33 @@ def _activation(name: str) -> Callable[[Array], Array]:
   raise ValueError(f"unsupported hidden_act {name!r}")
 
 
-def _layer_norm(eps: float, dtype: Any, name: str) -> nn.LayerNorm:
-  # Two-pass variance, as torch.nn.LayerNorm computes it (the fast E[x^2]-E[x]^2 form costs precision).
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, name=name)
+def _layer_norm(eps: float, dtype: Any, name: str):
+  """LayerNorm computed in float32 whatever the compute dtype (its mean and variance need it), returned in
+  `dtype`. Two-pass variance, as torch.nn.LayerNorm computes it (the fast E[x^2]-E[x]^2 form costs precision)."""
+  norm = nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name=name)
+  return lambda x: norm(x).astype(dtype)
+
+
+def f32_accumulating(dtype: Any, op: Callable = jax.lax.dot_general) -> Callable | None:
+  """For a low-precision compute dtype: `op` (lax.dot_general / conv_general_dilated) accumulating in float32
+  (`preferred_element_type`) and rounding its result to `dtype` once. None for float32 (the op as it is).
+
+  bf16 x bf16 -> bf16 products summed in bf16 lose precision with the contraction length (768 to 3072 terms here)
+  and, on XLA's CPU backend, run at half the speed of the f32-accumulating form.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return None
+
+  def accumulate_in_f32(*args, **kwargs):
+    kwargs["preferred_element_type"] = jnp.float32
+    return op(*args, **kwargs).astype(dtype)
+
+  return accumulate_in_f32
 
 
 def _dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  dot_general=f32_accumulating(dtype))
 
 
 def _attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
@@ -86,7 +107,7 @@ def _attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
     if mask is not None:
       logits = jnp.where(mask, logits, big_negative)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    outs.append(jnp.einsum("bqk,bkd->bqd", probs, v[:, :, h]))
+    outs.append(jnp.einsum("bqk,bkd->bqd", probs, v[:, :, h], preferred_element_type=jnp.float32).astype(v.dtype))
   return jnp.stack(outs, axis=2)
 
 
@@ -348,7 +369,9 @@ class _VisionEmbeddings(nn.Module):
                        "(pass interpolate_pos_encoding=True to resize the position embedding)")
     p = cfg.patch_size
     patches = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                      dtype=self.dtype, param_dtype=jnp.float32, name="patch_embedding")(pixels.astype(self.dtype))
+                      dtype=self.dtype, param_dtype=jnp.float32, name="patch_embedding",
+                      conv_general_dilated=f32_accumulating(self.dtype, jax.lax.conv_general_dilated)
+                      )(pixels.astype(self.dtype))
     batch, grid_h, grid_w, _ = patches.shape
     patches = patches.reshape(batch, grid_h * grid_w, cfg.hidden_size)  # row-major, as torch's flatten(2)
     cls = self.param("class_embedding", nn.initializers.normal(cfg.hidden_size ** -0.5), (cfg.hidden_size,))

@@ -36,8 +36,9 @@ def build(model_config, bundle, rng: jax.Array) -> tuple[IQAModel, dict[str, Any
   init_new = lambda r: {k: v for k, v in model.init(r, jnp.zeros((1, size, size, 3)))["params"].items()
                         if k != "clip"}
   params = dict(jax.jit(init_new)(rng))
-  expected = jax.tree.map(lambda s: (s.shape, s.dtype), shapes["clip"])
-  got = jax.tree.map(lambda a: (a.shape, a.dtype), bundle.params)
+  # Shapes must match; the dtype may be the model's float32 or the bundle's storage dtype (clip.param_dtype).
+  expected = jax.tree.map(lambda s: s.shape, shapes["clip"])
+  got = jax.tree.map(lambda a: a.shape, bundle.params)
   if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
     raise ValueError("CLIP parameters of the checkpoint do not match the model built from its config")
   params["clip"] = bundle.params
@@ -47,7 +48,7 @@ def build(model_config, bundle, rng: jax.Array) -> tuple[IQAModel, dict[str, Any
       raise ValueError(f"model.text_prompt_init={spec.text_prompt_init!r} is {len(phrase)} tokens, more than "
                        f"model.num_text_prompts={spec.num_text_prompts}")
     table = bundle.params["text_model"]["embeddings"]["token_embedding"]["embedding"]
-    emb = jnp.asarray(np.asarray(table)[np.asarray(phrase)])
+    emb = jnp.asarray(np.asarray(table, np.float32)[np.asarray(phrase)])
     for name in [k for k in params if k.startswith("text_prompts_")]:
       params[name] = params[name].at[0, :len(phrase)].set(emb)
   return model, params

@@ -29,7 +29,8 @@ def load_clip(config, workdir: pathlib.Path, *, name: str | None = None) -> clip
     from mcpf_jax.clip.tiny import write_tiny_clip  # pylint: disable=g-import-not-at-top
     name = str(write_tiny_clip(pathlib.Path(workdir) / "tiny_clip", seed=config.clip.tiny_seed,
                                **config.clip.tiny))
-  return clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat)
+  return clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat,
+                   param_dtype=config.clip.get("param_dtype", "float32"))
 
 
 def optim_config(config, steps_per_epoch: int) -> ml_collections.ConfigDict:

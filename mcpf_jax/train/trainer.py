@@ -19,6 +19,7 @@ import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -72,6 +73,12 @@ def build_run(config, workdir: str | pathlib.Path, *, dataset: str | None = None
   splits = data_setup.load(config, workdir, dataset=dataset)
   model, params = iqa.build(config.model, bundle, jax.random.key(config.seed))
   labels = optim.trainable_labels(params, config.model.trainable)
+  trainable, _ = optim.split(params, labels)
+  low = sorted(k for k, v in trainable.items() if v.dtype != jnp.float32)
+  if low:
+    raise ValueError(f"clip.param_dtype={config.clip.param_dtype!r} stores trainable parameters in low precision "
+                     f"({low[0]}, ... {len(low)} leaves): model.trainable={config.model.trainable!r} trains the "
+                     "backbone, whose weights must then stay float32 (clip.param_dtype=float32)")
   return Run(config, workdir, mesh, bundle, model, params, labels, splits)
 
 
