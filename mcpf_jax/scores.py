@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -100,9 +100,25 @@ class LabelTransform:
 
   def to_mos(self, score01: float | np.ndarray) -> np.ndarray:
     """float64 [...]: the inverse of mos01, back on the dataset's own scale and direction."""
-    s = np.asarray(score01, np.float64)
+    return self._from01(np.asarray(score01, np.float64))
+
+  def to_mos_jax(self, score01: Any) -> Any:
+    """`to_mos` on a jax array, in its dtype: jit- and grad-able (the map is affine)."""
+    return self._from01(score01)
+
+  def _from01(self, s: Any) -> Any:
     span = self.high - self.low
     return self.low + s * span if self.higher_is_better else self.high - s * span
+
+  @property
+  def score_range(self) -> tuple[float, float]:
+    """(lowest, highest) score `to_mos` gives for the model's score01 in [0, 1]: [low, high] of the scale."""
+    return (self.low, self.high)
+
+  @classmethod
+  def identity(cls) -> LabelTransform:
+    """score01 as it is ([0, 1], higher is better): zero-shot models."""
+    return cls(low=0.0, high=1.0, higher_is_better=True, train_low01=0.0, train_high01=1.0)
 
 
 def _to01(mos: np.ndarray, low: float, high: float, higher_is_better: bool) -> np.ndarray:
