@@ -44,7 +44,7 @@ from flax import traverse_util
 
 from mcpf_jax import clip, images, pretrained, runs, scores
 from mcpf_jax import model as iqa
-from mcpf_jax.clip import preprocess
+from mcpf_jax.clip import checkpoint as clip_checkpoint, preprocess
 
 # Zero-shot defaults (a checkpoint brings its own): the evaluation protocol of configs/base.py.
 DEFAULT_RESIZE = 512
@@ -475,7 +475,7 @@ def _pretrained_backbone(folder: pathlib.Path, config: dict[str, Any], clip_name
   if clip_name is not None:
     return clip.load(clip_name, dtype=dtype)
   if (folder / pretrained.BACKBONE_DIR).is_dir():
-    return clip.load_folder(folder / pretrained.BACKBONE_DIR, dtype=dtype)
+    return clip_checkpoint.load_folder(folder / pretrained.BACKBONE_DIR, dtype=dtype)
   backbone = config["backbone"]
   hub_id, revision = backbone.get("hub_id"), backbone.get("revision")
   what = (f"the CLIP backbone {hub_id or backbone.get('source')!r}"
@@ -489,7 +489,7 @@ def _pretrained_backbone(folder: pathlib.Path, config: dict[str, Any], clip_name
     if not local:  # through the cache (HF_HUB_OFFLINE honoured), fetching only config, weights and tokenizer
       return clip.load(hub_id, dtype=dtype, revision=revision, cache_dir=cache_dir)
     snapshot = pretrained.hub_folder(hub_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
-    return clip.load_folder(snapshot, dtype=dtype, source=f"hf://{hub_id}@{snapshot.name}")
+    return clip_checkpoint.load_folder(snapshot, dtype=dtype, source=f"hf://{hub_id}@{snapshot.name}")
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{folder}: the model needs {what}, which is not in {folder / pretrained.BACKBONE_DIR} "
                             f"and could not be found{' in the Hugging Face cache' if local else ''}: {how}. ({e})"
