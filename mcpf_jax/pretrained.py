@@ -90,14 +90,14 @@ def hub_folder(repo_id: str, *, revision: str | None = None, cache_dir: str | No
     FileNotFoundError: not in the cache and it cannot be downloaded (offline, or no such repo / no network).
   """
   import huggingface_hub  # pylint: disable=g-import-not-at-top
-  from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
-  offline = local_files_only or huggingface_hub.constants.is_offline_mode()
+  from huggingface_hub import constants, errors  # pylint: disable=g-import-not-at-top
+  offline = local_files_only or constants.is_offline_mode()
   try:
     folder = huggingface_hub.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
                                                local_files_only=local_files_only)
   except (errors.LocalEntryNotFoundError, errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
           errors.OfflineModeIsEnabled, OSError) as e:
-    cache = cache_dir or huggingface_hub.constants.HF_HUB_CACHE
+    cache = cache_dir or constants.HF_HUB_CACHE
     why = ("HF_HUB_OFFLINE is set (or only the cache was asked) and it is not in the Hugging Face cache"
            if offline else "it is not in the cache and could not be downloaded")
     raise FileNotFoundError(f"hub model {repo_id!r} (revision {revision or 'main'}): {why} (cache: {cache}); "

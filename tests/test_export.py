@@ -281,3 +281,13 @@ def test_export_of_a_vit_b16_model_is_a_few_mb(tmp_path):
         f"parameters; the backbone would add {4 * backbone / 2**20:.0f} MiB")
   assert sum(v.size for v in own.values()) == 4_248_576  # README: MCPF on ViT-B/16 trains 4,248,576 parameters
   assert size < 20 * 2**20 and size < 0.03 * 4 * backbone
+
+
+def test_scoring_and_export_import_nothing_of_train():
+  """scoring.py depends on the model, CLIP, image and score code only (so does the exporter)."""
+  code = ("import sys; import mcpf_jax.scoring, mcpf_jax.export\n"
+          "bad = sorted(m for m in sys.modules if m.startswith('mcpf_jax.train') or m.startswith('mcpf_jax.data'))\n"
+          "print(bad); sys.exit(1 if bad else 0)\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
