@@ -172,7 +172,7 @@ def test_the_folder_in_the_hub_cache_loads_by_its_id_offline(exported, clive, tm
 def test_score_fn_equals_the_scorer_and_its_pixel_gradient_matches_finite_differences(exported, clive):
   scorer = Scorer.from_pretrained(exported["full"], batch_size=2)
   img = images.load(str(sorted(clive.glob("*.JPG"))[3]))
-  crops, _ = scorer.preprocessing.crops(img, "test")  # uint8 [9, 64, 64, 3]: the Scorer's own crops
+  crops = scorer.preprocessing.crops(img, "test")[0]  # uint8 [9, 64, 64, 3]: the Scorer's own crops
   per_crop = np.asarray(jax.jit(scorer.score_fn)(crops))
   assert per_crop.shape == (9,) and np.ptp(per_crop) > 0
   (result,) = scorer.score(img)
