@@ -1,8 +1,11 @@
-"""Score images: `python score.py --checkpoint runs/livec --output scores.csv photos/ more.jpg`.
+"""Score images: `python score.py --pretrained exported/livec --output scores.csv photos/ more.jpg`.
 
 PATHS are image files and folders (searched recursively for image extensions, in sorted order). With
---checkpoint (a training run's workdir) the scores are on the MOS scale of the dataset it was trained on; with
-`--model clipiqa --clip NAME_OR_FOLDER` and no checkpoint they are zero-shot CLIP-IQA scores on [0, 1].
+--pretrained (a folder written by `python -m mcpf_jax.export`, or a Hugging Face Hub id) or --checkpoint (a
+training run's workdir) the scores are on the MOS scale of the dataset the model was trained on (the JSON
+output's "scorer" says which, its range and its direction); with `--model clipiqa --clip NAME_OR_FOLDER` they are
+zero-shot CLIP-IQA scores on [0, 1]. A local --pretrained folder never touches the network; a hub id goes through
+the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only).
 
 Output (--format csv, or json; default from the --output extension): one row per file with `path`, `score`,
 `error`, `width`, `height`, `note`. A file that cannot be read or decoded gets an error row and the others are
@@ -27,12 +30,15 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python score.py", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
+  p.add_argument("--pretrained", metavar="DIR_OR_ID",
+                 help="an exported model folder (python -m mcpf_jax.export) or a Hugging Face Hub model id")
+  p.add_argument("--revision", default=None, help="with a --pretrained hub id: the branch, tag or commit")
   p.add_argument("--checkpoint", help="a training run's workdir (or its checkpoints/<step> folder)")
   p.add_argument("--step", default="best", help="best | latest | a step number (with --checkpoint)")
   p.add_argument("--model", default=None, choices=("clipiqa",),
                  help="zero-shot model to use without --checkpoint")
   p.add_argument("--clip", default=None,
-                 help="CLIP hub id or folder: the zero-shot backbone, or where a checkpoint's backbone is now")
+                 help="CLIP hub id or folder: the zero-shot backbone, or where a trained model's backbone is")
   p.add_argument("--output", "-o", default="-", help="output file ('-': stdout)")
   p.add_argument("--format", choices=("csv", "json"), default=None,
                  help="default: json for a .json output, else csv")
@@ -85,6 +91,9 @@ class _JsonWriter:
 def _make_scorer(args):
   from mcpf_jax.scoring import DEFAULT_NUM_CROPS, Scorer  # pylint: disable=g-import-not-at-top
   common = dict(batch_size=args.batch_size, num_workers=args.num_workers, max_upscale=args.max_upscale)
+  if args.pretrained:
+    return Scorer.from_pretrained(args.pretrained, revision=args.revision, num_crops=args.num_crops,
+                                  clip_name=args.clip, **common)
   if args.checkpoint:
     return Scorer.from_checkpoint(args.checkpoint, args.step, num_crops=args.num_crops, clip_name=args.clip,
                                   **common)
@@ -94,10 +103,14 @@ def _make_scorer(args):
 def main(argv: Sequence[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
-  if args.checkpoint and args.model:
-    parser.error("give either --checkpoint (a trained model) or --model clipiqa (zero-shot), not both")
-  if not args.checkpoint and not args.model:
-    parser.error("give --checkpoint WORKDIR, or --model clipiqa --clip NAME_OR_FOLDER for zero-shot scores")
+  if sum(bool(x) for x in (args.pretrained, args.checkpoint, args.model)) > 1:
+    parser.error("give one of --pretrained (an exported model), --checkpoint (a training run) or --model clipiqa "
+                 "(zero-shot)")
+  if not args.pretrained and not args.checkpoint and not args.model:
+    parser.error("give --pretrained DIR_OR_HUB_ID, --checkpoint WORKDIR, or --model clipiqa --clip NAME_OR_FOLDER "
+                 "for zero-shot scores")
+  if args.revision and not args.pretrained:
+    parser.error("--revision goes with a --pretrained hub id")
   if args.model and not args.clip:
     parser.error("--model clipiqa needs --clip (a hub id such as openai/clip-vit-base-patch16, or a folder)")
   fmt = args.format or ("json" if args.output.lower().endswith(".json") else "csv")

@@ -1,12 +1,16 @@
-"""Scoring users' images: `Scorer`, from a trained checkpoint or zero-shot (CLIP-IQA), no dataset needed.
+"""Scoring users' images: `Scorer`, from an exported model, a trained checkpoint or zero-shot (CLIP-IQA).
 
-  scorer = Scorer.from_checkpoint("runs/livec")            # the run's best checkpoint
+  scorer = Scorer.from_pretrained("exported/livec")        # or a hub id; or Scorer.from_checkpoint("runs/livec")
   for r in scorer.score(["photo.jpg", "scans/a.png"]):     # or scorer.iter_score(...) to stream
     print(r.path, r.score, r.error)
+  scorer.score_range, scorer.higher_is_better, scorer.scale   # what a score means
 
-A checkpoint's score is on the MOS scale of the dataset the model was trained on (e.g. [1, 100] for LIVE
-Challenge; a DMOS dataset keeps its lower-is-better direction, see `Scorer.info`); a zero-shot score is
-p("Good photo.") on [0, 1].
+A trained model's score is on the MOS scale of the dataset it was trained on (e.g. [1, 100] for LIVE Challenge;
+a DMOS dataset keeps its lower-is-better direction: `higher_is_better` is False); a zero-shot score is
+p("Good photo.") on [0, 1]. `Scorer.score_fn` is the model as a pure, differentiable function of crops.
+
+This module depends on the model, CLIP, image and score-mapping code only (`mcpf_jax.runs` reads a training
+run's workdir, `mcpf_jax.pretrained` an exported folder): nothing of `mcpf_jax.train`.
 
 Preprocessing is the evaluation protocol of the training run (`mcpf_jax.data.pipeline.eval_batches`): the image
 is decoded to 8-bit RGB (`mcpf_jax.images.decode`: every PIL mode, EXIF orientation, alpha on white), resized
@@ -31,16 +35,16 @@ import dataclasses
 import itertools
 import os
 import pathlib
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from mcpf_jax import clip, images
+from mcpf_jax import clip, images, pretrained, runs, scores
 from mcpf_jax import model as iqa
-from mcpf_jax.data import pipeline
-from mcpf_jax.train import checkpoints as ckpt_lib
-from mcpf_jax.train import mesh as mesh_lib, optim, restore, step as step_lib
+from mcpf_jax.clip import checkpoint as clip_checkpoint, preprocess
 
 # Zero-shot defaults (a checkpoint brings its own): the evaluation protocol of configs/base.py.
 DEFAULT_RESIZE = 512
@@ -145,20 +149,28 @@ def _prepare(index: int, item: Input, preprocessing: Preprocessing) -> _Prepared
 
 
 class Scorer:
-  """Scores images with an IQA model; build it with `from_checkpoint` or `zero_shot`.
+  """Scores images with an IQA model; build it with `from_pretrained`, `from_checkpoint` or `zero_shot`.
 
   Attributes:
-    info: what scores mean and where the model came from (JSON-serialisable): "scale", "higher_is_better",
-      "model", "backbone", and for checkpoints "checkpoint", "step", "trained_on".
+    score_range: (lowest, highest) score the model can give: the [low, high] of the scale it was trained on
+      (the training split's MOS range, or the dataset's nominal scale; [0, 1] zero-shot).
+    higher_is_better: False for a DMOS scale (LIVE, CSIQ, ...): there a lower score is a better image.
+    scale: what a score is, in words (e.g. "MOS of livec").
+    dataset: the dataset the model was trained on (None zero-shot).
+    info: all of the above and where the model came from (JSON-serialisable): "scale", "score_range",
+      "higher_is_better", "dataset", "model", "backbone", and for trained models "step", "trained_on" and
+      "checkpoint" or "pretrained".
     preprocessing: the resize / crop protocol.
     batch_size: images per model call (a multiple of the number of local devices).
+    params: the full parameter tree (backbone included), replicated on this process's devices.
   """
 
-  def __init__(self, model: iqa.IQAModel, params: Any, *, preprocessing: Preprocessing, to_score: Callable,
-               info: dict[str, Any], batch_size: int = DEFAULT_BATCH_SIZE, num_workers: int = 2,
-               mesh: jax.sharding.Mesh | None = None, param_shardings: Any = None):
-    """Low-level constructor; `to_score` maps float64 [n] mean-crop score01 to the reported scale."""
-    self.mesh = mesh if mesh is not None else _local_mesh(1)
+  def __init__(self, model: iqa.IQAModel, params: Any, *, preprocessing: Preprocessing,
+               score_map: scores.LabelTransform | None = None, info: dict[str, Any],
+               batch_size: int = DEFAULT_BATCH_SIZE, num_workers: int = 2, scale: str | None = None,
+               dataset: str | None = None):
+    """Low-level constructor; `score_map` maps the model's score01 to the reported scale (None: as it is)."""
+    self.mesh = _local_mesh()
     n_data = self.mesh.shape["data"]
     if batch_size < 1:
       raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -167,17 +179,109 @@ class Scorer:
     self.batch_size = -(-batch_size // n_data) * n_data  # every data-parallel device gets the same share
     self.num_workers = num_workers
     self.preprocessing = preprocessing
-    self.info = dict(info, num_crops=preprocessing.num_crops, resize=preprocessing.resize,
-                     image_size=preprocessing.image_size)
-    self._to_score = to_score
-    p_sh = param_shardings if param_shardings is not None else mesh_lib.param_shardings(params, self.mesh)
-    self._params = jax.device_put(params, p_sh)
-    self._batch_sharding = mesh_lib.batch_sharding(self.mesh)
-    self._eval_step = jax.jit(step_lib.make_eval_step(model), in_shardings=(p_sh, self._batch_sharding),
-                              out_shardings=mesh_lib.replicated(self.mesh))
+    self.score_map = score_map or scores.LabelTransform.identity()
+    self.score_range = tuple(float(v) for v in self.score_map.score_range)
+    self.higher_is_better = bool(self.score_map.higher_is_better)
+    self.dataset = dataset
+    self.scale = scale or ("score01 on [0, 1]" if score_map is None else
+                           f"{'MOS' if self.higher_is_better else 'DMOS'} of {dataset}")
+    self.info = dict(info, scale=self.scale, score_range=list(self.score_range),
+                     higher_is_better=self.higher_is_better, dataset=dataset, num_crops=preprocessing.num_crops,
+                     resize=preprocessing.resize, image_size=preprocessing.image_size)
+    self._model = model
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self.params = jax.device_put(params, replicated)
+    self._batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+
+    def eval_step(params, batch):  # uint8 [B, crops, S, S, 3] -> the mean over crops of score01, [B]
+      return jnp.mean(_score01(model, params, batch["image"]), axis=-1)
+
+    self._eval_step = jax.jit(eval_step, in_shardings=(replicated, self._batch_sharding), out_shardings=replicated)
+
+  # -----------------------------------------------------------------------------------------------------------
+  # The model as a differentiable function.
+
+  def apply(self, params: Any, pixels: jax.Array) -> jax.Array:
+    """Scores of crops, on the model's scale (`score_range`, `higher_is_better`), as a pure function of `params`.
+
+    Args:
+      params: `self.params` (or a tree like it).
+      pixels: [..., S, S, 3] crops of the model's input size S (`preprocessing.image_size`): uint8 RGB, or
+        floats already normalised with CLIP's mean and std (`mcpf_jax.clip.preprocess.normalize`, which maps
+        0..255 values; differentiable).
+    Returns:
+      float32 [...]: one score per crop. jit-, grad- and vmap-able; no resizing or cropping is done here.
+    """
+    return self.score_map.to_mos_jax(_score01(self._model, params, pixels, self.preprocessing.image_size))
+
+  def score_fn(self, pixels: jax.Array) -> jax.Array:
+    """`apply(self.params, pixels)`: the trained model as a function of the pixels, e.g. a loss for restoration:
+
+      loss = lambda x: -scorer.score_fn(preprocess.normalize(255 * x)).mean()   # x float [B, S, S, 3] in [0, 1]
+      grads = jax.grad(loss)(x)                                                 # (negate for a DMOS scale)
+
+    Under your own jax.jit the parameters are captured as constants; pass them as an argument with `apply` to
+    keep them out of the compiled program (large backbones).
+    """
+    return self.apply(self.params, pixels)
 
   # -----------------------------------------------------------------------------------------------------------
   # Construction.
+
+  @classmethod
+  def from_pretrained(cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
+                      clip_name: str | os.PathLike[str] | None = None, cache_dir: str | None = None,
+                      batch_size: int = DEFAULT_BATCH_SIZE, num_crops: int | None = None, num_workers: int = 2,
+                      max_upscale: float | None = None) -> Scorer:
+    """Loads an exported model (`python -m mcpf_jax.export`): a local folder or a Hugging Face Hub repo id.
+
+    A local folder never touches the network: the backbone comes from its clip/ folder (`--include_backbone`),
+    else `clip_name`, else the Hugging Face cache (read only). A hub id is fetched through huggingface_hub's
+    cache (HF_HUB_OFFLINE=1: the cache only), and so is its backbone when the folder has no clip/. The backbone's
+    fingerprint must be the one the model was trained on.
+
+    Args:
+      name_or_path: an exported folder, or a hub repo id ("org/name").
+      revision: the hub branch, tag or commit (hub ids only).
+      clip_name: where the backbone is (a local CLIP folder, or a hub id to download it from).
+      cache_dir: the Hugging Face cache (default: huggingface_hub's, HF_HUB_CACHE).
+      Others as `from_checkpoint`.
+
+    Raises:
+      FileNotFoundError: no such folder / not in the cache, or the backbone cannot be found (the message names
+        it and how to provide it).
+      ValueError: not an exported model, a damaged file, or another backbone than the one trained on.
+    """
+    local = pretrained.is_local(name_or_path)
+    if local:
+      if revision is not None:
+        raise ValueError(f"revision={revision!r} given for the local folder {name_or_path}")
+      folder = pathlib.Path(name_or_path).expanduser()
+    else:
+      folder = pretrained.hub_folder(str(name_or_path), revision=revision, cache_dir=cache_dir)
+    config = pretrained.read_config(folder)
+    bundle = _pretrained_backbone(folder, config, clip_name, local=local, cache_dir=cache_dir)
+    where = folder / pretrained.CONFIG_FILE
+    want = config["backbone"]["fingerprint"]
+    if bundle.fingerprint != want:
+      raise ValueError(f"{where}: the model was trained on the CLIP backbone {config['backbone'].get('hub_id') or config['backbone'].get('source')!r} "
+                       f"(fingerprint {want}), but the backbone found, {bundle.source!r}, has fingerprint "
+                       f"{bundle.fingerprint}; give the original weights with clip_name / --clip")
+    own = pretrained.read_params(folder / pretrained.WEIGHTS_FILE)
+    model, params = _build(config["model"], bundle, config["seed"], own, folder / pretrained.WEIGHTS_FILE,
+                           complete=True)
+    prep = config["preprocessing"]
+    preprocessing = Preprocessing(resize=int(prep["resize"]), image_size=int(prep["image_size"]),
+                                  num_crops=int(num_crops or prep["num_crops"]), max_upscale=max_upscale)
+    s = config["score"]
+    score_map = scores.LabelTransform(**{k: s[k] for k in ("low", "high", "higher_is_better", "train_low01",
+                                                            "train_high01", "num_levels")})
+    training = config.get("training", {})
+    info = {"model": config["model"].get("name", "mcpf"), "pretrained": str(name_or_path),
+            "folder": str(folder), "step": training.get("step"), "trained_on": s.get("dataset"),
+            "backbone": bundle.source}
+    return cls(model, params, preprocessing=preprocessing, score_map=score_map, info=info, batch_size=batch_size,
+               num_workers=num_workers, scale=s.get("scale"), dataset=s.get("dataset"))
 
   @classmethod
   def from_checkpoint(cls, workdir: str | os.PathLike[str], checkpoint: str | int = "best", *,
@@ -185,9 +289,10 @@ class Scorer:
                       clip_name: str | None = None, max_upscale: float | None = None) -> Scorer:
     """Restores a trained model from a training run's workdir alone: the dataset is not needed.
 
-    The model is rebuilt from the training config saved in the checkpoint, around the CLIP that config names
-    (`clip_name` overrides where to find it, e.g. a local copy of the hub weights; its fingerprint must match
-    the one the run was trained on).
+    The model is rebuilt from the run's config (run.json, or the one saved in the checkpoint), around the CLIP
+    that config names (`clip_name` overrides where to find it, e.g. a local copy of the hub weights; its
+    fingerprint must match the one the run was trained on). Only the checkpoint's trainable parameters are
+    read (`mcpf_jax.runs.read_params`): no optimizer state, in either checkpoint layout.
 
     Args:
       workdir: the run's workdir (with checkpoints/), its checkpoints/ folder, or one step folder in it.
@@ -200,35 +305,26 @@ class Scorer:
 
     Raises:
       FileNotFoundError: no checkpoints there, or no checkpoint `checkpoint`.
-      ValueError: the backbone found is not the one the checkpoint was trained on.
+      ValueError: the backbone found is not the one the checkpoint was trained on; a checkpoint of an unknown
+        layout.
     """
-    workdir, checkpoint = _locate(pathlib.Path(workdir).expanduser(), checkpoint)
-    ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", read_only=True)
-    try:
-      step = restore.checkpoint_step(ckpts, checkpoint)
-      meta = ckpts.restore_meta(step)
-      config = restore.run_config(workdir, meta)
-      bundle = restore.load_clip(config, workdir, name=clip_name)
-      ckpt_lib.check_backbone(meta, bundle.source, bundle.fingerprint, ckpts.directory / str(step))
-      model, params = iqa.build(config.model, bundle, jax.random.key(config.seed))
-      labels = optim.trainable_labels(params, config.model.trainable)
-      mesh = _local_mesh(config.mesh.model)
-      params = restore.restore_params(config, ckpts, step, params, labels, mesh)
-    finally:
-      ckpts.close()
-    label_transform = pipeline.LabelTransform(**meta["label_transform"])
+    workdir, checkpoint = runs.locate(workdir, checkpoint)
+    with runs.ReadOnlyCheckpoints(workdir / "checkpoints") as ckpts:
+      step = runs.checkpoint_step(ckpts, checkpoint)
+      step_dir = ckpts.directory / str(step)
+    meta = runs.read_meta(step_dir)
+    config = runs.run_config(workdir, meta)
+    bundle = runs.load_clip(config, workdir, name=clip_name)
+    runs.check_backbone(meta, bundle.source, bundle.fingerprint, step_dir)
+    model, params = _build(config.model, bundle, config.seed, runs.read_params(step_dir), step_dir, complete=False)
+    score_map = scores.LabelTransform(**meta["label_transform"])
     preprocessing = Preprocessing(
         resize=int(config.data.resize), image_size=int(config.data.image_size or bundle.config.vision.image_size),
         num_crops=int(num_crops or config.eval.num_crops), max_upscale=max_upscale)
-    lt = label_transform
-    info = {"model": config.model.name, "checkpoint": str(ckpts.directory / str(step)), "step": int(step),
-            "trained_on": meta.get("dataset"), "backbone": bundle.source,
-            "scale": f"{'MOS' if lt.higher_is_better else 'DMOS'} of {meta.get('dataset')} "
-                     f"([{lt.low:g}, {lt.high:g}] is the training range)",
-            "higher_is_better": bool(lt.higher_is_better)}
-    return cls(model, params, preprocessing=preprocessing, to_score=label_transform.to_mos, info=info,
-               batch_size=batch_size, num_workers=num_workers, mesh=mesh,
-               param_shardings=mesh_lib.param_shardings(params, mesh, config.mesh.shard_backbone))
+    info = {"model": config.model.name, "checkpoint": str(step_dir), "step": int(step),
+            "trained_on": meta.get("dataset"), "backbone": bundle.source}
+    return cls(model, params, preprocessing=preprocessing, score_map=score_map, info=info, batch_size=batch_size,
+               num_workers=num_workers, dataset=meta.get("dataset"))
 
   @classmethod
   def zero_shot(cls, clip_name_or_path: str | os.PathLike[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -250,10 +346,9 @@ class Scorer:
     size = bundle.config.vision.image_size
     preprocessing = Preprocessing(resize=resize or max(DEFAULT_RESIZE, size), image_size=size,
                                   num_crops=num_crops, max_upscale=max_upscale)
-    info = {"model": "clipiqa", "backbone": bundle.source, "higher_is_better": True,
-            "scale": 'p("Good photo.") on [0, 1] (zero-shot CLIP-IQA)'}
-    return cls(model, params, preprocessing=preprocessing, to_score=lambda s: np.asarray(s, np.float64),
-               info=info, batch_size=batch_size, num_workers=num_workers, mesh=_local_mesh(1))
+    info = {"model": "clipiqa", "backbone": bundle.source}
+    return cls(model, params, preprocessing=preprocessing, info=info, batch_size=batch_size,
+               num_workers=num_workers, scale='p("Good photo.") on [0, 1] (zero-shot CLIP-IQA)')
 
   # -----------------------------------------------------------------------------------------------------------
   # Scoring.
@@ -311,8 +406,8 @@ class Scorer:
       batch = np.zeros((self.batch_size, self.preprocessing.num_crops, s, s, 3), np.uint8)
       for k, p in enumerate(ready):
         batch[k] = p.crops
-      score01 = np.asarray(self._eval_step(self._params, {"image": jax.device_put(batch, self._batch_sharding)}))
-      values = np.asarray(self._to_score(score01[:len(ready)].astype(np.float64)), np.float64)
+      score01 = np.asarray(self._eval_step(self.params, {"image": jax.device_put(batch, self._batch_sharding)}))
+      values = np.asarray(self.score_map.to_mos(score01[:len(ready)].astype(np.float64)), np.float64)
       scores = {id(p): float(v) for p, v in zip(ready, values)}
     for p in pending:
       if p.crops is None:
@@ -324,23 +419,75 @@ class Scorer:
         yield Result(p.path, scores[id(p)], None, p.width, p.height, p.note)
 
 
-def _local_mesh(model: int) -> jax.sharding.Mesh:
-  """A ("data", "model") mesh over this process's devices; `model` is kept when it divides their number."""
+def _local_mesh() -> jax.sharding.Mesh:
+  """A ("data",) mesh over this process's devices: batches are split over them, the parameters replicated."""
   devices = jax.local_devices()
-  model = model if model >= 1 and len(devices) % model == 0 else 1
-  return mesh_lib.make_mesh(-1, model, devices)
+  return jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _locate(path: pathlib.Path, checkpoint: str | int) -> tuple[pathlib.Path, str | int]:
-  """(workdir, checkpoint) from a workdir, its checkpoints/ folder or a step folder inside it."""
-  if (path / "checkpoints").is_dir():
-    return path, checkpoint
-  if path.name == "checkpoints" and path.is_dir():
-    return path.parent, checkpoint
-  if path.name.isdigit() and path.parent.name == "checkpoints" and path.is_dir():
-    return path.parent.parent, int(path.name)
-  raise FileNotFoundError(f"{path}: not a training run (expected a workdir with checkpoints/, its checkpoints/ "
-                          "folder, or a checkpoints/<step> folder)")
+def _score01(model: iqa.IQAModel, params: Any, pixels: jax.Array, image_size: int | None = None) -> jax.Array:
+  """The model's score01 of crops: uint8 (normalised here) or normalised float [..., S, S, 3] -> float32 [...]."""
+  pixels = jnp.asarray(pixels)
+  if pixels.ndim < 3 or pixels.shape[-1] != 3 or (image_size and pixels.shape[-3:-1] != (image_size, image_size)):
+    raise ValueError(f"expected crops of [..., {image_size or 'S'}, {image_size or 'S'}, 3], got {list(pixels.shape)}")
+  x = preprocess.normalize(pixels) if pixels.dtype == jnp.uint8 else pixels
+  lead = x.shape[:-3]
+  out = model.apply({"params": params}, x.reshape((-1,) + x.shape[-3:]))
+  return out["score01"].reshape(lead)
+
+
+def _build(model_config: Any, bundle: clip.Bundle, seed: int, own: dict[str, Any], where: pathlib.Path, *,
+           complete: bool) -> tuple[iqa.IQAModel, Any]:
+  """The model around `bundle`, with the parameters `own` ({"path/to/leaf": array}) in place of its initial ones.
+
+  `complete`: `own` must hold every leaf outside the backbone (an exported folder); otherwise (a checkpoint: the
+  trainable leaves) the others keep their initial values, drawn from `seed` as in training.
+  """
+  model, params = iqa.build(model_config, bundle, jax.random.key(seed))
+  flat = traverse_util.flatten_dict(params, sep="/")
+  unknown = sorted(set(own) - set(flat))
+  if unknown:
+    raise ValueError(f"{where}: parameters the model built from its config does not have: {unknown[:5]}"
+                     f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} of {len(own)})")
+  if complete:
+    missing = sorted(k for k in flat if not k.startswith("clip/") and k not in own)
+    if missing:
+      raise ValueError(f"{where}: missing parameters of the model: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+  wrong = [f"{k} is {own[k].dtype}{list(own[k].shape)}, expected {flat[k].dtype}{list(flat[k].shape)}"
+           for k in sorted(own) if tuple(own[k].shape) != tuple(flat[k].shape) or own[k].dtype != flat[k].dtype]
+  if wrong:
+    raise ValueError(f"{where}: parameters of the wrong shape or dtype: {'; '.join(wrong[:5])}")
+  flat.update({k: jnp.asarray(v) for k, v in own.items()})
+  return model, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _pretrained_backbone(folder: pathlib.Path, config: dict[str, Any], clip_name: str | os.PathLike[str] | None, *,
+                         local: bool, cache_dir: str | None) -> clip.Bundle:
+  """The CLIP an exported model needs: `clip_name`, else the folder's clip/, else the backbone's hub id (read from
+  the Hugging Face cache only when the model came from a local folder)."""
+  dtype = config["clip"].get("dtype", "float32")
+  if clip_name is not None:
+    return clip.load(clip_name, dtype=dtype)
+  if (folder / pretrained.BACKBONE_DIR).is_dir():
+    return clip_checkpoint.load_folder(folder / pretrained.BACKBONE_DIR, dtype=dtype)
+  backbone = config["backbone"]
+  hub_id, revision = backbone.get("hub_id"), backbone.get("revision")
+  what = (f"the CLIP backbone {hub_id or backbone.get('source')!r}"
+          f"{f' (revision {revision})' if hub_id and revision else ''}, fingerprint {backbone['fingerprint']}")
+  how = (f"pass --clip / clip_name= a local CLIP folder with those weights"
+         f"{f', or the hub id {hub_id} where there is network' if hub_id else ''}, or export with --include_backbone")
+  if hub_id is None:
+    raise FileNotFoundError(f"{folder}: the model needs {what}; it has no {pretrained.BACKBONE_DIR}/ folder and the "
+                            f"backbone has no hub id: {how}")
+  try:
+    if not local:  # through the cache (HF_HUB_OFFLINE honoured), fetching only config, weights and tokenizer
+      return clip.load(hub_id, dtype=dtype, revision=revision, cache_dir=cache_dir)
+    snapshot = pretrained.hub_folder(hub_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    return clip_checkpoint.load_folder(snapshot, dtype=dtype, source=f"hf://{hub_id}@{snapshot.name}")
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{folder}: the model needs {what}, which is not in {folder / pretrained.BACKBONE_DIR} "
+                            f"and could not be found{' in the Hugging Face cache' if local else ''}: {how}. ({e})"
+                            ) from e
 
 
 def find_images(paths: Iterable[str | os.PathLike[str]],

@@ -19,7 +19,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.startswith("_"))
 DATASETS = ("livec", "koniq10k", "spaq", "live", "csiq", "tid2013", "kadid10k", "agiqa3k")
 # Where the training, evaluation and protocol code reads the config.
-READERS = ("trainer.py", "data_setup.py", "protocol.py", "restore.py")
+READERS = ("train/trainer.py", "train/data_setup.py", "train/protocol.py", "train/restore.py",
+           "runs.py")  # runs.py: the run's CLIP (clip.*), read for training and inference alike
 # Read only for clip.name == "tiny" (the smoke config's random CLIP).
 TINY_ONLY = {"clip.tiny", "clip.tiny_seed"}
 
@@ -41,7 +42,7 @@ def _fields_read() -> set[str]:
   top = {k for k, v in _load("base").items() if not hasattr(v, "keys")}
   fields = set()
   for name in READERS:
-    text = (REPO / "mcpf_jax" / "train" / name).read_text()
+    text = (REPO / "mcpf_jax" / name).read_text()
     for block, field in re.findall(r"\b(?:cfg|config)\.([a-z_]+)\.([a-z_]+)\b", text):
       if block in blocks and not hasattr(ConfigDict, field):  # not a method (copy_and_resolve_references)
         fields.add(f"{block}.{field}")

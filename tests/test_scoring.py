@@ -341,8 +341,8 @@ def test_cli_zero_shot_json_exits_0(tiny_clip, tmp_path, capsys):
 
 def test_cli_argument_and_setup_errors(tmp_path, capsys):
   img = _png(tmp_path / "a.png", _photo(40, 40, 30))
-  for argv, message in ((["--output", "o.csv", str(img)], "give --checkpoint"),
-                        (["--checkpoint", "w", "--model", "clipiqa", str(img)], "not both"),
+  for argv, message in ((["--output", "o.csv", str(img)], "give --pretrained"),
+                        (["--checkpoint", "w", "--model", "clipiqa", str(img)], "give one of"),
                         (["--model", "clipiqa", str(img)], "needs --clip")):
     with pytest.raises(SystemExit) as e:
       score_cli.main(argv)

@@ -256,8 +256,8 @@ def test_non_finite_loss_stops_naming_the_last_good_checkpoint(runs):
   assert on_disk and max(on_disk) == good
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   for step in on_disk:
-    state = ocp.PyTreeCheckpointer().restore(where / str(step) / "state")
-    leaves = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+    params = ocp.PyTreeCheckpointer().restore(where / str(step) / "params")  # the trainable parameters alone
+    leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
     assert leaves and all(np.isfinite(x).all() for x in leaves), f"checkpoint {step} has non-finite parameters"
 
 
@@ -373,7 +373,7 @@ def test_init_from_starts_from_the_other_runs_trainable_weights(runs):
   record = json.loads((init.workdir / "run.json").read_text())
   src_step = max(int(p.name) for p in (one.workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert record["init_from"]["step"] == src_step and "step 0 starts from the trainable weights" in init.stderr
-  read = lambda d: ocp.PyTreeCheckpointer().restore(d / "state")["params"]
+  read = lambda d: ocp.PyTreeCheckpointer().restore(d / "params")
   theirs = read(one.workdir / "checkpoints" / str(src_step))
   ours = read(init.workdir / "checkpoints" / "3")
   flat_a, flat_b = jax.tree_util.tree_flatten_with_path(theirs)[0], jax.tree_util.tree_flatten_with_path(ours)[0]

@@ -1,14 +1,17 @@
-"""Orbax checkpoints of a run: trainable parameters, optimizer state, step, and metadata (and optionally a grain
-iterator's state; the trainer needs none: its input stream is a function of the step).
+"""Orbax checkpoints of a run: the trainable parameters and the optimizer state as SEPARATE items, so inference
+restores the parameters alone (`mcpf_jax.runs.read_params`) without building an optimizer.
 
-Layout: <workdir>/checkpoints/<step>/{state, data, meta}. The frozen CLIP backbone is never copied into a
-checkpoint: `meta` names it (source + fingerprint) and `check_backbone` refuses to resume on other weights.
-Kept: the last `keep` checkpoints and the best one by validation SRCC.
+Layout (`mcpf_jax.runs` describes it): <workdir>/checkpoints/<step>/{params, opt, meta} (and optionally `data`,
+a grain iterator's state; the trainer needs none: its input stream is a function of the step). The frozen CLIP
+backbone is never copied into a checkpoint: `meta` names it (source + fingerprint) and `check_backbone` refuses
+to resume on other weights. Kept: the last `keep` checkpoints and the best one by validation SRCC.
+
+Checkpoints of the layout before issue 16 (one `state` item with params, opt and step) are still restored, for a
+resumed run as for inference.
 """
 
 from __future__ import annotations
 
-import math
 import pathlib
 from typing import Any
 
@@ -16,17 +19,14 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
-from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from mcpf_jax import runs
+from mcpf_jax.runs import BEST_METRIC, check_backbone  # re-exported  # pylint: disable=unused-import
 from mcpf_jax.train import optim
 
-BEST_METRIC = "val_srcc"
 
-
-def _best_metric(metrics: dict[str, Any]) -> float:
-  # A NaN SRCC (constant predictions) ranks last instead of making the sort order undefined.
-  value = float(metrics[BEST_METRIC])
-  return value if math.isfinite(value) else -math.inf
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 class Checkpoints:
@@ -34,16 +34,7 @@ class Checkpoints:
 
   def __init__(self, directory: str | pathlib.Path, keep: int = 3, *, read_only: bool = False):
     self.directory = pathlib.Path(directory).expanduser().absolute()
-    # BestN sorts ascending (reverse=False) and keeps the last n: the highest SRCC. best_fn must be set too, or
-    # orbax neither writes the metrics nor tracks best_step() (which then returns the latest step).
-    policy = pp.AnyPreservationPolicy([
-        pp.LatestN(n=keep),
-        pp.BestN(get_metric_fn=_best_metric, reverse=False, n=1, keep_checkpoints_without_metrics=False),
-    ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_best_metric, best_mode="max",
-                                           read_only=read_only, create=not read_only,
-                                           cleanup_tmp_directories=not read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=runs.manager_options(keep, read_only=read_only))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -58,9 +49,9 @@ class Checkpoints:
            metrics: dict[str, float] | None = None) -> None:
     trainable, _ = optim.split(state["params"], labels)
     items = {
-        "state": ocp.args.StandardSave({"params": traverse_util.unflatten_dict(trainable, sep="/"),
-                                        "opt": state["opt"], "step": state["step"]}),
-        "meta": ocp.args.JsonSave(meta),
+        runs.PARAMS: ocp.args.StandardSave(traverse_util.unflatten_dict(trainable, sep="/")),
+        runs.OPT: ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
+        runs.META: ocp.args.JsonSave(dict(meta, layout=runs.LAYOUT)),
     }
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(iterator)
@@ -75,6 +66,31 @@ class Checkpoints:
   def restore_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def _layout(self, step: int) -> int:
+    return runs.layout(self.directory / str(step))
+
+  def restore_params(self, step: int, params: Any, labels: Any, shardings: Any | None = None) -> Any:
+    """`params` with its trainable leaves from checkpoint `step` (placed like `shardings`, default: like the
+    leaves of `params`); frozen leaves kept. The optimizer state is not read (layout 2)."""
+    trainable, frozen = optim.split(params, labels)
+    if shardings is None:
+      sh = {k: getattr(v, "sharding", None) for k, v in trainable.items()}
+    else:
+      sh, _ = optim.split(shardings, labels)
+    target = _abstract(traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(sh, sep="/"))
+    if self._layout(step) == runs.LAYOUT:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          **{runs.PARAMS: ocp.args.StandardRestore(target)}))[runs.PARAMS]
+    else:  # layout 1: the parameters are a subtree of "state"; restore it from its own metadata, keep "params"
+      step_dir = self.directory / str(step)
+      with ocp.StandardCheckpointer() as ck:
+        tree = ck.metadata(step_dir / runs.OLD_STATE).item_metadata.tree
+        rep = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("all",)), jax.sharding.PartitionSpec())
+        whole = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=rep), tree)
+        whole["params"] = target
+        restored = ck.restore(step_dir / runs.OLD_STATE, whole)["params"]
+    return optim.merge(traverse_util.flatten_dict(restored, sep="/"), frozen)
+
   def restore(self, step: int, state: dict[str, Any], labels: Any, shardings: dict[str, Any] | None = None,
               iterator: Any | None = None) -> dict[str, Any]:
     """Restores into the structure (and shardings) of `state`; the frozen leaves are kept from `state`.
@@ -82,25 +98,25 @@ class Checkpoints:
     `iterator` (a grain iterator) is restored in place when given.
     """
     trainable, frozen = optim.split(state["params"], labels)
-    target = {"params": traverse_util.unflatten_dict(trainable, sep="/"), "opt": state["opt"], "step": state["step"]}
     if shardings is not None:
       p_sh, _ = optim.split(shardings["params"], labels)
-      sh = {"params": traverse_util.unflatten_dict(p_sh, sep="/"), "opt": shardings["opt"], "step": shardings["step"]}
+      o_sh, step_sh = shardings["opt"], shardings["step"]
     else:
-      sh = jax.tree.map(lambda x: getattr(x, "sharding", None), target)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, sh)
-    items = {"state": ocp.args.StandardRestore(abstract)}
+      p_sh = {k: getattr(v, "sharding", None) for k, v in trainable.items()}
+      o_sh = jax.tree.map(lambda x: getattr(x, "sharding", None), state["opt"])
+      step_sh = getattr(state["step"], "sharding", None)
+    params_t = _abstract(traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(p_sh, sep="/"))
+    opt_t = {"opt": _abstract(state["opt"], o_sh), "step": _abstract(state["step"], step_sh)}
+    if self._layout(step) == runs.LAYOUT:
+      items = {runs.PARAMS: ocp.args.StandardRestore(params_t), runs.OPT: ocp.args.StandardRestore(opt_t)}
+    else:  # layout 1 (before issue 16): one item with all three
+      items = {runs.OLD_STATE: ocp.args.StandardRestore({"params": params_t, **opt_t})}
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
-    params = optim.merge(traverse_util.flatten_dict(restored["params"], sep="/"), frozen)
-    return {"params": params, "opt": restored["opt"], "step": restored["step"]}
-
-
-def check_backbone(meta: dict[str, Any], source: str, fingerprint: str, where: pathlib.Path) -> None:
-  """The backbone a checkpoint was trained on must be the one loaded now (same parameter values)."""
-  saved = meta.get("backbone", {})
-  if saved.get("fingerprint") != fingerprint:
-    raise ValueError(f"{where}: the checkpoint was trained on the CLIP backbone {saved.get('source')!r} "
-                     f"(fingerprint {saved.get('fingerprint')}), but the configured backbone {source!r} has "
-                     f"fingerprint {fingerprint}; point clip.name at the original weights")
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if runs.OLD_STATE in items:
+      params, opt = restored[runs.OLD_STATE]["params"], restored[runs.OLD_STATE]
+    else:
+      params, opt = restored[runs.PARAMS], restored[runs.OPT]
+    params = optim.merge(traverse_util.flatten_dict(params, sep="/"), frozen)
+    return {"params": params, "opt": opt["opt"], "step": opt["step"]}

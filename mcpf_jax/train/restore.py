@@ -1,36 +1,23 @@
-"""Rebuilding a run's model from its config and checkpoints: shared by training, evaluation and scoring.
+"""Rebuilding a run's model from its config and checkpoints: shared by training and evaluation.
 
-Nothing here reads a dataset, so a trained model can be restored on a machine that has only the run's
-workdir (its checkpoints hold the full training config) and the CLIP backbone the run names.
+Nothing here reads a dataset. What inference needs of a run (its config, checkpoint steps, CLIP, trainable
+parameters) lives in `mcpf_jax.runs`, outside train/, and is re-exported here.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import ml_collections
 
 from mcpf_jax import clip
+# Re-exported: what inference needs of a run lives outside train/.
+from mcpf_jax.runs import checkpoint_step, config_from_meta, load_clip, run_config  # pylint: disable=unused-import
 from mcpf_jax.train import checkpoints as ckpt_lib
-from mcpf_jax.train import identity, mesh as mesh_lib, optim, step as step_lib
-
-
-def load_clip(config, workdir: pathlib.Path, *, name: str | None = None) -> clip.Bundle:
-  """The run's CLIP: config.clip.name (or `name`): a hub id, folder or preset.
-
-  "tiny" writes a tiny random HF-format CLIP into <workdir>/tiny_clip (idempotent: the same seed and sizes give
-  the same weights, so a resumed run or a scorer finds the backbone it was trained on).
-  """
-  name = name or config.clip.name
-  if name == "tiny":
-    from mcpf_jax.clip.tiny import write_tiny_clip  # pylint: disable=g-import-not-at-top
-    name = str(write_tiny_clip(pathlib.Path(workdir) / "tiny_clip", seed=config.clip.tiny_seed,
-                               **config.clip.tiny))
-  return clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat,
-                   param_dtype=config.clip.get("param_dtype", "float32"))
+from mcpf_jax.train import mesh as mesh_lib, optim
 
 
 def optim_config(config, steps_per_epoch: int) -> ml_collections.ConfigDict:
@@ -42,56 +29,15 @@ def optim_config(config, steps_per_epoch: int) -> ml_collections.ConfigDict:
   return oc
 
 
-def checkpoint_step(ckpts: ckpt_lib.Checkpoints, which: str | int) -> int:
-  """The step of checkpoint `which`: "best" (by validation SRCC; the latest when none has a metric), "latest",
-  or a step number.
-
-  Raises:
-    FileNotFoundError: there is no such checkpoint (the message lists the steps found).
-  """
-  if which == "best":
-    step = ckpts.best_step() if ckpts.best_step() is not None else ckpts.latest_step()
-  elif which == "latest":
-    step = ckpts.latest_step()
-  else:
-    try:
-      step = int(which)
-    except (TypeError, ValueError):
-      raise ValueError(f"checkpoint={which!r}: expected 'best', 'latest' or a step number") from None
-  if step is None or step not in ckpts.all_steps():
-    raise FileNotFoundError(f"{ckpts.directory}: no checkpoint {which!r} (found steps {ckpts.all_steps()}); "
-                            "train first with the same --workdir")
-  return step
-
-
-def run_config(workdir: str | pathlib.Path, meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """The config a run was trained with: its run.json (written at its start), else the one saved in the checkpoint's
-  `meta` (runs of older versions). eval.py and the Scorer both take the model from here."""
-  saved = identity.read(pathlib.Path(workdir))
-  if saved is not None:
-    return ml_collections.ConfigDict(saved[0]["config"])
-  return config_from_meta(meta)
-
-
-def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """The training config saved in a checkpoint's `meta` item (JSON: tuples come back as lists)."""
-  if "config" not in meta:
-    raise ValueError("the checkpoint's meta item has no 'config' (written by an older version?)")
-  return ml_collections.ConfigDict(json.loads(json.dumps(meta["config"])))
-
-
 def restore_params(config, ckpts: ckpt_lib.Checkpoints, step: int, params: Any, labels: Any,
                    mesh: jax.sharding.Mesh) -> Any:
   """`params` with its trainable leaves replaced by those of checkpoint `step`; frozen leaves kept.
 
-  The returned tree is placed with the shardings `mesh_lib.param_shardings(params, mesh, ...)`. The optimizer
-  state is restored alongside (the checkpoint's structure needs it) and dropped; it is prompt-sized.
+  The returned tree is placed with the shardings `mesh_lib.param_shardings(params, mesh, ...)`. Only the
+  checkpoint's parameters are read: no optimizer is built and its state is not restored.
   """
-  tx = optim.make_optimizer(optim_config(config, 1), labels)
-  state = step_lib.init_state(params, tx)
   p_sh = mesh_lib.param_shardings(params, mesh, config.mesh.shard_backbone)
-  s_sh = mesh_lib.state_shardings(state, p_sh, mesh)
-  return ckpts.restore(step, jax.device_put(state, s_sh), labels, s_sh)["params"]
+  return ckpts.restore_params(step, jax.device_put(params, p_sh), labels, p_sh)
 
 
 def _init_from_checkpoints(config) -> tuple[ckpt_lib.Checkpoints, int]:

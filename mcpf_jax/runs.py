@@ -1,0 +1,215 @@
+"""A training run as inference reads it: its config, its checkpoints' trainable parameters, its CLIP.
+
+Nothing here builds an optimizer or reads a dataset, and nothing imports `mcpf_jax.train`: the Scorer and the
+exporter restore a trained model from a workdir with this module alone. The training side
+(`mcpf_jax.train.checkpoints`) writes the layout described here and takes its item names and retention policy
+from here, so the two cannot drift apart.
+
+Checkpoint layout (LAYOUT = 2), `<workdir>/checkpoints/<step>/`:
+  params   the trainable parameters alone (orbax StandardSave of the trainable subtree): all inference needs
+  opt      {"opt": the optimizer state, "step"}: only a resumed training run reads it
+  meta     JSON: backbone {source, fingerprint}, dataset, label_transform, split sizes, config, layout
+  metrics  the validation SRCC orbax ranks checkpoints by (where there is one)
+Layout 1 (before issue 16) had one item `state` = {"params", "opt", "step"}; it is still read: its "params"
+subtree is restored from the item's own metadata (the optimizer state is restored alongside, it is
+prompt-sized, and dropped), so no optimizer is built to read it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from mcpf_jax import clip
+
+LAYOUT = 2
+PARAMS, OPT, META = "params", "opt", "meta"
+OLD_STATE = "state"  # layout 1: {"params", "opt", "step"} in one item
+BEST_METRIC = "val_srcc"
+RUN_FILE = "run.json"  # written by mcpf_jax.train.identity at a run's start
+
+
+def best_metric(metrics: Mapping[str, Any]) -> float:
+  # A NaN SRCC (constant predictions) ranks last instead of making the sort order undefined.
+  value = float(metrics[BEST_METRIC])
+  return value if math.isfinite(value) else -math.inf
+
+
+def manager_options(keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManagerOptions:
+  """Keep the last `keep` checkpoints and the best by validation SRCC (`best_step()`)."""
+  # BestN sorts ascending (reverse=False) and keeps the last n: the highest SRCC. best_fn must be set too, or
+  # orbax neither writes the metrics nor tracks best_step() (which then returns the latest step).
+  policy = pp.AnyPreservationPolicy([
+      pp.LatestN(n=keep),
+      pp.BestN(get_metric_fn=best_metric, reverse=False, n=1, keep_checkpoints_without_metrics=False),
+  ])
+  return ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=best_metric, best_mode="max",
+                                      read_only=read_only, create=not read_only,
+                                      cleanup_tmp_directories=not read_only)
+
+
+def checkpoint_step(ckpts: Any, which: str | int) -> int:
+  """The step of checkpoint `which`: "best" (by validation SRCC; the latest when none has a metric), "latest",
+  or a step number. `ckpts`: anything with best_step(), latest_step(), all_steps() and directory.
+
+  Raises:
+    FileNotFoundError: there is no such checkpoint (the message lists the steps found).
+  """
+  if which == "best":
+    step = ckpts.best_step() if ckpts.best_step() is not None else ckpts.latest_step()
+  elif which == "latest":
+    step = ckpts.latest_step()
+  else:
+    try:
+      step = int(which)
+    except (TypeError, ValueError):
+      raise ValueError(f"checkpoint={which!r}: expected 'best', 'latest' or a step number") from None
+  if step is None or step not in ckpts.all_steps():
+    raise FileNotFoundError(f"{ckpts.directory}: no checkpoint {which!r} (found steps {ckpts.all_steps()}); "
+                            "train first with the same --workdir")
+  return step
+
+
+class ReadOnlyCheckpoints:
+  """The checkpoints of a run, read-only: which steps there are, the best one, and one step's items."""
+
+  def __init__(self, directory: str | pathlib.Path):
+    self.directory = pathlib.Path(directory).expanduser().absolute()
+    self.manager = ocp.CheckpointManager(self.directory, options=manager_options(read_only=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def close(self) -> None:
+    self.manager.close()
+
+  def __enter__(self) -> ReadOnlyCheckpoints:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def locate(path: str | pathlib.Path, checkpoint: str | int) -> tuple[pathlib.Path, str | int]:
+  """(workdir, checkpoint) from a workdir, its checkpoints/ folder or a step folder inside it."""
+  path = pathlib.Path(path).expanduser()
+  if (path / "checkpoints").is_dir():
+    return path, checkpoint
+  if path.name == "checkpoints" and path.is_dir():
+    return path.parent, checkpoint
+  if path.name.isdigit() and path.parent.name == "checkpoints" and path.is_dir():
+    return path.parent.parent, int(path.name)
+  raise FileNotFoundError(f"{path}: not a training run (expected a workdir with checkpoints/, its checkpoints/ "
+                          "folder, or a checkpoints/<step> folder)")
+
+
+def read_run(workdir: str | pathlib.Path) -> dict[str, Any] | None:
+  """<workdir>/run.json (the run's resolved config, dataset identity, split protocol, backbone), or None."""
+  path = pathlib.Path(workdir) / RUN_FILE
+  if not path.exists():
+    return None
+  try:
+    run = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged") from e
+  if "config" not in run:
+    raise ValueError(f"{path}: has no 'config' field")
+  return run
+
+
+def run_config(workdir: str | pathlib.Path, meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The config a run was trained with: its run.json (written at its start), else the one saved in the checkpoint's
+  `meta` (runs of older versions). eval.py and the Scorer both take the model from here."""
+  saved = read_run(workdir)
+  if saved is not None:
+    return ml_collections.ConfigDict(saved["config"])
+  return config_from_meta(meta)
+
+
+def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The training config saved in a checkpoint's `meta` item (JSON: tuples come back as lists)."""
+  if "config" not in meta:
+    raise ValueError("the checkpoint's meta item has no 'config' (written by an older version?)")
+  return ml_collections.ConfigDict(json.loads(json.dumps(meta["config"])))
+
+
+def load_clip(config, workdir: str | pathlib.Path, *, name: str | None = None) -> clip.Bundle:
+  """The run's CLIP: config.clip.name (or `name`): a hub id, folder or preset.
+
+  "tiny" writes a tiny random HF-format CLIP into <workdir>/tiny_clip (idempotent: the same seed and sizes give
+  the same weights, so a resumed run or a scorer finds the backbone it was trained on).
+  """
+  name = name or config.clip.name
+  if name == "tiny":
+    from mcpf_jax.clip.tiny import write_tiny_clip  # pylint: disable=g-import-not-at-top
+    name = str(write_tiny_clip(pathlib.Path(workdir) / "tiny_clip", seed=config.clip.tiny_seed,
+                               **config.clip.tiny))
+  return clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat,
+                   param_dtype=config.clip.get("param_dtype", "float32"))
+
+
+def check_backbone(meta: Mapping[str, Any], source: str, fingerprint: str, where: pathlib.Path) -> None:
+  """The backbone a checkpoint was trained on must be the one loaded now (same parameter values)."""
+  saved = meta.get("backbone", {})
+  if saved.get("fingerprint") != fingerprint:
+    raise ValueError(f"{where}: the checkpoint was trained on the CLIP backbone {saved.get('source')!r} "
+                     f"(fingerprint {saved.get('fingerprint')}), but the configured backbone {source!r} has "
+                     f"fingerprint {fingerprint}; point clip.name at the original weights")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One checkpoint step, read without its manager.
+
+
+def layout(step_dir: pathlib.Path) -> int:
+  """2 for this layout, 1 for the layout before issue 16; anything else is refused, naming what was found."""
+  if (step_dir / PARAMS).is_dir():
+    return LAYOUT
+  if (step_dir / OLD_STATE).is_dir():
+    return 1
+  found = sorted(p.name for p in step_dir.iterdir()) if step_dir.is_dir() else "nothing (no such folder)"
+  raise ValueError(f"{step_dir}: not a checkpoint of this project: expected an orbax item {PARAMS!r} (or "
+                   f"{OLD_STATE!r}, the layout before issue 16), found {found}")
+
+
+def read_meta(step_dir: pathlib.Path) -> dict[str, Any]:
+  if not (step_dir / META).is_dir():
+    raise FileNotFoundError(f"{step_dir}: no {META!r} item (not a checkpoint written by mcpf_jax)")
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ck:
+    return ck.restore(step_dir / META)
+
+
+def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """orbax array metadata -> ShapeDtypeStructs on `sharding` (empty subtrees stay None)."""
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
+
+
+def read_params(step_dir: pathlib.Path, sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.Array]:
+  """The trainable parameters of one checkpoint step, {"path/to/leaf": array}; no optimizer involved.
+
+  The arrays are placed on `sharding` (default: this process's first device). Both layouts are read.
+  """
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  item = PARAMS if layout(step_dir) == LAYOUT else OLD_STATE
+  with ocp.StandardCheckpointer() as ck:
+    tree = ck.metadata(step_dir / item).item_metadata.tree
+    if item == OLD_STATE:
+      if "params" not in tree:
+        raise ValueError(f"{step_dir / item}: a layout-1 'state' item without 'params' (found {sorted(tree)})")
+    restored = ck.restore(step_dir / item, _abstract(tree, sharding))
+  params = restored if item == PARAMS else restored["params"]
+  return traverse_util.flatten_dict(params, sep="/")
