@@ -203,7 +203,11 @@ def test_checkpoint_written_before_this_change_restores_to_its_scores(tmp_path, 
   assert runs.layout(step_dir) == 1 and not (step_dir / runs.PARAMS).exists()
   scorer = Scorer.from_checkpoint(work, "latest", batch_size=4)
   got = [r.score for r in scorer.score([clive / n for n in expected["images"]])]
-  np.testing.assert_allclose(got, expected["scores"], rtol=0, atol=1e-6)
+  # The old version decoded every image at full size; 1024.JPG (960x640, at least twice the run's 256-px short
+  # side) is now decoded at a reduced DCT scale (images.decode(short_side=...)), within a grey level on average:
+  # its score moves by ~0.02 on the 1..5 scale. The images decoded whole keep their scores exactly.
+  for name, a, b in zip(expected["images"], got, expected["scores"]):
+    assert abs(a - b) <= (0.05 if name == "1024.JPG" else 1e-6), (name, a, b)
   # A resumed run restores the whole state (parameters, Adam moments, step) from the old layout too.
   from mcpf_jax import model as iqa  # pylint: disable=g-import-not-at-top
   from mcpf_jax.train import checkpoints as ckpt_lib, optim, restore, step as step_lib  # pylint: disable=g-import-not-at-top
