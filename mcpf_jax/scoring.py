@@ -286,7 +286,8 @@ class Scorer:
   @classmethod
   def from_checkpoint(cls, workdir: str | os.PathLike[str], checkpoint: str | int = "best", *,
                       batch_size: int = DEFAULT_BATCH_SIZE, num_crops: int | None = None, num_workers: int = 2,
-                      clip_name: str | None = None, max_upscale: float | None = None) -> Scorer:
+                      clip_name: str | None = None, max_upscale: float | None = None, dtype: str | None = None,
+                      param_dtype: str | None = None) -> Scorer:
     """Restores a trained model from a training run's workdir alone: the dataset is not needed.
 
     The model is rebuilt from the run's config (run.json, or the one saved in the checkpoint), around the CLIP
@@ -302,6 +303,8 @@ class Scorer:
       num_workers: decoding threads (0: decode in the calling thread).
       clip_name: the backbone's hub id or folder, when not where the training run found it.
       max_upscale: see `Preprocessing`.
+      dtype, param_dtype: score in another precision than the run's clip.dtype / clip.param_dtype (e.g.
+        "bfloat16" for both: half the backbone memory; README "bfloat16" has the measured score differences).
 
     Raises:
       FileNotFoundError: no checkpoints there, or no checkpoint `checkpoint`.
@@ -314,6 +317,9 @@ class Scorer:
       step_dir = ckpts.directory / str(step)
     meta = runs.read_meta(step_dir)
     config = runs.run_config(workdir, meta)
+    with config.unlocked():
+      config.clip.dtype = dtype or config.clip.dtype
+      config.clip.param_dtype = param_dtype or config.clip.get("param_dtype", "float32")
     bundle = runs.load_clip(config, workdir, name=clip_name)
     runs.check_backbone(meta, bundle.source, bundle.fingerprint, step_dir)
     model, params = _build(config.model, bundle, config.seed, runs.read_params(step_dir), step_dir, complete=False)
