@@ -36,7 +36,14 @@ import sys
 import time
 from typing import Any
 
-import jax
+if __name__ == "__main__":
+  # A pre-flight only compiles: the runtime backend stays the CPU (never a real chip this host may have), and
+  # libtpu, loaded for its compiler, may coexist with other processes that load it.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU VM metadata server to ask: this is not a TPU host
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
@@ -89,7 +96,7 @@ class Target:
 
   @property
   def hosts(self) -> int:
-    return len({d.process_index for d in self.devices})
+    return len({(getattr(d, "slice_index", 0), d.process_index) for d in self.devices})
 
   @property
   def chip(self) -> dict[str, Any]:
@@ -118,10 +125,53 @@ def tpu_topology(name: str, num_slices: int = 1, chips_per_host: str | None = No
   return Target(name, "tpu", list(topo.devices), num_slices)
 
 
-def gpu_topology(name: str) -> Target:
-  """Compile-only CUDA devices for "h100:1x8" / "a100:1x8" (deviceless: needs jax-cuda12-plugin and a target config).
+def _gpu_target_config(sm: str, cores: int, fpus: int, smem_core: int, smem_optin: int, l2: int, clock: float,
+                       bandwidth: float, memory: int, description: str) -> str:
+  """A GpuTargetConfigProto (text format) of the device description XLA's GPU compiler needs without a device."""
+  major, minor = sm.split(".")
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: {smem_core}
+  threads_per_core_limit: 2048
+  core_count: {cores}
+  fpus_per_core: {fpus}
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(bandwidth)}
+  l2_cache_size: {l2}
+  clock_rate_ghz: {clock}
+  device_memory_size: {memory}
+  shared_memory_per_block_optin: {smem_optin}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{description}"
+"""
 
-  Raises PreflightError saying why when the CUDA plugin (or its compiler) is not usable here.
+
+# NVIDIA's published figures (SXM parts): SMs, FP32 lanes per SM, shared memory, L2, boost clock, HBM bandwidth and
+# size (device_memory_size as the driver reports it, a little under the nominal 80 GB).
+GPU_TARGET_CONFIGS = {
+    "h100": _gpu_target_config("9.0", 132, 128, 233472, 232448, 50 * 2 ** 20, 1.98, 3.35e12, 84929347584,
+                               GPU_TOPOLOGIES["h100"]),
+    "a100": _gpu_target_config("8.0", 108, 64, 167936, 166912, 40 * 2 ** 20, 1.41, 2.04e12, 84987740160,
+                               GPU_TOPOLOGIES["a100"]),
+}
+
+
+def gpu_topology(name: str) -> Target:
+  """Compile-only CUDA devices for "h100:1x8" / "a100:1x8": deviceless compilation under JAX_PLATFORMS=cpu.
+
+  Needs the CUDA PJRT plugin (`pip install jax-cuda12-plugin jax-cuda12-pjrt` at jax's version, plus ptxas from
+  nvidia-cuda-nvcc-cu12); XLA then compiles for the target config above, without autotuning. Raises
+  PreflightError saying why when that is not possible here.
   """
   kind, _, shape = name.partition(":")
   m = re.fullmatch(r"(\d+)x(\d+)", shape)
@@ -131,23 +181,12 @@ def gpu_topology(name: str) -> Target:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   hosts, per_host = int(m.group(1)), int(m.group(2))
   try:
-    topo = topologies.get_topology_desc(topology_name=f"{hosts}x{per_host}", platform="cuda",
-                                        target_config=_gpu_target_config(kind))
-  except (NotImplementedError, RuntimeError, ImportError, KeyError) as e:
+    topo = topologies.get_topology_desc(platform="cuda", target_config=GPU_TARGET_CONFIGS[kind],
+                                        topology=f"1x{hosts}x{per_host}")
+  except Exception as e:  # pylint: disable=broad-except  (NotImplementedError, JaxRuntimeError, RuntimeError)
     raise PreflightError(f"--topology={name!r}: deviceless CUDA compilation is not available here: "
-                         f"{type(e).__name__}: {e}") from e
+                         f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e
   return Target(name, "gpu", list(topo.devices))
-
-
-def _gpu_target_config(kind: str) -> str:
-  """The GpuTargetConfigProto text of `kind`, from $MCPF_GPU_TARGET_CONFIG_DIR/<kind>.txtpb."""
-  folder = os.environ.get("MCPF_GPU_TARGET_CONFIG_DIR", "")
-  path = os.path.join(folder, f"{kind}.txtpb")
-  if not folder or not os.path.isfile(path):
-    raise KeyError(f"no GPU target config {path!r} (set MCPF_GPU_TARGET_CONFIG_DIR to a folder with "
-                   f"{kind}.txtpb, the GpuTargetConfigProto of that GPU)")
-  with open(path) as f:
-    return f.read()
 
 
 def make_target(name: str, num_slices: int = 1, chips_per_host: str | None = None) -> Target:
@@ -317,8 +356,12 @@ def compile_program(jitted, *args) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def preflight(config, target: Target, *, mfu: float = 0.4, keep_programs: bool = False) -> dict[str, Any]:
-  """Compiles the config's train and eval steps for `target` and returns the report (see the module docstring)."""
+def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...] = ("train", "eval"),
+              keep_programs: bool = False) -> dict[str, Any]:
+  """Compiles the config's train and eval steps for `target` and returns the report (see the module docstring).
+
+  steps: which programs to compile ("train", "eval"); `fits` covers those compiled.
+  """
   from mcpf_jax.model import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from mcpf_jax.train import mesh as mesh_lib, step as step_lib  # pylint: disable=g-import-not-at-top
   n = len(target.devices)
@@ -336,7 +379,7 @@ def preflight(config, target: Target, *, mfu: float = 0.4, keep_programs: bool =
     raise PreflightError(f"--config.train.batch_size={batch} must be divisible by the {target.hosts} hosts of "
                          f"{target.name}")
   eval_batch, crops = int(config.eval.batch_size), int(config.eval.num_crops)
-  if eval_batch % data:
+  if "eval" in steps and eval_batch % data:
     raise PreflightError(f"--config.eval.batch_size={eval_batch} must be divisible by the mesh data axis ({data})")
 
   model, params, labels, tx, state = build(config, target.platform)
@@ -347,12 +390,13 @@ def preflight(config, target: Target, *, mfu: float = 0.4, keep_programs: bool =
                                                             {k: b_sh for k in train_batch_shapes(1, 1)}))
   eval_args = (_with_sharding(params, p_sh), _with_sharding(eval_batch_shapes(eval_batch, crops, image_size),
                                                             {"image": b_sh}))
-  train = compile_program(train_step, *train_args)
-  evaluation = compile_program(eval_step, *eval_args)
+  skipped = {"fits": True, "compile_s": 0.0, "skipped": True}
+  train = compile_program(train_step, *train_args) if "train" in steps else dict(skipped)
+  evaluation = compile_program(eval_step, *eval_args) if "eval" in steps else dict(skipped)
 
   flops_method = "cost_analysis"
   per_device = train.get("flops_per_device")
-  if acc > 1 and train["fits"]:
+  if acc > 1 and train["fits"] and "train" in steps:
     # The accumulation loop's body is counted once: compile one micro-batch's step and scale it.
     micro_config = config.copy_and_resolve_references()
     with micro_config.unlocked():
@@ -376,13 +420,14 @@ def preflight(config, target: Target, *, mfu: float = 0.4, keep_programs: bool =
   hbm = chip.get("hbm_bytes")
   fits = train["fits"] and evaluation["fits"]
   if hbm is not None:
-    fits = fits and all(p.get("peak_bytes") is not None and p["peak_bytes"] <= hbm for p in (train, evaluation))
+    fits = fits and all(p.get("peak_bytes") is not None and p["peak_bytes"] <= hbm
+                        for p in (train, evaluation) if not p.get("skipped"))
   report: dict[str, Any] = {
       "topology": target.name, "platform": target.platform, "device_kind": target.device_kind, "devices": n,
       "hosts": target.hosts, "slices": target.num_slices, "mesh": dict(mesh.shape),
       "model": config.model.name, "clip": config.clip.name, "trainable": str(config.model.trainable),
       "dtype": cc.dtype, "remat": cc.remat, "shard_backbone": bool(config.mesh.shard_backbone),
-      "attention": _attention_path(cc), "global_batch": batch, "accumulate_steps": acc,
+      "attention": _attention_path(cc), "vision_chunk": _vision_chunk(cc, spec, batch), "global_batch": batch, "accumulate_steps": acc,
       "peak_bytes_per_device": train.get("peak_bytes"), "device_memory_bytes": hbm, "fits": fits,
       "train": _public(train), "eval": {**_public(evaluation), "images_per_step": eval_batch * crops},
       "flops_per_device": per_device, "flops_per_step": per_device * n if per_device is not None else None,
@@ -404,6 +449,12 @@ def preflight(config, target: Target, *, mfu: float = 0.4, keep_programs: bool =
 def _attention_path(cc) -> str:
   from mcpf_jax.clip.model import attention_for  # pylint: disable=g-import-not-at-top
   return attention_for(cc.target_platform())
+
+
+def _vision_chunk(cc, spec, batch: int) -> int:
+  """Images per vision-tower pass of the train step (the whole batch unless a chunk loop runs)."""
+  from mcpf_jax.clip.model import _chunking  # pylint: disable=g-import-not-at-top
+  return _chunking(batch, spec.image_chunk, cc.vision.hidden_size, cc.target_platform())[0]
 
 
 def _public(program: dict[str, Any]) -> dict[str, Any]:
@@ -428,6 +479,9 @@ def format_report(r: dict[str, Any]) -> str:
            f"global batch {r['global_batch']} (accumulate_steps={r['accumulate_steps']})"]
   for name in ("train", "eval"):
     p = r[name]
+    if p.get("skipped"):
+      lines.append(f"  {name} step: not compiled (--steps)")
+      continue
     status = "fits" if p["fits"] and (r["device_memory_bytes"] is None or (p.get("peak_bytes") or 0)
                                       <= r["device_memory_bytes"]) else "DOES NOT FIT"
     lines.append(f"  {name} step: peak {_gib(p.get('peak_bytes'))} per device of {_gib(r['device_memory_bytes'])}"
@@ -457,7 +511,10 @@ def main(argv) -> int:
   config = f.config
   try:
     target = make_target(f.topology, f.num_slices, f.chips_per_host)
-    report = preflight(config, target, mfu=f.mfu)
+    steps = tuple(x for x in f.steps if x)
+    if not steps or set(steps) - {"train", "eval"}:
+      raise PreflightError(f"--steps={','.join(f.steps)}: expected 'train', 'eval' or 'train,eval'")
+    report = preflight(config, target, mfu=f.mfu, steps=steps)
   except PreflightError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -474,6 +531,7 @@ def _define_flags():
                       "'v5e:2x4', or a GPU node 'h100:1x8'")
   flags.DEFINE_integer("num_slices", 1, "TPU slices (multi-slice over DCN); the mesh spans all their devices")
   flags.DEFINE_string("chips_per_host", None, "TPU chips per host as 'x,y,z' (default: libtpu's for the topology)")
+  flags.DEFINE_list("steps", ["train", "eval"], "programs to compile: train, eval or both")
   flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step time and input rate")
   flags.mark_flags_as_required(["config", "topology"])
 
