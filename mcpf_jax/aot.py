@@ -53,17 +53,20 @@ GiB = 2 ** 30
 # device_kind -> per chip: HBM bytes, peak dense bf16 FLOP/s (the vendors' figures; float32 matmuls run as bf16
 # passes at the default precision on TPUs). The compile-only devices carry no memory size: these are the chips'.
 CHIPS: dict[str, dict[str, Any]] = {
+    "TPU v2": {"name": "v2", "hbm_bytes": 8 * GiB, "peak_flops": 22.5e12},  # per TensorCore (each one device)
+    "TPU v3": {"name": "v3", "hbm_bytes": 16 * GiB, "peak_flops": 61.5e12},  # per TensorCore (each one device)
     "TPU v4": {"name": "v4", "hbm_bytes": 32 * GiB, "peak_flops": 275e12},
     "TPU v5 lite": {"name": "v5e", "hbm_bytes": 16 * GiB, "peak_flops": 197e12},
     "TPU v5": {"name": "v5p", "hbm_bytes": 95 * GiB, "peak_flops": 459e12},
     "TPU v6 lite": {"name": "v6e", "hbm_bytes": 32 * GiB, "peak_flops": 918e12},
-    "NVIDIA H100 80GB HBM3": {"name": "h100", "hbm_bytes": 80 * 10 ** 9, "peak_flops": 989e12},
-    "NVIDIA A100-SXM4-80GB": {"name": "a100", "hbm_bytes": 80 * 10 ** 9, "peak_flops": 312e12},
+    "NVIDIA H100 80GB HBM3": {"name": "h100", "hbm_bytes": 84929347584, "peak_flops": 989e12},
+    "NVIDIA A100-SXM4-80GB": {"name": "a100", "hbm_bytes": 85899345920, "peak_flops": 312e12},
 }
 
 # Cloud slice names -> (libtpu topology, chips per host). vN-K counts TensorCores on v4/v5p (2 per chip, one
 # megacore device), chips on v5e/v6e. Any other "<gen>:<AxB[xC]>" name is passed to libtpu as it is.
 TOPOLOGIES: dict[str, tuple[str, str | None]] = {
+    "v2-8": ("v2:2x2", None),  # Colab's v2-8 runtime: 4 chips, 8 TensorCores (8 devices)
     "v5e-1": ("v5e:1x1", "1,1,1"),  # Colab's v5e-1 runtime, one chip
     "v5e-4": ("v5e:2x2", None),  # one host, 4 chips
     "v5e-8": ("v5e:2x4", "2,4,1"),  # one host, 8 chips (ct5lp-hightpu-8t)
@@ -107,7 +110,7 @@ def tpu_topology(name: str, num_slices: int = 1, chips_per_host: str | None = No
   """Compile-only TPU devices of `name` (a key of TOPOLOGIES or libtpu's "<gen>:<AxB[xC]>")."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   libtpu_name, default_host = TOPOLOGIES.get(name, (name, None))
-  if not re.fullmatch(r"v(4|5e|5p|6e):\d+x\d+(x\d+)?", libtpu_name):
+  if not re.fullmatch(r"v(2|3|4|5e|5p|6e):\d+x\d+(x\d+)?", libtpu_name):
     raise PreflightError(f"--topology={name!r}: expected one of {sorted(TOPOLOGIES)}, a libtpu topology such as "
                          "'v5e:2x4' or 'v4:2x2x4' (v4, v5e, v5p, v6e), or a GPU node 'h100:1x8' / 'a100:1x8'")
   kwargs: dict[str, Any] = {}
@@ -161,7 +164,7 @@ device_description_str: "{description}"
 GPU_TARGET_CONFIGS = {
     "h100": _gpu_target_config("9.0", 132, 128, 233472, 232448, 50 * 2 ** 20, 1.98, 3.35e12, 84929347584,
                                GPU_TOPOLOGIES["h100"]),
-    "a100": _gpu_target_config("8.0", 108, 64, 167936, 166912, 40 * 2 ** 20, 1.41, 2.04e12, 84987740160,
+    "a100": _gpu_target_config("8.0", 108, 64, 167936, 166912, 40 * 2 ** 20, 1.41, 2.04e12, 85899345920,
                                GPU_TOPOLOGIES["a100"]),
 }
 
@@ -252,6 +255,11 @@ def eval_batch_shapes(batch: int, crops: int, image_size: int) -> dict[str, jax.
   return {"image": jax.ShapeDtypeStruct((batch, crops, image_size, image_size, 3), jnp.uint8)}
 
 
+def _bytes_per_device(shapes: Any) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (its shard of each leaf)."""
+  return sum(math.prod(s.sharding.shard_shape(s.shape)) * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes))
+
+
 def _with_sharding(shapes: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
@@ -311,10 +319,12 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
-def _flops(compiled) -> float:
+def _flops(compiled) -> float | None:
+  """XLA's FLOPs of the compiled (per-device) program; None where the backend has no cost analysis (deviceless
+  GPU compiles)."""
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) if cost and "flops" in cost else float("nan")
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds available")
@@ -405,7 +415,8 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
     micro_step = step_lib.jit_steps(micro_config, model, labels, tx, params, state, mesh)[0]
     micro = compile_program(micro_step, train_args[0], _with_sharding(
         train_batch_shapes(batch // acc, image_size), {k: b_sh for k in train_batch_shapes(1, 1)}))
-    per_device = micro.get("flops_per_device", float("nan")) * acc
+    micro_flops = micro.get("flops_per_device")
+    per_device = micro_flops * acc if micro_flops is not None else None
     flops_method = f"cost_analysis of one micro-batch x accumulate_steps={acc} (the scan body is counted once)"
 
   text_rows = sum(len(rows) for _, rows in model.text_ids)
@@ -427,16 +438,20 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
       "hosts": target.hosts, "slices": target.num_slices, "mesh": dict(mesh.shape),
       "model": config.model.name, "clip": config.clip.name, "trainable": str(config.model.trainable),
       "dtype": cc.dtype, "remat": cc.remat, "shard_backbone": bool(config.mesh.shard_backbone),
-      "attention": _attention_path(cc), "vision_chunk": _vision_chunk(cc, spec, batch), "global_batch": batch, "accumulate_steps": acc,
+      "attention": _attention_path(cc), "vision_chunk": _vision_chunk(cc, spec, batch), "global_batch": batch,
+      "accumulate_steps": acc,
       "peak_bytes_per_device": train.get("peak_bytes"), "device_memory_bytes": hbm, "fits": fits,
+      "state_bytes_per_device": _bytes_per_device(train_args[0]),
       "train": _public(train), "eval": {**_public(evaluation), "images_per_step": eval_batch * crops},
       "flops_per_device": per_device, "flops_per_step": per_device * n if per_device is not None else None,
       "flops_method": flops_method, "model_flops_per_step": model_flops["total"],
       "analytic_flops_executed": executed, "eval_model_flops_per_step": eval_flops["total"],
       "collectives": train.get("collectives"), "compile_s": round(train["compile_s"] + evaluation["compile_s"], 2),
   }
-  if report["flops_per_step"] is not None and not math.isnan(report["flops_per_step"]):
+  if report["flops_per_step"] is not None:
     report["flops_vs_analytic"] = report["flops_per_step"] / executed
+  elif train.get("fits") and "train" in steps:
+    report["flops_method"] = f"none: the {target.platform} compiler gives no cost analysis here (analytic count only)"
   if chip.get("peak_flops"):
     step_s = model_flops["total"] / (n * chip["peak_flops"] * mfu)
     report.update(mfu=mfu, peak_flops_per_chip=chip["peak_flops"], step_s_at_mfu=step_s,
@@ -494,8 +509,9 @@ def format_report(r: dict[str, Any]) -> str:
   if r.get("flops_per_step") is not None:
     lines.append(f"  FLOPs per step: {r['flops_per_step']:.4g} (XLA, all devices; {r['flops_per_device']:.4g} per "
                  f"device; {r['flops_method']})")
+    ratio = r.get("flops_vs_analytic", float("nan"))
     lines.append(f"    analytic: {r['model_flops_per_step']:.4g} model FLOPs, {r['analytic_flops_executed']:.4g} with "
-                 f"the replicated text tower on every device (XLA / that = {r.get('flops_vs_analytic', float('nan')):.3f})")
+                 f"the replicated text tower on every device (XLA / that = {ratio:.3f})")
   for kind, c in sorted((r.get("collectives") or {}).items()):
     lines.append(f"  collective {kind}: {c['count']} per step, {c['bytes'] / 2 ** 20:.2f} MiB per device")
   if "step_s_at_mfu" in r:
