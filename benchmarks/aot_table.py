@@ -35,23 +35,28 @@ METHODS = {"mcpf": [], "maple": ["--config.model.name=maple"], "full": ["--confi
 # issue first (MCPF on the three backbones, full fine-tuning on the main topologies), then the A/B of
 # mesh.shard_backbone and clip.remat.
 ROWS: list[tuple[str, str, str, str, int, list[str]]] = [
-    ("b16-mcpf-v5e-1-32", B16, "mcpf", "v5e-1", 32, []),
+    # The Colab notebook's default (configs/livec.py as it is) on Colab's v5e-1 runtime: train AND eval steps.
+    ("b16-mcpf-v5e-1-32", B16, "mcpf", "v5e-1", 32, ["--steps=train,eval"]),
     ("b16-mcpf-v5e-8-32", B16, "mcpf", "v5e-8", 32, []),
     ("l14-mcpf-v5e-8-256", L14, "mcpf", "v5e-8", 256, []),
     ("l336-mcpf-v5e-8-256", L336, "mcpf", "v5e-8", 256, []),
     ("b16-full-v5e-8-256", B16, "full", "v5e-8", 256, []),
-    ("l336-full-v5e-4-2048", L336, "full", "v5e:2x2", 2048, []),
+    ("l336-full-v5e-4-2048", L336, "full", "v5e:2x2", 2048, ["--steps=train,eval"]),  # the issue's acceptance
     ("b16-mcpf-v4-32-512", B16, "mcpf", "v4-32", 512, []),
     ("b16-mcpf-v5p-128-2048", B16, "mcpf", "v5p-128", 2048, []),
-    ("l14-full-v5e-8-256", L14, "full", "v5e-8", 256, []),
-    ("l14-full-v5e-8-256-remat", L14, "full", "v5e-8", 256, ["--config.clip.remat=True"]),
-    ("l14-full-v5e-8-256-shard", L14, "full", "v5e-8", 256, ["--config.mesh.model=8",
-                                                            "--config.mesh.shard_backbone=True"]),
-    ("l14-mcpf-v5e-8-256-remat", L14, "mcpf", "v5e-8", 256, ["--config.clip.remat=True"]),
-    ("b16-maple-v5e-8-32", B16, "maple", "v5e-8", 32, []),
-    ("l14-full-v4-32-512", L14, "full", "v4-32", 512, []),
-    ("l336-mcpf-v5p-128-2048", L336, "mcpf", "v5p-128", 2048, []),
     ("b16-mcpf-h100x8-256", B16, "mcpf", "h100:1x8", 256, []),
+    ("b16-mcpf-v6e-1-32", B16, "mcpf", "v6e-1", 32, ["--steps=train,eval"]),  # Colab's other TPU runtimes
+    ("b16-mcpf-v2-8-32", B16, "mcpf", "v2-8", 32, ["--steps=train,eval"]),
+    ("l14-full-v5e-8-256", L14, "full", "v5e-8", 256, []),
+    ("l14-mcpf-v5e-8-256-remat", L14, "mcpf", "v5e-8", 256, ["--config.clip.remat=True"]),
+    ("l14-mcpf-v5e-8-256-shard", L14, "mcpf", "v5e-8", 256, ["--config.mesh.model=2",
+                                                            "--config.mesh.shard_backbone=True"]),
+    ("b16-maple-v5e-8-32", B16, "maple", "v5e-8", 32, []),
+    ("l336-mcpf-v5p-128-2048", L336, "mcpf", "v5p-128", 2048, []),
+    ("l14-mcpf-h100x8-256", L14, "mcpf", "h100:1x8", 256, []),
+    ("l14-full-v5e-8-256-remat", L14, "full", "v5e-8", 256, ["--config.clip.remat=True"]),
+    ("l14-full-v5e-8-256-shard", L14, "full", "v5e-8", 256, ["--config.mesh.model=2",
+                                                            "--config.mesh.shard_backbone=True"]),
 ]
 
 
@@ -64,30 +69,72 @@ def command(clip: str, method: str, topology: str, batch: int, extra: list[str])
 def run_row(row) -> dict:
   key, clip, method, topology, batch, extra = row
   cmd = command(clip, method, topology, batch, extra)
-  print("$", shlex.join(cmd), flush=True)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  gpu = topology.split(":")[0] in ("h100", "a100")
+  shown = ("PYTHONPATH=$MCPF_CUDA_PLUGIN_PATH " if gpu else "") + shlex.join(cmd)
+  print("$", shown, flush=True)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_SKIP_MDS_QUERY="1")
+  if gpu and os.environ.get("MCPF_CUDA_PLUGIN_PATH"):
+    # The CUDA PJRT plugin, installed apart (pip install --target DIR jax-cuda12-plugin jax-cuda12-pjrt) so the
+    # TPU rows and the tests never see it.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["MCPF_CUDA_PLUGIN_PATH"], env.get("PYTHONPATH")]))
   env.setdefault("TPU_LOG_DIR", "/tmp/mcpf_jax_tpu_logs")
   start = time.perf_counter()
   proc = subprocess.run(["nice", "-n", "19", sys.executable, *cmd[1:]], cwd=REPO, env=env, capture_output=True,
                         text=True)
   lines = proc.stdout.strip().splitlines()
-  out = {"key": key, "command": shlex.join(cmd), "exit": proc.returncode, "wall_s": time.perf_counter() - start}
+  out = {"key": key, "command": shown, "exit": proc.returncode, "wall_s": time.perf_counter() - start}
   if lines and lines[-1].startswith("{"):
     out["report"] = json.loads(lines[-1])
   else:
-    out["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:400]
+    lines = [l for l in proc.stderr.strip().splitlines() if "Traceback" in l or "Error" in l or "error:" in l]
+    out["error"] = (lines or proc.stderr.strip().splitlines() or ["(no output)"])[-1][:600]
+    out["stderr_tail"] = proc.stderr[-4000:]
   print(f"  exit {proc.returncode} in {out['wall_s']:.0f} s: {out.get('error', 'ok')}", flush=True)
   return out
 
 
-def _max_batch_per_chip(r: dict) -> int | None:
-  t, hbm = r["train"], r["device_memory_bytes"]
-  if not t.get("temp_size_in_bytes") or not hbm:
-    return None
-  fixed = t["argument_size_in_bytes"] + t["output_size_in_bytes"] - t["alias_size_in_bytes"] + \
-      t["generated_code_size_in_bytes"]
-  per_image = t["temp_size_in_bytes"] / (r["global_batch"] / r["mesh"]["data"])
-  return max(int((hbm - fixed) / per_image), 0)
+def _memory_point(r: dict) -> tuple[float, float, float] | None:
+  """(images per device, fixed bytes, temporary bytes) of a compiled train step; after an out-of-memory, the
+  compiler's temporaries figure and the state's bytes per device (the donated state: argument and aliased output)."""
+  t = r["train"]
+  per_device_batch = r["global_batch"] / r["mesh"]["data"]
+  if t.get("temp_size_in_bytes"):
+    fixed = t["argument_size_in_bytes"] + t["output_size_in_bytes"] - t["alias_size_in_bytes"] + \
+        t["generated_code_size_in_bytes"]
+    return per_device_batch, fixed, t["temp_size_in_bytes"]
+  if t.get("peak_bytes") and r.get("state_bytes_per_device"):
+    return per_device_batch, r["state_bytes_per_device"], t["peak_bytes"]
+  return None
+
+
+def _group(key: str) -> tuple:
+  _, clip, method, _, _, extra = next(row for row in ROWS if row[0] == key)
+  return clip, method, tuple(x for x in extra if not x.startswith("--steps"))
+
+
+def max_batch_per_device(key: str, results: dict) -> str:
+  """The largest per-device batch whose train step fits in HBM, from the compiles of the same model.
+
+  Temporaries are linear in the batch plus a part that is not (the replicated text tower, the optimizer): with
+  two compiles of the same model on the same kind of chip at different per-device batches, the line through
+  them gives "~N"; with one, temporaries / batch over-counts the per-image cost, so (HBM - fixed) / that is a
+  lower bound, ">= N".
+  """
+  r = results[key]["report"]
+  hbm = r.get("device_memory_bytes")
+  point = _memory_point(r)
+  if not hbm or point is None:
+    return "-"
+  same = [results[k]["report"] for k in results if results[k].get("report") and _group(k) == _group(key)
+          and results[k]["report"]["device_kind"] == r["device_kind"]]
+  points = sorted({p[0]: p for p in map(_memory_point, same) if p is not None}.values())
+  if len(points) >= 2 and points[0][0] != points[-1][0]:
+    (b0, f0, t0), (b1, _, t1) = points[0], points[-1]
+    slope = (t1 - t0) / (b1 - b0)
+    if slope > 0:
+      return f"~{max(int((hbm - f0 - (t0 - slope * b0)) / slope), 0)}"
+  batch, fixed, temp = point
+  return f">= {max(int((hbm - fixed) / (temp / batch)), 0)}"
 
 
 def _collectives(c: dict | None) -> str:
@@ -98,7 +145,7 @@ def _collectives(c: dict | None) -> str:
 
 def table(results: dict) -> str:
   head = ("| backbone | method | options | topology (chips, hosts) | global batch | peak HBM / chip | fits | "
-          "max batch / chip (est.) | collectives per step (per device) | step at 40% MFU | images/s per host |")
+          "max batch / device | collectives per step (per device) | step at 40% MFU | images/s per host |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for key, *_ in ROWS:
     res = results.get(key)
@@ -106,7 +153,8 @@ def table(results: dict) -> str:
       continue
     r = res.get("report")
     _, clip, method, topology, batch, extra = next(row for row in ROWS if row[0] == key)
-    options = " ".join(x.replace("--config.", "") for x in extra) or "-"
+    options = " ".join("(+ eval step)" if x == "--steps=train,eval" else x.replace("--config.", "")
+                       for x in extra) or "-"
     if r is None:
       lines.append(f"| {SHORT[clip]} | {method} | {options} | {topology} | {batch} | - | did not compile: "
                    f"{res.get('error', '')} | | | | |")
@@ -114,11 +162,11 @@ def table(results: dict) -> str:
     peak = r["peak_bytes_per_device"]
     peak_s = f"{peak / 2 ** 30:.2f} GiB" if peak else "?"
     hbm = f" of {r['device_memory_bytes'] / 2 ** 30:.0f}" if r.get("device_memory_bytes") else ""
-    mb = _max_batch_per_chip(r)
+    mb = max_batch_per_device(key, results)
     step = f"{r['step_s_at_mfu'] * 1e3:.1f} ms" if r.get("step_s_at_mfu") else "-"
     rate = f"{r['images_per_s_per_host']:,.0f}" if r.get("images_per_s_per_host") else "-"
     lines.append(f"| {SHORT[clip]} | {method} | {options} | {topology} ({r['devices']}, {r['hosts']}) | {batch} | "
-                 f"{peak_s}{hbm} | {'yes' if r['fits'] else '**no**'} | {mb if mb is not None else '-'} | "
+                 f"{peak_s}{hbm} | {'yes' if r['fits'] else '**no**'} | {mb} | "
                  f"{_collectives(r.get('collectives'))} | {step} | {rate} |")
   return "\n".join(lines)
 

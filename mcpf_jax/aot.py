@@ -18,7 +18,8 @@ chunk loop is off, so the only loop left is gradient accumulation (`train.accumu
 come from a second compile of the same step on one micro-batch (accumulate_steps = 1), times accumulate_steps
 (`flops_method` says which). `model_flops_per_step` is the analytic count (`mcpf_jax.model.flops`) of the useful
 work, each image once and the class prompts' text tower once; `analytic_flops_executed` counts the text tower once
-per device, as data parallelism runs it (replicated), and is what `flops_per_step` is checked against.
+per device, as data parallelism runs it (replicated), and each image once per device of the "model" axis, and is
+what `flops_per_step` is checked against (`flops_vs_analytic`).
 
 TPU targets need `jax[tpu]` (libtpu) installed; it runs on a CPU-only machine. Topology names (`TOPOLOGIES`) are
 libtpu's "<generation>:<chips per axis>", or the cloud names of common slices (v5e-8, v4-32, v5p-128, ...).
@@ -42,6 +43,10 @@ if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU VM metadata server to ask: this is not a TPU host
+  # A deviceless GPU compile cannot autotune, and XLA's Triton GEMM fusions need autotuning to pick their tiles
+  # ("Couldn't find output tile sizes"): use its cuBLAS GEMMs, as with autotuning off. A GPU-only flag.
+  if "--xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
@@ -426,7 +431,9 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
                                      backbone_trains=backbone_trains, pooled_only=pooled_only)
   eval_flops = flops_lib.step_flops(cc, spec, eval_batch * crops, text_rows, model.text_span, train=False,
                                     pooled_only=pooled_only)
-  executed = model_flops["total"] + (n - 1) * model_flops["text"]  # the text tower runs on every device
+  # What the devices run: the class prompts' text tower on every device (replicated), each image on the
+  # mesh.model devices of its data shard (the batch is split over "data" only).
+  executed = model_flops["text"] * n + model_flops["vision"] * mesh.shape["model"]
   chip = target.chip
   hbm = chip.get("hbm_bytes")
   fits = train["fits"] and evaluation["fits"]
