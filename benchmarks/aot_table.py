@@ -145,7 +145,8 @@ def _collectives(c: dict | None) -> str:
 
 def table(results: dict) -> str:
   head = ("| backbone | method | options | topology (chips, hosts) | global batch | peak HBM / chip | fits | "
-          "max batch / device | collectives per step (per device) | step at 40% MFU | images/s per host |")
+          "max batch / device | collectives per step (per device) | XLA FLOPs / model FLOPs | step at 40% MFU | "
+          "images/s per host |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for key, *_ in ROWS:
     res = results.get(key)
@@ -157,7 +158,7 @@ def table(results: dict) -> str:
                        for x in extra) or "-"
     if r is None:
       lines.append(f"| {SHORT[clip]} | {method} | {options} | {topology} | {batch} | - | did not compile: "
-                   f"{res.get('error', '')} | | | | |")
+                   f"{res.get('error', '')} | | | | | |")
       continue
     peak = r["peak_bytes_per_device"]
     peak_s = f"{peak / 2 ** 30:.2f} GiB" if peak else "?"
@@ -165,9 +166,10 @@ def table(results: dict) -> str:
     mb = max_batch_per_device(key, results)
     step = f"{r['step_s_at_mfu'] * 1e3:.1f} ms" if r.get("step_s_at_mfu") else "-"
     rate = f"{r['images_per_s_per_host']:,.0f}" if r.get("images_per_s_per_host") else "-"
+    ratio = f"{r['flops_per_step'] / r['model_flops_per_step']:.3f}" if r.get("flops_per_step") else "-"
     lines.append(f"| {SHORT[clip]} | {method} | {options} | {topology} ({r['devices']}, {r['hosts']}) | {batch} | "
                  f"{peak_s}{hbm} | {'yes' if r['fits'] else '**no**'} | {mb} | "
-                 f"{_collectives(r.get('collectives'))} | {step} | {rate} |")
+                 f"{_collectives(r.get('collectives'))} | {ratio} | {step} | {rate} |")
   return "\n".join(lines)
 
 
