@@ -18,8 +18,8 @@ chunk loop is off, so the only loop left is gradient accumulation (`train.accumu
 come from a second compile of the same step on one micro-batch (accumulate_steps = 1), times accumulate_steps
 (`flops_method` says which). `model_flops_per_step` is the analytic count (`mcpf_jax.model.flops`) of the useful
 work, each image once and the class prompts' text tower once; `analytic_flops_executed` counts the text tower once
-per device, as data parallelism runs it (replicated), and each image once per device of the "model" axis, and is
-what `flops_per_step` is checked against (`flops_vs_analytic`).
+per device and micro-batch, as data parallelism and accumulation run it, and each image once per device of the
+"model" axis: what `flops_per_step` is checked against (`flops_vs_analytic`).
 
 TPU targets need `jax[tpu]` (libtpu) installed; it runs on a CPU-only machine. Topology names (`TOPOLOGIES`) are
 libtpu's "<generation>:<chips per axis>", or the cloud names of common slices (v5e-8, v4-32, v5p-128, ...).
@@ -431,9 +431,9 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
                                      backbone_trains=backbone_trains, pooled_only=pooled_only)
   eval_flops = flops_lib.step_flops(cc, spec, eval_batch * crops, text_rows, model.text_span, train=False,
                                     pooled_only=pooled_only)
-  # What the devices run: the class prompts' text tower on every device (replicated), each image on the
-  # mesh.model devices of its data shard (the batch is split over "data" only).
-  executed = model_flops["text"] * n + model_flops["vision"] * mesh.shape["model"]
+  # What the devices run: the class prompts' text tower on every device (replicated), once per micro-batch, and
+  # each image on the mesh.model devices of its data shard (the batch is split over "data" only).
+  executed = model_flops["text"] * n * acc + model_flops["vision"] * mesh.shape["model"]
   chip = target.chip
   hbm = chip.get("hbm_bytes")
   fits = train["fits"] and evaluation["fits"]
