@@ -11,6 +11,10 @@ import tempfile
 
 import pytest
 
+# The tests run on the CPU backend. requirements-test.txt installs libtpu (jax[tpu]) for the ahead-of-time
+# compiles of tests/test_aot.py, which only use it as a compiler; without this, jax would try to initialise it as
+# the default backend of every test process (and, on a machine with chips, take them).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the whole session (the xdist workers and the train.py / eval.py
 # subprocesses inherit it): many tests compile the same tiny models, and CPU compiles dominate the suite's time.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mcpf_jax_xla_cache_"))

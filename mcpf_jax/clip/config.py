@@ -9,11 +9,15 @@ them out. Parameters are always stored in float32.
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from typing import Any, Mapping
 
 # Activations of `transformers.activations.ACT2FN` we implement (the CLIP family uses the first two).
 SUPPORTED_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
+# Platforms a model can be compiled for; the platform picks the attention path and the image-chunk default.
+PLATFORMS = ("cpu", "gpu", "tpu")
 
 # The OpenAI CLIP sizes and where their weights live on the Hugging Face hub.
 HUB_IDS = {
@@ -22,6 +26,17 @@ HUB_IDS = {
     "vit-l-14": "openai/clip-vit-large-patch14",
     "vit-l-14-336": "openai/clip-vit-large-patch14-336",
 }
+
+
+def resolve_platform(platform: str | None) -> str:
+  """`platform`, or else (None) the default backend of this process.
+
+  The one place the platform-dependent code paths are decided; modules never ask `jax.default_backend()`.
+  """
+  if platform is not None:
+    return platform
+  import jax  # pylint: disable=g-import-not-at-top  (the configs themselves need no jax)
+  return jax.default_backend()
 
 
 def _square(value: Any, name: str) -> int:
@@ -101,6 +116,9 @@ class CLIPConfig:
     logit_scale_init_value: initial log temperature (only used by `init_random`; loaded weights carry theirs).
     dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
     remat: wrap every transformer block in `jax.checkpoint` (saves activation memory when training prompts).
+    platform: the platform the model is compiled FOR ("cpu" | "gpu" | "tpu"), which picks the CPU-tuned or the
+      fused attention path and the image-chunk default (see `mcpf_jax.clip.model`). None: the process's default
+      backend, i.e. where it runs; an ahead-of-time compile for another target (`mcpf_jax.aot`) sets it.
   """
   text: CLIPTextConfig = dataclasses.field(default_factory=CLIPTextConfig)
   vision: CLIPVisionConfig = dataclasses.field(default_factory=CLIPVisionConfig)
@@ -108,10 +126,18 @@ class CLIPConfig:
   logit_scale_init_value: float = 2.6592
   dtype: str = "float32"
   remat: bool = False
+  platform: str | None = None
 
   def __post_init__(self):
     if self.dtype not in SUPPORTED_DTYPES:
       raise ValueError(f"CLIPConfig.dtype {self.dtype!r} is not one of {SUPPORTED_DTYPES}")
+    if self.platform is not None and self.platform not in PLATFORMS:
+      raise ValueError(f"CLIPConfig.platform {self.platform!r} is not one of {PLATFORMS} (or None: the default "
+                       "backend)")
+
+  def target_platform(self) -> str:
+    """The platform the model compiles for (see `resolve_platform`)."""
+    return resolve_platform(self.platform)
 
   @property
   def embed_dim(self) -> int:
@@ -205,3 +231,18 @@ def preset(name: str, **changes: Any) -> CLIPConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown CLIP preset {name!r}; expected one of {sorted(PRESETS)}")
   return PRESETS[name].replace(**changes)
+
+
+def from_name(name: str) -> CLIPConfig:
+  """The CLIP config named by a preset, an OpenAI hub id (mapped to its preset: no download) or a local folder's
+  config.json. No weights are read."""
+  if name in PRESETS:
+    return PRESETS[name]
+  by_hub = {v: k for k, v in HUB_IDS.items()}
+  if name in by_hub:
+    return PRESETS[by_hub[name]]
+  path = pathlib.Path(name).expanduser() / "config.json"
+  if path.exists():
+    return CLIPConfig.from_hf(json.loads(path.read_text()), source=str(path))
+  raise ValueError(f"clip.name={name!r}: not a preset {sorted(PRESETS)}, an OpenAI hub id, or a folder "
+                   "with config.json")

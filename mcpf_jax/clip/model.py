@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mcpf_jax.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from mcpf_jax.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, resolve_platform
 
 Array = jax.Array
 Prompts = Sequence[Array] | None
@@ -95,8 +95,9 @@ def _attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
   causal mask as -0.7 * float32 max, float32 softmax, probabilities cast to the value dtype), computed one head
   at a time: XLA's CPU backend runs the per-head batched matmuls about twice as fast as the [batch, heads, ...]
   einsums with their transposes (ViT-B/16 encoding 1.1x faster at batch 32, the train step 1.09x at batch 8;
-  see BENCHMARKS.md). XLA fuses the per-head slices and the final stack into the neighbouring ops. Used on the
-  CPU backend only: elsewhere `Attention` calls `jax.nn.dot_product_attention`, so GPUs get the fused kernel.
+  see BENCHMARKS.md). XLA fuses the per-head slices and the final stack into the neighbouring ops. Used for
+  CPU targets only (`Attention.implementation = "per_head"`): elsewhere `Attention` calls
+  `jax.nn.dot_product_attention`, so GPUs get the fused kernel.
   """
   scale = q.shape[-1] ** -0.5
   mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)) if causal else None
@@ -111,11 +112,24 @@ def _attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
   return jnp.stack(outs, axis=2)
 
 
+ATTENTION = ("fused", "per_head")
+
+
+def attention_for(platform: str) -> str:
+  """The attention path for a target platform: "per_head" (`_attention`) on CPU, "fused" on GPU/TPU."""
+  return "per_head" if platform == "cpu" else "fused"
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with separate q/k/v/out projections (HF `CLIPAttention`)."""
+  """Multi-head self-attention with separate q/k/v/out projections (HF `CLIPAttention`).
+
+  implementation: "fused" (`jax.nn.dot_product_attention`: cuDNN flash attention on GPUs where it applies, XLA
+  elsewhere) or "per_head" (`_attention`, the CPU-tuned form); the same numbers. Chosen by `attention_for`.
+  """
   num_heads: int
   causal: bool
   dtype: Any = jnp.float32
+  implementation: str = "fused"
 
   @nn.compact
   def __call__(self, x: Array, num_queries: int | None = None) -> Array:
@@ -129,10 +143,12 @@ class Attention(nn.Module):
     q = _dense(width, self.dtype, "q_proj")(x[:, :queries]).reshape(batch, queries, self.num_heads, head_dim)
     k = _dense(width, self.dtype, "k_proj")(x).reshape(batch, tokens, self.num_heads, head_dim)
     v = _dense(width, self.dtype, "v_proj")(x).reshape(batch, tokens, self.num_heads, head_dim)
-    if jax.default_backend() == "cpu":
+    if self.implementation == "per_head":
       out = _attention(q, k, v, self.causal)
-    else:  # GPU/TPU: the fused kernel (cuDNN flash attention where it applies)
+    elif self.implementation == "fused":
       out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # scale = head_dim ** -0.5
+    else:
+      raise ValueError(f"Attention.implementation={self.implementation!r}: expected one of {ATTENTION}")
     return _dense(width, self.dtype, "out_proj")(out.reshape(batch, queries, width))
 
 
@@ -160,6 +176,7 @@ class EncoderLayer(nn.Module):
   causal: bool
   dtype: Any = jnp.float32
   num_queries: int | None = None
+  attention: str = "fused"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -170,7 +187,8 @@ class EncoderLayer(nn.Module):
     h = _layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm1")(x)
     if self.num_queries is not None:
       x = x[:, :self.num_queries]
-    x = x + Attention(cfg.num_attention_heads, self.causal, self.dtype, name="self_attn")(h, self.num_queries)
+    attention = Attention(cfg.num_attention_heads, self.causal, self.dtype, self.attention, name="self_attn")
+    x = x + attention(h, self.num_queries)
     h = _layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm2")(x)
     return x + MLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, name="mlp")(h)
 
@@ -205,6 +223,7 @@ class LayerStack(nn.Module):
   prompt_slot: str
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "fused"
 
   @nn.compact
   def __call__(self, x: Array, deep_prompts: Sequence[Array] = (), last_queries: int | None = None) -> Array:
@@ -220,7 +239,7 @@ class LayerStack(nn.Module):
       if 1 <= i <= len(deep_prompts):
         x = replace(x, _batched(deep_prompts[i - 1], x.shape[0], self.dtype))
       queries = last_queries if i == layers - 1 else None
-      x = block(self.config, self.causal, self.dtype, queries, name=str(i))(x)
+      x = block(self.config, self.causal, self.dtype, queries, self.attention, name=str(i))(x)
     return x
 
 
@@ -231,10 +250,11 @@ class Encoder(nn.Module):
   prompt_slot: str
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "fused"
 
   @nn.compact
   def __call__(self, x: Array, deep_prompts: Sequence[Array] = (), last_queries: int | None = None) -> Array:
-    return LayerStack(self.config, self.causal, self.prompt_slot, self.dtype, self.remat,
+    return LayerStack(self.config, self.causal, self.prompt_slot, self.dtype, self.remat, self.attention,
                       name="layers")(x, deep_prompts, last_queries)
 
 
@@ -254,6 +274,7 @@ class TextTransformer(nn.Module):
   config: CLIPTextConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "fused"
 
   @nn.compact
   def __call__(self, ids: Array, prompts: Sequence[Array] = ()) -> tuple[Array, Array]:
@@ -271,7 +292,8 @@ class TextTransformer(nn.Module):
         raise ValueError(f"text prompts[{j}] has {jnp.shape(p)[-2]} tokens; only {tokens - 2} fit between "
                          "SOS and EOS")
     x = _TextEmbeddings(cfg, self.dtype, name="embeddings")(ids, prompts[0] if prompts else None)
-    x = Encoder(cfg, True, "after_first", self.dtype, self.remat, name="encoder")(x, tuple(prompts[1:]))
+    x = Encoder(cfg, True, "after_first", self.dtype, self.remat, self.attention, name="encoder")(
+        x, tuple(prompts[1:]))
     x = _layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
     if cfg.legacy_eos_pooling:
       # Old configs (eos_token_id == 2): the end-of-text token is the largest id in the sequence.
@@ -325,6 +347,7 @@ class VisionTransformer(nn.Module):
   config: CLIPVisionConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "fused"
 
   @nn.compact
   def __call__(self, pixels: Array, prompts: Sequence[Array] = (), interpolate_pos_encoding: bool = False,
@@ -346,8 +369,8 @@ class VisionTransformer(nn.Module):
     if prompts:
       x = jnp.concatenate([x, _batched(prompts[0], batch, self.dtype)], axis=1)
     x = _layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layrnorm")(x)
-    x = Encoder(cfg, False, "last", self.dtype, self.remat, name="encoder")(x, tuple(prompts[1:]),
-                                                                              1 if pooled_only else None)
+    x = Encoder(cfg, False, "last", self.dtype, self.remat, self.attention, name="encoder")(
+        x, tuple(prompts[1:]), 1 if pooled_only else None)
     pooled = _layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])
     return pooled, x
 
@@ -407,7 +430,7 @@ class CLIP(nn.Module):
   Attributes:
     config: the model.
     image_chunk: images per vision-tower pass: a larger batch is encoded as a sequence (lax.scan) of chunks of
-      at most this many images (the same numbers: images never interact). None: 8 on the CPU backend, whose
+      at most this many images (the same numbers: images never interact). None: 8 on a CPU target, whose
       caches favour the smaller matmuls (ViT-B/16 encoding 1.15x faster at batch 32, see BENCHMARKS.md), for
       towers at least CPU_CHUNK_MIN_WIDTH wide, and the whole batch on GPUs/TPUs; 0: the whole batch.
   """
@@ -417,8 +440,9 @@ class CLIP(nn.Module):
   def setup(self):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    self.text_model = TextTransformer(cfg.text, dtype, cfg.remat)
-    self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat)
+    attention = attention_for(cfg.target_platform())
+    self.text_model = TextTransformer(cfg.text, dtype, cfg.remat, attention)
+    self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat, attention)
     self.visual_projection = _dense(cfg.projection_dim, dtype, "visual_projection", use_bias=False)
     self.text_projection = _dense(cfg.projection_dim, dtype, "text_projection", use_bias=False)
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.logit_scale_init_value), (),
@@ -441,7 +465,7 @@ class CLIP(nn.Module):
     """
     prompts = tuple(prompts or ())
     n = pixels.shape[0]
-    size, padded = _chunking(n, self.image_chunk, self.config.vision.hidden_size)
+    size, padded = _chunking(n, self.image_chunk, self.config.vision.hidden_size, self.config.target_platform())
     if size >= n:
       return self._encode_image(pixels, prompts, return_tokens, interpolate_pos_encoding)
     # [padded // size, size, ...]: zero images pad the last chunk and are dropped from the output.
@@ -495,15 +519,17 @@ class CLIP(nn.Module):
 CPU_CHUNK_MIN_WIDTH = 256  # the CPU default chunks only real-size towers (a tiny model's small matmuls gain nothing)
 
 
-def _chunking(n: int, image_chunk: int | None, width: int | None = None) -> tuple[int, int]:
+def _chunking(n: int, image_chunk: int | None, width: int | None = None,
+              platform: str | None = None) -> tuple[int, int]:
   """(chunk size, padded batch) to encode n images in chunks of at most `image_chunk` (see `CLIP.image_chunk`).
 
   `width`: the vision tower's width; with image_chunk None, towers narrower than CPU_CHUNK_MIN_WIDTH are not
-  chunked. A divisor of n down to half the chunk is used as it is; otherwise the batch is padded to equal chunks.
+  chunked, and only a CPU `platform` (the target; None = this process's default backend) chunks at all. A divisor
+  of n down to half the chunk is used as it is; otherwise the batch is padded to equal chunks.
   """
   if image_chunk is None:
     real_size = width is None or width >= CPU_CHUNK_MIN_WIDTH
-    chunk = 8 if jax.default_backend() == "cpu" and real_size else 0
+    chunk = 8 if resolve_platform(platform) == "cpu" and real_size else 0
   else:
     chunk = image_chunk
   if chunk <= 0 or n <= chunk:

@@ -9,7 +9,6 @@ The CLIP sizes come from the preset / hub id named by `clip.name` (or a local fo
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "config f
 
 def clip_config_of(name: str) -> clip_config.CLIPConfig:
   """The CLIP config named by a preset, an OpenAI hub id or a local folder (no weights read)."""
-  if name in clip_config.PRESETS:
-    return clip_config.PRESETS[name]
-  by_hub = {v: k for k, v in clip_config.HUB_IDS.items()}
-  if name in by_hub:
-    return clip_config.PRESETS[by_hub[name]]
-  path = pathlib.Path(name).expanduser() / "config.json"
-  if path.exists():
-    return clip_config.CLIPConfig.from_hf(json.loads(path.read_text()), source=str(path))
-  raise ValueError(f"clip.name={name!r}: not a preset {sorted(clip_config.PRESETS)}, an OpenAI hub id, or a folder "
-                   "with config.json")
+  return clip_config.from_name(name)
 
 
 def count(config) -> dict[str, object]:

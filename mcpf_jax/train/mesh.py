@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 from flax import traverse_util
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Backbone leaves at least this large are sharded when mesh.shard_backbone is on (smaller ones stay replicated).
@@ -34,6 +35,13 @@ def make_mesh(data: int = -1, model: int = 1, devices: list[jax.Device] | None =
     model = n // data
   if data * model != n or data < 1 or model < 1:
     raise ValueError(f"mesh: data={data} x model={model} does not use the {n} devices available")
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:
+    # Multi-slice TPU: the data axis spans the slices (gradients all-reduced over DCN), "model" stays in a slice.
+    if data % slices:
+      raise ValueError(f"mesh: data={data} must be a multiple of the {slices} TPU slices (it spans them)")
+    grid = mesh_utils.create_hybrid_device_mesh((data // slices, model), (slices, 1), devices)
+    return Mesh(grid, ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   # Auto axes: shardings are given at the jit boundary and XLA propagates them (jax's default became Explicit).
   return jax.make_mesh((data, model), ("data", "model"), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
