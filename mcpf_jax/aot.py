@@ -238,6 +238,9 @@ def build(config, platform: str):
   size = cc.vision.image_size
   params = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3),
                                                                               jnp.float32))["params"]
+  # The frozen backbone as train.py stores it (clip.param_dtype): bf16 storage halves its bytes.
+  store = jnp.dtype(config.clip.get("param_dtype", "float32"))
+  params = dict(params, clip=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, store), params["clip"]))
   labels = optim.trainable_labels(params, config.model.trainable)
   tx = optim.make_optimizer(restore.optim_config(config, 1), labels)
   state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
