@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="crops per image (default: the run's eval.num_crops; 15 zero-shot)")
   p.add_argument("--num_workers", type=int, default=2, help="decoding threads")
   p.add_argument("--max_upscale", type=float, default=None,
-                 help="refuse images that must be enlarged more than this (default: score them, with a note)")
+                 help="refuse images that must be enlarged more than this to the model's short side (default: "
+                      "the evaluation protocol's 2x for trained models, as eval.py; any for zero-shot; 0: any, "
+                      "with a note past 2x)")
   p.add_argument("--no_progress", action="store_true", help="no progress bar")
   return p
 
@@ -90,7 +92,9 @@ class _JsonWriter:
 
 def _make_scorer(args):
   from mcpf_jax.scoring import DEFAULT_NUM_CROPS, Scorer  # pylint: disable=g-import-not-at-top
-  common = dict(batch_size=args.batch_size, num_workers=args.num_workers, max_upscale=args.max_upscale)
+  common = dict(batch_size=args.batch_size, num_workers=args.num_workers)
+  if args.max_upscale is not None:
+    common["max_upscale"] = args.max_upscale if args.max_upscale > 0 else None
   if args.pretrained:
     return Scorer.from_pretrained(args.pretrained, revision=args.revision, num_crops=args.num_crops,
                                   clip_name=args.clip, **common)

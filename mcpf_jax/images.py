@@ -365,6 +365,9 @@ def grid_crop_positions(height: int, width: int, size: int | Sequence[int], num_
 
 # Upscaling beyond this factor is reported (`eval_crops` returns the factor; the Scorer notes it per image).
 NOTE_UPSCALE = 2.0
+# The evaluation protocol's upscale limit, the same for eval.py's pipeline and a trained model's Scorer: an image
+# needing more than this to reach the protocol's short side is refused, naming the file.
+DEFAULT_MAX_UPSCALE = 2.0
 
 
 def eval_crops(image: bytes | np.ndarray, name: str, *, resize: int, image_size: int, num_crops: int,

@@ -15,10 +15,10 @@ run's workdir, `mcpf_jax.pretrained` an exported folder): nothing of `mcpf_jax.t
 Preprocessing is the evaluation protocol of the training run (`mcpf_jax.data.pipeline.eval_batches`): the image
 is decoded to 8-bit RGB (`mcpf_jax.images.decode`: every PIL mode, EXIF orientation, alpha on white), resized
 so its short side is `resize` (the run's `data.resize`), and `num_crops` crops of the model's input size on an
-even grid are scored and averaged. Unlike evaluation, which refuses images that would be enlarged more than 2x,
-any image is scored: a small one (even smaller than a crop) is resized UP to the short side `resize`, and the
-result's `note` says by how much when that is more than 2x (`max_upscale` turns this into an error instead).
-A very large image is decoded once, resized, and only its crops are kept.
+even grid are scored and averaged: `images.eval_crops`, the function eval.py's pipeline uses, with the same
+upscale limit (a trained model's Scorer refuses, per file, an image that would be enlarged more than 2x, as
+evaluation does; `max_upscale=None` scores any image, resized UP, with a `note` past 2x; zero-shot scorers have
+no run protocol and default to None). A large JPEG is decoded at a reduced DCT scale, and only its crops kept.
 
 Every image is scored alone: batches have a fixed shape (the last one padded with zero images that are
 thrown away), so an image's score does not depend on what else is in its batch. A file that cannot be read or
@@ -232,7 +232,7 @@ class Scorer:
   def from_pretrained(cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
                       clip_name: str | os.PathLike[str] | None = None, cache_dir: str | None = None,
                       batch_size: int = DEFAULT_BATCH_SIZE, num_crops: int | None = None, num_workers: int = 2,
-                      max_upscale: float | None = None) -> Scorer:
+                      max_upscale: float | None = images.DEFAULT_MAX_UPSCALE) -> Scorer:
     """Loads an exported model (`python -m mcpf_jax.export`): a local folder or a Hugging Face Hub repo id.
 
     A local folder never touches the network: the backbone comes from its clip/ folder (`--include_backbone`),
@@ -286,7 +286,8 @@ class Scorer:
   @classmethod
   def from_checkpoint(cls, workdir: str | os.PathLike[str], checkpoint: str | int = "best", *,
                       batch_size: int = DEFAULT_BATCH_SIZE, num_crops: int | None = None, num_workers: int = 2,
-                      clip_name: str | None = None, max_upscale: float | None = None, dtype: str | None = None,
+                      clip_name: str | None = None, max_upscale: float | None = images.DEFAULT_MAX_UPSCALE,
+                      dtype: str | None = None,
                       param_dtype: str | None = None) -> Scorer:
     """Restores a trained model from a training run's workdir alone: the dataset is not needed.
 
@@ -302,7 +303,8 @@ class Scorer:
       num_crops: crops per image; None: the run's eval.num_crops.
       num_workers: decoding threads (0: decode in the calling thread).
       clip_name: the backbone's hub id or folder, when not where the training run found it.
-      max_upscale: see `Preprocessing`.
+      max_upscale: see `Preprocessing`; default the evaluation protocol's (eval.py's) limit, 2x: a smaller image
+        is refused naming the file (None: score it, with a note past 2x).
       dtype, param_dtype: score in another precision than the run's clip.dtype / clip.param_dtype (e.g.
         "bfloat16" for both: half the backbone memory; README "bfloat16" has the measured score differences).
 

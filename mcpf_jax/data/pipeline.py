@@ -298,7 +298,7 @@ def _with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
 def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size: int, image_size: int = 224,
                  resize: int = 512, seed: int, labels: LabelTransform, num_workers: int = 0, shard_index: int = 0,
                  shard_count: int = 1, num_epochs: int | None = None, start_batch: int = 0, num_threads: int = 1,
-                 max_upscale: float | None = 2.0) -> grain.IterDataset:
+                 max_upscale: float | None = images.DEFAULT_MAX_UPSCALE) -> grain.IterDataset:
   """Shuffled, augmented training batches: this process's rows of each GLOBAL batch, epoch after epoch.
 
   There is one global order of examples, seeded by `seed` alone: each epoch visits the rows once in a new order,
@@ -354,7 +354,7 @@ def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
 def eval_batches(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size: int, image_size: int = 224,
                  resize: int = 512, num_crops: int = 15, labels: LabelTransform, num_workers: int = 0,
                  shard_index: int = 0, shard_count: int = 1, num_threads: int = 1,
-                 max_upscale: float | None = 2.0) -> grain.IterDataset:
+                 max_upscale: float | None = images.DEFAULT_MAX_UPSCALE) -> grain.IterDataset:
   """Every row once, in order, as multi-crop batches; the last batch padded to `batch_size` (weight 0).
 
   With shard_count > 1 each process gets rows[shard_index::shard_count], padded so that every process yields
