@@ -138,11 +138,6 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]
 
 
 def tower_layer_flops(tokens: int, width: int, mlp: int, queries: int | None = None) -> tuple[float, float]:
-  """(matmul FLOPs, attention-core FLOPs) of one pre-LN block's forward on one sequence of `tokens`.
-
-  `queries`: only that many tokens are updated (the vision tower's CLS-only last block): K and V still see all.
-  """
-  q = tokens if queries is None else queries
-  dense = 2 * tokens * width * (2 * width) + 2 * q * width * (2 * width) + 2 * q * width * mlp * 2  # k, v; q, out; mlp
-  attention = 2 * 2 * q * tokens * width  # QK^T and PV over all heads (causal masks, XLA computes all)
-  return dense, attention
+  """(matmul FLOPs, attention-core FLOPs) of one pre-LN block's forward: `mcpf_jax.model.flops.layer_flops`."""
+  from mcpf_jax.model import flops  # pylint: disable=g-import-not-at-top
+  return flops.layer_flops(tokens, width, mlp, queries)

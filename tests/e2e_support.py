@@ -271,3 +271,10 @@ def tree_digest(root: pathlib.Path) -> dict[str, str]:
   """{relative path: sha256} of every file under `root`: proof that a refused start changed nothing."""
   return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
           for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def report_timings(commands: Commands, start: float, title: str) -> None:
+  """Writes each run's wall and CPU time and the total to stderr (`pytest -s` shows it)."""
+  lines = [f"  {k:<20s} {wall:6.1f} s wall {cpu:6.1f} s CPU" for k, (wall, cpu) in commands.timings.items()]
+  lines.append(f"  total {time.perf_counter() - start:.1f} s wall")
+  sys.stderr.write(f"\n{title}:\n" + "\n".join(lines) + "\n")

@@ -59,10 +59,7 @@ def runs(tmp_path_factory) -> e2e.Runs:
   yield e2e.Runs(c, [lane1, lane2])
   for lane in (lane1, lane2):
     lane.thread.join(timeout=3 * e2e.TIMEOUT_S)
-  total = time.perf_counter() - start
-  lines = [f"  {k:<20s} {wall:6.1f} s wall {cpu:6.1f} s CPU" for k, (wall, cpu) in c.timings.items()]
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.stderr.write("\nmulti-process runs (two lanes):\n" + "\n".join(lines) + f"\n  total {total:.1f} s wall\n")
+  e2e.report_timings(c, start, "multi-process runs (two lanes)")
 
 
 def _listed(run):

@@ -26,7 +26,6 @@ import pathlib
 import re
 import signal
 import struct
-import sys
 import time
 
 import jax
@@ -85,10 +84,7 @@ def runs(tmp_path_factory) -> e2e.Runs:
   yield e2e.Runs(commands, [lane1, lane2])
   for lane in (lane1, lane2):
     lane.thread.join(timeout=3 * e2e.TIMEOUT_S)
-  total = time.perf_counter() - start
-  lines = [f"  {k:<20s} {wall:6.1f} s wall {cpu:6.1f} s CPU" for k, (wall, cpu) in commands.timings.items()]
-  lines.append(f"  total {total:.1f} s wall")
-  sys.stderr.write("\nend-to-end runs (two lanes in parallel):\n" + "\n".join(lines) + "\n")
+  e2e.report_timings(commands, start, "end-to-end runs (two lanes in parallel)")
 
 
 # Restarts of the finished run "one" that must be refused before anything is touched: (name, overrides, field).

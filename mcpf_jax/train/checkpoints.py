@@ -29,21 +29,13 @@ def _abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-class Checkpoints:
-  """A thin wrapper over `ocp.CheckpointManager` with this project's items."""
+class Checkpoints(runs.ReadOnlyCheckpoints):
+  """A thin wrapper over `ocp.CheckpointManager` with this project's items (the step queries are the read-only
+  view's, `runs.ReadOnlyCheckpoints`)."""
 
   def __init__(self, directory: str | pathlib.Path, keep: int = 3, *, read_only: bool = False):
     self.directory = pathlib.Path(directory).expanduser().absolute()
     self.manager = ocp.CheckpointManager(self.directory, options=runs.manager_options(keep, read_only=read_only))
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def best_step(self) -> int | None:
-    return self.manager.best_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
 
   def save(self, step: int, state: dict[str, Any], labels: Any, iterator: Any | None, meta: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
@@ -59,9 +51,6 @@ class Checkpoints:
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    self.manager.close()
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -23,7 +23,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-RUN_FILE = "run.json"
+from mcpf_jax import runs
+
+RUN_FILE = runs.RUN_FILE
 SPLIT_FILE = "split.json"
 FORMAT = 1
 
@@ -200,16 +202,17 @@ def write_json_atomic(path: pathlib.Path, value: Any) -> None:
 def read(workdir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]] | None:
   """(run.json, split.json) of a workdir, or None when the run has none (not started, or an older version)."""
   workdir = pathlib.Path(workdir)
-  run_path, split_path = workdir / RUN_FILE, workdir / SPLIT_FILE
-  if not run_path.exists():
-    return None
   try:
-    run = json.loads(run_path.read_text())
+    run = runs.read_run(workdir)
+  except ValueError as e:  # damaged run.json: the same message, as this module's error
+    raise RunMismatchError(str(e)) from e
+  if run is None:
+    return None
+  split_path = workdir / SPLIT_FILE
+  try:
     split = json.loads(split_path.read_text()) if split_path.exists() else None
   except json.JSONDecodeError as e:
-    raise RunMismatchError(f"{run_path}: not valid JSON ({e}); the file is damaged") from e
-  if "config" not in run:
-    raise RunMismatchError(f"{run_path}: has no 'config' field")
+    raise RunMismatchError(f"{split_path}: not valid JSON ({e}); the file is damaged") from e
   return run, split
 
 
