@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SMOKE_DIR ?= runs/smoke
 SMOKE_ARGS ?=
 
-.PHONY: setup setup-test smoke test
+.PHONY: setup setup-test smoke lint test
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,8 @@ smoke: setup
 	$(PY) train.py --config configs/smoke.py --workdir $(SMOKE_DIR) $(SMOKE_ARGS)
 	$(PY) eval.py --config configs/smoke.py --workdir $(SMOKE_DIR) $(SMOKE_ARGS)
 
-test: setup-test
+lint: setup-test
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -n 2 --dist loadfile -q tests

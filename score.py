@@ -21,7 +21,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence, TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 COLUMNS = ("path", "score", "error", "width", "height", "note")
 
@@ -123,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.getLogger("absl").setLevel(logging.ERROR)
 
   import tqdm  # pylint: disable=g-import-not-at-top
+
   from mcpf_jax.scoring import find_images  # pylint: disable=g-import-not-at-top
 
   paths = find_images(args.paths)

@@ -7,8 +7,8 @@ trained weights. `--config.splits=10` runs the papers'
 10-split protocol (each split in <workdir>/split_<s>) and writes <workdir>/protocol.json. On several hosts pass
 --distributed on every host (jax.distributed.initialize() detects the cluster), or --coordinator_address HOST:PORT
 --num_processes N --process_id I. SIGTERM / SIGINT: the run finishes its step, saves it and exits with status 143
-(SIGTERM; any signal under jax.distributed) or 130 (SIGINT); the same command resumes. orbax's INFO lines (dozens per checkpoint) are hidden
-unless --verbosity is given (e.g. --verbosity=0).
+(SIGTERM; any signal under jax.distributed) or 130 (SIGINT); the same command resumes. orbax's INFO lines (dozens
+per checkpoint) are hidden unless --verbosity is given (e.g. --verbosity=0).
 """
 
 import json

@@ -48,11 +48,13 @@ def _build(what: str, batch: int, crops: int, dtype: str):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from configs import base  # pylint: disable=g-import-not-at-top
   from mcpf_jax import clip  # pylint: disable=g-import-not-at-top
   from mcpf_jax import model as iqa  # pylint: disable=g-import-not-at-top
   from mcpf_jax.clip import preprocess  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import optim, restore, step as step_lib  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import optim, restore  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import step as step_lib
 
   bundle = clip.load(_common.random_vit_b16(), dtype=dtype)
   rng = np.random.default_rng(0)

@@ -29,7 +29,6 @@ import os
 import pathlib
 
 import _common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax is imported)
-
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-order
 import jax.numpy as jnp
 import numpy as np
@@ -145,9 +144,10 @@ def main() -> None:
               f"{row['peak_gflops']['torch_matmul']:.1f} GFLOP/s; encoders at ours {row['mcpf_jax_gflops']:.1f} "
               f"({row['mcpf_jax_of_peak']:.0%}), torch {row['torch_gflops']:.1f} ({row['torch_of_peak']:.0%}); "
               f"best possible ratio at the peak {row['ratio_bound_at_peak']:.2f}", flush=True)
-    del params, encode, model
+    params = encode = model = None  # free them before the next dtype
   print()
-  print(_common.table(rows, [("dtype", "dtype", ""), ("batch", "batch", "d"), ("mcpf_jax_img_s", "mcpf_jax img/s", ".2f"),
+  print(_common.table(rows, [("dtype", "dtype", ""), ("batch", "batch", "d"),
+                             ("mcpf_jax_img_s", "mcpf_jax img/s", ".2f"),
                              ("torch_img_s", "torch img/s", ".2f"), ("ratio", "ratio", ".2f"),
                              ("max_abs_diff", "max|diff|", ".1e")]))
   f32 = [r for r in rows if r["dtype"] == "float32"]

@@ -24,7 +24,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mcpf_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mcpf_jax.data import pipeline  # noqa: E402  (after the sys.path line above)
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "clive-mini" / "ChallengeDB_release" / "Images"
 

@@ -18,7 +18,6 @@ import sys
 import tempfile
 
 import _common  # sets XLA_FLAGS before jax
-
 import jax  # pylint: disable=g-import-not-at-top
 
 
@@ -31,7 +30,9 @@ def main(argv=None):
   p.add_argument("--batch_size", type=int, default=32)
   args = p.parse_args(argv)
   from mcpf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import mesh as mesh_lib, optim, step as step_lib, trainer  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import optim, trainer
+  from mcpf_jax.train import step as step_lib
   config = runpy.run_path(args.config)["get_config"]()
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="host_sync_"))
   with config.unlocked():

@@ -26,7 +26,6 @@ import sys
 import time
 
 import _common
-
 import numpy as np  # pylint: disable=g-import-not-at-top
 import PIL.Image  # pylint: disable=g-import-not-at-top
 import skimage.data  # pylint: disable=g-import-not-at-top

@@ -19,13 +19,10 @@ import argparse
 import concurrent.futures
 import os
 import pathlib
-import statistics
 import tempfile
 
 import _common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax is imported)
-
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-order
-import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_IMAGES = _common.REPO.parent / "shared" / "data" / "clive-mini" / "ChallengeDB_release" / "Images"

@@ -41,7 +41,6 @@ import threading
 import time
 
 import _common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax is imported)
-
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-order
 import jax.numpy as jnp
 import numpy as np
@@ -142,7 +141,8 @@ def main() -> None:
   from configs import base  # pylint: disable=g-import-not-at-top
   from mcpf_jax import clip  # pylint: disable=g-import-not-at-top
   from mcpf_jax import model as iqa  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import optim, restore, step as step_lib  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import optim, restore  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import step as step_lib
 
   load_start = _common.load_average()
   print(f"{_common.cpu_model()}, {os.cpu_count()} CPUs ({' '.join(_common.cpu_flags())}); XLA {_common.THREADS} "
@@ -227,11 +227,12 @@ def main() -> None:
           f"{compile_s:.1f} s  peak matmul {row['matmul_peak_gflops']:.1f} GFLOP/s  MFU analytic "
           f"{row['mfu_analytic']:.1%} (xla {row['mfu_xla']:.1%})  RSS peak {sampler.peak:.0f} MiB  "
           f"load {row['load_1m_during']}", flush=True)
-    del state, compiled, lowered, jitted
+    state = compiled = lowered = jitted = None  # free them before the next batch size
   print()
   print(_common.table(rows, [("batch", "batch", "d"), ("images_per_s", "img/s", ".2f"), ("step_s", "s/step", ".2f"),
                              ("compile_s", "compile s", ".1f"), ("lower_s", "lower s", ".1f"),
-                             ("analytic_gflop_per_step", "model GFLOP", ".0f"), ("xla_gflop_per_step", "XLA GFLOP", ".0f"),
+                             ("analytic_gflop_per_step", "model GFLOP", ".0f"),
+                             ("xla_gflop_per_step", "XLA GFLOP", ".0f"),
                              ("matmul_peak_gflops", "peak GFLOP/s", ".1f"), ("mfu_analytic", "MFU", ".1%"),
                              ("mfu_xla", "MFU(xla)", ".1%"), ("rss_steps_peak_mib", "RSS peak MiB", ".0f")]))
   _common.write("train_step", {

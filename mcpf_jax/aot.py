@@ -50,8 +50,6 @@ if __name__ == "__main__":
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding
 
 GiB = 2 ** 30
 
@@ -213,7 +211,8 @@ def make_target(name: str, num_slices: int = 1, chips_per_host: str | None = Non
 
 def clip_config_for(config, platform: str):
   """The run's CLIPConfig (no weights read), with the compute options of config.clip and the target platform."""
-  from mcpf_jax.clip import config as clip_config, tiny  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.clip import config as clip_config  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.clip import tiny
   if config.clip.name == "tiny":
     sizes = {k: v for k, v in dict(config.clip.tiny).items() if k not in ("logit_scale", "vision_weights",
                                                                           "highpass_patches")}
@@ -230,7 +229,8 @@ def build(config, platform: str):
   """(model, param shapes, labels, tx, state shapes) of `config`, for `platform`, without computing anything."""
   from mcpf_jax.clip.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   from mcpf_jax.model.iqa import IQAModel, ModelSpec, class_token_ids  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import optim, restore, step as step_lib  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import optim, restore  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import step as step_lib
   cc = clip_config_for(config, platform)
   spec = ModelSpec.from_config(config.model, num_layers=min(cc.text.num_hidden_layers, cc.vision.num_hidden_layers))
   ids = class_token_ids(spec, Tokenizer.from_bpe_file())  # OpenAI's BPE: every CLIP preset's tokenizer
@@ -381,7 +381,8 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
   steps: which programs to compile ("train", "eval"); `fits` covers those compiled.
   """
   from mcpf_jax.model import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import mesh as mesh_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import step as step_lib
   n = len(target.devices)
   try:
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.model, devices=target.devices)

@@ -20,7 +20,8 @@ import pathlib
 import re
 import shutil
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from flax import traverse_util
 
@@ -184,9 +185,11 @@ A CLIP prompt-learning model ({name}) that predicts the quality people would giv
 
 ## Training
 
-- Dataset: `{ds.get('name', score.get('dataset'))}` (builder version {ds.get('version', '?')}, {ds.get('num_records', '?')} images,
+- Dataset: `{ds.get('name', score.get('dataset'))}` (builder version {ds.get('version', '?')}, \
+{ds.get('num_records', '?')} images,
   fingerprint `{ds.get('fingerprint', '?')}`).
-- Split: protocol `{split.get('protocol', '?')}`, seed {split.get('split_seed', '?')}: {split.get('num_train', '?')} train /
+- Split: protocol `{split.get('protocol', '?')}`, seed {split.get('split_seed', '?')}: \
+{split.get('num_train', '?')} train /
   {split.get('num_val', '?')} validation / {split.get('num_test', '?')} test images, split by content.
 - Checkpoint: step {train['step']} ({train['checkpoint']}).
 
@@ -196,7 +199,8 @@ A CLIP prompt-learning model ({name}) that predicts the quality people would giv
 
 {_metrics_table(ev)}
 
-Protocol: {prep['protocol']}; resize = {prep['resize']}, image_size = {prep['image_size']}, num_crops = {prep['num_crops']}.
+Protocol: {prep['protocol']}; resize = {prep['resize']}, image_size = {prep['image_size']}, \
+num_crops = {prep['num_crops']}.
 
 ## Backbone
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -207,9 +208,8 @@ def read_params(step_dir: pathlib.Path, sharding: jax.sharding.Sharding | None =
   item = PARAMS if layout(step_dir) == LAYOUT else OLD_STATE
   with ocp.StandardCheckpointer() as ck:
     tree = ck.metadata(step_dir / item).item_metadata.tree
-    if item == OLD_STATE:
-      if "params" not in tree:
-        raise ValueError(f"{step_dir / item}: a layout-1 'state' item without 'params' (found {sorted(tree)})")
+    if item == OLD_STATE and "params" not in tree:
+      raise ValueError(f"{step_dir / item}: a layout-1 'state' item without 'params' (found {sorted(tree)})")
     restored = ck.restore(step_dir / item, _abstract(tree, sharding))
   params = restored if item == PARAMS else restored["params"]
   return traverse_util.flatten_dict(params, sep="/")

@@ -35,7 +35,8 @@ import dataclasses
 import itertools
 import os
 import pathlib
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,8 @@ from flax import traverse_util
 
 from mcpf_jax import clip, images, pretrained, runs, scores
 from mcpf_jax import model as iqa
-from mcpf_jax.clip import checkpoint as clip_checkpoint, preprocess
+from mcpf_jax.clip import checkpoint as clip_checkpoint
+from mcpf_jax.clip import preprocess
 
 # Zero-shot defaults (a checkpoint brings its own): the evaluation protocol of configs/base.py.
 DEFAULT_RESIZE = 512
@@ -264,7 +266,8 @@ class Scorer:
     where = folder / pretrained.CONFIG_FILE
     want = config["backbone"]["fingerprint"]
     if bundle.fingerprint != want:
-      raise ValueError(f"{where}: the model was trained on the CLIP backbone {config['backbone'].get('hub_id') or config['backbone'].get('source')!r} "
+      trained_on = config["backbone"].get("hub_id") or config["backbone"].get("source")
+      raise ValueError(f"{where}: the model was trained on the CLIP backbone {trained_on!r} "
                        f"(fingerprint {want}), but the backbone found, {bundle.source!r}, has fingerprint "
                        f"{bundle.fingerprint}; give the original weights with clip_name / --clip")
     own = pretrained.read_params(folder / pretrained.WEIGHTS_FILE)

@@ -68,7 +68,7 @@ def manual(path: pathlib.Path):
   return tfds.download.DownloadConfig(manual_dir=str(path))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def encoded(suffix: str, k: int) -> bytes:
   """An 8x8 image in the format of `suffix`, colour k (mod 64)."""
   k %= 64

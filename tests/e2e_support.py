@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.py")
@@ -46,7 +46,7 @@ class Run:
   seconds: float
   info: dict = dataclasses.field(default_factory=dict)
 
-  def check(self) -> "Run":
+  def check(self) -> Run:
     assert self.returncode == 0, f"{self.name} exited with {self.returncode}:\n{self.stderr[-4000:]}"
     return self
 
@@ -114,7 +114,8 @@ class Commands:
                     targets: tuple[int, ...] | None = None) -> list[Run]:
     """Runs `script` as `processes` jax processes on localhost (gloo collectives), `devices` CPU devices each,
     with the explicit launch flags; optionally sends `signal_after_checkpoint` to procs `targets` once a
-    checkpoint is committed, or `signal_after_step` once process 0 finished a training step. Returns one Run per process (info["exited_at"]: seconds after the signal)."""
+    checkpoint is committed, or `signal_after_step` once process 0 finished a training step. Returns one Run per
+    process (info["exited_at"]: seconds after the signal)."""
     port = free_port()
     start = time.perf_counter()
     procs, files = [], []

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import pytest
 
 from mcpf_jax import aot
-from mcpf_jax.clip import config as clip_config, model as clip_model
+from mcpf_jax.clip import config as clip_config
+from mcpf_jax.clip import model as clip_model
 from mcpf_jax.clip.tiny import tiny_config
 from mcpf_jax.model import flops
 
@@ -184,9 +185,9 @@ def test_colab_notebook_default_is_the_preflighted_config():
   for cell in nb["cells"]:
     if cell["cell_type"] == "code":
       for node in ast.parse("".join(cell["source"])).body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-          if node.targets[0].id in ("CONFIG", "OVERRIDES", "JAX_PACKAGE"):
-            values[node.targets[0].id] = ast.literal_eval(node.value)
+        if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id in ("CONFIG", "OVERRIDES", "JAX_PACKAGE")):
+          values[node.targets[0].id] = ast.literal_eval(node.value)
   assert values == {"CONFIG": "configs/livec.py", "OVERRIDES": {}, "JAX_PACKAGE": "jax[tpu]"}
   rows = json.loads(open(os.path.join(REPO, "benchmarks", "results", "aot_table.json")).read())
   colab = rows["b16-mcpf-v5e-1-32"]

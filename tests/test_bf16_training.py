@@ -10,7 +10,9 @@ import pytest
 from mcpf_jax import clip
 from mcpf_jax import model as iqa
 from mcpf_jax.clip.tiny import write_tiny_clip
-from mcpf_jax.train import checkpoints as ckpt_lib, optim, step as step_lib
+from mcpf_jax.train import checkpoints as ckpt_lib
+from mcpf_jax.train import optim
+from mcpf_jax.train import step as step_lib
 from tests.batches import iqa_batch
 
 IMAGE = 32
@@ -76,6 +78,7 @@ def test_bf16_scores_of_a_trained_checkpoint_stay_within_the_stated_bound(tmp_pa
   bound (<= 0.05 on the 1..5 scale; measured 0.018 max, 0.008 mean on the 48 CLIVE miniature images)."""
   import pathlib  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
+
   from mcpf_jax.scoring import Scorer  # pylint: disable=g-import-not-at-top
   work = tmp_path / "run"
   shutil.copytree(pathlib.Path(__file__).parent / "fixtures" / "old_checkpoint", work)

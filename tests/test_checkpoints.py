@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from mcpf_jax.train import checkpoints as ckpt_lib, optim, step as step_lib
+from mcpf_jax import runs
+from mcpf_jax.train import checkpoints as ckpt_lib
+from mcpf_jax.train import optim
+from mcpf_jax.train import step as step_lib
 
 OPTIM = ConfigDict(dict(lr=1e-2, warmup_steps=0, total_steps=10, final_lr_fraction=0.0, weight_decay=0.0, b1=0.9,
                         b2=0.999, grad_clip_norm=0.0))
@@ -33,7 +36,7 @@ def _save_all(directory, srccs, keep=2):
   ckpts = ckpt_lib.Checkpoints(directory, keep=keep)
   for step, srcc in enumerate(srccs, start=1):
     next(it)
-    ckpts.save(step, state, labels, it, {"dataset": "x"}, None if srcc is None else {ckpt_lib.BEST_METRIC: srcc})
+    ckpts.save(step, state, labels, it, {"dataset": "x"}, None if srcc is None else {runs.BEST_METRIC: srcc})
   ckpts.wait()
   return ckpts
 
@@ -77,7 +80,7 @@ def test_restore_state_and_iterator_position_frozen_leaves_from_the_target(tmp_p
   for _ in range(7):
     next(it)
   ckpts = ckpt_lib.Checkpoints(tmp_path / "ck", keep=2)
-  ckpts.save(7, state, labels, it, {"dataset": "x"}, {ckpt_lib.BEST_METRIC: 0.5})
+  ckpts.save(7, state, labels, it, {"dataset": "x"}, {runs.BEST_METRIC: 0.5})
   ckpts.wait()
   # The backbone is not in the checkpoint: restoring into a target with other frozen values keeps those.
   target, _, _ = _state(0.0)
@@ -95,6 +98,6 @@ def test_restore_state_and_iterator_position_frozen_leaves_from_the_target(tmp_p
 
 def test_backbone_fingerprint_mismatch_is_refused(tmp_path):
   meta = {"backbone": {"source": "tiny_clip", "fingerprint": "abc"}}
-  ckpt_lib.check_backbone(meta, "tiny_clip", "abc", tmp_path)
+  runs.check_backbone(meta, "tiny_clip", "abc", tmp_path)
   with pytest.raises(ValueError, match=r"fingerprint abc.*fingerprint def"):
-    ckpt_lib.check_backbone(meta, "other_clip", "def", tmp_path)
+    runs.check_backbone(meta, "other_clip", "def", tmp_path)

@@ -24,7 +24,9 @@ import torch
 import transformers
 
 from mcpf_jax import clip
-from mcpf_jax.clip import checkpoint, config as config_lib, model as model_lib
+from mcpf_jax.clip import checkpoint
+from mcpf_jax.clip import config as config_lib
+from mcpf_jax.clip import model as model_lib
 
 pytestmark = pytest.mark.torch
 

@@ -10,15 +10,14 @@ import json
 import math
 import shutil
 
+import data_fakes
 import numpy as np
 import openpyxl
 import pytest
 
-import data_fakes
-from mcpf_jax import labels
 import mcpf_jax.data as data
-from mcpf_jax.data import layouts
-from mcpf_jax.data import problems
+from mcpf_jax import classes
+from mcpf_jax.data import layouts, problems
 
 pytestmark = pytest.mark.needs_shared_data
 
@@ -39,7 +38,7 @@ def _build(name, root, out, **kwargs):
 
 
 def test_spaq_scene_columns_are_liqe_scenes():
-  assert [c.lower().replace(" scene", "").replace("-", "_") for c in SPAQ_SCENES] == list(labels.SCENES)
+  assert [c.lower().replace(" scene", "").replace("-", "_") for c in SPAQ_SCENES] == list(classes.SCENES)
 
 
 def test_spaq_counts_all_11125_rows(shared_data, tmp):

@@ -5,14 +5,13 @@ import json
 import math
 import pathlib
 
+import data_fakes
 import numpy as np
 import pytest
 import scipy.io
 
-import data_fakes
 import mcpf_jax.data as data
-from mcpf_jax.data import prepare
-from mcpf_jax.data import problems
+from mcpf_jax.data import prepare, problems
 
 NAMES = ("t1.bmp", "10.bmp", "11.JPG", "12.bmp", "13.JPG")
 
@@ -178,7 +177,8 @@ def test_bad_liqe_files(tmp_path):
   liqe = tmp_path / "liqe" / "ChallengeDB_release" / "splits2" / "1"
   liqe.mkdir(parents=True)
   (liqe / "clive_test_clip.txt").write_text("Images/10.bmp\t50\tblurry\tanimal\tinvalid\tinvalid\n")
-  with pytest.raises(problems.DatasetError, match=r"clive_test_clip.txt, line 1: unknown LIQE distortion name 'blurry'"):
+  with pytest.raises(problems.DatasetError,
+                     match=r"clive_test_clip.txt, line 1: unknown LIQE distortion name 'blurry'"):
     build("livec", root, tmp_path / "out", liqe_dir=str(tmp_path / "liqe"))
   (tmp_path / "other_liqe" / "koniq-10k").mkdir(parents=True)
   with pytest.raises(problems.DatasetError, match=r"no LIQE split folder ChallengeDB_release/ in liqe_dir"):

@@ -7,11 +7,11 @@ import pickle
 import subprocess
 import sys
 
+import data_fakes
 import numpy as np
 import pytest
 import scipy.io
 
-import data_fakes
 import mcpf_jax.data as data
 from mcpf_jax.data import builders
 
@@ -109,7 +109,8 @@ def test_prepare_cli_prints_one_json_line(shared_data, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO))
   proc = subprocess.run(
       [sys.executable, "-m", "mcpf_jax.data.prepare", "livec", "--manual_dir",
-       str(shared_data / "clive-mini" / "ChallengeDB_release"), "--data_dir", str(tmp_path), "--decode_check", "verify"],
+       str(shared_data / "clive-mini" / "ChallengeDB_release"), "--data_dir", str(tmp_path),
+       "--decode_check", "verify"],
       capture_output=True, text=True, env=env, check=False, timeout=300)
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()

@@ -3,10 +3,10 @@ official download's csv name."""
 
 import shutil
 
+import data_fakes
 import numpy as np
 import pytest
 
-import data_fakes
 import mcpf_jax.data as data
 
 pytestmark = pytest.mark.needs_shared_data

@@ -4,14 +4,13 @@ size; KADID-10k's 10125 rows counted from the real dmos.csv, built on a slice of
 import math
 import shutil
 
+import data_fakes
 import numpy as np
 import pytest
 import scipy.io
 
-import data_fakes
 import mcpf_jax.data as data
-from mcpf_jax.data import layouts
-from mcpf_jax.data import problems
+from mcpf_jax.data import layouts, problems
 
 pytestmark = pytest.mark.needs_shared_data
 

@@ -210,7 +210,9 @@ def test_checkpoint_written_before_this_change_restores_to_its_scores(tmp_path, 
     assert abs(a - b) <= (0.05 if name == "1024.JPG" else 1e-6), (name, a, b)
   # A resumed run restores the whole state (parameters, Adam moments, step) from the old layout too.
   from mcpf_jax import model as iqa  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import checkpoints as ckpt_lib, optim, restore, step as step_lib  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import optim, restore
+  from mcpf_jax.train import step as step_lib
   config = runs.run_config(work, {})
   _, params = iqa.build(config.model, runs.load_clip(config, work), jax.random.key(config.seed))
   labels = optim.trainable_labels(params, config.model.trainable)
@@ -246,8 +248,11 @@ def test_a_checkpoint_of_another_layout_is_refused_naming_what_was_expected(tmp_
 
 def test_new_checkpoints_keep_parameters_apart_from_the_optimizer_state(tmp_path):
   """The layout written now: 'params' restores alone, without any optimizer (runs.read_params)."""
-  from mcpf_jax.train import checkpoints as ckpt_lib, optim, step as step_lib  # pylint: disable=g-import-not-at-top
   from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+
+  from mcpf_jax.train import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import optim
+  from mcpf_jax.train import step as step_lib
   params = {"prompts": jnp.full((2, 3), 1.5), "clip": {"w": jnp.arange(4.0)}}
   labels = optim.trainable_labels(params, "prompts")
   tx = optim.make_optimizer(ConfigDict(dict(lr=1e-2, warmup_steps=0, total_steps=10, final_lr_fraction=0.0,
@@ -266,14 +271,15 @@ def test_new_checkpoints_keep_parameters_apart_from_the_optimizer_state(tmp_path
 
 def test_export_of_a_vit_b16_model_is_a_few_mb(tmp_path):
   """The folder's weights for MCPF on ViT-B/16, from the shapes of the real model (no CLIP weights needed)."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+
   from configs import base  # pylint: disable=g-import-not-at-top
   from mcpf_jax.clip import config as clip_config  # pylint: disable=g-import-not-at-top
   from mcpf_jax.model.iqa import IQAModel, ModelSpec  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   config = base.get_config()
   cc = clip_config.PRESETS["vit-b-16"]
   spec = ModelSpec.from_config(config.model, num_layers=cc.text.num_hidden_layers)
-  ids = tuple((s, ((0,) * cc.text.max_position_embeddings,) * len(spec.class_phrases(s))) for s in spec.label_sets)
+  ids = tuple((s, ((0,) * cc.text.max_position_embeddings,) * len(spec.class_phrases(s))) for s in spec.class_sets)
   shapes = jax.eval_shape(IQAModel(cc, spec, ids).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))["params"]
   flat = traverse_util.flatten_dict(shapes, sep="/")

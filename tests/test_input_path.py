@@ -11,11 +11,11 @@ import pytest
 import skimage.data
 import tensorflow_datasets as tfds
 
+from configs import smoke
 from mcpf_jax import data, images, scoring
 from mcpf_jax.data import pipeline
-from mcpf_jax.train import data_setup, mesh as mesh_lib
-
-from configs import smoke
+from mcpf_jax.train import data_setup
+from mcpf_jax.train import mesh as mesh_lib
 
 
 def _jpeg(img: np.ndarray, quality: int = 90, exif: bytes | None = None) -> bytes:

@@ -1,11 +1,9 @@
 """The IQA model: variants, fusion, prompt-only training, losses (against numpy/scipy), zero-shot parity."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.test_util import check_grads
 from scipy import special, stats
@@ -16,7 +14,8 @@ from mcpf_jax.clip import preprocess
 from mcpf_jax.clip.tiny import write_tiny_clip
 from mcpf_jax.model import losses
 from mcpf_jax.model.fusion import CrossAttentionFusion
-from mcpf_jax.train import optim, step as train_step_lib
+from mcpf_jax.train import optim
+from mcpf_jax.train import step as train_step_lib
 from tests.batches import iqa_batch
 
 IMAGE = 32
@@ -114,7 +113,7 @@ def test_zero_depth_equals_transformers_zero_shot(bundle):
 
 
 def test_prompt_init_from_phrase(bundle):
-  model, params = iqa.build({**BASE_MODEL, "name": "mcpf", "num_text_prompts": 6, "num_vision_prompts": 6},
+  _model, params = iqa.build({**BASE_MODEL, "name": "mcpf", "num_text_prompts": 6, "num_vision_prompts": 6},
                             bundle, jax.random.key(0))
   phrase = bundle.tokenizer.encode("a photo of a")
   assert len(phrase) == 4
@@ -197,7 +196,7 @@ def test_trainable_parameter_count_vit_b16():
   config = base.get_config()
   clip_config = clip.preset("vit-b-16")
   spec = ModelSpec.from_config(config.model, num_layers=12)
-  ids = tuple((s, ((0,) * 77,) * len(spec.class_phrases(s))) for s in spec.label_sets)
+  ids = tuple((s, ((0,) * 77,) * len(spec.class_phrases(s))) for s in spec.class_sets)
   shapes = jax.eval_shape(IQAModel(clip_config, spec, ids).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))["params"]
   labels = optim.trainable_labels(shapes, config.model.trainable)

@@ -22,9 +22,8 @@ import re
 import signal
 import time
 
-import pytest
-
 import e2e_support as e2e
+import pytest
 
 pytestmark = pytest.mark.slow
 

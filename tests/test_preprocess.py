@@ -60,7 +60,7 @@ def test_legacy_int_sizes_and_switches(tmp_path):
   ours = preprocess.Preprocessor.from_pretrained(tmp_path)
   assert (ours.size, ours.crop_size, ours.mean) == (32, (30, 30), None)
   out = ours(rgb(40, 80))
-  assert out.shape == (1, 30, 30, 3) and 0.0 <= out.min() and out.max() <= 1.0
+  assert out.shape == (1, 30, 30, 3) and out.min() >= 0.0 and out.max() <= 1.0
 
 
 def test_defaults_without_config_and_errors(tmp_path):

@@ -1,6 +1,7 @@
 """Tests of the built-in smoke data (mcpf_jax.data.smoke): real photos, known distortion levels, real formats."""
 
 import csv
+import itertools
 import pathlib
 
 import numpy as np
@@ -10,9 +11,7 @@ import tensorflow_datasets as tfds
 
 import mcpf_jax.data
 from mcpf_jax import images
-from mcpf_jax.data import pipeline
-from mcpf_jax.data import smoke
-from mcpf_jax.data import splits
+from mcpf_jax.data import pipeline, smoke, splits
 
 SHORT = 64  # a small short side keeps the tests fast; the default is 256
 
@@ -65,11 +64,11 @@ def test_distortions_grow_with_the_level(smoke_dir):
     assert all(a > b for a, b in zip([np.abs(np.diff(pristine, axis=1)).mean()] + sharp, sharp))
     # Noise: the residual's std follows the nominal std (less where clipping at 0 / 255 bites).
     noise = [np.std(_pixels(smoke_dir, f"images/{photo}_noise{k}.png") - pristine) for k in range(1, 6)]
-    assert all(a < b for a, b in zip(noise, noise[1:]))
+    assert all(a < b for a, b in itertools.pairwise(noise))
     assert noise[0] == pytest.approx(smoke.NOISE_STDS[0], rel=0.1)
     # JPEG: the error against the pristine image grows as the quality falls.
     err = [np.abs(_pixels(smoke_dir, f"images/{photo}_jpeg{k}.jpg") - pristine).mean() for k in range(1, 6)]
-    assert all(a < b for a, b in zip(err, err[1:]))
+    assert all(a < b for a, b in itertools.pairwise(err))
 
 
 def test_deterministic(smoke_dir, tmp_path):

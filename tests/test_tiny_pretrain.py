@@ -126,7 +126,9 @@ def smoke_photos(tmp_path_factory):
 def _features(bundle, folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Mean image feature over a 3x3 grid of 64-px crops of every smoke image; MOS; photo."""
   import csv  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
+
   from mcpf_jax import images  # pylint: disable=g-import-not-at-top
   with open(folder / smoke.CSV_NAME, newline="") as f:
     rows = list(csv.DictReader(f))

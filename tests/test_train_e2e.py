@@ -28,11 +28,10 @@ import signal
 import struct
 import time
 
+import e2e_support as e2e
 import jax
 import numpy as np
 import pytest
-
-import e2e_support as e2e
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +99,9 @@ REFUSED = (
 def _rebuilt_smoke_data(original: pathlib.Path, out: pathlib.Path) -> None:
   """The smoke dataset rebuilt from its release folder with other rows: one image's MOS changed."""
   import shutil  # pylint: disable=g-import-not-at-top
+
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   from mcpf_jax import data  # pylint: disable=g-import-not-at-top
   from mcpf_jax.data import smoke  # pylint: disable=g-import-not-at-top
   release = out / "smoke_release"

@@ -8,7 +8,8 @@ import pytest
 from mcpf_jax import clip
 from mcpf_jax import model as iqa
 from mcpf_jax.clip.tiny import write_tiny_clip
-from mcpf_jax.train import optim, step as step_lib
+from mcpf_jax.train import optim
+from mcpf_jax.train import step as step_lib
 from tests.batches import iqa_batch
 
 IMAGE = 32

@@ -4,8 +4,20 @@ from mcpf_jax.clip.checkpoint import Bundle, fingerprint, load, save_pretrained
 from mcpf_jax.clip.config import PRESETS, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, preset
 from mcpf_jax.clip.model import CLIP, init_random
 
-__all__ = ["Bundle", "CLIP", "CLIPConfig", "CLIPTextConfig", "CLIPVisionConfig", "PRESETS", "Tokenizer",
-           "fingerprint", "init_random", "load", "preset", "save_pretrained"]
+__all__ = [
+  "CLIP",
+  "PRESETS",
+  "Bundle",
+  "CLIPConfig",
+  "CLIPTextConfig",
+  "CLIPVisionConfig",
+  "Tokenizer",
+  "fingerprint",
+  "init_random",
+  "load",
+  "preset",
+  "save_pretrained",
+]
 
 
 def __getattr__(name: str):

@@ -22,7 +22,8 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,19 @@ from flax import serialization, traverse_util
 from mcpf_jax.clip.config import HUB_IDS, CLIPConfig
 from mcpf_jax.clip.model import CLIP, init_random, param_shapes
 
-__all__ = ["Bundle", "MSGPACK", "SAFETENSORS", "fingerprint", "init_random", "load", "load_folder", "read_config",
-           "read_params", "save_pretrained", "to_torch_state_dict"]
+__all__ = [
+  "MSGPACK",
+  "SAFETENSORS",
+  "Bundle",
+  "fingerprint",
+  "init_random",
+  "load",
+  "load_folder",
+  "read_config",
+  "read_params",
+  "save_pretrained",
+  "to_torch_state_dict",
+]
 
 SAFETENSORS = "model.safetensors"
 MSGPACK = "flax_model.msgpack"

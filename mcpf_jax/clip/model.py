@@ -32,7 +32,8 @@ softmax and the logits are float32. The weights may be stored in float32 or bflo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -413,7 +414,7 @@ def _resize_positions(table: Array, grid_h: int, grid_w: int) -> Array:
   Like HF's `interpolate_pos_encoding` in spirit; jax.image's cubic kernel (Keys, a = -0.5) differs from
   torch's bicubic (a = -0.75), so resized embeddings are close to, not equal to, transformers' values.
   """
-  grid = int(round((table.shape[0] - 1) ** 0.5))
+  grid = round((table.shape[0] - 1) ** 0.5)
   patch = table[1:].reshape(grid, grid, table.shape[1])
   patch = jax.image.resize(patch.astype(jnp.float32), (grid_h, grid_w, table.shape[1]), "cubic",
                            antialias=False).astype(table.dtype)

@@ -126,12 +126,13 @@ def write_tiny_clip(folder: str | os.PathLike[str], *, seed: int = 0, logit_scal
     tower_file = vision_weights_path(vision_weights)
     if not tower_file.is_file():
       raise FileNotFoundError(f"{tower_file}: no such vision-tower file (vision_weights={vision_weights!r}: a "
-                              f"bundled name {sorted(VISION_WEIGHTS)} or a safetensors file of tiny_pretrain.save_tower)")
+                              f"bundled name {sorted(VISION_WEIGHTS)} or a safetensors file of "
+                              "tiny_pretrain.save_tower)")
     recipe["vision_weights"] = {"name": vision_weights, "sha256": file_sha256(tower_file)}
   marker = folder / "mcpf_tiny.json"
-  if marker.exists() and (folder / "model.safetensors").exists():
-    if json.loads(marker.read_text()) == json.loads(json.dumps(recipe)):
-      return folder
+  if (marker.exists() and (folder / "model.safetensors").exists()
+      and json.loads(marker.read_text()) == json.loads(json.dumps(recipe))):
+    return folder
   params = perturbed_params(config, seed, logit_scale=logit_scale, highpass_patches=highpass_patches)
   if vision_weights is not None:
     params.update(load_vision_tower(tower_file, config))

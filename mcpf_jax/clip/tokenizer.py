@@ -24,7 +24,8 @@ import html
 import json
 import os
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ftfy
 import numpy as np
@@ -53,7 +54,7 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 _HUB_FILES = [TOKENIZER_JSON, VOCAB_JSON, MERGES_TXT, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2 / CLIP byte-to-symbol table: each of the 256 bytes as a printable, non-space character.
 

@@ -16,9 +16,9 @@ Record (FEATURES):
   mos_std         float32  its standard deviation as given, NaN where the release has none
   content_id      str      the image itself / its reference image / its prompt (splits never divide a content)
   official_split  str      "training" / "validation" / "test" where the release defines a split, else ""
-  scene           bool[9]  multi-hot over mcpf_jax.labels.SCENES (all False where has_scene is False)
+  scene           bool[9]  multi-hot over mcpf_jax.classes.SCENES (all False where has_scene is False)
   has_scene       bool
-  distortion      int32    index into mcpf_jax.labels.DISTORTIONS (11 coarse classes), -1 where none
+  distortion      int32    index into mcpf_jax.classes.DISTORTIONS (11 coarse classes), -1 where none
   distortion_fine int32    index into liqe.FINE_DISTORTIONS (LIQE's 33 names), -1 where none
   has_distortion  bool
   index           int64    the record's position (= its entry in the metadata index)
@@ -29,18 +29,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import pathlib
-from typing import Any
+from typing import Any, ClassVar
 
-from etils import epath
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
+from etils import epath
 
-from mcpf_jax import images
-from mcpf_jax import labels as label_sets
-from mcpf_jax.data import collect
-from mcpf_jax.data import layouts
-from mcpf_jax.data import problems
+from mcpf_jax import classes, images
+from mcpf_jax.data import collect, layouts, problems
 
 SPLIT = "full"
 DATASET_VERSION = "1.0.0"
@@ -52,7 +49,7 @@ FEATURES = tfds.features.FeaturesDict({
     "mos_std": tfds.features.Scalar(dtype=np.float32),
     "content_id": tfds.features.Text(),
     "official_split": tfds.features.Text(),
-    "scene": tfds.features.Tensor(shape=(len(label_sets.SCENES),), dtype=np.bool_),
+    "scene": tfds.features.Tensor(shape=(len(classes.SCENES),), dtype=np.bool_),
     "has_scene": tfds.features.Scalar(dtype=np.bool_),
     "distortion": tfds.features.Scalar(dtype=np.int32),
     "distortion_fine": tfds.features.Scalar(dtype=np.int32),
@@ -84,7 +81,8 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """
 
   VERSION = tfds.core.Version(DATASET_VERSION)
-  RELEASE_NOTES = {DATASET_VERSION: "Original bytes, scores as given, content ids, LIQE labels, one `full` split."}
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
+      DATASET_VERSION: "Original bytes, scores as given, content ids, LIQE labels, one `full` split."}
   LAYOUT: type[layouts.Layout] = layouts.Layout
 
   def __init__(self, *, skip_bad: bool = False, report_path: str | None = None, liqe_dir: str | None = None,

@@ -14,14 +14,13 @@ import hashlib
 import io
 import os
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from mcpf_jax import labels as label_sets
-from mcpf_jax.data import layouts
-from mcpf_jax.data import liqe
-from mcpf_jax.data import problems
+from mcpf_jax import classes
+from mcpf_jax.data import layouts, liqe, problems
 
 DECODE_CHECKS = ("full", "verify", "none")
 
@@ -241,7 +240,7 @@ def collect(layout: layouts.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
 
   examples = []
   matched = 0
-  no_scene = (False,) * len(label_sets.SCENES)
+  no_scene = (False,) * len(classes.SCENES)
   for r in rows:
     lab = liqe_labels.get(r.name) or liqe_lower.get(r.name.lower())
     matched += lab is not None

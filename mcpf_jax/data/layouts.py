@@ -18,7 +18,8 @@ import math
 import os
 import pathlib
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from mcpf_jax.data import problems
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"})
 
-# SPAQ's scene columns in the order of mcpf_jax.labels.SCENES (same nine categories as LIQE).
+# SPAQ's scene columns in the order of mcpf_jax.classes.SCENES (same nine categories as LIQE).
 _SPAQ_SCENES = ("Animal", "Cityscape", "Human", "Indoor scene", "Landscape", "Night scene", "Plant", "Still-life",
                 "Others")
 
@@ -187,7 +188,8 @@ def xlsx_table(layout: Layout, path: pathlib.Path, required: Sequence[str],
           continue
         out.append((row_no, dict(zip(header, vals))))
       return out
-  raise layout.error(path, None, f"no header row with the columns {list(required)} (first row: {rows[0][1] if rows else ()})")
+  first = rows[0][1] if rows else ()
+  raise layout.error(path, None, f"no header row with the columns {list(required)} (first row: {first})")
 
 
 def load_mat(layout: Layout, path: pathlib.Path) -> dict[str, Any]:
@@ -295,7 +297,8 @@ class Livec(Layout):
   _TRAINING = re.compile(r"^t\d+\.bmp$", re.IGNORECASE)
 
   def read(self, root, log):
-    names_file, mos_file, std_file = "Data/AllImages_release.mat", "Data/AllMOS_release.mat", "Data/AllStdDev_release.mat"
+    names_file, mos_file = "Data/AllImages_release.mat", "Data/AllMOS_release.mat"
+    std_file = "Data/AllStdDev_release.mat"
     names = mat_strings(self, root / names_file, "AllImages_release")
     mos = mat_numbers(self, root / mos_file, "AllMOS_release")
     std = mat_numbers(self, root / std_file, "AllStdDev_release")
@@ -536,11 +539,12 @@ class Csiq(Layout):
   required = ((XLSX, TXT), ("dst_imgs", "dst_imgs_all"))
   expected = f"{XLSX} (or HyperIQA's {TXT}) and dst_imgs/<type>/ (or a flat dst_imgs_all/)"
   # File-name token (upper/lower case as in the release) -> folder under dst_imgs/.
-  _FOLDER = {"AWGN": "awgn", "BLUR": "blur", "contrast": "contrast", "fnoise": "fnoise", "JPEG": "jpeg",
-             "jpeg2000": "jpeg2000"}
+  _FOLDER: ClassVar[dict[str, str]] = {"AWGN": "awgn", "BLUR": "blur", "contrast": "contrast", "fnoise": "fnoise",
+                                       "JPEG": "jpeg", "jpeg2000": "jpeg2000"}
   # csiq.DMOS.xlsx `dst_type` -> file-name token.
-  _TOKEN = {"noise": "AWGN", "awgn": "AWGN", "blur": "BLUR", "contrast": "contrast", "fnoise": "fnoise",
-            "jpeg": "JPEG", "jpeg 2000": "jpeg2000", "jpeg2000": "jpeg2000"}
+  _TOKEN: ClassVar[dict[str, str]] = {"noise": "AWGN", "awgn": "AWGN", "blur": "BLUR", "contrast": "contrast",
+                                      "fnoise": "fnoise", "jpeg": "JPEG", "jpeg 2000": "jpeg2000",
+                                      "jpeg2000": "jpeg2000"}
 
   def read(self, root, log):
     flat = not (root / "dst_imgs").is_dir()
@@ -744,7 +748,8 @@ class Aigciqa2023(Layout):
       if values and [str(x).strip().lower() for x in values[0][:3]] == ["style", "class", "prompt"]:
         values = values[1:]
       if len(values) != 100:
-        raise self.error(root / prompts_rel, None, f"has {len(values)} prompt rows; expected 100 (style, class, prompt)")
+        raise self.error(root / prompts_rel, None,
+                         f"has {len(values)} prompt rows; expected 100 (style, class, prompt)")
       prompts = [str(v[2]).strip() for v in values]
       files.append(prompts_rel)
     index_rel = _first_existing(root, self.PIC_INDEX)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from mcpf_jax import labels as label_sets
+from mcpf_jax import classes
 from mcpf_jax.data import problems
 
 # LIQE's 33 fine distortion names, in LIQE's `type2label` order (the fine index).
@@ -24,7 +24,7 @@ FINE_DISTORTIONS = (
     "realistic blur", "realistic noise", "underexposure", "overexposure", "realistic contrast change",
     "other realistic")
 
-# LIQE's `dist_map`: fine name -> coarse class name (one of mcpf_jax.labels.DISTORTIONS).
+# LIQE's `dist_map`: fine name -> coarse class name (one of mcpf_jax.classes.DISTORTIONS).
 FINE_TO_COARSE = {
     "jpeg2000 compression": "jpeg2000 compression", "jpeg compression": "jpeg compression", "white noise": "noise",
     "gaussian blur": "blur", "fastfading": "jpeg2000 compression", "fnoise": "noise", "contrast": "contrast",
@@ -53,8 +53,8 @@ class LiqeLabel:
   """LIQE labels of one image.
 
   Attributes:
-    scene: multi-hot over mcpf_jax.labels.SCENES, [9] bools.
-    distortion: coarse class index into mcpf_jax.labels.DISTORTIONS (0..10).
+    scene: multi-hot over mcpf_jax.classes.SCENES, [9] bools.
+    distortion: coarse class index into mcpf_jax.classes.DISTORTIONS (0..10).
     distortion_fine: index into FINE_DISTORTIONS (0..32).
     where: `file:line` the labels came from, for messages.
   """
@@ -66,7 +66,7 @@ class LiqeLabel:
 
 def coarse_index(fine_name: str) -> int:
   """Coarse class index (0..10) of one of LIQE's 33 fine distortion names."""
-  return label_sets.DISTORTIONS.index(FINE_TO_COARSE[fine_name])
+  return classes.DISTORTIONS.index(FINE_TO_COARSE[fine_name])
 
 
 def read_split_files(folder: pathlib.Path, dataset: str = "") -> dict[str, LiqeLabel]:
@@ -87,7 +87,8 @@ def read_split_files(folder: pathlib.Path, dataset: str = "") -> dict[str, LiqeL
   files = sorted(folder.rglob("*_clip.txt"))
   if not files:
     raise problems.DatasetError(dataset, str(folder), None,
-                                "no LIQE `*_clip.txt` split files found there (expected <folder>/splits2/<k>/*_clip.txt)")
+                                "no LIQE `*_clip.txt` split files found there "
+                                "(expected <folder>/splits2/<k>/*_clip.txt)")
   for path in files:
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
       if not line.strip():
@@ -96,19 +97,21 @@ def read_split_files(folder: pathlib.Path, dataset: str = "") -> dict[str, LiqeL
       fields = line.split("\t")
       if len(fields) != 6:
         raise problems.DatasetError(dataset, str(path), f"line {line_no}",
-                                    f"expected 6 tab-separated fields (path, score, distortion, 3 scenes), got {len(fields)}")
+                                    "expected 6 tab-separated fields (path, score, distortion, 3 scenes), "
+                                    f"got {len(fields)}")
       rel, _, fine, *scene_names = (f.strip() for f in fields)
       if fine not in FINE_TO_COARSE:
         raise problems.DatasetError(dataset, str(path), f"line {line_no}",
                                     f"unknown LIQE distortion name {fine!r} (expected one of LIQE's 33 names)")
-      scene = [False] * len(label_sets.SCENES)
+      scene = [False] * len(classes.SCENES)
       for s in scene_names:
         if s == _INVALID_SCENE:
           continue
-        if s not in label_sets.SCENES:
+        if s not in classes.SCENES:
           raise problems.DatasetError(dataset, str(path), f"line {line_no}",
-                                      f"unknown LIQE scene name {s!r} (expected one of {label_sets.SCENES} or 'invalid')")
-        scene[label_sets.SCENES.index(s)] = True
+                                      f"unknown LIQE scene name {s!r} "
+                                      f"(expected one of {classes.SCENES} or 'invalid')")
+        scene[classes.SCENES.index(s)] = True
       label = LiqeLabel(tuple(scene), coarse_index(fine), FINE_DISTORTIONS.index(fine), where)
       previous = out.get(rel)
       if previous is not None and (previous.scene, previous.distortion_fine) != (label.scene, label.distortion_fine):

@@ -20,9 +20,9 @@ Batches are dicts of numpy arrays (B = batch size, S = image_size, C = num_crops
   mos01            float32 [B]  LabelTransform.mos01: higher is better, training range -> [0, 1]
   mos_std01        float32 [B]  the score's std on the mos01 scale; NaN where the source has none
   level            int32   [B]  quality level 0 (bad) .. num_levels - 1 (perfect), LabelTransform.level
-  scene            float32 [B, 9]  multi-hot scene labels (mcpf_jax.labels.SCENES); zeros where unknown
+  scene            float32 [B, 9]  multi-hot scene labels (mcpf_jax.classes.SCENES); zeros where unknown
   has_scene        float32 [B]  1 where the record has scene labels, else 0 (a loss mask)
-  distortion       int32   [B]  distortion class (mcpf_jax.labels.DISTORTIONS); 0 where unknown
+  distortion       int32   [B]  distortion class (mcpf_jax.classes.DISTORTIONS); 0 where unknown
   has_distortion   float32 [B]  1 where the record has a distortion label, else 0
   index            int64   [B]  the record's row in the source (-1 for eval padding)
   weight           float32 [B]  eval only: 1 for real rows, 0 for padding
@@ -36,18 +36,17 @@ one process only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from absl import flags
 import grain
 import numpy as np
+from absl import flags
 
-from mcpf_jax import images
-from mcpf_jax import labels as label_names
-from mcpf_jax import scores
+from mcpf_jax import classes, images, scores
 
-NUM_SCENES = len(label_names.SCENES)
-NUM_DISTORTIONS = len(label_names.DISTORTIONS)
+NUM_SCENES = len(classes.SCENES)
+NUM_DISTORTIONS = len(classes.DISTORTIONS)
 
 # Batches in flight per process (after all transformations): small, since a batch of 512 px decodes is large.
 _PREFETCH_BATCHES = 2
@@ -260,7 +259,8 @@ def steps_per_epoch(num_rows: int, batch_size: int) -> int:
 
 def num_eval_batches(num_rows: int, batch_size: int, shard_count: int = 1) -> int:
   """Evaluation batches per process: ceil(ceil(num_rows / shard_count) / batch_size) (the last one padded)."""
-  return -(-(-(-num_rows // shard_count)) // batch_size)
+  per_process = -(-num_rows // shard_count)
+  return -(-per_process // batch_size)
 
 
 def _read_options(num_threads: int) -> grain.ReadOptions:

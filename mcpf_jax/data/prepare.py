@@ -16,11 +16,9 @@ import json
 import pathlib
 import shutil
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from mcpf_jax.data import builders
-from mcpf_jax.data import problems
-from mcpf_jax.data import sources
+from mcpf_jax.data import builders, problems, sources
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mcpf_jax.data import builders
-from mcpf_jax.data import layouts
+from mcpf_jax.data import builders, layouts
 
 _TEXT_KEYS = ("name", "content_id", "official_split")
 
@@ -60,7 +60,8 @@ class IqaSource:
     self.metadata = meta
     total = builder.info.splits[builders.SPLIT].num_examples
     if self._index and len(self._index["name"]) != total:
-      raise ValueError(f"{self.path}: metadata index has {len(self._index['name'])} entries but the records are {total}")
+      raise ValueError(f"{self.path}: metadata index has {len(self._index['name'])} entries but the records "
+                       f"are {total}")
     self.indices = np.arange(total, dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
     if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= total):
       raise IndexError(f"{self.path}: indices outside 0..{total - 1}")
@@ -90,7 +91,7 @@ class IqaSource:
   def __getitems__(self, ids: Sequence[int]) -> list[dict[str, Any]]:
     return [_convert(r) for r in self._records().__getitems__([int(self.indices[i]) for i in ids])]
 
-  def subset(self, indices: Sequence[int] | np.ndarray) -> "IqaSource":
+  def subset(self, indices: Sequence[int] | np.ndarray) -> IqaSource:
     """A source showing records `indices` of this one (positions relative to this source)."""
     sub = object.__new__(IqaSource)
     sub.__dict__.update(self.__dict__)

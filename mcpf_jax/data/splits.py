@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -22,7 +22,7 @@ def content_order(content_ids: Sequence[str] | np.ndarray, seed: int | str) -> l
   """Unique content ids in the seed's order (sorted by sha256 of "<seed>:<id>" in UTF-8, ties by id)."""
   unique = sorted({str(c) for c in np.asarray(content_ids, dtype=object).tolist()})
   salt = seed if isinstance(seed, str) else str(int(seed))
-  key = lambda c: (hashlib.sha256(f"{salt}:{c}".encode("utf-8")).hexdigest(), c)
+  key = lambda c: (hashlib.sha256(f"{salt}:{c}".encode()).hexdigest(), c)
   return sorted(unique, key=key)
 
 
@@ -37,7 +37,7 @@ def _count(fraction: float, n: int) -> int:
   if n < 2:
     raise ValueError(f"need at least 2 distinct contents to split, got {n}")
   # Round half up (not Python's half-to-even), and keep both sides non-empty.
-  return min(max(int(math.floor(fraction * n + 0.5)), 1), n - 1)
+  return min(max(math.floor(fraction * n + 0.5), 1), n - 1)
 
 
 def split_indices(content_ids: Sequence[str] | np.ndarray, seed: int,

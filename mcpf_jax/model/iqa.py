@@ -17,14 +17,15 @@ have their own class prompts and logits.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcpf_jax import labels as label_names
+from mcpf_jax import classes
 from mcpf_jax.clip.config import CLIPConfig
 from mcpf_jax.clip.model import CLIP, end_of_text_span
 from mcpf_jax.model.fusion import PromptFusion
@@ -56,7 +57,7 @@ class ModelSpec:
   fusion_heads: int = 4
   shared_text_prompts: bool = True
   head: str = "cosine"
-  quality_classes: tuple[str, ...] = label_names.QUALITY_LEVELS
+  quality_classes: tuple[str, ...] = classes.QUALITY_LEVELS
   quality_template: str = "{} quality."
   aux: tuple[str, ...] = ("scene", "distortion")
   scene_template: str = "{}."
@@ -65,7 +66,7 @@ class ModelSpec:
   image_chunk: int | None = None
 
   @classmethod
-  def from_config(cls, model_config: Mapping[str, Any], num_layers: int) -> "ModelSpec":
+  def from_config(cls, model_config: Mapping[str, Any], num_layers: int) -> ModelSpec:
     """Builds the spec from `config.model`, applying the variant's defaults to fields left at None/-1."""
     cfg = dict(model_config)
     name = cfg.get("name", "mcpf")
@@ -106,19 +107,19 @@ class ModelSpec:
         raise ValueError(f"model.aux entry {a!r}: expected 'scene' or 'distortion'")
 
   @property
-  def label_sets(self) -> tuple[str, ...]:
+  def class_sets(self) -> tuple[str, ...]:
     return ("quality",) + tuple(self.aux)
 
-  def class_phrases(self, label_set: str) -> tuple[str, ...]:
-    if label_set == "quality":
+  def class_phrases(self, class_set: str) -> tuple[str, ...]:
+    if class_set == "quality":
       return tuple(self.quality_template.format(c) for c in self.quality_classes)
-    if label_set == "scene":
-      return tuple(self.scene_template.format(c.replace("_", " ")) for c in label_names.SCENES)
-    return tuple(self.distortion_template.format(c) for c in label_names.DISTORTIONS)
+    if class_set == "scene":
+      return tuple(self.scene_template.format(c.replace("_", " ")) for c in classes.SCENES)
+    return tuple(self.distortion_template.format(c) for c in classes.DISTORTIONS)
 
 
 def class_token_ids(spec: ModelSpec, tokenizer) -> dict[str, np.ndarray]:
-  """Token ids of every class prompt: {label_set: int32 [classes, 77]}.
+  """Token ids of every class prompt: {class_set: int32 [classes, 77]}.
 
   With text prompts, each class reads "X X ... X {phrase}" with `num_text_prompts` placeholders right after SOS,
   whose embeddings the learnable prompts replace.
@@ -128,7 +129,7 @@ def class_token_ids(spec: ModelSpec, tokenizer) -> dict[str, np.ndarray]:
     n = len(tokenizer.encode(prefix.strip()))
     if n != spec.num_text_prompts:
       raise ValueError(f"placeholder {PLACEHOLDER!r} x {spec.num_text_prompts} tokenizes to {n} tokens")
-  return {s: np.asarray(tokenizer([prefix + p for p in spec.class_phrases(s)]), np.int32) for s in spec.label_sets}
+  return {s: np.asarray(tokenizer([prefix + p for p in spec.class_phrases(s)]), np.int32) for s in spec.class_sets}
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -164,7 +165,7 @@ class IQAModel(nn.Module):
   Attributes:
     clip_config: the backbone (see mcpf_jax.clip).
     spec: the variant and its switches.
-    text_ids: {label_set: int32 [classes, 77]} from `class_token_ids`, as nested tuples (hashable).
+    text_ids: {class_set: int32 [classes, 77]} from `class_token_ids`, as nested tuples (hashable).
   """
   clip_config: CLIPConfig
   spec: ModelSpec
@@ -174,7 +175,7 @@ class IQAModel(nn.Module):
     s, c = self.spec, self.clip_config
     self.clip = CLIP(c, image_chunk=s.image_chunk)
     dtype = jnp.dtype(c.dtype)
-    groups = ("all",) if s.shared_text_prompts else s.label_sets
+    groups = ("all",) if s.shared_text_prompts else s.class_sets
     if s.text_depth > 0:
       self.text_prompts = {g: self.param(f"text_prompts_{g}", _PROMPT_INIT,
                                          (s.text_depth, s.num_text_prompts, c.text.hidden_size))
@@ -214,7 +215,7 @@ class IQAModel(nn.Module):
     return text, vision
 
   def encode_classes(self, text_prompts: dict[str, list[jax.Array]] | None) -> dict[str, jax.Array]:
-    """{label_set: normalised class text features [classes, D]} in one pass of the text tower."""
+    """{class_set: normalised class text features [classes, D]} in one pass of the text tower."""
     sets = [name for name, _ in self.text_ids]
     ids = [jnp.asarray(np.asarray(rows, np.int32)) for _, rows in self.text_ids]
     all_ids = jnp.concatenate(ids, axis=0)[:, :self.text_span]
@@ -241,27 +242,27 @@ class IQAModel(nn.Module):
     """
     del train  # no dropout: the prompts are the only stochasticity-free learnable part
     text_prompts, vision_prompts = self.prompts()
-    classes = self.encode_classes(text_prompts)
+    class_features = self.encode_classes(text_prompts)
     scale = jnp.exp(self.clip.logit_scale.astype(jnp.float32))
     out = {}
     if self.spec.head == "text_query":
       image, tokens = self.clip.encode_image(pixels, vision_prompts, return_tokens=True)
       # Into the joint space through CLIP's own (frozen) projection, after a LayerNorm of the head's.
       tokens = self.clip.visual_projection(self.token_norm(tokens)).astype(jnp.float32)
-      queries = jnp.concatenate([classes[a] for a in self.spec.aux], axis=0)
+      queries = jnp.concatenate([class_features[a] for a in self.spec.aux], axis=0)
       evidence, quality_feat = self.query_head(queries, tokens, image)
       evidence = _normalize(evidence)
       start = 0
       for a in self.spec.aux:
-        k = classes[a].shape[0]
-        out[f"{a}_logits"] = scale * jnp.sum(evidence[:, start:start + k] * classes[a][None], axis=-1)
+        k = class_features[a].shape[0]
+        out[f"{a}_logits"] = scale * jnp.sum(evidence[:, start:start + k] * class_features[a][None], axis=-1)
         start += k
       image = _normalize(quality_feat)
     else:
       image = _normalize(self.clip.encode_image(pixels, vision_prompts))
       for a in self.spec.aux:
-        out[f"{a}_logits"] = scale * image @ classes[a].T
-    logits = scale * image @ classes["quality"].T
+        out[f"{a}_logits"] = scale * image @ class_features[a].T
+    logits = scale * image @ class_features["quality"].T
     probs = jax.nn.softmax(logits, axis=-1)
     levels = jnp.arange(1, logits.shape[-1] + 1, dtype=jnp.float32)
     out["quality_logits"] = logits

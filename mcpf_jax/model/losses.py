@@ -7,7 +7,7 @@ scalar mean over the valid examples (0 when none is valid, never NaN). Labels fo
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

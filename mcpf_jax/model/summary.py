@@ -12,7 +12,7 @@ import json
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
 
 from mcpf_jax.clip import config as clip_config
@@ -31,7 +31,7 @@ def count(config) -> dict[str, object]:
   """{"groups": {name: (count, trainable?)}, "trainable": n, "frozen": n, "fraction": trainable / frozen}."""
   cc = clip_config_of(config.clip.name)
   spec = ModelSpec.from_config(config.model, num_layers=min(cc.text.num_hidden_layers, cc.vision.num_hidden_layers))
-  ids = tuple((s, ((0,) * cc.text.max_position_embeddings,) * len(spec.class_phrases(s))) for s in spec.label_sets)
+  ids = tuple((s, ((0,) * cc.text.max_position_embeddings,) * len(spec.class_phrases(s))) for s in spec.class_sets)
   size = cc.vision.image_size
   shapes = jax.eval_shape(IQAModel(cc, spec, ids).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"]

@@ -21,7 +21,6 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from mcpf_jax import runs
-from mcpf_jax.runs import BEST_METRIC, check_backbone  # re-exported  # pylint: disable=unused-import
 from mcpf_jax.train import optim
 
 

@@ -19,7 +19,8 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 

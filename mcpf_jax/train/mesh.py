@@ -10,13 +10,15 @@ from __future__ import annotations
 import collections
 import functools
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
 from flax import traverse_util
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Backbone leaves at least this large are sharded when mesh.shard_backbone is on (smaller ones stay replicated).
 _MIN_SHARDED_SIZE = 2 ** 18
@@ -105,7 +107,7 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gather_fn(mesh: Mesh):
   """A jitted identity whose outputs are replicated: brings a batch-sharded pytree to every process."""
   return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))

@@ -9,7 +9,8 @@ frozen label, so no optimizer state (no Adam moments) is ever allocated for the 
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import optax

@@ -41,7 +41,7 @@ class StopRequest:
     self._previous = {}
     self._stopped = False
 
-  def install(self) -> "StopRequest":
+  def install(self) -> StopRequest:
     if self.distributed:
       # jax's preemption notifier owns SIGTERM; route Ctrl-C through it too.
       self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward)
@@ -55,7 +55,7 @@ class StopRequest:
       signal.signal(s, handler)
     self._previous.clear()
 
-  def __enter__(self) -> "StopRequest":
+  def __enter__(self) -> StopRequest:
     return self.install()
 
   def __exit__(self, *exc) -> None:

@@ -14,10 +14,10 @@ import jax
 import ml_collections
 
 from mcpf_jax import clip
-# Re-exported: what inference needs of a run lives outside train/.
-from mcpf_jax.runs import checkpoint_step, config_from_meta, load_clip, run_config  # pylint: disable=unused-import
+from mcpf_jax.runs import check_backbone, checkpoint_step, config_from_meta
 from mcpf_jax.train import checkpoints as ckpt_lib
-from mcpf_jax.train import mesh as mesh_lib, optim
+from mcpf_jax.train import mesh as mesh_lib
+from mcpf_jax.train import optim
 
 
 def optim_config(config, steps_per_epoch: int) -> ml_collections.ConfigDict:
@@ -80,7 +80,7 @@ def init_from(config, bundle: clip.Bundle, params: Any, labels: Any, mesh: jax.s
   try:
     meta = ckpts.restore_meta(step)
     where = ckpts.directory / str(step)
-    ckpt_lib.check_backbone(meta, bundle.source, bundle.fingerprint, where)
+    check_backbone(meta, bundle.source, bundle.fingerprint, where)
     other = config_from_meta(meta)
     mine = json.loads(config.model.to_json_best_effort())
     theirs = json.loads(json.dumps(other.model.to_dict()))

@@ -7,7 +7,8 @@ gradient of the frozen backbone's weights is ever computed; frozen leaves pass t
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,8 @@ import optax
 
 from mcpf_jax.clip import preprocess
 from mcpf_jax.model import losses
-from mcpf_jax.train import mesh as mesh_lib, optim
+from mcpf_jax.train import mesh as mesh_lib
+from mcpf_jax.train import optim
 
 State = dict[str, Any]
 Batch = Mapping[str, jax.Array]

@@ -16,7 +16,8 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +25,14 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from mcpf_jax import clip, metrics
+from mcpf_jax import clip, metrics, runs
 from mcpf_jax import model as iqa
 from mcpf_jax.data import pipeline
 from mcpf_jax.train import checkpoints as ckpt_lib
-from mcpf_jax.train import data_setup, identity, launch, mesh as mesh_lib, optim, preemption, restore
+from mcpf_jax.train import data_setup, identity, launch, optim, preemption, restore
+from mcpf_jax.train import mesh as mesh_lib
 from mcpf_jax.train import step as step_lib
-from mcpf_jax.train.restore import load_clip, optim_config as _optim_config  # re-exported
+from mcpf_jax.train.restore import optim_config as _optim_config
 
 log = logging.getLogger("mcpf_jax")
 
@@ -69,7 +71,7 @@ def build_run(config, workdir: str | pathlib.Path, *, dataset: str | None = None
   workdir = pathlib.Path(workdir).expanduser()
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.model)
-  bundle = load_clip(config, workdir)
+  bundle = runs.load_clip(config, workdir)
   splits = data_setup.load(config, workdir, dataset=dataset)
   model, params = iqa.build(config.model, bundle, jax.random.key(config.seed))
   labels = optim.trainable_labels(params, config.model.trainable)
@@ -163,7 +165,7 @@ def _saved_identity(workdir: pathlib.Path) -> tuple[dict[str, Any], dict[str, An
     if saved is not None:
       return saved
     meta = ckpts.restore_meta(step)
-    return {"config": restore.config_from_meta(meta).to_dict(), "from": f"checkpoint {directory / str(step)}"}, None
+    return {"config": runs.config_from_meta(meta).to_dict(), "from": f"checkpoint {directory / str(step)}"}, None
   finally:
     ckpts.close()
 
@@ -227,7 +229,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   total = ocfg.total_steps
   tx = optim.make_optimizer(ocfg, run.labels)
   state = step_lib.init_state(run.params, tx)
-  train_step, eval_step, s_sh, p_sh, b_sh = _jit_steps(run, tx, state)
+  train_step, eval_step, s_sh, _p_sh, b_sh = _jit_steps(run, tx, state)
   state = jax.device_put(state, s_sh)
 
   ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=cfg.train.keep)
@@ -235,7 +237,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   start = 0
   if ckpts.latest_step() is not None:
     start = ckpts.latest_step()
-    ckpt_lib.check_backbone(ckpts.restore_meta(start), run.bundle.source, run.bundle.fingerprint, ckpts.directory)
+    runs.check_backbone(ckpts.restore_meta(start), run.bundle.source, run.bundle.fingerprint, ckpts.directory)
     state = ckpts.restore(start, state, run.labels, s_sh)
     log.info("resumed from %s/%d", ckpts.directory, start)
   elif cfg.init_from:
@@ -326,7 +328,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
             raise NonFiniteError(f"step {done}: validation: {e}; stopped without saving. {_last_good(ckpts)}") from e
           except preemption.Stopped:
             raise stopped(done, f"during the validation of step {done}") from None
-          val_metrics = {ckpt_lib.BEST_METRIC: float(val["srcc"])}
+          val_metrics = {runs.BEST_METRIC: float(val["srcc"])}
           last_val = val
           if writer is not None:
             writer.add_scalar("val/srcc", val["srcc"], done)
@@ -441,14 +443,14 @@ def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | Non
   if latest is None:
     raise FileNotFoundError(f"{directory}: no checkpoint; train first with the same --workdir")
   run_cfg = (saved[0]["config"] if saved is not None else
-             restore.config_from_meta(ckpts.restore_meta(latest)).to_dict())
+             runs.config_from_meta(ckpts.restore_meta(latest)).to_dict())
   cfg = eval_config(run_cfg, config, explicit)
-  step = restore.checkpoint_step(ckpts, checkpoint if checkpoint is not None else cfg.eval.checkpoint)
+  step = runs.checkpoint_step(ckpts, checkpoint if checkpoint is not None else cfg.eval.checkpoint)
   meta = ckpts.restore_meta(step)
   dataset = dataset or cfg.eval.dataset
   cross = dataset is not None and dataset != meta["dataset"]
   run = build_run(cfg, workdir, dataset=dataset if cross else None)
-  ckpt_lib.check_backbone(meta, run.bundle.source, run.bundle.fingerprint, ckpts.directory)
+  runs.check_backbone(meta, run.bundle.source, run.bundle.fingerprint, ckpts.directory)
   if not cross and saved is not None:
     run_rec, split_rec = saved
     if "dataset" in run_rec:

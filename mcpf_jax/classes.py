@@ -1,4 +1,4 @@
-"""Names of the label sets shared by the data (targets) and the model (class prompts). Order is the label index."""
+"""Class names of the class prompts, shared by the data (targets) and the model (prompts). Order is the class index."""
 
 # The five quality levels of MCPF-IQA, worst to best; level k (0-based) scores k + 1.
 QUALITY_LEVELS = ("bad", "poor", "fair", "good", "perfect")
