@@ -53,6 +53,7 @@ def _build(what: str, batch: int, crops: int, dtype: str):
   from mcpf_jax import clip  # pylint: disable=g-import-not-at-top
   from mcpf_jax import model as iqa  # pylint: disable=g-import-not-at-top
   from mcpf_jax.clip import preprocess  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.model import freeze
   from mcpf_jax.train import optim, restore  # pylint: disable=g-import-not-at-top
   from mcpf_jax.train import step as step_lib
 
@@ -75,9 +76,9 @@ def _build(what: str, batch: int, crops: int, dtype: str):
     return lambda: ev(params, b).block_until_ready(), lambda out: float(jnp.sum(out))
   if what != "train":
     raise ValueError(f"--what {what!r}")
-  labels = optim.trainable_labels(params, config.model.trainable)
-  tx = optim.make_optimizer(restore.optim_config(config, 100), labels)
-  step = jax.jit(step_lib.make_train_step(model, labels, tx, dict(config.loss)), donate_argnums=0)
+  mask = freeze.mask(params, config.model.trainable)
+  tx = optim.make_optimizer(restore.optim_config(config, 100), mask)
+  step = jax.jit(step_lib.make_train_step(model, mask, tx, dict(config.loss)), donate_argnums=0)
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   from train_step import _batch  # pylint: disable=g-import-not-at-top
   b = jax.device_put(_batch(rng, batch, size))

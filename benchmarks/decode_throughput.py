@@ -24,6 +24,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mcpf_jax import scores  # noqa: E402  (after the sys.path line above)
 from mcpf_jax.data import pipeline  # noqa: E402  (after the sys.path line above)
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "clive-mini" / "ChallengeDB_release" / "Images"
@@ -37,11 +38,11 @@ def _source(folder: pathlib.Path, num_images: int) -> tuple[list[dict], list[str
   return [records[i % len(records)] for i in range(num_images)], [p.name for p in files]
 
 
-def _run(source: list[dict], labels: pipeline.LabelTransform, args: argparse.Namespace, workers: int,
+def _run(source: list[dict], score_map: scores.ScoreMap, args: argparse.Namespace, workers: int,
          threads: int) -> dict:
   start = time.perf_counter()
   it = iter(pipeline.train_loader(source, range(len(source)), batch_size=args.batch_size,
-                                  image_size=args.image_size, resize=args.resize, seed=0, labels=labels,
+                                  image_size=args.image_size, resize=args.resize, seed=0, score_map=score_map,
                                   num_workers=workers, num_threads=threads, num_epochs=1))
   try:
     next(it)
@@ -71,7 +72,7 @@ def main() -> None:
 
   source, files = _source(args.images, args.num_images)
   sizes = sorted({len(r["image"]) for r in source})
-  labels = pipeline.LabelTransform.fit([r["mos"] for r in source], higher_is_better=True)
+  score_map = scores.ScoreMap.fit([r["mos"] for r in source], higher_is_better=True)
   results = []
   load_at_start = round(os.getloadavg()[0], 2)
   print(f"{len(files)} JPEG files from {args.images}, repeated to {len(source)} records; resize {args.resize}, "
@@ -79,7 +80,7 @@ def main() -> None:
   print(f"{'workers':>7} {'threads':>7} {'startup s':>9} {'steady img/s':>12} {'total img/s':>11}")
   for workers in args.workers:
     for threads in args.threads:
-      r = _run(source, labels, args, workers, threads)
+      r = _run(source, score_map, args, workers, threads)
       results.append(r)
       print(f"{workers:>7} {threads:>7} {r['startup_s']:>9.2f} {r['steady_images_per_s']:>12.1f} "
             f"{r['total_images_per_s']:>11.1f}", flush=True)

@@ -40,15 +40,15 @@ def main(argv=None):
   run = trainer.build_run(config, workdir)
   train_idx = run.data.indices["train"]
   ocfg = trainer._optim_config(config, len(train_idx) // args.batch_size)  # pylint: disable=protected-access
-  tx = optim.make_optimizer(ocfg, run.labels)
+  tx = optim.make_optimizer(ocfg, run.mask)
   state = step_lib.init_state(run.params, tx)
-  train_step, _, s_sh, _, b_sh = step_lib.jit_steps(config, run.model, run.labels, tx, run.params, state, run.mesh)
+  train_step, _, s_sh, _, b_sh = step_lib.jit_steps(config, run.model, run.mask, tx, run.params, state, run.mesh)
   box = {"state": jax.device_put(state, s_sh)}
 
   def loop(sync: bool):
     it = iter(pipeline.train_loader(run.data.source, train_idx, batch_size=args.batch_size,
                                     image_size=run.image_size, resize=config.data.resize, seed=config.seed,
-                                    labels=run.data.labels, num_workers=config.data.num_workers))
+                                    score_map=run.data.score_map, num_workers=config.data.num_workers))
     pending = []
     for i in range(args.steps):
       batch = mesh_lib.global_batch(next(it), b_sh)

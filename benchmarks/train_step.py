@@ -141,6 +141,7 @@ def main() -> None:
   from configs import base  # pylint: disable=g-import-not-at-top
   from mcpf_jax import clip  # pylint: disable=g-import-not-at-top
   from mcpf_jax import model as iqa  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.model import freeze
   from mcpf_jax.train import optim, restore  # pylint: disable=g-import-not-at-top
   from mcpf_jax.train import step as step_lib
 
@@ -152,12 +153,12 @@ def main() -> None:
   rss_before = _common.current_rss_mib()
   bundle = clip.load(folder, dtype=args.dtype, remat=args.remat)
   model, params = iqa.build(config.model, bundle, jax.random.key(0))
-  labels = optim.trainable_labels(params, config.model.trainable)
-  tx = optim.make_optimizer(restore.optim_config(config, 100), labels)
+  mask = freeze.mask(params, config.model.trainable)
+  tx = optim.make_optimizer(restore.optim_config(config, 100), mask)
   rss_params = _common.current_rss_mib()
   text_rows = sum(len(rows) for _, rows in model.text_ids)
   text_tokens = text_tokens_computed(model)
-  print(f"params: {optim.count(params, labels):,} trainable of {optim.count(params):,}; text tower: {text_rows} "
+  print(f"params: {freeze.count(params, mask):,} trainable of {freeze.count(params):,}; text tower: {text_rows} "
         f"class prompts x {text_tokens} positions; RSS {rss_params:.0f} MiB after loading")
 
   matmul = jax.jit(jnp.matmul)
@@ -166,7 +167,7 @@ def main() -> None:
   for a, b in operands.values():
     matmul(a, b).block_until_ready()
 
-  step_fn = step_lib.make_train_step(model, labels, tx, dict(config.loss))
+  step_fn = step_lib.make_train_step(model, mask, tx, dict(config.loss))
   rng = np.random.default_rng(0)
   rows = []
   for batch_size in args.batch_sizes:
@@ -180,7 +181,7 @@ def main() -> None:
     # The FLOP count without the chunk loop (lowered only, not compiled: cheap).
     chunked = hasattr(model.spec, "image_chunk")  # the chunked vision tower (reverted in 00786b0) may be absent
     flat_model = model.clone(spec=dataclasses.replace(model.spec, image_chunk=0)) if chunked else model
-    flat_step = jax.jit(step_lib.make_train_step(flat_model, labels, tx, dict(config.loss)))
+    flat_step = jax.jit(step_lib.make_train_step(flat_model, mask, tx, dict(config.loss)))
     xla_flops = _flops(flat_step.lower(state, batch).cost_analysis())
     mem = compiled.memory_analysis()
     plan = None

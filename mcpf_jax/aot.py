@@ -226,8 +226,9 @@ def clip_config_for(config, platform: str):
 
 
 def build(config, platform: str):
-  """(model, param shapes, labels, tx, state shapes) of `config`, for `platform`, without computing anything."""
+  """(model, param shapes, mask, tx, state shapes) of `config`, for `platform`, without computing anything."""
   from mcpf_jax.clip.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.model import freeze
   from mcpf_jax.model.iqa import IQAModel, ModelSpec, class_token_ids  # pylint: disable=g-import-not-at-top
   from mcpf_jax.train import optim, restore  # pylint: disable=g-import-not-at-top
   from mcpf_jax.train import step as step_lib
@@ -241,10 +242,10 @@ def build(config, platform: str):
   # The frozen backbone as train.py stores it (clip.param_dtype): bf16 storage halves its bytes.
   store = jnp.dtype(config.clip.get("param_dtype", "float32"))
   params = dict(params, clip=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, store), params["clip"]))
-  labels = optim.trainable_labels(params, config.model.trainable)
-  tx = optim.make_optimizer(restore.optim_config(config, 1), labels)
+  mask = freeze.mask(params, config.model.trainable)
+  tx = optim.make_optimizer(restore.optim_config(config, 1), mask)
   state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
-  return model, params, labels, tx, state
+  return model, params, mask, tx, state
 
 
 def train_batch_shapes(batch: int, image_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -401,10 +402,10 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
   if "eval" in steps and eval_batch % data:
     raise PreflightError(f"--config.eval.batch_size={eval_batch} must be divisible by the mesh data axis ({data})")
 
-  model, params, labels, tx, state = build(config, target.platform)
+  model, params, mask, tx, state = build(config, target.platform)
   cc, spec = model.clip_config, model.spec
   image_size = config.data.image_size or cc.vision.image_size
-  train_step, eval_step, s_sh, p_sh, b_sh = step_lib.jit_steps(config, model, labels, tx, params, state, mesh)
+  train_step, eval_step, s_sh, p_sh, b_sh = step_lib.jit_steps(config, model, mask, tx, params, state, mesh)
   train_args = (_with_sharding(state, s_sh), _with_sharding(train_batch_shapes(batch, image_size),
                                                             {k: b_sh for k in train_batch_shapes(1, 1)}))
   eval_args = (_with_sharding(params, p_sh), _with_sharding(eval_batch_shapes(eval_batch, crops, image_size),
@@ -421,7 +422,7 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
     with micro_config.unlocked():
       micro_config.train.batch_size = batch // acc
       micro_config.train.accumulate_steps = 1
-    micro_step = step_lib.jit_steps(micro_config, model, labels, tx, params, state, mesh)[0]
+    micro_step = step_lib.jit_steps(micro_config, model, mask, tx, params, state, mesh)[0]
     micro = compile_program(micro_step, train_args[0], _with_sharding(
         train_batch_shapes(batch // acc, image_size), {k: b_sh for k in train_batch_shapes(1, 1)}))
     micro_flops = micro.get("flops_per_device")
@@ -430,7 +431,7 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
 
   text_rows = sum(len(rows) for _, rows in model.text_ids)
   pooled_only = spec.head != "text_query"
-  backbone_trains = any(l == "trainable" for l in jax.tree.leaves(labels["clip"]))
+  backbone_trains = any(l == "trainable" for l in jax.tree.leaves(mask["clip"]))
   model_flops = flops_lib.step_flops(cc, spec, batch, text_rows, model.text_span, train=True,
                                      backbone_trains=backbone_trains, pooled_only=pooled_only)
   eval_flops = flops_lib.step_flops(cc, spec, eval_batch * crops, text_rows, model.text_span, train=False,

@@ -1,7 +1,8 @@
 """What a score means: the map between a dataset's MOS (or DMOS) and the model's [0, 1] quality score.
 
-Shared by the input pipeline (training targets) and the Scorer (reported scores), so the Scorer can map scores
-without importing the data pipeline. `mcpf_jax.data.pipeline.LabelTransform` is this class.
+One class, `ScoreMap`, used by the input pipeline (training targets), evaluation (predicted MOS), the Scorer
+(reported scores) and checkpoint metadata (stored under the key "label_transform", the name it had when the
+first checkpoints were written; the key stays so they still load).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ _EDGE_TOLERANCE = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
-class LabelTransform:
+class ScoreMap:
   """Maps a dataset's scores to the model's targets; fitted on the TRAINING split only.
 
   * `mos01 = (mos - low) / (high - low)` for MOS (higher is better), `(high - mos) / (high - low)` for DMOS:
@@ -46,16 +47,16 @@ class LabelTransform:
 
   def __post_init__(self):
     if not (math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
-      raise ValueError(f"LabelTransform needs a finite range low < high, got [{self.low}, {self.high}]")
+      raise ValueError(f"ScoreMap needs a finite range low < high, got [{self.low}, {self.high}]")
     if not self.train_high01 > self.train_low01:
-      raise ValueError(f"LabelTransform needs train_low01 < train_high01, got [{self.train_low01}, "
+      raise ValueError(f"ScoreMap needs train_low01 < train_high01, got [{self.train_low01}, "
                        f"{self.train_high01}]")
     if self.num_levels < 1:
       raise ValueError(f"num_levels must be at least 1, got {self.num_levels}")
 
   @classmethod
   def fit(cls, mos: Sequence[float] | np.ndarray, higher_is_better: bool,
-          mos_range: tuple[float, float] | None = None, num_levels: int = 5) -> LabelTransform:
+          mos_range: tuple[float, float] | None = None, num_levels: int = 5) -> ScoreMap:
     """Fits the transform on the training split's scores.
 
     Args:
@@ -69,16 +70,16 @@ class LabelTransform:
     """
     values = np.asarray(mos, np.float64).reshape(-1)
     if values.size == 0:
-      raise ValueError("LabelTransform.fit: no training scores")
+      raise ValueError("ScoreMap.fit: no training scores")
     if not np.isfinite(values).all():
       bad = np.flatnonzero(~np.isfinite(values))
-      raise ValueError(f"LabelTransform.fit: {bad.size} non-finite training scores (first at position {bad[0]})")
+      raise ValueError(f"ScoreMap.fit: {bad.size} non-finite training scores (first at position {bad[0]})")
     lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
-      raise ValueError(f"LabelTransform.fit: all {values.size} training scores equal {lo}; no range to bin")
+      raise ValueError(f"ScoreMap.fit: all {values.size} training scores equal {lo}; no range to bin")
     low, high = (lo, hi) if mos_range is None else (float(mos_range[0]), float(mos_range[1]))
     if mos_range is not None and (lo < low or hi > high):
-      raise ValueError(f"LabelTransform.fit: training scores span [{lo}, {hi}], outside mos_range {mos_range}")
+      raise ValueError(f"ScoreMap.fit: training scores span [{lo}, {hi}], outside mos_range {mos_range}")
     ends = sorted(_to01(np.array([lo, hi]), low, high, higher_is_better).tolist())
     return cls(low=low, high=high, higher_is_better=bool(higher_is_better), train_low01=ends[0],
                train_high01=ends[1], num_levels=int(num_levels))
@@ -117,7 +118,7 @@ class LabelTransform:
     return (self.low, self.high)
 
   @classmethod
-  def identity(cls) -> LabelTransform:
+  def identity(cls) -> ScoreMap:
     """score01 as it is ([0, 1], higher is better): zero-shot models."""
     return cls(low=0.0, high=1.0, higher_is_better=True, train_low01=0.0, train_high01=1.0)
 

@@ -168,7 +168,7 @@ class Scorer:
   """
 
   def __init__(self, model: iqa.IQAModel, params: Any, *, preprocessing: Preprocessing,
-               score_map: scores.LabelTransform | None = None, info: dict[str, Any],
+               score_map: scores.ScoreMap | None = None, info: dict[str, Any],
                batch_size: int = DEFAULT_BATCH_SIZE, num_workers: int = 2, scale: str | None = None,
                dataset: str | None = None):
     """Low-level constructor; `score_map` maps the model's score01 to the reported scale (None: as it is)."""
@@ -181,7 +181,7 @@ class Scorer:
     self.batch_size = -(-batch_size // n_data) * n_data  # every data-parallel device gets the same share
     self.num_workers = num_workers
     self.preprocessing = preprocessing
-    self.score_map = score_map or scores.LabelTransform.identity()
+    self.score_map = score_map or scores.ScoreMap.identity()
     self.score_range = tuple(float(v) for v in self.score_map.score_range)
     self.higher_is_better = bool(self.score_map.higher_is_better)
     self.dataset = dataset
@@ -277,7 +277,7 @@ class Scorer:
     preprocessing = Preprocessing(resize=int(prep["resize"]), image_size=int(prep["image_size"]),
                                   num_crops=int(num_crops or prep["num_crops"]), max_upscale=max_upscale)
     s = config["score"]
-    score_map = scores.LabelTransform(**{k: s[k] for k in ("low", "high", "higher_is_better", "train_low01",
+    score_map = scores.ScoreMap(**{k: s[k] for k in ("low", "high", "higher_is_better", "train_low01",
                                                             "train_high01", "num_levels")})
     training = config.get("training", {})
     info = {"model": config["model"].get("name", "mcpf"), "pretrained": str(name_or_path),
@@ -328,7 +328,7 @@ class Scorer:
     bundle = runs.load_clip(config, workdir, name=clip_name)
     runs.check_backbone(meta, bundle.source, bundle.fingerprint, step_dir)
     model, params = _build(config.model, bundle, config.seed, runs.read_params(step_dir), step_dir, complete=False)
-    score_map = scores.LabelTransform(**meta["label_transform"])
+    score_map = scores.ScoreMap(**meta["label_transform"])
     preprocessing = Preprocessing(
         resize=int(config.data.resize), image_size=int(config.data.image_size or bundle.config.vision.image_size),
         num_crops=int(num_crops or config.eval.num_crops), max_upscale=max_upscale)

@@ -10,6 +10,7 @@ import pytest
 from mcpf_jax import clip
 from mcpf_jax import model as iqa
 from mcpf_jax.clip.tiny import write_tiny_clip
+from mcpf_jax.model import freeze
 from mcpf_jax.train import checkpoints as ckpt_lib
 from mcpf_jax.train import optim
 from mcpf_jax.train import step as step_lib
@@ -28,12 +29,12 @@ def setup(tmp_path_factory):
   bundle = clip.load(folder, dtype="bfloat16", param_dtype="bfloat16")
   assert bundle.fingerprint == clip.load(folder).fingerprint
   model, params = iqa.build(MODEL, bundle, jax.random.key(0))
-  labels = optim.trainable_labels(params, "prompts")
+  mask = freeze.mask(params, "prompts")
   ocfg = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=0, total_steps=10, final_lr_fraction=0.0,
                                         weight_decay=1e-4, b1=0.9, b2=0.999, grad_clip_norm=1.0))
-  tx = optim.make_optimizer(ocfg, labels)
-  step = jax.jit(step_lib.make_train_step(model, labels, tx, WEIGHTS))
-  return params, labels, tx, step
+  tx = optim.make_optimizer(ocfg, mask)
+  step = jax.jit(step_lib.make_train_step(model, mask, tx, WEIGHTS))
+  return params, mask, tx, step
 
 
 def _run(step, state, seeds):
@@ -44,15 +45,15 @@ def _run(step, state, seeds):
 
 
 def test_prompts_train_in_float32_and_the_bf16_backbone_is_untouched(setup):
-  params, labels, tx, step = setup
-  trainable, frozen = optim.split(params, labels)
+  params, mask, tx, step = setup
+  trainable, frozen = optim.split(params, mask)
   assert frozen and all(v.dtype == jnp.bfloat16 for v in frozen.values())
   assert trainable and all(v.dtype == jnp.float32 for v in trainable.values())
   # Adam state only for the float32 prompts: none for the bf16 backbone.
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(step_lib.init_state(params, tx)["opt"])
              if jnp.issubdtype(x.dtype, jnp.floating))
   state = _run(step, step_lib.init_state(params, tx), range(3))
-  new_t, new_f = optim.split(jax.device_get(state["params"]), labels)
+  new_t, new_f = optim.split(jax.device_get(state["params"]), mask)
   assert any(not np.array_equal(np.asarray(new_t[k]), np.asarray(v)) for k, v in trainable.items())
   for k, v in frozen.items():
     assert new_f[k].dtype == jnp.bfloat16
@@ -60,13 +61,13 @@ def test_prompts_train_in_float32_and_the_bf16_backbone_is_untouched(setup):
 
 
 def test_a_restored_run_continues_exactly(setup, tmp_path):
-  params, labels, tx, step = setup
+  params, mask, tx, step = setup
   ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints", keep=2)
   state = _run(step, step_lib.init_state(params, tx), range(2))
-  ckpts.save(2, state, labels, None, {"note": "bf16 backbone"})
+  ckpts.save(2, state, mask, None, {"note": "bf16 backbone"})
   ckpts.wait()
   straight = jax.device_get(_run(step, state, range(2, 4))["params"])
-  restored = ckpts.restore(2, step_lib.init_state(params, tx), labels)
+  restored = ckpts.restore(2, step_lib.init_state(params, tx), mask)
   ckpts.close()
   resumed = jax.device_get(_run(step, restored, range(2, 4))["params"])
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):

@@ -10,6 +10,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from mcpf_jax import runs
+from mcpf_jax.model import freeze
 from mcpf_jax.train import checkpoints as ckpt_lib
 from mcpf_jax.train import optim
 from mcpf_jax.train import step as step_lib
@@ -21,9 +22,9 @@ OPTIM = ConfigDict(dict(lr=1e-2, warmup_steps=0, total_steps=10, final_lr_fracti
 def _state(value: float = 1.0):
   """A run-like state: trainable prompts, a frozen "clip" subtree, AdamW state over the prompts only."""
   params = {"prompts": jnp.full((2, 3), value), "clip": {"w": jnp.arange(4.0)}}
-  labels = optim.trainable_labels(params, "prompts")
-  tx = optim.make_optimizer(OPTIM, labels)
-  return step_lib.init_state(params, tx), labels, tx
+  mask = freeze.mask(params, "prompts")
+  tx = optim.make_optimizer(OPTIM, mask)
+  return step_lib.init_state(params, tx), mask, tx
 
 
 def _iterator():
@@ -31,12 +32,12 @@ def _iterator():
 
 
 def _save_all(directory, srccs, keep=2):
-  state, labels, _ = _state()
+  state, mask, _ = _state()
   it = _iterator()
   ckpts = ckpt_lib.Checkpoints(directory, keep=keep)
   for step, srcc in enumerate(srccs, start=1):
     next(it)
-    ckpts.save(step, state, labels, it, {"dataset": "x"}, None if srcc is None else {runs.BEST_METRIC: srcc})
+    ckpts.save(step, state, mask, it, {"dataset": "x"}, None if srcc is None else {runs.BEST_METRIC: srcc})
   ckpts.wait()
   return ckpts
 
@@ -71,22 +72,22 @@ def test_without_validation_metrics_only_the_last_k_are_kept(tmp_path):
 
 
 def test_restore_state_and_iterator_position_frozen_leaves_from_the_target(tmp_path):
-  state, labels, tx = _state(2.0)
+  state, mask, tx = _state(2.0)
   # A state after one real update: non-trivial optimizer moments and step count.
   grads = jax.tree.map(jnp.ones_like, state["params"])
   updates, opt = tx.update(grads, state["opt"], state["params"])
-  state = {"params": optim.apply_updates(state["params"], updates, labels), "opt": opt, "step": state["step"] + 1}
+  state = {"params": optim.apply_updates(state["params"], updates, mask), "opt": opt, "step": state["step"] + 1}
   it = _iterator()
   for _ in range(7):
     next(it)
   ckpts = ckpt_lib.Checkpoints(tmp_path / "ck", keep=2)
-  ckpts.save(7, state, labels, it, {"dataset": "x"}, {runs.BEST_METRIC: 0.5})
+  ckpts.save(7, state, mask, it, {"dataset": "x"}, {runs.BEST_METRIC: 0.5})
   ckpts.wait()
   # The backbone is not in the checkpoint: restoring into a target with other frozen values keeps those.
   target, _, _ = _state(0.0)
   target["params"]["clip"]["w"] = jnp.full((4,), 5.0)
   fresh = _iterator()
-  restored = ckpts.restore(7, target, labels, None, fresh)
+  restored = ckpts.restore(7, target, mask, None, fresh)
   ckpts.close()
   np.testing.assert_array_equal(restored["params"]["prompts"], state["params"]["prompts"])
   np.testing.assert_array_equal(restored["params"]["clip"]["w"], np.full((4,), 5.0))

@@ -10,9 +10,10 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from mcpf_jax import data as datasets
+from mcpf_jax.clip.config import from_name
 from mcpf_jax.clip.tiny import tiny_config, write_tiny_clip
+from mcpf_jax.model import freeze
 from mcpf_jax.model.iqa import ModelSpec
-from mcpf_jax.model.summary import clip_config_of
 from mcpf_jax.train import optim, restore
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -90,14 +91,14 @@ def test_config_builds(name):
     assert config.data.name == name
   assert config.data.name in datasets.NAMES or config.data.name == "smoke"
   # The model spec, with the backbone's depth (no weights read).
-  clip = _tiny(config.clip.tiny) if config.clip.name == "tiny" else clip_config_of(config.clip.name)
+  clip = _tiny(config.clip.tiny) if config.clip.name == "tiny" else from_name(config.clip.name)
   spec = ModelSpec.from_config(config.model, num_layers=min(clip.text.num_hidden_layers,
                                                             clip.vision.num_hidden_layers))
   assert spec.name == config.model.name
   # The optimizer over a tree with a backbone and prompts.
   tree = {"clip": {"w": 0.0}, "text_prompts_quality": 0.0}
-  labels = optim.trainable_labels(tree, config.model.trainable)
-  optim.make_optimizer(restore.optim_config(config, steps_per_epoch=10), labels)
+  mask = freeze.mask(tree, config.model.trainable)
+  optim.make_optimizer(restore.optim_config(config, steps_per_epoch=10), mask)
   # Sizes the pipeline and the mesh accept.
   image_size = config.data.image_size or clip.vision.image_size
   assert config.data.resize >= image_size

@@ -210,15 +210,16 @@ def test_checkpoint_written_before_this_change_restores_to_its_scores(tmp_path, 
     assert abs(a - b) <= (0.05 if name == "1024.JPG" else 1e-6), (name, a, b)
   # A resumed run restores the whole state (parameters, Adam moments, step) from the old layout too.
   from mcpf_jax import model as iqa  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.model import freeze
   from mcpf_jax.train import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mcpf_jax.train import optim, restore
   from mcpf_jax.train import step as step_lib
   config = runs.run_config(work, {})
   _, params = iqa.build(config.model, runs.load_clip(config, work), jax.random.key(config.seed))
-  labels = optim.trainable_labels(params, config.model.trainable)
-  state = step_lib.init_state(params, optim.make_optimizer(restore.optim_config(config, 9), labels))
+  mask = freeze.mask(params, config.model.trainable)
+  state = step_lib.init_state(params, optim.make_optimizer(restore.optim_config(config, 9), mask))
   ckpts = ckpt_lib.Checkpoints(work / "checkpoints", read_only=True)
-  restored = ckpts.restore(expected["step"], state, labels)
+  restored = ckpts.restore(expected["step"], state, mask)
   ckpts.close()
   assert int(restored["step"]) == expected["step"]
   counts = [int(c) for c in jax.tree.leaves(restored["opt"]) if np.ndim(c) == 0]
@@ -250,15 +251,16 @@ def test_new_checkpoints_keep_parameters_apart_from_the_optimizer_state(tmp_path
   """The layout written now: 'params' restores alone, without any optimizer (runs.read_params)."""
   from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
 
+  from mcpf_jax.model import freeze
   from mcpf_jax.train import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mcpf_jax.train import optim
   from mcpf_jax.train import step as step_lib
   params = {"prompts": jnp.full((2, 3), 1.5), "clip": {"w": jnp.arange(4.0)}}
-  labels = optim.trainable_labels(params, "prompts")
+  mask = freeze.mask(params, "prompts")
   tx = optim.make_optimizer(ConfigDict(dict(lr=1e-2, warmup_steps=0, total_steps=10, final_lr_fraction=0.0,
-                                            weight_decay=0.0, b1=0.9, b2=0.999, grad_clip_norm=0.0)), labels)
+                                            weight_decay=0.0, b1=0.9, b2=0.999, grad_clip_norm=0.0)), mask)
   ckpts = ckpt_lib.Checkpoints(tmp_path / "ck")
-  ckpts.save(3, step_lib.init_state(params, tx), labels, None, {"dataset": "x"})
+  ckpts.save(3, step_lib.init_state(params, tx), mask, None, {"dataset": "x"})
   ckpts.wait()
   ckpts.close()
   step_dir = tmp_path / "ck" / "3"

@@ -12,7 +12,7 @@ import skimage.data
 import tensorflow_datasets as tfds
 
 from configs import smoke
-from mcpf_jax import data, images, scoring
+from mcpf_jax import data, images, scores, scoring
 from mcpf_jax.data import pipeline
 from mcpf_jax.train import data_setup
 from mcpf_jax.train import mesh as mesh_lib
@@ -80,9 +80,9 @@ def test_eval_pipeline_and_scorer_make_identical_crops(big_jpeg, shared_data, tm
   (tmp_path / "big.jpg").write_bytes(big_jpeg)
   paths = [str(f) for f in files] + [str(tmp_path / "big.jpg")]
   records = [{"image": pathlib.Path(p).read_bytes(), "name": p, "mos": 3.0} for p in paths]
-  labels = pipeline.LabelTransform.fit([1.0, 5.0], higher_is_better=True)
+  score_map = scores.ScoreMap.fit([1.0, 5.0], higher_is_better=True)
   protocol = dict(resize=512, image_size=224, num_crops=15)
-  batches = list(pipeline.eval_batches(records, range(len(records)), batch_size=len(records), labels=labels,
+  batches = list(pipeline.eval_batches(records, range(len(records)), batch_size=len(records), score_map=score_map,
                                        max_upscale=2.0, **protocol))
   prep = scoring.Preprocessing(max_upscale=2.0, **protocol)
   for i, path in enumerate(paths):
@@ -136,8 +136,8 @@ def test_a_pre_resized_dataset_holds_the_training_pixels_and_records_its_size(bu
     np.testing.assert_array_equal(images.decode(b["image"], short_side=256),
                                   images.decode(a["image"], short_side=256, max_upscale=None))
   # The training batches of both builds are the same, pixel for pixel.
-  labels = pipeline.LabelTransform.fit([1.0, 4.0], higher_is_better=True)
-  kw = dict(batch_size=2, image_size=224, resize=256, seed=0, labels=labels, num_epochs=1, max_upscale=None)
+  score_map = scores.ScoreMap.fit([1.0, 4.0], higher_is_better=True)
+  kw = dict(batch_size=2, image_size=224, resize=256, seed=0, score_map=score_map, num_epochs=1, max_upscale=None)
   for x, y in zip(pipeline.train_loader(original, range(6), **kw), pipeline.train_loader(resized, range(6), **kw)):
     np.testing.assert_array_equal(x["image"], y["image"])
 

@@ -12,7 +12,7 @@ from mcpf_jax import clip
 from mcpf_jax import model as iqa
 from mcpf_jax.clip import preprocess
 from mcpf_jax.clip.tiny import write_tiny_clip
-from mcpf_jax.model import losses
+from mcpf_jax.model import freeze, losses
 from mcpf_jax.model.fusion import CrossAttentionFusion
 from mcpf_jax.train import optim
 from mcpf_jax.train import step as train_step_lib
@@ -50,18 +50,18 @@ VARIANTS = {
 def test_train_step_updates_only_trainable(bundle, variant):
   mc = {**BASE_MODEL, **VARIANTS[variant]}
   model, params = iqa.build(mc, bundle, jax.random.key(0))
-  labels = optim.trainable_labels(params, mc.get("trainable", "prompts"))
-  tx = optim.make_optimizer(Cfg(OPTIM), labels)
+  mask = freeze.mask(params, mc.get("trainable", "prompts"))
+  tx = optim.make_optimizer(Cfg(OPTIM), mask)
   state = train_step_lib.init_state(params, tx)
   weights = {"rank": 1.0, "l1": 1.0, "cls": 0.5, "aux": 0.1}
-  step = jax.jit(train_step_lib.make_train_step(model, labels, tx, weights))
+  step = jax.jit(train_step_lib.make_train_step(model, mask, tx, weights))
   batch = iqa_batch(4, IMAGE, has_scene=[1, 1, 0, 1], has_distortion=[1, 0, 1, 1])
   before = jax.tree.map(np.asarray, params)
   new_state, metrics = step(state, batch)
   assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
 
-  trainable, frozen = optim.split(before, labels)
-  new_trainable, new_frozen = optim.split(jax.tree.map(np.asarray, new_state["params"]), labels)
+  trainable, frozen = optim.split(before, mask)
+  new_trainable, new_frozen = optim.split(jax.tree.map(np.asarray, new_state["params"]), mask)
   # The frozen backbone is bitwise unchanged.
   for k in frozen:
     assert frozen[k].tobytes() == new_frozen[k].tobytes(), k
@@ -80,7 +80,7 @@ def test_train_step_updates_only_trainable(bundle, variant):
     assert np.any(new_trainable[k] != trainable[k]), f"{k} did not change"
   # No optimizer state for frozen weights: Adam's two moments of the trainable leaves and a few counters.
   opt_size = sum(int(np.size(x)) for x in jax.tree.leaves(new_state["opt"]))
-  n_trainable = optim.count(params, labels)
+  n_trainable = freeze.count(params, mask)
   assert opt_size <= 2 * n_trainable + 8
 
 
@@ -199,7 +199,7 @@ def test_trainable_parameter_count_vit_b16():
   ids = tuple((s, ((0,) * 77,) * len(spec.class_phrases(s))) for s in spec.class_sets)
   shapes = jax.eval_shape(IQAModel(clip_config, spec, ids).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))["params"]
-  labels = optim.trainable_labels(shapes, config.model.trainable)
-  n_train, n_frozen = optim.count(shapes, labels), optim.count(shapes, labels, optim.FROZEN)
+  mask = freeze.mask(shapes, config.model.trainable)
+  n_train, n_frozen = freeze.count(shapes, mask), freeze.count(shapes, mask, freeze.FROZEN)
   assert 140e6 < n_frozen < 160e6
   assert n_train < 0.05 * n_frozen  # 4.25M of 149.6M with the defaults (python -m mcpf_jax.model.summary)

@@ -13,7 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mcpf_jax import images
+from mcpf_jax import images, scores
 from mcpf_jax.data import pipeline
 
 S = 16        # crop side
@@ -53,13 +53,13 @@ def source() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def labels(source) -> pipeline.LabelTransform:
-  return pipeline.LabelTransform.fit([r["mos"] for r in source], higher_is_better=True)
+def score_map(source) -> scores.ScoreMap:
+  return scores.ScoreMap.fit([r["mos"] for r in source], higher_is_better=True)
 
 
-def _train(source, labels, **kwargs):
+def _train(source, score_map, **kwargs):
   indices = kwargs.pop("indices", range(len(source)))
-  args = dict(batch_size=4, image_size=S, resize=RESIZE, seed=0, labels=labels, num_epochs=3)
+  args = dict(batch_size=4, image_size=S, resize=RESIZE, seed=0, score_map=score_map, num_epochs=3)
   args.update(kwargs)
   return pipeline.train_loader(source, indices, **args)
 
@@ -76,8 +76,8 @@ def _crop_geometry(crop: np.ndarray) -> tuple[int, int, bool]:
   return int(crop[0, 0, 0]), left, flipped
 
 
-def test_train_batch_shapes_and_dtypes(source, labels):
-  batch = next(iter(_train(source, labels)))
+def test_train_batch_shapes_and_dtypes(source, score_map):
+  batch = next(iter(_train(source, score_map)))
   expect = {"image": ((4, S, S, 3), np.uint8), "mos": ((4,), np.float32), "mos01": ((4,), np.float32),
             "mos_std01": ((4,), np.float32), "level": ((4,), np.int32), "scene": ((4, 9), np.float32),
             "has_scene": ((4,), np.float32), "distortion": ((4,), np.int32), "has_distortion": ((4,), np.float32),
@@ -85,8 +85,8 @@ def test_train_batch_shapes_and_dtypes(source, labels):
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expect
 
 
-def test_train_crops_are_windows_of_the_image_and_flip_about_half(source, labels):
-  batches = list(_train(source, labels, num_epochs=4))
+def test_train_crops_are_windows_of_the_image_and_flip_about_half(source, score_map):
+  batches = list(_train(source, score_map, num_epochs=4))
   assert len(batches) == 4 * 3  # 12 rows / 4 per batch, 4 epochs
   flips = []
   for batch in batches:
@@ -101,15 +101,15 @@ def test_train_crops_are_windows_of_the_image_and_flip_about_half(source, labels
   assert 12 <= sum(flips) <= 36
 
 
-def test_train_labels_follow_the_records(source, labels):
-  for batch in _train(source, labels, num_epochs=1):
+def test_train_labels_follow_the_records(source, score_map):
+  for batch in _train(source, score_map, num_epochs=1):
     for j, row in enumerate(batch["index"]):
       rec = source[row]
       assert batch["mos"][j] == np.float32(rec["mos"])
       # Records hold float32 scores (as mcpf_jax.data sources do); the pipeline reads them as float32.
-      assert batch["mos01"][j] == labels.mos01(np.float32(rec["mos"]))
-      np.testing.assert_allclose(batch["mos_std01"][j], rec["mos_std"] / (labels.high - labels.low), rtol=1e-6)
-      assert batch["level"][j] == labels.level(np.float32(rec["mos"]))
+      assert batch["mos01"][j] == score_map.mos01(np.float32(rec["mos"]))
+      np.testing.assert_allclose(batch["mos_std01"][j], rec["mos_std"] / (score_map.high - score_map.low), rtol=1e-6)
+      assert batch["level"][j] == score_map.level(np.float32(rec["mos"]))
       if "scene" in rec:
         np.testing.assert_array_equal(batch["scene"][j], rec["scene"].astype(np.float32))
         assert batch["has_scene"][j] == 1 and batch["has_distortion"][j] == 1
@@ -119,22 +119,22 @@ def test_train_labels_follow_the_records(source, labels):
         assert batch["distortion"][j] == 0 and batch["has_distortion"][j] == 0
 
 
-def test_missing_std_is_nan(labels):
+def test_missing_std_is_nan(score_map):
   src = [{"image": _png(_coordinate_image(RESIZE, RESIZE, i)), "mos": float(i)} for i in range(4)]
-  batch = next(iter(_train(src, labels)))
+  batch = next(iter(_train(src, score_map)))
   assert np.isnan(batch["mos_std01"]).all()
 
 
-def test_same_seed_same_batches_other_seed_other_batches(source, labels):
-  a = list(_train(source, labels))
-  b = list(_train(source, labels))
-  c = list(_train(source, labels, seed=1))
+def test_same_seed_same_batches_other_seed_other_batches(source, score_map):
+  a = list(_train(source, score_map))
+  b = list(_train(source, score_map))
+  c = list(_train(source, score_map, seed=1))
   assert _same(a, b)
   assert not np.array_equal(np.stack([x["index"] for x in a]), np.stack([x["index"] for x in c]))
 
 
-def test_each_epoch_visits_every_row_once_in_a_new_order(source, labels):
-  batches = list(_train(source, labels))
+def test_each_epoch_visits_every_row_once_in_a_new_order(source, score_map):
+  batches = list(_train(source, score_map))
   epochs = [np.concatenate([b["index"] for b in batches[3 * e:3 * e + 3]]) for e in range(3)]
   for order in epochs:
     assert sorted(order.tolist()) == list(range(len(source)))
@@ -147,20 +147,20 @@ def test_each_epoch_visits_every_row_once_in_a_new_order(source, labels):
   assert any(len(set(g)) > 1 for g in crops.values())
 
 
-def test_remainder_is_dropped_and_indices_select_rows(source, labels):
+def test_remainder_is_dropped_and_indices_select_rows(source, score_map):
   indices = [1, 3, 4, 6, 7, 9, 10]
-  batches = list(_train(source, labels, indices=indices, num_epochs=2))
+  batches = list(_train(source, score_map, indices=indices, num_epochs=2))
   assert len(batches) == 2 * pipeline.steps_per_epoch(7, 4) == 2
   assert set(np.concatenate([b["index"] for b in batches]).tolist()) <= set(indices)
 
 
-def test_resume_from_iterator_state_mid_epoch(source, labels):
-  it = iter(_train(source, labels))
+def test_resume_from_iterator_state_mid_epoch(source, score_map):
+  it = iter(_train(source, score_map))
   for _ in range(4):  # into the second epoch
     next(it)
   state = json.loads(json.dumps(it.get_state()))  # the state must survive a JSON checkpoint
   rest = list(it)
-  resumed = iter(_train(source, labels))
+  resumed = iter(_train(source, score_map))
   resumed.set_state(state)
   assert len(rest) == 5 and _same(list(resumed), rest)
 
@@ -177,14 +177,14 @@ class _CountingSource(list):
     return super().__getitem__(i)
 
 
-def test_processes_get_their_rows_of_each_global_batch_and_decode_only_those(labels):
+def test_processes_get_their_rows_of_each_global_batch_and_decode_only_those(score_map):
   records = _source(13)
-  reference = list(_train(records, labels, batch_size=4, num_epochs=2))
+  reference = list(_train(records, score_map, batch_size=4, num_epochs=2))
   assert len(reference) == 2 * pipeline.steps_per_epoch(13, 4) == 6
   parts = []
   for shard in range(2):
     src = _CountingSource(records)
-    batches = list(_train(src, labels, batch_size=4, num_epochs=2, shard_index=shard, shard_count=2))
+    batches = list(_train(src, score_map, batch_size=4, num_epochs=2, shard_index=shard, shard_count=2))
     assert len(batches) == 6 and all(len(b["index"]) == 2 for b in batches)
     # This process read exactly the rows it yields, nothing of the other process's half.
     assert sorted(src.reads) == sorted(int(i) for b in batches for i in b["index"])
@@ -193,22 +193,22 @@ def test_processes_get_their_rows_of_each_global_batch_and_decode_only_those(lab
     joined = {k: np.concatenate([a[k], b[k]]) for k in a}
     assert _same([joined], [reference[g]]), f"global batch {g}: the two processes' halves are not the batch"
   with pytest.raises(ValueError, match="global batch_size 5 must be divisible by the number of processes 2"):
-    _train(records, labels, batch_size=5, shard_count=2)
+    _train(records, score_map, batch_size=5, shard_count=2)
 
 
-def test_start_batch_continues_the_stream_on_any_number_of_processes(labels):
+def test_start_batch_continues_the_stream_on_any_number_of_processes(score_map):
   records = _source(13)
-  reference = list(_train(records, labels, batch_size=4, num_epochs=3))
-  assert _same(list(_train(records, labels, batch_size=4, num_epochs=3, start_batch=4)), reference[4:])
-  halves = [list(_train(records, labels, batch_size=4, num_epochs=3, start_batch=4, shard_index=p, shard_count=2))
+  reference = list(_train(records, score_map, batch_size=4, num_epochs=3))
+  assert _same(list(_train(records, score_map, batch_size=4, num_epochs=3, start_batch=4)), reference[4:])
+  halves = [list(_train(records, score_map, batch_size=4, num_epochs=3, start_batch=4, shard_index=p, shard_count=2))
             for p in range(2)]
   joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*halves)]
   assert _same(joined, reference[4:])
 
 
-def test_workers_give_the_same_batches_and_resume(source, labels):
-  reference = list(_train(source, labels, num_epochs=2))
-  it = iter(_train(source, labels, num_epochs=2, num_workers=2))
+def test_workers_give_the_same_batches_and_resume(source, score_map):
+  reference = list(_train(source, score_map, num_epochs=2))
+  it = iter(_train(source, score_map, num_epochs=2, num_workers=2))
   try:
     head = [next(it) for _ in range(2)]
     state = it.get_state()
@@ -216,7 +216,7 @@ def test_workers_give_the_same_batches_and_resume(source, labels):
   finally:
     it.close()
   assert _same(head + tail, reference)
-  resumed = iter(_train(source, labels, num_epochs=2, num_workers=2))
+  resumed = iter(_train(source, score_map, num_epochs=2, num_workers=2))
   try:
     resumed.set_state(state)
     assert _same(list(resumed), reference[2:])
@@ -224,47 +224,47 @@ def test_workers_give_the_same_batches_and_resume(source, labels):
     resumed.close()
 
 
-def test_decode_error_names_the_row_and_file(source, labels):
+def test_decode_error_names_the_row_and_file(source, score_map):
   bad = list(source)
   bad[5] = dict(bad[5], image=b"not an image at all")
   with pytest.raises(pipeline.RecordError, match=r"row 5 \(img05\.png\).*cannot decode"):
-    list(_train(bad, labels, num_epochs=1))
+    list(_train(bad, score_map, num_epochs=1))
   with pytest.raises(pipeline.RecordError, match=r"row 5 \(img05\.png\)"):
     list(pipeline.eval_batches(bad, range(8), batch_size=4, image_size=S, resize=RESIZE, num_crops=2,
-                               labels=labels))
+                               score_map=score_map))
 
 
-def test_small_images_are_resized_up_within_max_upscale(labels):
+def test_small_images_are_resized_up_within_max_upscale(score_map):
   src = [{"image": _png(_coordinate_image(14, 20, 0)), "name": "small.png", "mos": 2.0},
          {"image": _png(_coordinate_image(10, 12, 1)), "name": "tiny.png", "mos": 3.0}]
-  batch = next(iter(_train(src, labels, indices=[0], batch_size=1)))
+  batch = next(iter(_train(src, score_map, indices=[0], batch_size=1)))
   assert batch["image"].shape == (1, S, S, 3)  # 14 px -> 24 px short side (1.7x), then a 16 px crop
   with pytest.raises(pipeline.RecordError, match=r"row 1 \(tiny\.png\).*max_upscale"):
-    next(iter(_train(src, labels, indices=[1], batch_size=1)))
-  batch = next(iter(_train(src, labels, indices=[1], batch_size=1, max_upscale=None)))
+    next(iter(_train(src, score_map, indices=[1], batch_size=1)))
+  batch = next(iter(_train(src, score_map, indices=[1], batch_size=1, max_upscale=None)))
   assert batch["image"].shape == (1, S, S, 3)
 
 
-def test_argument_errors(source, labels):
+def test_argument_errors(source, score_map):
   with pytest.raises(ValueError, match="resize"):
-    _train(source, labels, resize=S - 1)
+    _train(source, score_map, resize=S - 1)
   with pytest.raises(ValueError, match="fewer than batch_size"):
-    _train(source, labels, batch_size=14)
+    _train(source, score_map, batch_size=14)
   with pytest.raises(IndexError, match="rows 0..11"):
-    _train(source, labels, indices=[0, 12])
+    _train(source, score_map, indices=[0, 12])
   with pytest.raises(ValueError, match="shard_index"):
-    _train(source, labels, shard_index=2, shard_count=2)
+    _train(source, score_map, shard_index=2, shard_count=2)
 
 
-def _eval(source, labels, indices, **kwargs):
-  args = dict(batch_size=4, image_size=S, resize=20, num_crops=3, labels=labels)
+def _eval(source, score_map, indices, **kwargs):
+  args = dict(batch_size=4, image_size=S, resize=20, num_crops=3, score_map=score_map)
   args.update(kwargs)
   return list(pipeline.eval_batches(source, indices, **args))
 
 
-def test_eval_crops_are_the_grid_crops_and_the_last_batch_is_padded(source, labels):
+def test_eval_crops_are_the_grid_crops_and_the_last_batch_is_padded(source, score_map):
   indices = [0, 1, 2, 3, 5, 8, 11]
-  batches = _eval(source, labels, indices)
+  batches = _eval(source, score_map, indices)
   assert len(batches) == pipeline.num_eval_batches(7, 4) == 2
   for b in batches:
     assert b["image"].shape == (4, 3, S, S, 3) and b["image"].dtype == np.uint8
@@ -280,20 +280,20 @@ def test_eval_crops_are_the_grid_crops_and_the_last_batch_is_padded(source, labe
       img = images.resize_short_side(images.decode(source[row]["image"]), 20)
       expected = [images.crop(img, t, l, S) for t, l in images.grid_crop_positions(*img.shape[:2], S, 3)]
       np.testing.assert_array_equal(crops, np.stack(expected))
-  assert batches[0]["mos01"][1] == labels.mos01(np.float32(source[1]["mos"]))
+  assert batches[0]["mos01"][1] == score_map.mos01(np.float32(source[1]["mos"]))
 
 
-def test_eval_is_repeatable_and_workers_do_not_change_it(source, labels):
-  a = _eval(source, labels, range(12), batch_size=5)
-  assert _same(a, _eval(source, labels, range(12), batch_size=5))
+def test_eval_is_repeatable_and_workers_do_not_change_it(source, score_map):
+  a = _eval(source, score_map, range(12), batch_size=5)
+  assert _same(a, _eval(source, score_map, range(12), batch_size=5))
   assert [b["weight"].sum() for b in a] == [5, 5, 2]
 
 
-def test_eval_shards_cover_the_rows_with_equal_batch_counts(source, labels):
+def test_eval_shards_cover_the_rows_with_equal_batch_counts(source, score_map):
   seen, counts = [], []
   for shard in range(3):
     src = _CountingSource(source)
-    batches = _eval(src, labels, range(11), batch_size=2, shard_index=shard, shard_count=3)
+    batches = _eval(src, score_map, range(11), batch_size=2, shard_index=shard, shard_count=3)
     counts.append(len(batches))
     mine = [int(i) for b in batches for i, w in zip(b["index"], b["weight"]) if w]
     assert sorted(src.reads) == sorted(mine) == list(range(shard, 11, 3))  # each image decoded by one process
@@ -302,8 +302,8 @@ def test_eval_shards_cover_the_rows_with_equal_batch_counts(source, labels):
   assert sorted(seen) == list(range(11))
 
 
-def test_label_transform_mos():
-  lt = pipeline.LabelTransform.fit([1.0, 2.0, 5.0, 3.0], higher_is_better=True)
+def test_score_map_mos():
+  lt = scores.ScoreMap.fit([1.0, 2.0, 5.0, 3.0], higher_is_better=True)
   assert (lt.low, lt.high, lt.train_low01, lt.train_high01) == (1.0, 5.0, 0.0, 1.0)
   np.testing.assert_allclose(lt.mos01([1.0, 3.0, 5.0]), [0.0, 0.5, 1.0])
   # Five equal bins of width 0.8 over [1, 5]; the maximum is in the top bin, test values outside are clipped.
@@ -315,9 +315,9 @@ def test_label_transform_mos():
   np.testing.assert_allclose(lt.to_mos(lt.mos01([1.3, 4.2, 6.0])), [1.3, 4.2, 6.0])
 
 
-def test_label_transform_dmos_is_flipped_once():
+def test_score_map_dmos_is_flipped_once():
   # LIVE-like DMOS: 0 is pristine (best). The training split spans [10, 60] of a nominal [0, 100] scale.
-  lt = pipeline.LabelTransform.fit([10.0, 60.0, 35.0], higher_is_better=False, mos_range=(0.0, 100.0))
+  lt = scores.ScoreMap.fit([10.0, 60.0, 35.0], higher_is_better=False, mos_range=(0.0, 100.0))
   assert not lt.higher_is_better
   np.testing.assert_allclose(lt.mos01([0.0, 10.0, 60.0, 100.0]), [1.0, 0.9, 0.4, 0.0], atol=1e-7)
   assert (lt.train_low01, lt.train_high01) == pytest.approx((0.4, 0.9))
@@ -328,12 +328,12 @@ def test_label_transform_dmos_is_flipped_once():
   np.testing.assert_allclose(lt.mos_std01(5.0), 0.05)
 
 
-def test_label_transform_errors_and_pickling():
+def test_score_map_errors_and_pickling():
   with pytest.raises(ValueError, match="non-finite"):
-    pipeline.LabelTransform.fit([1.0, np.nan], True)
+    scores.ScoreMap.fit([1.0, np.nan], True)
   with pytest.raises(ValueError, match="all 2 training scores equal"):
-    pipeline.LabelTransform.fit([3.0, 3.0], True)
+    scores.ScoreMap.fit([3.0, 3.0], True)
   with pytest.raises(ValueError, match="outside mos_range"):
-    pipeline.LabelTransform.fit([0.5, 3.0], True, mos_range=(1.0, 5.0))
-  lt = pipeline.LabelTransform.fit([1.0, 5.0], True, num_levels=3)
+    scores.ScoreMap.fit([0.5, 3.0], True, mos_range=(1.0, 5.0))
+  lt = scores.ScoreMap.fit([1.0, 5.0], True, num_levels=3)
   assert pickle.loads(pickle.dumps(lt)) == lt

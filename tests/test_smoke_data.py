@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import mcpf_jax.data
-from mcpf_jax import images
+from mcpf_jax import images, scores
 from mcpf_jax.data import pipeline, smoke, splits
 
 SHORT = 64  # a small short side keeps the tests fast; the default is 256
@@ -99,12 +99,12 @@ def test_builds_as_a_csv_dataset_and_feeds_the_pipeline(smoke_dir, tmp_path):
     assert rec["mos"] == np.float32(by_name[rec["name"]]["mos"])
     assert rec["content_id"] == by_name[rec["name"]]["content_id"]
 
-  # Split by photo (the project's split code), fit labels on the training side, run both loaders.
+  # Split by photo (the project's split code), fit score_map on the training side, run both loaders.
   train_idx, test_idx = splits.split_indices(src.content_ids, seed=0)
   assert not set(src.content_ids[train_idx]) & set(src.content_ids[test_idx])
-  labels = pipeline.LabelTransform.fit(src.mos[train_idx], higher_is_better=True, mos_range=smoke.MOS_RANGE)
+  score_map = scores.ScoreMap.fit(src.mos[train_idx], higher_is_better=True, mos_range=smoke.MOS_RANGE)
   batch = next(iter(pipeline.train_loader(src, train_idx, batch_size=8, image_size=32, resize=SHORT, seed=0,
-                                          labels=labels)))
+                                          score_map=score_map)))
   assert batch["image"].shape == (8, 32, 32, 3) and set(batch["index"].tolist()) <= set(train_idx.tolist())
   np.testing.assert_allclose(batch["mos01"], (src.mos[batch["index"]] - 1.0) / 4.0, atol=1e-6)
   # Distortion level d (mos 5 - 0.8 d) -> quality level min(5 - d, 4): the six smoke scores sit exactly on the
@@ -112,6 +112,6 @@ def test_builds_as_a_csv_dataset_and_feeds_the_pipeline(smoke_dir, tmp_path):
   distortion_level = np.rint((5.0 - src.mos[batch["index"]]) / 0.8)
   np.testing.assert_array_equal(batch["level"], np.minimum(5 - distortion_level, 4))
   evals = list(pipeline.eval_batches(src, test_idx, batch_size=16, image_size=32, resize=SHORT, num_crops=3,
-                                     labels=labels))
+                                     score_map=score_map))
   assert sum(b["weight"].sum() for b in evals) == len(test_idx)
   assert evals[0]["image"].shape == (16, 3, 32, 32, 3)

@@ -8,6 +8,7 @@ import pytest
 from mcpf_jax import clip
 from mcpf_jax import model as iqa
 from mcpf_jax.clip.tiny import write_tiny_clip
+from mcpf_jax.model import freeze
 from mcpf_jax.train import optim
 from mcpf_jax.train import step as step_lib
 from tests.batches import iqa_batch
@@ -25,11 +26,11 @@ NO_PAIRS = {"rank": 0.0, "l1": 1.0, "cls": 0.5, "aux": 0.1}
 def tiny(tmp_path_factory):
   bundle = clip.load(write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=1, **SMALL))
   model, params = iqa.build(MODEL, bundle, jax.random.key(0))
-  return model, params, optim.trainable_labels(params, "prompts")
+  return model, params, freeze.mask(params, "prompts")
 
 
 def _batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """n examples; every micro-batch of 4 holds 2 scene labels and 2 distortion labels (equal counts per half)."""
+  """n examples; every micro-batch of 4 holds 2 scene mask and 2 distortion mask (equal counts per half)."""
   return iqa_batch(n, IMAGE, seed, has_scene=[1, 0, 1, 0], has_distortion=[0, 1, 1, 0])
 
 
@@ -43,18 +44,18 @@ _compiled = {}
 
 def _step(tiny, weights: str, accumulate_steps: int, batch: dict[str, np.ndarray], lr: float = 1.0):
   """(new trainable params {path: array}, metrics) after one step from the initial state (jitted once per key)."""
-  model, params, labels = tiny
+  model, params, mask = tiny
   key = (weights, accumulate_steps)
   if key not in _compiled:
     sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
-    tx = optax.multi_transform({optim.TRAINABLE: sgd, optim.FROZEN: optax.set_to_zero()}, labels)
+    tx = optax.multi_transform({freeze.TRAINABLE: sgd, freeze.FROZEN: optax.set_to_zero()}, mask)
     init = jax.jit(lambda p: step_lib.init_state(p, tx))
-    _compiled[key] = init, jax.jit(step_lib.make_train_step(model, labels, tx, _WEIGHTS[weights], accumulate_steps))
+    _compiled[key] = init, jax.jit(step_lib.make_train_step(model, mask, tx, _WEIGHTS[weights], accumulate_steps))
   init, step = _compiled[key]
   state = init(params)
   state["opt"] = optax.tree.set(state["opt"], learning_rate=np.float32(lr))
   state, metrics = step(state, batch)
-  trainable, _ = optim.split(jax.device_get(state["params"]), labels)
+  trainable, _ = optim.split(jax.device_get(state["params"]), mask)
   return trainable, jax.device_get(metrics)
 
 

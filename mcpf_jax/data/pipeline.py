@@ -1,4 +1,4 @@
-"""The input pipeline on grain: decode, resize, crop, labels, batching, per-process sharding, worker processes.
+"""The input pipeline on grain: decode, resize, crop, targets, batching, per-process sharding, worker processes.
 
 Works on any random-access source: anything with `len(source)` and `source[row]` returning a record dict with
 at least `image` (the encoded file bytes) and `mos`; `name`, `mos_std`, `scene`, `has_scene`, `distortion` and
@@ -17,9 +17,9 @@ the last batch padded with `weight` 0 rows (never dropped), so every batch has t
 Batches are dicts of numpy arrays (B = batch size, S = image_size, C = num_crops):
   image            uint8   [B, S, S, 3] (train) or [B, C, S, S, 3] (eval); normalisation happens on device
   mos              float32 [B]  the score as stored in the source (MOS or DMOS, unchanged)
-  mos01            float32 [B]  LabelTransform.mos01: higher is better, training range -> [0, 1]
+  mos01            float32 [B]  scores.ScoreMap.mos01: higher is better, training range -> [0, 1]
   mos_std01        float32 [B]  the score's std on the mos01 scale; NaN where the source has none
-  level            int32   [B]  quality level 0 (bad) .. num_levels - 1 (perfect), LabelTransform.level
+  level            int32   [B]  quality level 0 (bad) .. num_levels - 1 (perfect), scores.ScoreMap.level
   scene            float32 [B, 9]  multi-hot scene labels (mcpf_jax.classes.SCENES); zeros where unknown
   has_scene        float32 [B]  1 where the record has scene labels, else 0 (a loss mask)
   distortion       int32   [B]  distortion class (mcpf_jax.classes.DISTORTIONS); 0 where unknown
@@ -69,8 +69,6 @@ class RecordError(ValueError):
 # Labels.
 
 
-# LabelTransform lives in mcpf_jax/scores.py (the Scorer needs it without the pipeline); re-exported here.
-LabelTransform = scores.LabelTransform
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,7 +96,7 @@ def _name(record: Any, row: int) -> str:
   return f"<unnamed row {row}>"
 
 
-def _targets(record: dict[str, Any], row: int, labels: LabelTransform) -> dict[str, np.ndarray]:
+def _targets(record: dict[str, Any], row: int, score_map: scores.ScoreMap) -> dict[str, np.ndarray]:
   """The label part of one example (scalars and [9] scenes)."""
   mos = np.float32(record["mos"])
   if not np.isfinite(mos):
@@ -119,9 +117,9 @@ def _targets(record: dict[str, Any], row: int, labels: LabelTransform) -> dict[s
     raise ValueError(f"distortion {distortion} is outside 0..{NUM_DISTORTIONS - 1}")
   return {
       "mos": mos,
-      "mos01": labels.mos01(mos),
-      "mos_std01": labels.mos_std01(mos_std),
-      "level": labels.level(mos),
+      "mos01": score_map.mos01(mos),
+      "mos_std01": score_map.mos_std01(mos_std),
+      "level": score_map.level(mos),
       "scene": scene,
       "has_scene": np.float32(has_scene),
       "distortion": np.int32(distortion),
@@ -138,7 +136,7 @@ def _decoded(record: dict[str, Any], name: str, resize: int, max_upscale: float 
 @dataclasses.dataclass(frozen=True)
 class _TrainExample(grain.transforms.RandomMap):
   """(row, record) -> one training example with a random crop and flip."""
-  labels: LabelTransform
+  score_map: scores.ScoreMap
   image_size: int
   resize: int
   max_upscale: float | None
@@ -155,7 +153,7 @@ class _TrainExample(grain.transforms.RandomMap):
       crop = images.crop(img, top, left, self.image_size)
       if flip:
         crop = crop[:, ::-1]
-      example = _targets(record, row, self.labels)
+      example = _targets(record, row, self.score_map)
     except Exception as e:  # every failure names the row and the file: never a silent drop
       raise RecordError(row, name, f"{type(e).__name__}: {e}") from e
     example["image"] = np.ascontiguousarray(crop)
@@ -165,7 +163,7 @@ class _TrainExample(grain.transforms.RandomMap):
 @dataclasses.dataclass(frozen=True)
 class _EvalExample(grain.transforms.Map):
   """(row, record) -> one evaluation example with `num_crops` grid crops; row -1 -> a zero padding example."""
-  labels: LabelTransform
+  score_map: scores.ScoreMap
   image_size: int
   resize: int
   num_crops: int
@@ -185,7 +183,7 @@ class _EvalExample(grain.transforms.Map):
     try:
       crops, _ = images.eval_crops(record["image"], name, resize=self.resize, image_size=s,
                                    num_crops=self.num_crops, max_upscale=self.max_upscale)
-      example = _targets(record, row, self.labels)
+      example = _targets(record, row, self.score_map)
     except Exception as e:
       raise RecordError(row, name, f"{type(e).__name__}: {e}") from e
     example["image"] = crops
@@ -296,7 +294,7 @@ def _with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
 
 
 def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size: int, image_size: int = 224,
-                 resize: int = 512, seed: int, labels: LabelTransform, num_workers: int = 0, shard_index: int = 0,
+                 resize: int = 512, seed: int, score_map: scores.ScoreMap, num_workers: int = 0, shard_index: int = 0,
                  shard_count: int = 1, num_epochs: int | None = None, start_batch: int = 0, num_threads: int = 1,
                  max_upscale: float | None = images.DEFAULT_MAX_UPSCALE) -> grain.IterDataset:
   """Shuffled, augmented training batches: this process's rows of each GLOBAL batch, epoch after epoch.
@@ -315,7 +313,7 @@ def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
     image_size: crop side S.
     resize: short side after resizing, before cropping (>= image_size).
     seed: seeds the order, the crops and the flips.
-    labels: the LabelTransform fitted on the training rows.
+    score_map: the scores.ScoreMap fitted on the training rows.
     num_workers: grain worker processes decoding in parallel (0: in this process). Batches do not depend on it.
     shard_index, shard_count: this process (jax.process_index(), jax.process_count()).
     num_epochs: stop after this many epochs (None: repeat forever).
@@ -342,7 +340,7 @@ def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
   order_seed, augment_seed = np.random.SeedSequence([seed, 1]).generate_state(2).tolist()
   ds = grain.MapDataset.source(_Rows(source, rows))
   ds = ds.shuffle(seed=order_seed)
-  ds = ds.random_map(_TrainExample(labels, image_size, resize, max_upscale), seed=augment_seed)
+  ds = ds.random_map(_TrainExample(score_map, image_size, resize, max_upscale), seed=augment_seed)
   ds = _ProcessRows(ds, rows.size, batch_size, shard_index, shard_count)
   ds = ds.batch(batch_size // shard_count, drop_remainder=True)
   ds = ds.repeat(num_epochs)
@@ -352,7 +350,7 @@ def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
 
 
 def eval_batches(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size: int, image_size: int = 224,
-                 resize: int = 512, num_crops: int = 15, labels: LabelTransform, num_workers: int = 0,
+                 resize: int = 512, num_crops: int = 15, score_map: scores.ScoreMap, num_workers: int = 0,
                  shard_index: int = 0, shard_count: int = 1, num_threads: int = 1,
                  max_upscale: float | None = images.DEFAULT_MAX_UPSCALE) -> grain.IterDataset:
   """Every row once, in order, as multi-crop batches; the last batch padded to `batch_size` (weight 0).
@@ -361,7 +359,7 @@ def eval_batches(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
   `num_eval_batches(len(indices), batch_size, shard_count)` batches.
 
   Args:
-    source, indices, image_size, resize, labels, num_workers, shard_index, shard_count, num_threads,
+    source, indices, image_size, resize, score_map, num_workers, shard_index, shard_count, num_threads,
       max_upscale: as in `train_loader`.
     batch_size: images per batch (each with `num_crops` crops).
     num_crops: crops per image, on the grid of `images.grid_crop_positions`.
@@ -378,6 +376,6 @@ def eval_batches(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
   total = num_eval_batches(all_rows.size, batch_size, shard_count) * batch_size
   rows = np.concatenate([rows, np.full(total - rows.size, -1, np.int64)])
   ds = grain.MapDataset.source(_Rows(source, rows))
-  ds = ds.map(_EvalExample(labels, image_size, resize, num_crops, max_upscale))
+  ds = ds.map(_EvalExample(score_map, image_size, resize, num_crops, max_upscale))
   ds = ds.batch(batch_size, drop_remainder=False)
   return _with_workers(ds.to_iter_dataset(_read_options(num_threads)), num_workers)

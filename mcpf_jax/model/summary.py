@@ -16,28 +16,23 @@ from absl import app
 from ml_collections import config_flags
 
 from mcpf_jax.clip import config as clip_config
+from mcpf_jax.model import freeze
 from mcpf_jax.model.iqa import IQAModel, ModelSpec
-from mcpf_jax.train import optim
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "config file")
 
 
-def clip_config_of(name: str) -> clip_config.CLIPConfig:
-  """The CLIP config named by a preset, an OpenAI hub id or a local folder (no weights read)."""
-  return clip_config.from_name(name)
-
-
 def count(config) -> dict[str, object]:
   """{"groups": {name: (count, trainable?)}, "trainable": n, "frozen": n, "fraction": trainable / frozen}."""
-  cc = clip_config_of(config.clip.name)
+  cc = clip_config.from_name(config.clip.name)  # a preset, a hub id or a folder; no weights read
   spec = ModelSpec.from_config(config.model, num_layers=min(cc.text.num_hidden_layers, cc.vision.num_hidden_layers))
   ids = tuple((s, ((0,) * cc.text.max_position_embeddings,) * len(spec.class_phrases(s))) for s in spec.class_sets)
   size = cc.vision.image_size
   shapes = jax.eval_shape(IQAModel(cc, spec, ids).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"]
-  labels = optim.trainable_labels(shapes, config.model.trainable)
-  groups = {k: (optim.count(v), optim.count(v, labels[k]) > 0) for k, v in shapes.items()}
-  trainable, frozen = optim.count(shapes, labels), optim.count(shapes, labels, optim.FROZEN)
+  mask = freeze.mask(shapes, config.model.trainable)
+  groups = {k: (freeze.count(v), freeze.count(v, mask[k]) > 0) for k, v in shapes.items()}
+  trainable, frozen = freeze.count(shapes, mask), freeze.count(shapes, mask, freeze.FROZEN)
   return {"groups": groups, "trainable": trainable, "frozen": frozen,
           "fraction": trainable / max(frozen, 1)}
 

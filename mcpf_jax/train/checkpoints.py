@@ -36,9 +36,9 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
     self.directory = pathlib.Path(directory).expanduser().absolute()
     self.manager = ocp.CheckpointManager(self.directory, options=runs.manager_options(keep, read_only=read_only))
 
-  def save(self, step: int, state: dict[str, Any], labels: Any, iterator: Any | None, meta: dict[str, Any],
+  def save(self, step: int, state: dict[str, Any], mask: Any, iterator: Any | None, meta: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
-    trainable, _ = optim.split(state["params"], labels)
+    trainable, _ = optim.split(state["params"], mask)
     items = {
         runs.PARAMS: ocp.args.StandardSave(traverse_util.unflatten_dict(trainable, sep="/")),
         runs.OPT: ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
@@ -57,14 +57,14 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
   def _layout(self, step: int) -> int:
     return runs.layout(self.directory / str(step))
 
-  def restore_params(self, step: int, params: Any, labels: Any, shardings: Any | None = None) -> Any:
+  def restore_params(self, step: int, params: Any, mask: Any, shardings: Any | None = None) -> Any:
     """`params` with its trainable leaves from checkpoint `step` (placed like `shardings`, default: like the
     leaves of `params`); frozen leaves kept. The optimizer state is not read (layout 2)."""
-    trainable, frozen = optim.split(params, labels)
+    trainable, frozen = optim.split(params, mask)
     if shardings is None:
       sh = {k: getattr(v, "sharding", None) for k, v in trainable.items()}
     else:
-      sh, _ = optim.split(shardings, labels)
+      sh, _ = optim.split(shardings, mask)
     target = _abstract(traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(sh, sep="/"))
     if self._layout(step) == runs.LAYOUT:
       restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -79,15 +79,15 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
         restored = ck.restore(step_dir / runs.OLD_STATE, whole)["params"]
     return optim.merge(traverse_util.flatten_dict(restored, sep="/"), frozen)
 
-  def restore(self, step: int, state: dict[str, Any], labels: Any, shardings: dict[str, Any] | None = None,
+  def restore(self, step: int, state: dict[str, Any], mask: Any, shardings: dict[str, Any] | None = None,
               iterator: Any | None = None) -> dict[str, Any]:
     """Restores into the structure (and shardings) of `state`; the frozen leaves are kept from `state`.
 
     `iterator` (a grain iterator) is restored in place when given.
     """
-    trainable, frozen = optim.split(state["params"], labels)
+    trainable, frozen = optim.split(state["params"], mask)
     if shardings is not None:
-      p_sh, _ = optim.split(shardings["params"], labels)
+      p_sh, _ = optim.split(shardings["params"], mask)
       o_sh, step_sh = shardings["opt"], shardings["step"]
     else:
       p_sh = {k: getattr(v, "sharding", None) for k, v in trainable.items()}

@@ -1,4 +1,4 @@
-"""From the config to a dataset source, its train/val/test split and its label transform.
+"""From the config to a dataset source, its train/val/test split and its score map (scores.ScoreMap).
 
 `data.name = "smoke"` is the built-in smoke data (scikit-image photos with synthetic distortions), written and
 built through the generic csv builder on first use. Other datasets are read from `data.data_dir`; if one is not
@@ -16,7 +16,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mcpf_jax import data as datasets
-from mcpf_jax.data import pipeline, smoke, splits
+from mcpf_jax import scores
+from mcpf_jax.data import smoke, splits
 from mcpf_jax.train import mesh as mesh_lib
 
 SMOKE = "smoke"
@@ -29,7 +30,7 @@ class DatasetSplits:
   source: datasets.IqaSource
   indices: dict[str, np.ndarray]
   higher_is_better: bool
-  labels: pipeline.LabelTransform
+  score_map: scores.ScoreMap
 
   @property
   def mos(self) -> np.ndarray:
@@ -112,5 +113,5 @@ def load(config, workdir: pathlib.Path, *, dataset: str | None = None) -> Datase
     fit_on = indices["train"]
   else:
     fit_on = indices["all"]
-  labels = pipeline.LabelTransform.fit(src.mos[fit_on], higher_is_better=higher)
-  return DatasetSplits(name, src, indices, higher, labels)
+  score_map = scores.ScoreMap.fit(src.mos[fit_on], higher_is_better=higher)
+  return DatasetSplits(name, src, indices, higher, score_map)

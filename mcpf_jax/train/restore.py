@@ -14,10 +14,10 @@ import jax
 import ml_collections
 
 from mcpf_jax import clip
+from mcpf_jax.model import freeze
 from mcpf_jax.runs import check_backbone, checkpoint_step, config_from_meta
 from mcpf_jax.train import checkpoints as ckpt_lib
 from mcpf_jax.train import mesh as mesh_lib
-from mcpf_jax.train import optim
 
 
 def optim_config(config, steps_per_epoch: int) -> ml_collections.ConfigDict:
@@ -29,7 +29,7 @@ def optim_config(config, steps_per_epoch: int) -> ml_collections.ConfigDict:
   return oc
 
 
-def restore_params(config, ckpts: ckpt_lib.Checkpoints, step: int, params: Any, labels: Any,
+def restore_params(config, ckpts: ckpt_lib.Checkpoints, step: int, params: Any, mask: Any,
                    mesh: jax.sharding.Mesh) -> Any:
   """`params` with its trainable leaves replaced by those of checkpoint `step`; frozen leaves kept.
 
@@ -37,7 +37,7 @@ def restore_params(config, ckpts: ckpt_lib.Checkpoints, step: int, params: Any, 
   checkpoint's parameters are read: no optimizer is built and its state is not restored.
   """
   p_sh = mesh_lib.param_shardings(params, mesh, config.mesh.shard_backbone)
-  return ckpts.restore_params(step, jax.device_put(params, p_sh), labels, p_sh)
+  return ckpts.restore_params(step, jax.device_put(params, p_sh), mask, p_sh)
 
 
 def _init_from_checkpoints(config) -> tuple[ckpt_lib.Checkpoints, int]:
@@ -67,7 +67,7 @@ def init_from_source(config) -> dict[str, Any]:
 _SAME_MODEL_EXCEPT = ("image_chunk",)
 
 
-def init_from(config, bundle: clip.Bundle, params: Any, labels: Any, mesh: jax.sharding.Mesh) -> tuple[Any, str]:
+def init_from(config, bundle: clip.Bundle, params: Any, mask: Any, mesh: jax.sharding.Mesh) -> tuple[Any, str]:
   """`params` with the trainable leaves of another run's checkpoint (`config.init_from`): a new run that starts
   from trained prompts and fusion (e.g. fine-tuning on a second dataset). The optimizer state is not taken.
 
@@ -88,9 +88,9 @@ def init_from(config, bundle: clip.Bundle, params: Any, labels: Any, mesh: jax.s
     if diff:
       raise ValueError(f"init_from: {where} was trained with another model; its parameters do not fit this run's: "
                        + ", ".join(f"model.{k} there {theirs.get(k)!r}, here {mine.get(k)!r}" for k in diff))
-    their_labels = optim.trainable_labels(params, other.model.trainable)
-    restored = restore_params(other, ckpts, step, params, their_labels, mesh)
+    their_mask = freeze.mask(params, other.model.trainable)
+    restored = restore_params(other, ckpts, step, params, their_mask, mesh)
   finally:
     ckpts.close()
-  del labels  # this run's trainable leaves are a subset of the tree restored (the frozen ones are the backbone's)
+  del mask  # this run's trainable leaves are a subset of the tree restored (the frozen ones are the backbone's)
   return restored, str(where)

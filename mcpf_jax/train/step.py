@@ -31,13 +31,13 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(model, labels: Any, tx: optax.GradientTransformation, loss_weights: Mapping[str, float],
+def make_train_step(model, mask: Any, tx: optax.GradientTransformation, loss_weights: Mapping[str, float],
                     accumulate_steps: int = 1) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
   """Returns `train_step(state, batch) -> (state, metrics)`.
 
   Args:
     model: the IQAModel.
-    labels: trainable/frozen labels of the parameters (optim.trainable_labels).
+    mask: "trainable" / "frozen" at every leaf of the parameters (model.freeze.mask).
     tx: from optim.make_optimizer.
     loss_weights: {"rank", "l1", "cls", "aux"}.
     accumulate_steps: split the batch into this many micro-batches, run them one after another (lax.scan) and
@@ -60,7 +60,7 @@ def make_train_step(model, labels: Any, tx: optax.GradientTransformation, loss_w
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-    trainable, frozen = optim.split(state["params"], labels)
+    trainable, frozen = optim.split(state["params"], mask)
     if accumulate_steps == 1:
       (loss, terms), grads = grad_fn(trainable, frozen, batch)
     else:
@@ -78,13 +78,13 @@ def make_train_step(model, labels: Any, tx: optax.GradientTransformation, loss_w
     # The optimizer sees the whole tree; frozen leaves get zeros, which set_to_zero discards (XLA removes them).
     full_grads = optim.merge(grads, jax.tree.map(jnp.zeros_like, frozen))
     updates, opt = tx.update(full_grads, state["opt"], state["params"])
-    params = optim.apply_updates(state["params"], updates, labels)
+    params = optim.apply_updates(state["params"], updates, mask)
     metrics = dict(terms)
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.tree.norm(grads)
     # The new trainable parameters too: a finite loss and gradient can still give an inf/NaN update (a huge or
     # NaN learning rate), and the state after this step is what the next checkpoint saves.
-    new_trainable, _ = optim.split(params, labels)
+    new_trainable, _ = optim.split(params, mask)
     metrics["finite"] = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_trainable)
     return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
 
@@ -106,7 +106,7 @@ def make_eval_step(model) -> Callable[[Any, Batch], jax.Array]:
   return eval_step
 
 
-def jit_steps(config, model, labels: Any, tx: optax.GradientTransformation, params: Any, state_shapes: State,
+def jit_steps(config, model, mask: Any, tx: optax.GradientTransformation, params: Any, state_shapes: State,
               mesh: jax.sharding.Mesh):
   """The jitted train and eval steps of a run, with their shardings: what train.py runs, built from shapes alone.
 
@@ -121,7 +121,7 @@ def jit_steps(config, model, labels: Any, tx: optax.GradientTransformation, para
   b_sh = mesh_lib.batch_sharding(mesh)
   rep = mesh_lib.replicated(mesh)
   weights = {k: float(config.loss[k]) for k in ("rank", "l1", "cls", "aux")}
-  train_step = jax.jit(make_train_step(model, labels, tx, weights, config.train.accumulate_steps),
+  train_step = jax.jit(make_train_step(model, mask, tx, weights, config.train.accumulate_steps),
                        in_shardings=(s_sh, b_sh), out_shardings=(s_sh, rep), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(p_sh, b_sh), out_shardings=rep)
   return train_step, eval_step, s_sh, p_sh, b_sh

@@ -25,9 +25,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from mcpf_jax import clip, metrics, runs
+from mcpf_jax import clip, metrics, runs, scores
 from mcpf_jax import model as iqa
 from mcpf_jax.data import pipeline
+from mcpf_jax.model import freeze
 from mcpf_jax.train import checkpoints as ckpt_lib
 from mcpf_jax.train import data_setup, identity, launch, optim, preemption, restore
 from mcpf_jax.train import mesh as mesh_lib
@@ -50,7 +51,7 @@ class Run:
   bundle: clip.Bundle
   model: iqa.IQAModel
   params: Any
-  labels: Any
+  mask: Any  # freeze.mask of params: which leaves train
   data: data_setup.DatasetSplits
 
   @property
@@ -61,7 +62,7 @@ class Run:
     return {
         "backbone": {"source": self.bundle.source, "fingerprint": self.bundle.fingerprint},
         "dataset": self.data.name,
-        "label_transform": dataclasses.asdict(self.data.labels),
+        "label_transform": dataclasses.asdict(self.data.score_map),
         "split": {k: len(v) for k, v in self.data.indices.items()},
         "config": json.loads(self.config.to_json_best_effort()),
     }
@@ -74,14 +75,14 @@ def build_run(config, workdir: str | pathlib.Path, *, dataset: str | None = None
   bundle = runs.load_clip(config, workdir)
   splits = data_setup.load(config, workdir, dataset=dataset)
   model, params = iqa.build(config.model, bundle, jax.random.key(config.seed))
-  labels = optim.trainable_labels(params, config.model.trainable)
-  trainable, _ = optim.split(params, labels)
+  mask = freeze.mask(params, config.model.trainable)
+  trainable, _ = optim.split(params, mask)
   low = sorted(k for k, v in trainable.items() if v.dtype != jnp.float32)
   if low:
     raise ValueError(f"clip.param_dtype={config.clip.param_dtype!r} stores trainable parameters in low precision "
                      f"({low[0]}, ... {len(low)} leaves): model.trainable={config.model.trainable!r} trains the "
                      "backbone, whose weights must then stay float32 (clip.param_dtype=float32)")
-  return Run(config, workdir, mesh, bundle, model, params, labels, splits)
+  return Run(config, workdir, mesh, bundle, model, params, mask, splits)
 
 
 def _predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding,
@@ -103,7 +104,7 @@ def _predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding
   decoded = 0
   for batch in pipeline.eval_batches(run.data.source, indices, batch_size=cfg.eval.batch_size // n_proc,
                                      image_size=run.image_size, resize=cfg.data.resize,
-                                     num_crops=cfg.eval.num_crops, labels=run.data.labels,
+                                     num_crops=cfg.eval.num_crops, score_map=run.data.score_map,
                                      num_workers=cfg.data.num_workers, shard_index=pid, shard_count=n_proc):
     local = {"image": batch["image"], "index": batch["index"].astype(np.int32), "weight": batch["weight"]}
     decoded += int(batch["weight"].sum())
@@ -129,7 +130,7 @@ def evaluate_split(run: Run, params: Any, split: str, eval_fn, batch_sharding,
   """Metrics and per-image predictions (on the dataset's MOS scale) for one split."""
   idx = run.data.indices[split]
   score01 = _predict(run, params, idx, eval_fn, batch_sharding, stop)
-  pred = run.data.labels.to_mos(score01)
+  pred = run.data.score_map.to_mos(score01)
   mos = run.data.mos[idx]
   result = metrics.evaluate(pred, mos, higher_is_better=run.data.higher_is_better)
   result.update(dataset=run.data.name, split=split)
@@ -138,7 +139,7 @@ def evaluate_split(run: Run, params: Any, split: str, eval_fn, batch_sharding,
 
 
 def _jit_steps(run: Run, tx, state_shapes):
-  return step_lib.jit_steps(run.config, run.model, run.labels, tx, run.params, state_shapes, run.mesh)
+  return step_lib.jit_steps(run.config, run.model, run.mask, tx, run.params, state_shapes, run.mesh)
 
 
 def _last_good(ckpts: ckpt_lib.Checkpoints) -> str:
@@ -227,7 +228,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
                      f"{cfg.train.batch_size}")
   ocfg = _optim_config(cfg, steps_per_epoch)
   total = ocfg.total_steps
-  tx = optim.make_optimizer(ocfg, run.labels)
+  tx = optim.make_optimizer(ocfg, run.mask)
   state = step_lib.init_state(run.params, tx)
   train_step, eval_step, s_sh, _p_sh, b_sh = _jit_steps(run, tx, state)
   state = jax.device_put(state, s_sh)
@@ -238,17 +239,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   if ckpts.latest_step() is not None:
     start = ckpts.latest_step()
     runs.check_backbone(ckpts.restore_meta(start), run.bundle.source, run.bundle.fingerprint, ckpts.directory)
-    state = ckpts.restore(start, state, run.labels, s_sh)
+    state = ckpts.restore(start, state, run.mask, s_sh)
     log.info("resumed from %s/%d", ckpts.directory, start)
   elif cfg.init_from:
-    params, where = restore.init_from(cfg, run.bundle, run.params, run.labels, run.mesh)
+    params, where = restore.init_from(cfg, run.bundle, run.params, run.mask, run.mesh)
     state = dict(state, params=jax.device_put(params, s_sh["params"]))
     log.info("step 0 starts from the trainable weights of %s", where)
   # The input stream at step t is a function of t alone (one global order), so a resumed run, on any number of
   # processes or workers, continues exactly where the checkpoint is.
   loader = pipeline.train_loader(run.data.source, train_idx, batch_size=cfg.train.batch_size,
                                  image_size=run.image_size, resize=cfg.data.resize, seed=cfg.seed,
-                                 labels=run.data.labels, num_workers=cfg.data.num_workers,
+                                 score_map=run.data.score_map, num_workers=cfg.data.num_workers,
                                  shard_index=jax.process_index(), shard_count=n_proc, start_batch=start)
   # Batches reach the devices ahead of the step that needs them.
   device_batches = mesh_lib.prefetch_to_device(loader, b_sh, size=cfg.data.prefetch_to_device)
@@ -256,7 +257,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   log.info("%s | %s on %s: %d train / %d val / %d test images, %d steps (%d per epoch), %d trainable of %d "
            "parameters", mesh_lib.describe(run.mesh), cfg.model.name, run.data.name, len(train_idx),
            len(run.data.indices["val"]), len(run.data.indices["test"]), total, steps_per_epoch,
-           optim.count(run.params, run.labels), optim.count(run.params))
+           freeze.count(run.params, run.mask), freeze.count(run.params))
 
   writer = None
   if jax.process_index() == 0:
@@ -280,7 +281,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     return fetched[-1][1] if fetched else None
 
   def save(step: int, val_metrics: dict[str, float] | None) -> None:
-    ckpts.save(step, state, run.labels, None, meta, val_metrics)
+    ckpts.save(step, state, run.mask, None, meta, val_metrics)
 
   def stopped(step: int, where: str) -> preemption.Stopped:
     """Saves `step` (not validated: it does not compete for the best checkpoint), waits until it is durable."""
@@ -458,11 +459,11 @@ def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | Non
     if split_rec is not None:
       run.data.indices.update(identity.indices_from_split(split_rec, run.data.names, workdir))
   # Labels map to the MOS scale of the TRAINING split, as saved, whatever dataset is evaluated.
-  run.data = dataclasses.replace(run.data, labels=pipeline.LabelTransform(**meta["label_transform"]))
+  run.data = dataclasses.replace(run.data, score_map=scores.ScoreMap(**meta["label_transform"]))
   split = "all" if cross else (split or "test")
-  tx = optim.make_optimizer(_optim_config(cfg, 1), run.labels)
+  tx = optim.make_optimizer(_optim_config(cfg, 1), run.mask)
   _, eval_step, _, _, b_sh = _jit_steps(run, tx, step_lib.init_state(run.params, tx))
-  params = restore.restore_params(cfg, ckpts, step, run.params, run.labels, run.mesh)
+  params = restore.restore_params(cfg, ckpts, step, run.params, run.mask, run.mesh)
   try:
     with preemption.StopRequest() as stop:
       result, rows = evaluate_split(run, params, split, eval_step, b_sh, stop)
