@@ -27,6 +27,7 @@ smoke: setup
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile -q tests

@@ -6,17 +6,17 @@ Data: 12 scikit-image photos x (pristine + blur/noise/JPEG at 5 levels), MOS = 5
 """
 
 from configs import base
-from mcpf_jax.clip import tiny
+from mcpf_jax.smoke import backbone
 
 
 def get_config():
   c = base.get_config()
   c.clip.name = "tiny"  # a tiny CLIP written into <workdir>/tiny_clip in the Hugging Face format
-  c.clip.tiny_seed = tiny.SMOKE_SEED
+  c.clip.tiny_seed = backbone.SEED
   # Random text tower; the vision tower is the bundled one pre-trained on procedural dead-leaves images (never on
   # a smoke photo): a random tower carries too little quality information for any prompt to rank unseen photos
-  # (mcpf_jax/clip/tiny_pretrain.py has the numbers). A softer temperature than CLIP's 100 suits the tiny model.
-  c.clip.tiny = dict(**tiny.SMOKE_SIZES, logit_scale=10.0, vision_weights="smoke")
+  # (mcpf_jax/smoke/pretrain.py has the numbers). A softer temperature than CLIP's 100 suits the tiny model.
+  c.clip.tiny = dict(**backbone.SIZES, logit_scale=10.0, vision_weights="smoke")
 
   c.model.prompt_depth = 3
   c.model.num_text_prompts = 4

@@ -156,8 +156,8 @@ def load_clip(config, workdir: str | pathlib.Path, *, name: str | None = None) -
   """
   name = name or config.clip.name
   if name == "tiny":
-    from mcpf_jax.clip.tiny import write_tiny_clip  # pylint: disable=g-import-not-at-top
-    name = str(write_tiny_clip(pathlib.Path(workdir) / "tiny_clip", seed=config.clip.tiny_seed,
+    from mcpf_jax.smoke import backbone  # pylint: disable=g-import-not-at-top
+    name = str(backbone.write(pathlib.Path(workdir) / "tiny_clip", seed=config.clip.tiny_seed,
                                **config.clip.tiny))
   return clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat,
                    param_dtype=config.clip.get("param_dtype", "float32"))

@@ -20,8 +20,8 @@ import pytest
 from safetensors import safe_open
 
 from mcpf_jax import images, pretrained, runs
-from mcpf_jax.clip.tiny import write_tiny_clip
 from mcpf_jax.scoring import Scorer
+from mcpf_jax.smoke import backbone
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OLD = REPO / "tests" / "fixtures" / "old_checkpoint"
@@ -129,8 +129,8 @@ def test_a_missing_backbone_is_a_clear_error_and_clip_provides_it(exported, cliv
   with_clip = Scorer.from_pretrained(small, clip_name=exported["tiny_clip"], batch_size=4)
   full = Scorer.from_pretrained(exported["full"], batch_size=4)
   assert with_clip.score(img)[0].score == pytest.approx(full.score(img)[0].score, abs=1e-6)
-  other = write_tiny_clip(exported["root"] / "other_clip", seed=exported["config"].clip.tiny_seed + 1,
-                          **exported["config"].clip.tiny)
+  other = backbone.write(exported["root"] / "other_clip", seed=exported["config"].clip.tiny_seed + 1,
+                         **exported["config"].clip.tiny)
   with pytest.raises(ValueError, match=rf"fingerprint {fingerprint}.*has fingerprint"):
     Scorer.from_pretrained(small, clip_name=other)
 

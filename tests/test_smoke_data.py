@@ -1,4 +1,4 @@
-"""Tests of the built-in smoke data (mcpf_jax.data.smoke): real photos, known distortion levels, real formats."""
+"""Tests of the built-in smoke data (mcpf_jax.smoke.data): real photos, known distortion levels, real formats."""
 
 import csv
 import itertools
@@ -11,7 +11,8 @@ import tensorflow_datasets as tfds
 
 import mcpf_jax.data
 from mcpf_jax import images, scores
-from mcpf_jax.data import pipeline, smoke, splits
+from mcpf_jax.data import pipeline, splits
+from mcpf_jax.smoke import data as smoke
 
 SHORT = 64  # a small short side keeps the tests fast; the default is 256
 

@@ -103,7 +103,7 @@ def _rebuilt_smoke_data(original: pathlib.Path, out: pathlib.Path) -> None:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   from mcpf_jax import data  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.data import smoke  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.smoke import data as smoke  # pylint: disable=g-import-not-at-top
   release = out / "smoke_release"
   shutil.copytree(original / "smoke_release", release)
   csv_path = release / smoke.CSV_NAME

@@ -4,8 +4,8 @@ No machine of this project can download weights, so the smoke config builds one 
 model.safetensors (PyTorch key names and layouts, loadable by transformers' CLIPModel) + the real CLIP tokenizer
 files (the 49,408-token vocabulary shipped in mcpf_jax/clip/assets).
 
-The smoke config's tiny CLIP keeps a random text tower but takes the bundled vision tower pre-trained on
-procedural dead-leaves images (`vision_weights="smoke"`, see `mcpf_jax.clip.tiny_pretrain` for why and how).
+A vision tower from a file can replace the random one (`vision_weights=`): the smoke run's pre-trained tower is
+one (mcpf_jax.smoke.backbone).
 """
 
 from __future__ import annotations
@@ -36,16 +36,7 @@ def tiny_config(*, width: int = 64, layers: int = 4, heads: int = 4, image_size:
   return CLIPConfig(text=text, vision=vision, projection_dim=embed_dim, **changes)
 
 
-# The smoke config's tiny CLIP (configs/smoke.py: c.clip.tiny, c.clip.tiny_seed): the bundled pre-trained vision
-# tower (tiny_pretrain.ASSET) is made for exactly these sizes.
-SMOKE_SIZES = dict(width=64, layers=4, heads=4, image_size=64, patch_size=8, embed_dim=64)
-SMOKE_SEED = 0
-VISION_WEIGHTS = {"smoke": "tiny_smoke_vision.safetensors"}  # names of bundled vision towers (in clip/assets)
 VISION_TOWER = ("vision_model", "visual_projection")  # the top-level parameter groups a vision-tower file holds
-
-
-def smoke_tiny_config() -> CLIPConfig:
-  return tiny_config(**SMOKE_SIZES)
 
 
 def perturbed_params(config: CLIPConfig, seed: int = 0, scale: float = 0.1, *, logit_scale: float = 100.0,
@@ -61,7 +52,7 @@ def perturbed_params(config: CLIPConfig, seed: int = 0, scale: float = 0.1, *, l
       minus its Gaussian blur at sigma 0.5, 1 or 2 px; norm 3). A purely random backbone's features barely
       reflect image sharpness or noise, so no prompt can rank distortion levels on unseen photos (a linear probe
       on its image features reaches held-out SRCC 0.27 on the smoke data; with these filters 0.6-0.7, measured).
-      The smoke config now uses the pre-trained tower of `tiny_pretrain` instead (probe 0.90).
+      The smoke config uses the pre-trained tower of `mcpf_jax.smoke.pretrain` instead.
   """
   params = init_random(config, seed)
   leaves, treedef = jax.tree.flatten(params)
@@ -82,7 +73,7 @@ def perturbed_params(config: CLIPConfig, seed: int = 0, scale: float = 0.1, *, l
 
 
 def load_vision_tower(path: str | os.PathLike[str], config: CLIPConfig) -> dict[str, Any]:
-  """A vision-tower file (`tiny_pretrain.save_tower`) -> {vision_model: ..., visual_projection: ...} for `config`.
+  """A vision-tower file (`smoke.pretrain.save_tower`) -> {vision_model: ..., visual_projection: ...} for `config`.
 
   Raises:
     FileNotFoundError: no such file.
@@ -91,7 +82,7 @@ def load_vision_tower(path: str | os.PathLike[str], config: CLIPConfig) -> dict[
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such vision-tower file (expected a safetensors file of "
-                            "mcpf_jax.clip.tiny_pretrain.save_tower)")
+                            "mcpf_jax.smoke.pretrain.save_tower)")
   return read_safetensors(path, config, groups=VISION_TOWER)
 
 
@@ -99,22 +90,16 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
   return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
-def vision_weights_path(vision_weights: str) -> pathlib.Path:
-  """A bundled tower's name (VISION_WEIGHTS) or a file path -> the safetensors file."""
-  if vision_weights in VISION_WEIGHTS:
-    return pathlib.Path(__file__).resolve().parent / "assets" / VISION_WEIGHTS[vision_weights]
-  return pathlib.Path(vision_weights).expanduser()
-
-
 def write_tiny_clip(folder: str | os.PathLike[str], *, seed: int = 0, logit_scale: float = 100.0,
-                    highpass_patches: bool = False, vision_weights: str | None = None,
+                    highpass_patches: bool = False, vision_weights: str | os.PathLike[str] | None = None,
+                    vision_weights_name: str | None = None,
                     **config_changes: Any) -> pathlib.Path:
   """Writes a tiny random CLIP folder (HF format, with tokenizer files) and returns its path.
 
-  `logit_scale` and `highpass_patches` as in `perturbed_params`; `vision_weights`: None (all random), the name of
-  a bundled pre-trained vision tower ("smoke": see `mcpf_jax.clip.tiny_pretrain`) or the path of a safetensors
-  file of `tiny_pretrain.save_tower`; it replaces the vision tower and visual projection (the text tower and logit
-  scale stay random). The rest changes `tiny_config`.
+  `logit_scale` and `highpass_patches` as in `perturbed_params`; `vision_weights`: None (all random) or the path
+  of a vision-tower safetensors file (`load_vision_tower`), which replaces the vision tower and visual projection
+  (the text tower and logit scale stay random); `vision_weights_name` is what the recipe records for it (default:
+  the path as given). The rest changes `tiny_config`.
 
   Idempotent: a folder already written with the same recipe (mcpf_tiny.json: seed, options, config) is left as
   it is, so resumed runs and later eval/score runs read the same backbone.
@@ -123,12 +108,12 @@ def write_tiny_clip(folder: str | os.PathLike[str], *, seed: int = 0, logit_scal
   config = tiny_config(**config_changes)
   recipe = {"seed": seed, "logit_scale": logit_scale, "highpass_patches": highpass_patches, "config": config.to_hf()}
   if vision_weights is not None:
-    tower_file = vision_weights_path(vision_weights)
+    tower_file = pathlib.Path(vision_weights).expanduser()
     if not tower_file.is_file():
-      raise FileNotFoundError(f"{tower_file}: no such vision-tower file (vision_weights={vision_weights!r}: a "
-                              f"bundled name {sorted(VISION_WEIGHTS)} or a safetensors file of "
-                              "tiny_pretrain.save_tower)")
-    recipe["vision_weights"] = {"name": vision_weights, "sha256": file_sha256(tower_file)}
+      raise FileNotFoundError(f"{tower_file}: no such vision-tower file (vision_weights: a safetensors file of "
+                              "mcpf_jax.smoke.pretrain.save_tower)")
+    name = str(vision_weights) if vision_weights_name is None else vision_weights_name
+    recipe["vision_weights"] = {"name": name, "sha256": file_sha256(tower_file)}
   marker = folder / "mcpf_tiny.json"
   if (marker.exists() and (folder / "model.safetensors").exists()
       and json.loads(marker.read_text()) == json.loads(json.dumps(recipe))):

@@ -17,7 +17,8 @@ import tensorflow_datasets as tfds
 
 from mcpf_jax import data as datasets
 from mcpf_jax import scores
-from mcpf_jax.data import smoke, splits
+from mcpf_jax.data import splits
+from mcpf_jax.smoke import data as smoke
 from mcpf_jax.train import mesh as mesh_lib
 
 SMOKE = "smoke"

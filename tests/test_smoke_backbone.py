@@ -1,4 +1,4 @@
-"""The smoke CLIP's pre-trained vision tower (mcpf_jax.clip.tiny_pretrain): data, training, the bundled file.
+"""The smoke CLIP's pre-trained vision tower (mcpf_jax.smoke.backbone, .pretrain): data, training, the file.
 
 The claim behind the bundled tower is measured here on the real smoke photos: a ridge read-out of its frozen image
 features ranks the distortion levels of photos it never saw far better than the same read-out of the random tower
@@ -15,9 +15,11 @@ import transformers
 from safetensors import safe_open
 
 from mcpf_jax import clip
-from mcpf_jax.clip import tiny, tiny_pretrain
+from mcpf_jax.clip import tiny
 from mcpf_jax.clip.preprocess import normalize
-from mcpf_jax.data import smoke
+from mcpf_jax.smoke import backbone
+from mcpf_jax.smoke import data as smoke
+from mcpf_jax.smoke import pretrain as tiny_pretrain
 
 
 def _gradient_energy(img: np.ndarray) -> float:
@@ -76,7 +78,7 @@ def test_pretrain_learns_and_touches_only_the_vision_tower():
 
 
 def test_save_and_load_tower_round_trip_and_errors(tmp_path):
-  config = tiny.smoke_tiny_config()
+  config = backbone.config()
   params = tiny.perturbed_params(config, 4)
   path = tiny_pretrain.save_tower(tmp_path / "tower.safetensors", params, {"note": "test"})
   back = tiny.load_vision_tower(path, config)
@@ -93,20 +95,20 @@ def test_save_and_load_tower_round_trip_and_errors(tmp_path):
 
 
 def test_bundled_tower_matches_its_recipe_and_goes_into_the_tiny_clip(tmp_path):
-  path = tiny.vision_weights_path("smoke")
+  path = backbone.tower_path("smoke")
   assert path == tiny_pretrain.ASSET and path.is_file()
   with safe_open(str(path), framework="numpy") as f:
     meta = json.loads(f.metadata()["mcpf_recipe"])
   assert meta["recipe"] == tiny_pretrain.RECIPE
-  assert meta["config"] == tiny.smoke_tiny_config().to_hf()
-  folder = tiny.write_tiny_clip(tmp_path / "tiny", seed=tiny.SMOKE_SEED, vision_weights="smoke",
-                                **tiny.SMOKE_SIZES)
+  assert meta["config"] == backbone.config().to_hf()
+  folder = backbone.write(tmp_path / "tiny", seed=backbone.SEED, vision_weights="smoke",
+                                **backbone.SIZES)
   recipe = json.loads((folder / "mcpf_tiny.json").read_text())
   assert recipe["vision_weights"] == {"name": "smoke", "sha256": tiny.file_sha256(path)}
   bundle = clip.load(folder)
-  tower = tiny.load_vision_tower(path, tiny.smoke_tiny_config())
+  tower = tiny.load_vision_tower(path, backbone.config())
   assert clip.fingerprint({k: bundle.params[k] for k in tiny.VISION_TOWER}) == clip.fingerprint(tower)
-  random = tiny.perturbed_params(tiny.smoke_tiny_config(), tiny.SMOKE_SEED)
+  random = tiny.perturbed_params(backbone.config(), backbone.SEED)
   assert clip.fingerprint(bundle.params["text_model"]) == clip.fingerprint(random["text_model"])
   # Still a real Hugging Face checkpoint: transformers loads every tensor, nothing missing or unexpected.
   model, info = transformers.CLIPModel.from_pretrained(folder, output_loading_info=True)
@@ -158,8 +160,8 @@ def _held_out_srcc(feats, mos, photo) -> float:
 
 @pytest.mark.slow
 def test_bundled_tower_sees_quality_on_photos_it_never_saw(tmp_path, smoke_photos):
-  pretrained = clip.load(tiny.write_tiny_clip(tmp_path / "pre", vision_weights="smoke", **tiny.SMOKE_SIZES))
-  random = clip.load(tiny.write_tiny_clip(tmp_path / "random", **tiny.SMOKE_SIZES))
+  pretrained = clip.load(backbone.write(tmp_path / "pre", vision_weights="smoke", **backbone.SIZES))
+  random = clip.load(tiny.write_tiny_clip(tmp_path / "random", **backbone.SIZES))
   srcc_pre = _held_out_srcc(*_features(pretrained, smoke_photos))
   srcc_random = _held_out_srcc(*_features(random, smoke_photos))
   assert srcc_pre >= 0.75, (srcc_pre, srcc_random)

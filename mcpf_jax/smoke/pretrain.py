@@ -9,17 +9,16 @@ start, without ever seeing a smoke photo.
 
 What: `dead_leaves` draws images of the classical dead-leaves model (occluding discs with power-law radii, flat or
 textured: natural-image-like 1/f spectra and edges), `pretraining_set` degrades each by the SAME distortion family as
-the smoke data (`mcpf_jax.data.smoke`: blur, noise, JPEG at five levels, MOS = 5 - 0.8 level), and `pretrain` trains
+the smoke data (`mcpf_jax.smoke.data`: blur, noise, JPEG at five levels, MOS = 5 - 0.8 level), and `pretrain` trains
 the vision tower + visual projection of a tiny CLIP (text tower untouched) to predict that MOS from one 64-px crop
 through a linear read-out of the normalised image feature (MSE + pairwise logistic ranking), AdamW. The read-out is
 dropped; only the tower is kept.
 
 The result is bundled (`assets/tiny_smoke_vision.safetensors`, PyTorch key names and layouts of transformers'
-CLIPModel, the recipe in its metadata; `tiny.load_vision_tower` reads it) and
-`tiny.write_tiny_clip(vision_weights="smoke")` puts it into the tiny CLIP
-it writes; the text tower and logit scale stay random. Regenerate it with
+CLIPModel, the recipe in its metadata; `tiny.load_vision_tower` reads it) and `backbone.write(vision_weights="smoke")`
+puts it into the tiny CLIP it writes; the text tower and logit scale stay random. Regenerate it with
 
-    python -m mcpf_jax.clip.tiny_pretrain --out mcpf_jax/clip/assets/tiny_smoke_vision.safetensors
+    python -m mcpf_jax.smoke.pretrain --out mcpf_jax/smoke/assets/tiny_smoke_vision.safetensors
 
 (~15 min on 2 CPU cores: 2.5 min of images, 12 min of training; bitwise only on the same jax/XLA build and
 machine).
@@ -49,9 +48,10 @@ from mcpf_jax.clip import checkpoint, tiny
 from mcpf_jax.clip.config import CLIPConfig
 from mcpf_jax.clip.model import CLIP
 from mcpf_jax.clip.preprocess import normalize
-from mcpf_jax.data import smoke
+from mcpf_jax.smoke import backbone
+from mcpf_jax.smoke import data as smoke
 
-ASSET = pathlib.Path(__file__).resolve().parent / "assets" / "tiny_smoke_vision.safetensors"
+ASSET = backbone.TOWERS["smoke"]
 
 # The recipe of the bundled asset (also written into its metadata).
 RECIPE = dict(num_images=960, image_size=128, data_seed=0, steps=4000, batch_size=64, lr=1e-3, warmup_steps=100,
@@ -236,15 +236,15 @@ def build_asset(out: str | os.PathLike[str], *, recipe: dict[str, Any] | None = 
                 workers: int | None = None) -> dict[str, Any]:
   """Builds the smoke vision tower from scratch with `recipe` (default RECIPE) and writes it to `out`."""
   recipe = dict(RECIPE, **(recipe or {}))
-  config = tiny.smoke_tiny_config()
+  config = backbone.config()
   start = time.time()
   images, mos = pretraining_set(recipe["num_images"], recipe["image_size"], recipe["data_seed"], workers)
   data_s = time.time() - start
-  params = tiny.perturbed_params(config, tiny.SMOKE_SEED)
+  params = tiny.perturbed_params(config, backbone.SEED)
   params, losses = pretrain(config, params, images, mos, steps=recipe["steps"], batch_size=recipe["batch_size"],
                             lr=recipe["lr"], warmup_steps=recipe["warmup_steps"],
                             weight_decay=recipe["weight_decay"], train_seed=recipe["train_seed"])
-  meta = {"recipe": recipe, "config": config.to_hf(), "init": f"tiny.perturbed_params(seed={tiny.SMOKE_SEED})",
+  meta = {"recipe": recipe, "config": config.to_hf(), "init": f"tiny.perturbed_params(seed={backbone.SEED})",
           "final_loss_mean_last_100": float(np.mean(losses[-100:])), "data_seconds": round(data_s, 1),
           "train_seconds": round(time.time() - start - data_s, 1), "jax": jax.__version__}
   save_tower(out, params, meta)
