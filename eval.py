@@ -23,7 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "optional: a config fi
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "best | latest | a step (default: config.eval.checkpoint)")
-_DATASET = flags.DEFINE_string("dataset", None, "evaluate on another dataset (default: the test split)")
+_DATASET = flags.DEFINE_string("dataset", None,
+                                "evaluate on another dataset, all of it (default: the test part of the run's split)")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -41,7 +42,7 @@ def main(argv):
   except preemption.Stopped as e:  # SIGTERM / SIGINT: nothing written
     print(f"eval.py: {e}", file=sys.stderr)
     sys.exit(e.status)
-  print(json.dumps({k: result[k] for k in ("dataset", "split", "checkpoint_step", "srcc", "plcc", "plcc_logistic",
+  print(json.dumps({k: result[k] for k in ("dataset", "part", "checkpoint_step", "srcc", "plcc", "plcc_logistic",
                                            "krcc", "rmse", "num_images")}))
 
 

@@ -3,7 +3,7 @@
 Starting again with the same --workdir resumes from its latest checkpoint, with the same config: a restart that
 changes what is computed (model, data, split, loss, optimizer, batch, seed, ...) is refused, naming each field; the
 fields that may change are listed in the README. `--config.init_from=runs/koniq` starts a NEW run from another run's
-trained weights. `--config.splits=10` runs the papers'
+trained weights. `--config.num_splits=10` runs the papers'
 10-split protocol (each split in <workdir>/split_<s>) and writes <workdir>/protocol.json. On several hosts pass
 --distributed on every host (jax.distributed.initialize() detects the cluster), or --coordinator_address HOST:PORT
 --num_processes N --process_id I. SIGTERM / SIGINT: the run finishes its step, saves it and exits with status 143
@@ -40,9 +40,9 @@ def main(argv):
 
 
 def _train(config, protocol, trainer):
-  if config.splits > 1:
+  if config.num_splits > 1:
     out = protocol.run(config, _WORKDIR.value)
-    print(json.dumps({"splits": out["splits"], "srcc_median": out["summary"]["srcc"]["median"],
+    print(json.dumps({"num_splits": out["num_splits"], "srcc_median": out["summary"]["srcc"]["median"],
                       "plcc_median": out["summary"]["plcc"]["median"]}))
   else:
     summary = trainer.train_and_evaluate(config, _WORKDIR.value)

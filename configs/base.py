@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.name = "livec"  # a dataset of mcpf_jax.data (prepared with `python -m mcpf_jax.data.prepare`)
   c.data.data_dir = "~/tensorflow_datasets"  # where prepared datasets live ("" = <workdir>/data)
   c.data.manual_dir = placeholder(str)  # the official extracted folder; set to prepare on first use
-  c.data.split = "seed"  # "seed": a seeded 80/20 split by content; "official": the dataset's own split
+  c.data.split_protocol = "seed"  # "seed": a seeded 80/20 split by content; "official": the dataset's own split
   c.data.split_seed = 0  # seeds 0..9 are the protocol's ten splits
   c.data.train_fraction = 0.8
   c.data.val_fraction = 0.1  # of the training contents, held out to pick the best checkpoint (0 = none)
@@ -65,7 +65,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.accumulate_steps = 1  # gradient accumulation micro-batches per step
   c.train.log_every = 10  # steps between log lines / TensorBoard scalars
   c.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
-  c.train.eval_every = 0  # steps between held-out evaluations (0 = only at checkpoints)
   c.train.checkpoint_minutes = 30.0  # also save when this long passed since the last save (bounds what a hard kill
   # loses; such saves are not validated and never become the best checkpoint). 0 = off
   c.train.keep = 3  # most recent checkpoints kept (the best one is always kept too)
@@ -93,5 +92,5 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.init_from = placeholder(str)  # another run's workdir: step 0 starts from its trained prompts/fusion (fine-tuning)
   c.init_from_checkpoint = "best"  # which checkpoint of init_from: best | latest | a step
-  c.splits = 1  # >1 runs the protocol: splits 0..N-1, each trained and evaluated, median reported
+  c.num_splits = 1  # >1 runs the protocol: splits 0..N-1, each trained and evaluated, median reported
   return c

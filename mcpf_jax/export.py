@@ -155,12 +155,13 @@ def model_card(record: dict[str, Any], *, num_params: int) -> str:
   direction = "higher is better" if score["higher_is_better"] else "LOWER is better (a DMOS scale)"
   ds, split = train.get("dataset") or {}, train.get("split") or {}
   ev = train.get("eval")  # eval.py's eval.json; else train.py's final test evaluation
+  part = lambda e: e.get("part", e.get("split"))  # "split" in results written before the key was renamed
   if ev:
-    eval_what = (f"`eval.py` on {ev.get('dataset')} ({ev.get('split')} split, checkpoint step "
+    eval_what = (f"`eval.py` on {ev.get('dataset')} ({part(ev)} part, checkpoint step "
                  f"{ev.get('checkpoint_step')}; trained on {ev.get('trained_on')}):")
   elif train.get("test"):
     ev = train["test"]
-    eval_what = f"`train.py`'s test evaluation at the end of training ({ev.get('dataset')}, {ev.get('split')} split):"
+    eval_what = f"`train.py`'s test evaluation at the end of training ({ev.get('dataset')}, {part(ev)} part):"
   else:
     eval_what = ""
   backbone_where = ("included in `clip/` (Hugging Face CLIP format)" if back["included"] else

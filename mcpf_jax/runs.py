@@ -118,6 +118,37 @@ def locate(path: str | pathlib.Path, checkpoint: str | int) -> tuple[pathlib.Pat
                           "folder, or a checkpoints/<step> folder)")
 
 
+# Config fields renamed or dropped since runs were first written. Every saved config is read through
+# `upgrade_config`, so runs written before a rename still resume, evaluate, score and export.
+RENAMED_FIELDS = {"splits": "num_splits", "data.split": "data.split_protocol"}
+RETIRED_FIELDS = ("train.eval_every",)  # never read by any version
+
+
+def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
+  """A saved config (JSON data) with the fields of RENAMED_FIELDS under their current names, RETIRED_FIELDS gone."""
+  out = json.loads(json.dumps(config))
+
+  def parent(dotted: str) -> tuple[dict[str, Any] | None, str]:
+    *path, leaf = dotted.split(".")
+    node = out
+    for k in path:
+      node = node.get(k) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), leaf
+
+  for old, new in RENAMED_FIELDS.items():
+    node, leaf = parent(old)
+    if node is not None and leaf in node:
+      value = node.pop(leaf)
+      new_node, new_leaf = parent(new)
+      if new_node is not None:
+        new_node.setdefault(new_leaf, value)
+  for gone in RETIRED_FIELDS:
+    node, leaf = parent(gone)
+    if node is not None:
+      node.pop(leaf, None)
+  return out
+
+
 def read_run(workdir: str | pathlib.Path) -> dict[str, Any] | None:
   """<workdir>/run.json (the run's resolved config, dataset identity, split protocol, backbone), or None."""
   path = pathlib.Path(workdir) / RUN_FILE
@@ -129,6 +160,7 @@ def read_run(workdir: str | pathlib.Path) -> dict[str, Any] | None:
     raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged") from e
   if "config" not in run:
     raise ValueError(f"{path}: has no 'config' field")
+  run["config"] = upgrade_config(run["config"])
   return run
 
 
@@ -145,7 +177,7 @@ def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """The training config saved in a checkpoint's `meta` item (JSON: tuples come back as lists)."""
   if "config" not in meta:
     raise ValueError("the checkpoint's meta item has no 'config' (written by an older version?)")
-  return ml_collections.ConfigDict(json.loads(json.dumps(meta["config"])))
+  return ml_collections.ConfigDict(upgrade_config(meta["config"]))
 
 
 def load_clip(config, workdir: str | pathlib.Path, *, name: str | None = None) -> clip.Bundle:

@@ -76,9 +76,9 @@ def test_a_config_per_dataset():
 def test_the_fields_read_are_found():
   """The scan finds what it should (so a config missing any of these would fail below)."""
   fields = _fields_read()
-  for f in ("train.batch_size", "train.checkpoint_every", "train.keep", "data.resize", "data.split", "eval.num_crops",
-            "mesh.data", "optim.lr", "optim.warmup_steps", "optim.grad_clip_norm", "clip.name", "model.trainable",
-            "seed", "splits"):
+  for f in ("train.batch_size", "train.checkpoint_every", "train.keep", "data.resize", "data.split_protocol",
+            "eval.num_crops", "mesh.data", "optim.lr", "optim.warmup_steps", "optim.grad_clip_norm", "clip.name",
+            "model.trainable", "seed", "num_splits"):
     assert f in fields, f
 
 
@@ -105,14 +105,14 @@ def test_config_builds(name):
   assert config.train.batch_size % config.train.accumulate_steps == 0
   assert config.train.checkpoint_every > 0 and config.train.keep > 0 and config.eval.num_crops > 0
   assert config.eval.checkpoint in ("best", "latest") or int(config.eval.checkpoint) >= 0
-  assert config.data.split in ("seed", "official")
-  if config.data.split == "official":
+  assert config.data.split_protocol in ("seed", "official")
+  if config.data.split_protocol == "official":
     assert datasets.info(config.data.name)["official_split_names"]
 
 
 def test_koniq_official_split_from_the_command_line():
-  config = _load("koniq10k", "--config.data.split=official", "--config.splits=10")
-  assert config.data.split == "official" and config.splits == 10
+  config = _load("koniq10k", "--config.data.split_protocol=official", "--config.num_splits=10")
+  assert config.data.split_protocol == "official" and config.num_splits == 10
   assert set(datasets.info("koniq10k")["official_split_names"]) == {"training", "validation", "test"}
 
 

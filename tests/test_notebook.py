@@ -68,7 +68,7 @@ def test_notebook_runs_end_to_end_on_cpu(shared_data, tmp_path, monkeypatch):
   workdir = pathlib.Path(overrides["WORKDIR"])
   summary, result = namespace["summary"], namespace["result"]
   assert summary["test"]["dataset"] == "livec" and summary["test"]["num_images"] >= 5
-  assert result["dataset"] == "livec" and result["split"] == "test"
+  assert result["dataset"] == "livec" and result["part"] == "test"
   assert result["num_images"] == summary["test"]["num_images"]
   for name in ("eval.json", "eval_predictions.csv", "eval_scatter.png"):
     assert (workdir / name).is_file(), name

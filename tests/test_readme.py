@@ -32,7 +32,7 @@ def test_make_smoke_runs_the_main_job(tmp_path):
                          f"SMOKE_ARGS={args}"], capture_output=True, text=True, env=env, timeout=900, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads((workdir / "eval.json").read_text())
-  assert result["dataset"] == "smoke" and result["split"] == "test" and result["num_images"] == 32
+  assert result["dataset"] == "smoke" and result["part"] == "test" and result["num_images"] == 32
   rows = (workdir / "eval_predictions.csv").read_text().splitlines()
   assert rows[0] == "name,mos,score" and len(rows) == 33
   assert (workdir / "eval_scatter.png").stat().st_size > 0

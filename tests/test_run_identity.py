@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import base, smoke
+from mcpf_jax import runs
 from mcpf_jax.train import identity, trainer
 
 
@@ -120,3 +121,17 @@ def test_eval_config_takes_the_run_and_only_eval_fields_from_the_command_line(ca
   with pytest.raises(identity.RunMismatchError, match="data.split_seed: the run has 3, the command line asks for 0"):
     trainer.eval_config(saved, given, explicit={"data.split_seed": 0})
   assert json.loads(trainer.eval_config(saved, None).to_json())["model"] == saved["model"]
+
+
+def test_configs_saved_before_a_rename_are_read_under_the_current_names(tmp_path):
+  """run.json / checkpoint meta written before `splits` -> `num_splits`, `data.split` -> `data.split_protocol`
+  (and with the retired `train.eval_every`) compare equal to today's config with the same values."""
+  old = json.loads(base.get_config().to_json_best_effort())
+  old["splits"] = old.pop("num_splits")
+  old["data"]["split"] = old["data"].pop("split_protocol")
+  old["train"]["eval_every"] = 0
+  assert runs.upgrade_config(old) == json.loads(base.get_config().to_json_best_effort())
+  assert identity.differences(runs.upgrade_config(old), base.get_config()) == []
+  (tmp_path / "run.json").write_text(json.dumps({"config": old}))
+  assert runs.read_run(tmp_path)["config"]["data"]["split_protocol"] == "seed"
+  assert runs.config_from_meta({"config": old}).num_splits == 1

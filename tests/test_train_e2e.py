@@ -64,7 +64,7 @@ def runs(tmp_path_factory) -> e2e.Runs:
       # An allowed change on restart (how often to log) resumes.
       ("resumed", train("resumed", overrides={"train.log_every": 1})),
       ("resumed:eval", evaluate("resumed:eval", extra=("--verbosity=0",))),
-      ("protocol", train("protocol", overrides={"splits": 2, "train.checkpoint_every": 9})),
+      ("protocol", train("protocol", overrides={"num_splits": 2, "train.checkpoint_every": 9})),
       # The config file says data.split_seed=0; split 1 must still be evaluated on its own test images.
       ("split_1:eval", lambda: commands.run("split_1:eval", "eval.py", split_1, extra=("--checkpoint=latest",))),
       ("split_1:eval-noconfig", lambda: commands.run("split_1:eval-noconfig", "eval.py", split_1,
@@ -261,7 +261,7 @@ def test_non_finite_loss_stops_naming_the_last_good_checkpoint(runs):
 def test_protocol_runner_reports_median_and_spread(runs):
   run = runs["protocol"].check()
   out = json.loads((run.workdir / "protocol.json").read_text())
-  assert out["splits"] == 2 and len(out["per_split"]) == 2
+  assert out["num_splits"] == 2 and len(out["per_split"]) == 2
   for s, result in enumerate(out["per_split"]):
     summary = json.loads((run.workdir / f"split_{s}" / "train_summary.json").read_text())
     assert result["srcc"] == summary["test"]["srcc"] and result["num_images"] == summary["test"]["num_images"]
@@ -275,7 +275,7 @@ def test_protocol_runner_reports_median_and_spread(runs):
   # sets of 32 images whose predictions rank alike give the same rank correlation, as seen in CI).
   first, second = ({k: r[k] for k in ("plcc", "rmse")} for r in out["per_split"])
   assert first["plcc"] != second["plcc"] and first["rmse"] != second["rmse"], (first, second)
-  assert run.json()["splits"] == 2 and run.json()["srcc_median"] == out["summary"]["srcc"]["median"]
+  assert run.json()["num_splits"] == 2 and run.json()["srcc_median"] == out["summary"]["srcc"]["median"]
 
 
 def test_logging_progress_bar_tensorboard_and_quiet_orbax(runs):

@@ -25,8 +25,9 @@ SMOKE = "smoke"
 
 
 @dataclasses.dataclass
-class DatasetSplits:
-  """A dataset with the record positions of each side of its split (`indices["train"|"val"|"test"|"all"]`)."""
+class RunData:
+  """The dataset as one run uses it: its source, the record positions of each part of its split
+  (`indices["train"|"val"|"test"|"all"]`), and the score map fitted on the training part."""
   name: str
   source: datasets.IqaSource
   indices: dict[str, np.ndarray]
@@ -86,7 +87,7 @@ def check_stored_size(src: datasets.IqaSource, config, name: str) -> None:
                      f"{config.data.resize})")
 
 
-def load(config, workdir: pathlib.Path, *, dataset: str | None = None) -> DatasetSplits:
+def load(config, workdir: pathlib.Path, *, dataset: str | None = None) -> RunData:
   """The configured dataset and its split; `dataset` (cross-dataset evaluation) is used whole, as "all"."""
   name = dataset or config.data.name
   src = open_source(config, name, workdir)
@@ -95,14 +96,15 @@ def load(config, workdir: pathlib.Path, *, dataset: str | None = None) -> Datase
   n = len(src)
   indices = {"all": np.arange(n, dtype=np.int64)}
   if dataset is None:
-    if config.data.split == "official":
+    if config.data.split_protocol == "official":
       official = splits.official_split_indices(src.official_split)
       if not official:
-        raise ValueError(f"data.split='official': dataset {name} has no official split; use data.split='seed'")
+        raise ValueError(f"data.split_protocol='official': dataset {name} has no official split; use "
+                         "data.split_protocol='seed'")
       indices["train"] = official.get("training", official.get("train"))
       indices["val"] = official.get("validation", np.zeros((0,), np.int64))
       indices["test"] = official["test"]
-    elif config.data.split == "seed":
+    elif config.data.split_protocol == "seed":
       train, test = splits.split_indices(src.content_ids, config.data.split_seed, config.data.train_fraction)
       val = np.zeros((0,), np.int64)
       if config.data.val_fraction > 0:
@@ -110,9 +112,9 @@ def load(config, workdir: pathlib.Path, *, dataset: str | None = None) -> Datase
       indices.update(train=train, val=val, test=test)
       splits.check_disjoint(src.content_ids, train, val, test)
     else:
-      raise ValueError(f"data.split={config.data.split!r}: expected 'seed' or 'official'")
+      raise ValueError(f"data.split_protocol={config.data.split_protocol!r}: expected 'seed' or 'official'")
     fit_on = indices["train"]
   else:
     fit_on = indices["all"]
   score_map = scores.ScoreMap.fit(src.mos[fit_on], higher_is_better=higher)
-  return DatasetSplits(name, src, indices, higher, score_map)
+  return RunData(name, src, indices, higher, score_map)

@@ -37,7 +37,6 @@ OBSERVE = (
     "train.checkpoint_every",  # checkpoint cadence
     "train.checkpoint_minutes",  # time-based checkpoint cadence
     "train.keep",  # checkpoint retention
-    "train.eval_every",  # (not read by the loop)
     "eval.batch_size",  # images per eval batch: padding rows carry weight 0, the scores do not depend on it
     "eval.checkpoint",  # which checkpoint eval.py restores
     "eval.dataset",  # cross-dataset evaluation target of eval.py
@@ -46,7 +45,7 @@ OBSERVE = (
     "model.image_chunk",  # images per vision-tower pass: speed only
     "data.num_workers",  # decoding processes: the input stream is a function of the step alone
     "data.prefetch_to_device",  # batches sent to the devices ahead of the step: same batches, same order
-    "splits",  # the protocol's number of splits (each split's own run has splits=1)
+    "num_splits",  # the protocol's number of splits (each split's own run has num_splits=1)
 )
 # Where the backbone and the dataset are read from: may move, their fingerprints are checked instead.
 IDENTITY_BY_FINGERPRINT = ("clip.name", "clip.revision", "data.data_dir", "data.manual_dir")
@@ -161,7 +160,7 @@ def check_dataset(saved: Mapping[str, Any], current: Mapping[str, Any], where: s
 
 def split_record(config: Any, names: np.ndarray, indices: Mapping[str, np.ndarray]) -> dict[str, Any]:
   """split.json: the protocol and seed, and the image names on each side."""
-  out = {"format": FORMAT, "protocol": config.data.split, "split_seed": int(config.data.split_seed),
+  out = {"format": FORMAT, "protocol": config.data.split_protocol, "split_seed": int(config.data.split_seed),
          "train_fraction": float(config.data.train_fraction), "val_fraction": float(config.data.val_fraction)}
   for side in ("train", "val", "test"):
     out[side] = [str(names[i]) for i in np.asarray(indices[side]).tolist()]

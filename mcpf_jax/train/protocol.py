@@ -27,17 +27,17 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Trains split s in <workdir>/split_<s> for s in 0..config.splits-1 (each resumable), then summarizes.
+  """Trains split s in <workdir>/split_<s> for s in 0..config.num_splits-1 (each resumable), then summarizes.
 
   Writes <workdir>/protocol.json: the summary, each split's test metrics ("per_split"), and each split's seed,
   workdir and split file ("runs").
   """
   workdir = pathlib.Path(workdir).expanduser()
   results, runs = [], []
-  for s in range(config.splits):
+  for s in range(config.num_splits):
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
-      cfg.splits = 1
+      cfg.num_splits = 1
       cfg.data.split_seed = s
     summary = trainer.train_and_evaluate(cfg, workdir / f"split_{s}")
     results.append(summary["test"])
@@ -45,7 +45,7 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
                  "split_file": f"split_{s}/{identity.SPLIT_FILE}", "run_file": f"split_{s}/{identity.RUN_FILE}",
                  "num_test": summary["test"]["num_images"]})
     log.info("split %d: test SRCC %.4f PLCC %.4f", s, summary["test"]["srcc"], summary["test"]["plcc"])
-  out = {"dataset": config.data.name, "model": config.model.name, "splits": config.splits,
+  out = {"dataset": config.data.name, "model": config.model.name, "num_splits": config.num_splits,
          "summary": summarize(results), "per_split": results,
          # Each split's seed and where its train/val/test images are listed by name (audit: eval.py --workdir
          # <workdir>/split_<s> evaluates exactly those test images).
@@ -53,6 +53,6 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "protocol.json").write_text(json.dumps(out, indent=2) + "\n")
   s = out["summary"]
-  log.info("%d splits of %s: median SRCC %.4f (IQR %.4f-%.4f), median PLCC %.4f", config.splits, config.data.name,
+  log.info("%d splits of %s: median SRCC %.4f (IQR %.4f-%.4f), median PLCC %.4f", config.num_splits, config.data.name,
            s["srcc"]["median"], s["srcc"]["q25"], s["srcc"]["q75"], s["plcc"]["median"])
   return out

@@ -52,7 +52,7 @@ class Run:
   model: iqa.IQAModel
   params: Any
   mask: Any  # freeze.mask of params: which leaves train
-  data: data_setup.DatasetSplits
+  data: data_setup.RunData
 
   @property
   def image_size(self) -> int:
@@ -125,15 +125,16 @@ def _predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding
   return out
 
 
-def evaluate_split(run: Run, params: Any, split: str, eval_fn, batch_sharding,
-                   stop: preemption.StopRequest | None = None) -> tuple[dict[str, Any], dict]:
-  """Metrics and per-image predictions (on the dataset's MOS scale) for one split."""
-  idx = run.data.indices[split]
+def evaluate_part(run: Run, params: Any, part: str, eval_fn, batch_sharding,
+                  stop: preemption.StopRequest | None = None) -> tuple[dict[str, Any], dict]:
+  """Metrics and per-image predictions (on the dataset's MOS scale) for one part ("train" | "val" | "test" |
+  "all") of the run's split."""
+  idx = run.data.indices[part]
   score01 = _predict(run, params, idx, eval_fn, batch_sharding, stop)
   pred = run.data.score_map.to_mos(score01)
   mos = run.data.mos[idx]
   result = metrics.evaluate(pred, mos, higher_is_better=run.data.higher_is_better)
-  result.update(dataset=run.data.name, split=split)
+  result.update(dataset=run.data.name, part=part)
   rows = {"name": [run.data.names[i] for i in idx], "mos": mos, "score": pred}
   return result, rows
 
@@ -324,7 +325,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
         val_metrics = None
         if len(run.data.indices["val"]) >= 3:
           try:
-            val, _ = evaluate_split(run, state["params"], "val", eval_step, b_sh, stop)
+            val, _ = evaluate_part(run, state["params"], "val", eval_step, b_sh, stop)
           except NonFiniteError as e:  # finite but huge parameters: not a checkpoint worth keeping
             raise NonFiniteError(f"step {done}: validation: {e}; stopped without saving. {_last_good(ckpts)}") from e
           except preemption.Stopped:
@@ -343,7 +344,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
         last_save = time.monotonic()
     bar.close()
     ckpts.wait()
-    test, rows = evaluate_split(run, state["params"], "test", eval_step, b_sh, stop)
+    test, rows = evaluate_part(run, state["params"], "test", eval_step, b_sh, stop)
   except preemption.Stopped:
     ckpts.close()
     raise
@@ -417,7 +418,7 @@ def eval_config(saved: Mapping[str, Any], config=None, explicit: Mapping[str, An
 
 
 def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | None = None,
-             dataset: str | None = None, split: str | None = None,
+             dataset: str | None = None, part: str | None = None,
              explicit: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Restores a checkpoint and evaluates it; writes eval.json, eval_predictions.csv and eval_scatter.png.
 
@@ -431,7 +432,7 @@ def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | Non
     checkpoint: "best", "latest" or a step (default: eval.checkpoint).
     dataset: another dataset to evaluate on (cross-dataset: all its images); default eval.dataset or the
       training dataset's test split.
-    split: which split of the training dataset ("test" by default).
+    part: which part of the run's split of the training dataset ("test" by default).
     explicit: the config fields set on the command line (refused unless evaluation fields; `eval_config`).
   """
   workdir = pathlib.Path(workdir).expanduser()
@@ -458,15 +459,15 @@ def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | Non
       identity.check_dataset(run_rec["dataset"], identity.dataset_identity(run.data.source, run.data.name), workdir)
     if split_rec is not None:
       run.data.indices.update(identity.indices_from_split(split_rec, run.data.names, workdir))
-  # Labels map to the MOS scale of the TRAINING split, as saved, whatever dataset is evaluated.
+  # Scores map to the MOS scale of the TRAINING part, as saved, whatever dataset is evaluated.
   run.data = dataclasses.replace(run.data, score_map=scores.ScoreMap(**meta["label_transform"]))
-  split = "all" if cross else (split or "test")
+  part = "all" if cross else (part or "test")
   tx = optim.make_optimizer(_optim_config(cfg, 1), run.mask)
   _, eval_step, _, _, b_sh = _jit_steps(run, tx, step_lib.init_state(run.params, tx))
   params = restore.restore_params(cfg, ckpts, step, run.params, run.mask, run.mesh)
   try:
     with preemption.StopRequest() as stop:
-      result, rows = evaluate_split(run, params, split, eval_step, b_sh, stop)
+      result, rows = evaluate_part(run, params, part, eval_step, b_sh, stop)
   except preemption.Stopped:
     ckpts.close()
     raise
@@ -495,7 +496,7 @@ def _scatter(path: pathlib.Path, rows: dict, result: dict) -> None:
   ax.scatter(rows["score"], rows["mos"], s=10, alpha=0.7)
   ax.set_xlabel("predicted score (MOS scale)")
   ax.set_ylabel("MOS" if "higher" in result["label_direction"] else "DMOS")
-  ax.set_title(f"{result['dataset']} ({result['split']}): SRCC {result['srcc']:.3f}, PLCC {result['plcc']:.3f}, "
+  ax.set_title(f"{result['dataset']} ({result['part']}): SRCC {result['srcc']:.3f}, PLCC {result['plcc']:.3f}, "
                f"n={result['num_images']}", fontsize=9)
   ax.grid(alpha=0.3)
   fig.tight_layout()
