@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mcpf_jax import classes
+from mcpf_jax import classes, images
 from mcpf_jax.data import layouts, liqe, problems
 
 DECODE_CHECKS = ("full", "verify", "none")
@@ -141,7 +141,7 @@ def image_files(root: pathlib.Path, folder: str, recursive: bool) -> list[str]:
 
 
 def _is_image(filename: str) -> bool:
-  return not filename.startswith(".") and os.path.splitext(filename)[1].lower() in layouts.IMAGE_SUFFIXES
+  return not filename.startswith(".") and os.path.splitext(filename)[1].lower() in images.IMAGE_EXTENSIONS
 
 
 def collect(layout: layouts.Layout, root: pathlib.Path, *, skip_bad: bool = False, decode_check: str = "full",

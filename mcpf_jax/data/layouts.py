@@ -25,8 +25,6 @@ import numpy as np
 
 from mcpf_jax.data import problems
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"})
-
 # SPAQ's scene columns in the order of mcpf_jax.classes.SCENES (same nine categories as LIQE).
 _SPAQ_SCENES = ("Animal", "Cityscape", "Human", "Indoor scene", "Landscape", "Night scene", "Plant", "Still-life",
                 "Others")
