@@ -26,15 +26,21 @@ Record (FEATURES):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import logging as std_logging
 import pathlib
+import sys
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from mcpf_jax import classes, images
 from mcpf_jax.data import collect, csv_layout, layouts, problems, readers, registry
@@ -56,6 +62,30 @@ FEATURES = tfds.features.FeaturesDict({
     "has_distortion": tfds.features.Scalar(dtype=np.bool_),
     "index": tfds.features.Scalar(dtype=np.int64),
 })
+
+
+
+class _NoTfdsInfo(std_logging.Filter):
+  """Drops tfds's own info lines (warnings and errors pass)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "tensorflow_datasets" not in record.pathname
+
+
+@contextlib.contextmanager
+def quiet_tfds() -> Iterator[None]:
+  """Within: no tfds info lines ("Generating dataset", "Done writing", "Load dataset info", ...) and progress bars
+  only on a terminal. tfds logs through absl's logger, so the filter is on that logger for tfds's files only; its
+  warnings and errors, and everyone else's info lines, are untouched."""
+  logger, quiet, bars = logging.get_absl_logger(), _NoTfdsInfo(), tqdm_utils._active  # pylint: disable=protected-access
+  logger.addFilter(quiet)
+  tfds.display_progress_bar(bars and sys.stderr.isatty())
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(bars)
+    logger.removeFilter(quiet)
+
 
 _INSTRUCTIONS = """\
 Download {title} by hand from {homepage} (its licence forbids redistribution) and extract it. Pass the extracted
@@ -101,6 +131,20 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def layout(self) -> readers.Layout:
     return self.LAYOUT()
+
+  def download_and_prepare(self, **kwargs: Any) -> None:
+    """tfds's build (same arguments), saying one line when it writes the dataset: what, how many records, where."""
+    with quiet_tfds():
+      super().download_and_prepare(**kwargs)
+
+  def _log_download_bytes(self) -> None:
+    pass  # tfds prints "Downloading and preparing dataset Unknown size ...": nothing is downloaded, sizes unknown
+
+  def _log_download_done(self) -> None:
+    # Instead of tfds's "Dataset ... downloaded and prepared to ...": called once the records are written.
+    config = f"/{self.builder_config.name}" if self.builder_config else ""
+    logging.info("built dataset %s%s: %d records in %s", self.name, config,
+                 self.info.splits[SPLIT].num_examples, self.data_dir)
 
   @tfds.core.utils.classproperty
   @classmethod

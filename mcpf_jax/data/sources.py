@@ -54,7 +54,8 @@ class IqaSource:
   def __init__(self, path: str | os.PathLike[str], indices: Sequence[int] | np.ndarray | None = None):
     self.path = pathlib.Path(path)
     self._source = None
-    builder = tfds.builder_from_directory(self.path)
+    with builders.quiet_tfds():
+      builder = tfds.builder_from_directory(self.path)
     meta = dict(builder.info.metadata or {})
     self._index = {k: np.asarray(v) for k, v in meta.pop("index", {}).items()}
     self.metadata = meta
@@ -184,7 +185,8 @@ def builder(name: str, data_dir: str | os.PathLike[str] | None = None, **kwargs:
   if name not in builders.BUILDERS:
     raise ValueError(f"unknown dataset {name!r}; known: {sorted(builders.BUILDERS)}")
   kwargs.setdefault("file_format", "array_record")
-  return builders.BUILDERS[name](data_dir=None if data_dir is None else str(data_dir), **kwargs)
+  with builders.quiet_tfds():
+    return builders.BUILDERS[name](data_dir=None if data_dir is None else str(data_dir), **kwargs)
 
 
 def info(name: str, data_dir: str | os.PathLike[str] | None = None, *, config: str | None = None) -> dict[str, Any]:
@@ -200,7 +202,8 @@ def info(name: str, data_dir: str | os.PathLike[str] | None = None, *, config: s
     except FileNotFoundError:
       path = None
     if path is not None:
-      meta = dict(tfds.builder_from_directory(path).info.metadata or {})
+      with builders.quiet_tfds():
+        meta = dict(tfds.builder_from_directory(path).info.metadata or {})
       meta.pop("index", None)
       return meta
   if name not in registry.LAYOUTS:
