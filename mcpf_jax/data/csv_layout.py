@@ -16,7 +16,7 @@ from mcpf_jax.data.readers import Layout, Listing, checked_row, join, read_csv, 
 
 
 def _field(default: Any, doc: str, **flag: Any) -> Any:
-  """A CsvSpec field with its doc (and, in `flag`, how prepare's flag differs from the field: name, inverted)."""
+  """A CsvSpec field with its doc (and, in `flag`, how prepare's flag differs: its name, inverted, its doc)."""
   return dataclasses.field(default=default, metadata={"doc": doc, **flag})
 
 
@@ -36,8 +36,9 @@ class CsvSpec:
   split_column: str | None = _field(None, "optional column with an official split name per row")
   delimiter: str = _field(",", "csv delimiter")
   image_root: str = _field("", "folder of the images, relative to manual_dir ('' = manual_dir itself)")
-  higher_is_better: bool = _field(True, "False for DMOS-like scores (flag: --lower_is_better)",
-                                  flag="lower_is_better", inverted=True)
+  higher_is_better: bool = _field(True, "whether a higher score is better (False for DMOS-like scores)",
+                                  flag="lower_is_better", inverted=True,
+                                  flag_doc="the score is DMOS-like: lower is better (higher_is_better=False)")
   mos_range: tuple[float, float] | None = _field(None, "nominal score range (lo, hi), or None: the observed range "
                                                        "is recorded")
   liqe_folder: str | None = _field(None, "the dataset's folder under liqe_dir (to join LIQE's scene and distortion "
