@@ -45,6 +45,11 @@ DRAFT_MIN_FACTOR = 2
 # After a DCT-scaled decode, PIL's resize reduces by whole factors (box filter) down to this many times the target
 # before the bicubic step (`Image.resize(reducing_gap=...)`).
 REDUCING_GAP = 2.0
+# What counts as an image file, by extension (lower case): a folder of users' images is listed by it
+# (scoring.find_images) and a release's folders are checked by it for images no label row names (data.collect).
+# Every one is a format PIL opens (tests/test_images.py checks it against PIL's registry).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp",
+                              ".gif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k"})
 
 
 class ImageDecodeError(ValueError):

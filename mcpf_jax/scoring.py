@@ -54,9 +54,6 @@ DEFAULT_NUM_CROPS = 15
 DEFAULT_BATCH_SIZE = 16
 # Upscaling beyond this factor is noted in the result (never past 2x without saying so).
 NOTE_UPSCALE = images.NOTE_UPSCALE
-# File extensions collected from folders (case-insensitive); files named explicitly are always tried.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".tif", ".tiff",
-                              ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k"})
 
 Input = str | os.PathLike[str] | np.ndarray
 
@@ -502,7 +499,7 @@ def _pretrained_backbone(folder: pathlib.Path, config: dict[str, Any], clip_name
 
 
 def find_images(paths: Iterable[str | os.PathLike[str]],
-                extensions: frozenset[str] = IMAGE_EXTENSIONS) -> list[str]:
+                extensions: frozenset[str] = images.IMAGE_EXTENSIONS) -> list[str]:
   """The files to score: files as given, folders searched recursively for `extensions`, in a fixed order.
 
   Folders contribute their matching entries (symlinks included, even broken ones: they get an error row) sorted

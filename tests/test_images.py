@@ -246,3 +246,11 @@ def test_grid_crop_positions():
     images.grid_crop_positions(200, 500, 224, 5)
   with pytest.raises(ValueError, match="num_crops"):
     images.grid_crop_positions(300, 300, 224, 0)
+
+
+def test_image_extensions_are_formats_pil_opens():
+  """The one set of image extensions (folders of users' images, a release's unlabelled-image check) is PIL's."""
+  registered = Image.registered_extensions()
+  assert all(e == e.lower() and e.startswith(".") for e in images.IMAGE_EXTENSIONS)
+  unknown = sorted(e for e in images.IMAGE_EXTENSIONS if registered.get(e) not in Image.OPEN)
+  assert not unknown, f"PIL cannot open {unknown}"

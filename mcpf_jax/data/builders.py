@@ -26,18 +26,24 @@ Record (FEATURES):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import logging as std_logging
 import pathlib
+import sys
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from mcpf_jax import classes, images
-from mcpf_jax.data import collect, layouts, problems
+from mcpf_jax.data import collect, csv_layout, layouts, problems, readers, registry
 
 SPLIT = "full"
 DATASET_VERSION = "1.0.0"
@@ -57,6 +63,30 @@ FEATURES = tfds.features.FeaturesDict({
     "index": tfds.features.Scalar(dtype=np.int64),
 })
 
+
+
+class _NoTfdsInfo(std_logging.Filter):
+  """Drops tfds's own info lines (warnings and errors pass)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "tensorflow_datasets" not in record.pathname
+
+
+@contextlib.contextmanager
+def quiet_tfds() -> Iterator[None]:
+  """Within: no tfds info lines ("Generating dataset", "Done writing", "Load dataset info", ...) and progress bars
+  only on a terminal. tfds logs through absl's logger, so the filter is on that logger for tfds's files only; its
+  warnings and errors, and everyone else's info lines, are untouched."""
+  logger, quiet, bars = logging.get_absl_logger(), _NoTfdsInfo(), tqdm_utils._active  # pylint: disable=protected-access
+  logger.addFilter(quiet)
+  tfds.display_progress_bar(bars and sys.stderr.isatty())
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(bars)
+    logger.removeFilter(quiet)
+
+
 _INSTRUCTIONS = """\
 Download {title} by hand from {homepage} (its licence forbids redistribution) and extract it. Pass the extracted
 release folder as manual_dir; it must hold {expected}.
@@ -64,7 +94,7 @@ release folder as manual_dir; it must hold {expected}.
 
 
 class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Base builder: subclasses set `LAYOUT` (a layouts.Layout subclass) and `name`.
+  """Base builder: subclasses set `LAYOUT` (a readers.Layout subclass) and `name`.
 
   Build options (keyword arguments, besides tfds's data_dir / config / version / file_format):
     skip_bad: skip bad rows and write a JSON report instead of raising (default False).
@@ -83,7 +113,7 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version(DATASET_VERSION)
   RELEASE_NOTES: ClassVar[dict[str, str]] = {
       DATASET_VERSION: "Original bytes, scores as given, content ids, LIQE labels, one `full` split."}
-  LAYOUT: type[layouts.Layout] = layouts.Layout
+  LAYOUT: type[readers.Layout] = readers.Layout
 
   def __init__(self, *, skip_bad: bool = False, report_path: str | None = None, liqe_dir: str | None = None,
                decode_check: str = "full", num_threads: int | None = None, resize: int | None = None,
@@ -99,8 +129,22 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.skip_report: pathlib.Path | None = None
     super().__init__(**kwargs)
 
-  def layout(self) -> layouts.Layout:
+  def layout(self) -> readers.Layout:
     return self.LAYOUT()
+
+  def download_and_prepare(self, **kwargs: Any) -> None:
+    """tfds's build (same arguments), saying one line when it writes the dataset: what, how many records, where."""
+    with quiet_tfds():
+      super().download_and_prepare(**kwargs)
+
+  def _log_download_bytes(self) -> None:
+    pass  # tfds prints "Downloading and preparing dataset Unknown size ...": nothing is downloaded, sizes unknown
+
+  def _log_download_done(self) -> None:
+    # Instead of tfds's "Dataset ... downloaded and prepared to ...": called once the records are written.
+    config = f"/{self.builder_config.name}" if self.builder_config else ""
+    logging.info("built dataset %s%s: %d records in %s", self.name, config,
+                 self.info.splits[SPLIT].num_examples, self.data_dir)
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -178,23 +222,12 @@ def _stored_bytes(data: bytes, name: str, resize: int | None) -> bytes:
   return buf.getvalue()
 
 
-def _builder_class(layout_cls: type[layouts.Layout]) -> type[IqaBuilder]:
+def _builder_class(layout_cls: type[readers.Layout]) -> type[IqaBuilder]:
   cls = type(layout_cls.__name__, (IqaBuilder,), {"name": layout_cls.name, "LAYOUT": layout_cls,
                                                    "__doc__": f"TFDS builder of {layout_cls.title}.",
                                                    "__module__": __name__},
              skip_registration=True)
   return cls
-
-
-Livec = _builder_class(layouts.Livec)
-Koniq10k = _builder_class(layouts.Koniq10k)
-Spaq = _builder_class(layouts.Spaq)
-Csiq = _builder_class(layouts.Csiq)
-Tid2013 = _builder_class(layouts.Tid2013)
-Kadid10k = _builder_class(layouts.Kadid10k)
-Agiqa1k = _builder_class(layouts.Agiqa1k)
-Agiqa3k = _builder_class(layouts.Agiqa3k)
-Aigciqa2023 = _builder_class(layouts.Aigciqa2023)
 
 
 class Live(IqaBuilder, skip_registration=True):
@@ -206,31 +239,28 @@ class Live(IqaBuilder, skip_registration=True):
     self._dmos = dmos
     super().__init__(**kwargs)
 
-  def layout(self) -> layouts.Layout:
+  def layout(self) -> readers.Layout:
     return layouts.Live(dmos=self._dmos)
 
 
-@dataclasses.dataclass(eq=False)
-class CsvConfig(tfds.core.BuilderConfig):
-  """A user's csv dataset: the config name names the dataset's folder (data_dir/csv/<name>/1.0.0).
+def _config_field(f: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
+  # A config has defaults only (tfds's own fields come first): the required csv_path defaults to "".
+  default = "" if f.default is dataclasses.MISSING else f.default
+  return f.name, f.type, dataclasses.field(default=default, metadata=f.metadata)
 
-  Fields are those of layouts.CsvSpec, plus `liqe_folder` (the dataset's folder under liqe_dir, if any).
-  """
-  csv_path: str = ""
-  image_column: str = "image"
-  mos_column: str = "mos"
-  std_column: str | None = None
-  content_column: str | None = None
-  split_column: str | None = None
-  delimiter: str = ","
-  image_root: str = ""
-  higher_is_better: bool = True
-  mos_range: tuple[float, float] | None = None
-  liqe_folder: str | None = None
 
-  def spec(self) -> layouts.CsvSpec:
-    fields = {f.name for f in dataclasses.fields(layouts.CsvSpec)}
-    return layouts.CsvSpec(**{k: getattr(self, k) for k in fields})
+def _spec(self) -> csv_layout.CsvSpec:
+  return csv_layout.CsvSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(csv_layout.CsvSpec)})
+
+
+CsvConfig = dataclasses.make_dataclass(
+    "CsvConfig", [_config_field(f) for f in dataclasses.fields(csv_layout.CsvSpec)],
+    bases=(tfds.core.BuilderConfig,), eq=False,
+    namespace={"spec": _spec, "__module__": __name__, "__doc__": (
+        "A user's csv dataset: the config name names the dataset's folder (data_dir/csv/<name>/1.0.0).\n\n"
+        "  Its fields besides tfds's are those of csv_layout.CsvSpec (made from it), which documents them.\n")})
+CsvConfig.__qualname__ = "CsvConfig"
+SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(csv_layout.CsvSpec))
 
 
 class Csv(IqaBuilder, skip_registration=True):
@@ -239,13 +269,11 @@ class Csv(IqaBuilder, skip_registration=True):
   Give the columns with `config=CsvConfig(name=..., csv_path=..., image_column=..., ...)`, or as keyword
   arguments (`Csv(csv_path=..., mos_column=..., config_name="mydata")`), which make that config.
   """
-  name = "csv"
-  LAYOUT = layouts.CsvLayout
+  name = registry.CSV
+  LAYOUT = csv_layout.CsvLayout
 
   def __init__(self, *, config: CsvConfig | str | None = None, config_name: str = "default", **kwargs: Any):
-    spec_fields = {f.name for f in dataclasses.fields(CsvConfig)} - {f.name for f in dataclasses.fields(
-        tfds.core.BuilderConfig)}
-    spec_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in spec_fields}
+    spec_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in SPEC_FIELDS}
     if config is None:
       if "csv_path" not in spec_kwargs:
         raise ValueError("csv builder: give config=CsvConfig(...) or csv_path=... (plus image_column, mos_column, ...)")
@@ -254,15 +282,24 @@ class Csv(IqaBuilder, skip_registration=True):
       raise ValueError(f"csv builder: give either config or {sorted(spec_kwargs)}, not both")
     super().__init__(config=config, **kwargs)
 
-  def layout(self) -> layouts.Layout:
+  def _create_builder_config(self, builder_config, version):
+    # A user's config is never one of BUILDER_CONFIGS: take it as it is (tfds would log the whole of it as
+    # "Using custom data configuration").
+    if isinstance(builder_config, CsvConfig):
+      return builder_config
+    return super()._create_builder_config(builder_config, version)
+
+  def layout(self) -> readers.Layout:
     config = self.builder_config
     if not isinstance(config, CsvConfig):
       raise ValueError(f"csv builder needs a CsvConfig, got {config!r}")
-    return layouts.CsvLayout(config.spec())
+    return csv_layout.CsvLayout(config.spec())
 
   def _liqe_folder(self) -> str | None:
     return self.builder_config.liqe_folder
 
 
+# One builder per name of the registry: the layout's own class, Live (its dmos option) and Csv (its config).
+_CODED: dict[str, type[IqaBuilder]] = {Live.name: Live, Csv.name: Csv}
 BUILDERS: dict[str, type[IqaBuilder]] = {
-    b.name: b for b in (Livec, Koniq10k, Spaq, Live, Csiq, Tid2013, Kadid10k, Agiqa1k, Agiqa3k, Aigciqa2023, Csv)}
+    name: _CODED.get(name) or _builder_class(registry.LAYOUTS[name]) for name in registry.NAMES}

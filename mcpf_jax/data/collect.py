@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from mcpf_jax import classes
-from mcpf_jax.data import layouts, liqe, problems
+from mcpf_jax import classes, images
+from mcpf_jax.data import liqe, problems, readers, registry
 
 DECODE_CHECKS = ("full", "verify", "none")
 
@@ -116,13 +116,13 @@ class _CaseIndex:
       self._dirs[folder] = table
     matches = self._dirs[folder].get(base.lower(), [])
     if len(matches) == 1 and (self.root / folder / matches[0]).is_file():
-      return layouts.join(folder, matches[0])
+      return readers.join(folder, matches[0])
     return None
 
 
-def check_root(layout: layouts.Layout, root: pathlib.Path) -> None:
+def check_root(layout: readers.Layout, root: pathlib.Path) -> None:
   if not root.is_dir() or not layout.looks_like(root):
-    raise layouts.wrong_folder_error(layout, root)
+    raise registry.wrong_folder_error(layout, root)
 
 
 def image_files(root: pathlib.Path, folder: str, recursive: bool) -> list[str]:
@@ -133,18 +133,18 @@ def image_files(root: pathlib.Path, folder: str, recursive: bool) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(base):
       dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
       rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
-      out += [layouts.join(rel, f) for f in sorted(filenames) if _is_image(f)]
+      out += [readers.join(rel, f) for f in sorted(filenames) if _is_image(f)]
   else:
-    out = [layouts.join(folder, e.name) for e in sorted(os.scandir(base), key=lambda e: e.name)
+    out = [readers.join(folder, e.name) for e in sorted(os.scandir(base), key=lambda e: e.name)
            if e.is_file() and _is_image(e.name)]
   return out
 
 
 def _is_image(filename: str) -> bool:
-  return not filename.startswith(".") and os.path.splitext(filename)[1].lower() in layouts.IMAGE_SUFFIXES
+  return not filename.startswith(".") and os.path.splitext(filename)[1].lower() in images.IMAGE_EXTENSIONS
 
 
-def collect(layout: layouts.Layout, root: pathlib.Path, *, skip_bad: bool = False, decode_check: str = "full",
+def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = False, decode_check: str = "full",
             liqe_dir: str | os.PathLike[str] | None = None, liqe_folder: str | None = None,
             num_threads: int | None = None) -> Collected:
   """Reads and checks a release folder.
@@ -170,10 +170,10 @@ def collect(layout: layouts.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
 
   # Duplicates, then files on disk (case-insensitive fallback).
   index = _CaseIndex(root)
-  by_name: dict[str, list[layouts.Row]] = {}
+  by_name: dict[str, list[readers.Row]] = {}
   for r in listing.rows:
     by_name.setdefault(r.name, []).append(r)
-  rows: list[layouts.Row] = []
+  rows: list[readers.Row] = []
   case_fixes = 0
   for r in listing.rows:
     same = by_name[r.name]
@@ -234,7 +234,7 @@ def collect(layout: layouts.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
       d = pathlib.Path(liqe_dir).expanduser() / folder
       if not d.is_dir():
         raise problems.DatasetError(layout.name, str(d), None, f"no LIQE split folder {folder}/ in liqe_dir {liqe_dir} "
-                                    f"(found {layouts.listing(pathlib.Path(liqe_dir).expanduser())})")
+                                    f"(found {readers.listing(pathlib.Path(liqe_dir).expanduser())})")
       liqe_labels = liqe.read_split_files(d, layout.name)
   liqe_lower = {k.lower(): v for k, v in liqe_labels.items()}
 

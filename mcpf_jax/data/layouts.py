@@ -1,284 +1,43 @@
-"""Official folder layouts and label files of the IQA benchmarks: each `Layout` reads one dataset's extracted release.
+"""The ten benchmarks' release layouts (see readers.py for the Layout type and the readers they use).
 
-A layout knows which files its release holds (to tell a wrong folder from a right one), parses the label files in
-their official formats (and the documented variants found in the wild), and returns one `Row` per labelled image,
-with the score exactly as the label file gives it (DMOS stays DMOS; the direction is metadata). Checks that are the
-same for every dataset (missing or unlabelled images, decoding, duplicates, LIQE labels) live in `collect.py`.
-
-Names (`Row.name`) are paths relative to the release folder with `/` separators, e.g. `Images/611.JPG`,
-`1024x768/10004473376.jpg`, `jp2k/img55.bmp`: the same form as LIQE's split files.
+Table-shaped releases (one label file with name / score / std columns and an image folder: KADID-10k, AGIQA-1K,
+AGIQA-3K) are declared as a `readers.Table` and read by `readers.TableLayout`; the others are coded, each for what
+its release really holds: CLIVE's and LIVE's MATLAB files, KonIQ's two label-file variants and split file, SPAQ's
+xlsx or csv with scene labels, CSIQ's xlsx of type tokens, TID2013's text files, AIGCIQA2023's MATLAB scores and
+prompt index. The registry of them all is registry.py.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
-import dataclasses
 import math
-import os
-import pathlib
 import re
-from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
-from mcpf_jax.data import problems
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"})
+from mcpf_jax.data.readers import (
+  Layout,
+  Listing,
+  Table,
+  TableLayout,
+  checked_row,
+  first_existing,
+  image_name,
+  join,
+  listing,
+  load_mat,
+  mat_numbers,
+  mat_strings,
+  read_csv,
+  read_xlsx,
+  to_float,
+  xlsx_table,
+)
 
 # SPAQ's scene columns in the order of mcpf_jax.classes.SCENES (same nine categories as LIQE).
 _SPAQ_SCENES = ("Animal", "Cityscape", "Human", "Indoor scene", "Landscape", "Night scene", "Plant", "Still-life",
                 "Others")
-
-
-@dataclasses.dataclass
-class Row:
-  """One labelled image as its label file gives it.
-
-  Attributes:
-    name: path relative to the release folder, `/`-separated.
-    mos: the score as given (MOS or DMOS).
-    mos_std: standard deviation of the score as given, NaN where the release has none.
-    content_id: the image itself (authentic), its reference image (synthetic) or its prompt (AI-generated).
-    file: label file the row comes from (relative to the release folder), for messages.
-    row: position in that file ("line 3", "entry 8", "row 5").
-    official_split: the release's own split name ("training", "validation", "test") or "".
-    scene: the release's own scene labels as [9] bools over SCENES (SPAQ), or None.
-  """
-  name: str
-  mos: float
-  mos_std: float
-  content_id: str
-  file: str
-  row: str
-  official_split: str = ""
-  scene: tuple[bool, ...] | None = None
-
-
-@dataclasses.dataclass
-class Listing:
-  """What a layout read from a release folder.
-
-  Attributes:
-    rows: labelled images to build, in label-file order.
-    label_files: label files used (relative paths).
-    owned_dirs: (relative folder, recursive) pairs whose image files must all be named by a label row.
-    not_rated: relative paths inside owned folders that are deliberately not examples (reference images and the
-      reference copies of LIVE), so they do not count as unlabelled.
-    excluded: labelled entries deliberately not built, reason -> count (CLIVE's t1..t7, LIVE's reference copies).
-    notes: provenance (which label-file variant, which column is the score, ...), stored in the metadata.
-  """
-  rows: list[Row]
-  label_files: list[str]
-  owned_dirs: list[tuple[str, bool]]
-  not_rated: set[str] = dataclasses.field(default_factory=set)
-  excluded: dict[str, int] = dataclasses.field(default_factory=dict)
-  notes: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-class Layout:
-  """One dataset's release layout. Subclasses set the class attributes and implement `read`.
-
-  Attributes:
-    name: dataset name (the builder name and the folder under data_dir).
-    title: human name.
-    homepage: where the release is downloaded.
-    mos_kind: "MOS" or "DMOS".
-    higher_is_better: score direction (False for DMOS).
-    mos_range: nominal scale of the score, or None where it is not documented (then the observed range is used).
-    content_kind: what content_id holds: "image", "reference" or "prompt".
-    official_splits: split names the release defines ("training", "validation", "test") or ().
-    required: groups of relative paths; each group needs one existing member for the folder to be this release.
-    expected: the same as text, for error messages.
-  """
-  name: str = ""
-  title: str = ""
-  homepage: str = ""
-  mos_kind: str = "MOS"
-  higher_is_better: bool = True
-  mos_range: tuple[float, float] | None = None
-  content_kind: str = "image"
-  official_splits: tuple[str, ...] = ()
-  required: tuple[tuple[str, ...], ...] = ()
-  expected: str = ""
-
-  def looks_like(self, root: pathlib.Path) -> bool:
-    return bool(self.required) and all(any((root / p).exists() for p in group) for group in self.required)
-
-  def read(self, root: pathlib.Path, log: problems.ProblemLog) -> Listing:
-    raise NotImplementedError
-
-  def error(self, file: str | os.PathLike[str], row: str | None, detail: str) -> problems.DatasetError:
-    return problems.DatasetError(self.name, str(file), row, detail)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shared parsing helpers.
-
-
-def to_float(value: Any) -> float:
-  """Parses a label-file cell; NaN for empty or non-numeric cells (the caller reports NaN scores)."""
-  if value is None:
-    return math.nan
-  if isinstance(value, (int, float, np.integer, np.floating)):
-    return float(value)
-  text = str(value).strip()
-  if not text:
-    return math.nan
-  try:
-    return float(text)
-  except ValueError:
-    return math.nan
-
-
-def _first_existing(root: pathlib.Path, candidates: Sequence[str]) -> str | None:
-  for c in candidates:
-    if (root / c).exists():
-      return c
-  return None
-
-
-def read_csv(layout: Layout, path: pathlib.Path, required: Sequence[str],
-             delimiter: str = ",") -> list[tuple[int, dict[str, str]]]:
-  """Reads a csv with a header into (line number, row dict) pairs; errors name missing columns."""
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.reader(f, delimiter=delimiter)
-    try:
-      header = [h.strip() for h in next(reader)]
-    except StopIteration:
-      raise layout.error(path, None, "the file is empty (expected a header line)") from None
-    missing = [c for c in required if c not in header]
-    if missing:
-      raise layout.error(path, "line 1", f"missing column(s) {missing}; the header has {header}")
-    out = []
-    for values in reader:
-      if not any(v.strip() for v in values):
-        continue
-      out.append((reader.line_num, dict(zip(header, values))))
-  return out
-
-
-def read_xlsx(layout: Layout, path: pathlib.Path, sheet: str | None = None) -> list[tuple[int, tuple[Any, ...]]]:
-  """Reads the cell values of one sheet (the first by default) as (1-based row number, values) pairs."""
-  import openpyxl  # pylint: disable=g-import-not-at-top  (only the xlsx releases need it)
-  try:
-    wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-  except Exception as e:  # openpyxl raises zipfile / KeyError / InvalidFileException for non-xlsx files
-    raise layout.error(path, None, f"cannot be read as an .xlsx workbook: {e}") from e
-  try:
-    if sheet is not None and sheet not in wb.sheetnames:
-      raise layout.error(path, None, f"has no sheet {sheet!r}; its sheets are {wb.sheetnames}")
-    ws = wb[sheet] if sheet is not None else wb.worksheets[0]
-    return [(i, tuple(r)) for i, r in enumerate(ws.iter_rows(values_only=True), start=1)]
-  finally:
-    wb.close()
-
-
-def xlsx_table(layout: Layout, path: pathlib.Path, required: Sequence[str],
-               sheet: str | None = None) -> list[tuple[int, dict[str, Any]]]:
-  """Reads an xlsx sheet whose header row (the first row that holds all `required` names) may not be row 1."""
-  rows = read_xlsx(layout, path, sheet)
-  for k, (_, values) in enumerate(rows):
-    header = [str(v).strip() if v is not None else "" for v in values]
-    if all(c in header for c in required):
-      out = []
-      for row_no, vals in rows[k + 1:]:
-        if all(v is None or str(v).strip() == "" for v in vals):
-          continue
-        out.append((row_no, dict(zip(header, vals))))
-      return out
-  first = rows[0][1] if rows else ()
-  raise layout.error(path, None, f"no header row with the columns {list(required)} (first row: {first})")
-
-
-def load_mat(layout: Layout, path: pathlib.Path) -> dict[str, Any]:
-  import scipy.io  # pylint: disable=g-import-not-at-top
-  try:
-    return scipy.io.loadmat(path)
-  except Exception as e:  # scipy raises ValueError / TypeError / MatReadError on non-MAT files
-    raise layout.error(path, None, f"cannot be read as a MATLAB .mat file: {e}") from e
-
-
-def mat_var(layout: Layout, path: pathlib.Path, mat: dict[str, Any], var: str) -> np.ndarray:
-  if var not in mat:
-    found = sorted(k for k in mat if not k.startswith("__"))
-    raise layout.error(path, None, f"has no variable {var!r}; found {found}")
-  return mat[var]
-
-
-def mat_strings(layout: Layout, path: pathlib.Path, var: str) -> list[str]:
-  """A MATLAB cell array of char rows (any orientation) as a list of str."""
-  arr = mat_var(layout, path, load_mat(layout, path), var)
-  out = []
-  for cell in np.asarray(arr, dtype=object).ravel(order="F"):
-    values = np.asarray(cell).ravel()
-    out.append(str(values[0]).strip() if values.size else "")
-  return out
-
-
-def mat_numbers(layout: Layout, path: pathlib.Path, var: str, mat: dict[str, Any] | None = None) -> np.ndarray:
-  """A MATLAB numeric vector (1xN or Nx1) as float64 [N]."""
-  arr = np.asarray(mat_var(layout, path, mat if mat is not None else load_mat(layout, path), var))
-  if arr.ndim > 2 or (arr.ndim == 2 and min(arr.shape) > 1):
-    raise layout.error(path, None, f"variable {var!r} has shape {arr.shape}; expected a 1xN or Nx1 vector")
-  return arr.astype(np.float64).ravel()
-
-
-def image_name(value: Any) -> str:
-  """A label-file cell holding an image name, as str ('' for empty cells)."""
-  if value is None:
-    return ""
-  if isinstance(value, float) and value.is_integer():
-    return str(int(value))
-  return str(value).strip()
-
-
-def checked_row(layout: Layout, log: problems.ProblemLog, *, name: str, mos: float, mos_std: float,
-                content_id: str, file: str, row: str, official_split: str = "",
-                scene: tuple[bool, ...] | None = None, mos_file: str | None = None) -> Row | None:
-  """Builds a Row, reporting an empty image name or a NaN score (returns None when the row is skipped)."""
-  base = name.rsplit("/", 1)[-1] if name else ""
-  if not base:
-    log.add(problems.NO_IMAGE_NAME, file, row, name, "label row without an image name")
-    return None
-  if not math.isfinite(mos):
-    log.add(problems.NAN_MOS, mos_file or file, row, name, f"score of {name} is NaN, empty or not a number")
-    return None
-  return Row(name, mos, mos_std, content_id, file, row, official_split, scene)
-
-
-def find_image_dir(layout: Layout, root: pathlib.Path, names: Sequence[str], candidates: Sequence[str],
-                   label_file: str) -> str:
-  """The candidate folder that holds the most of the first label-file names (AI-generated releases vary)."""
-  probe = [n for n in names if n][:50]
-  best, best_hits = None, 0
-  for c in candidates:
-    d = root / c
-    if not d.is_dir():
-      continue
-    hits = sum((d / n).exists() for n in probe)
-    if hits > best_hits:
-      best, best_hits = c, hits
-  if best is None:
-    tried = ", ".join(f"{c}/" for c in candidates)
-    raise layout.error(root, None, f"none of the folders {tried} holds the images named in {label_file} "
-                       f"(e.g. {probe[:3]}); found {listing(root)}")
-  return best
-
-
-def listing(root: pathlib.Path, limit: int = 12) -> str:
-  try:
-    entries = sorted(os.listdir(root))
-  except OSError as e:
-    return f"<cannot list: {e}>"
-  shown = [e + ("/" if (root / e).is_dir() else "") for e in entries[:limit]]
-  more = f" and {len(entries) - limit} more" if len(entries) > limit else ""
-  return "[" + ", ".join(shown) + "]" + more
-
-
-def join(folder: str, name: str) -> str:
-  return name if folder in ("", ".") else f"{folder}/{name}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,8 +91,8 @@ class Koniq10k(Layout):
   expected = (f"{OFFICIAL} (or the GitHub metadata file {SETS}) and the image folder 1024x768/ (or 512x384/)")
 
   def read(self, root, log):
-    image_dir = _first_existing(root, ("1024x768", "512x384"))
-    sets_rel = _first_existing(root, (self.SETS, f"metadata/{self.SETS}"))
+    image_dir = first_existing(root, ("1024x768", "512x384"))
+    sets_rel = first_existing(root, (self.SETS, f"metadata/{self.SETS}"))
     splits: dict[str, str] = {}
     sets_rows = None
     if sets_rel:
@@ -386,7 +145,7 @@ class Spaq(Layout):
           scenes[image_name(r["Image name"])] = self._scene(r)
         notes["scene_source"] = self.SCENE_XLSX
     else:
-      label_file = _first_existing(root, (self.CSV, f"Annotations/{self.CSV}"))
+      label_file = first_existing(root, (self.CSV, f"Annotations/{self.CSV}"))
       table = read_csv(self, root / label_file, ("Image name", "MOS") + _SPAQ_SCENES)
       for _, r in table:
         scenes[r["Image name"].strip()] = self._scene(r)
@@ -627,92 +386,46 @@ class Tid2013(Layout):
     return Listing(rows, files, [("distorted_images", False)])
 
 
-class Kadid10k(Layout):
+class Kadid10k(TableLayout):
   """KADID-10k: 10125 distorted images of 81 references; `dmos` is a MOS on 1-5 (higher is better)."""
   name = "kadid10k"
   title = "KADID-10k"
   homepage = "http://database.mmsp-kn.de/kadid-10k-database.html"
   mos_range = (1.0, 5.0)
   content_kind = "reference"
-  required = (("dmos.csv",), ("images",))
   expected = "dmos.csv and images/"
-
-  def read(self, root, log):
-    label_file = "dmos.csv"
-    rows, refs = [], set()
-    for line, r in read_csv(self, root / label_file, ("dist_img", "ref_img", "dmos", "var")):
-      n, ref = r["dist_img"].strip(), r["ref_img"].strip()
-      refs.add(f"images/{ref}")
-      var = to_float(r["var"])
-      row = checked_row(self, log, name=f"images/{n}" if n else "", mos=to_float(r["dmos"]),
-                        mos_std=math.sqrt(var) if var >= 0 else math.nan, content_id=ref, file=label_file,
-                        row=f"line {line}")
-      if row:
-        rows.append(row)
-    notes = {"mos_column": "dmos (a MOS on 1-5 despite its name)", "mos_std_note": "mos_std = sqrt(var)"}
-    return Listing(rows, [label_file], [("images", False)], not_rated=refs, notes=notes)
+  table = Table("dmos.csv", image="dist_img", mos="dmos", std="var", std_is_variance=True, content="ref_img",
+                content_is_reference=True, folders=("images",),
+                notes={"mos_column": "dmos (a MOS on 1-5 despite its name)", "mos_std_note": "mos_std = sqrt(var)"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # AI-generated images.
 
 
-class Agiqa1k(Layout):
+class Agiqa1k(TableLayout):
   """AGIQA-1K: 1080 images from 2 models; normalized MOS (0-5) from AIGC_MOS_Zscore.xlsx; content = prompt."""
   name = "agiqa1k"
   title = "AGIQA-1K"
   homepage = "https://github.com/lcysyzxdxc/AGIQA-1k-Database"
   mos_range = (0.0, 5.0)
   content_kind = "prompt"
-  XLSX = "AIGC_MOS_Zscore.xlsx"
-  required = ((XLSX,),)
-  expected = f"{XLSX} and the image folder file/ (from file.zip)"
-  IMAGE_DIRS = ("file", ".", "images", "Images", "image")
-
-  def read(self, root, log):
-    table = xlsx_table(self, root / self.XLSX, ("Image", "Prompt", "MOS"))
-    image_dir = find_image_dir(self, root, [image_name(r["Image"]) for _, r in table], self.IMAGE_DIRS, self.XLSX)
-    rows = []
-    for row_no, r in table:
-      n = image_name(r["Image"])
-      row = checked_row(self, log, name=join(image_dir, n) if n else "", mos=to_float(r["MOS"]), mos_std=math.nan,
-                        content_id=str(r["Prompt"] or "").strip(), file=self.XLSX, row=f"row {row_no}")
-      if row:
-        rows.append(row)
-    return Listing(rows, [self.XLSX], [(image_dir, False)], notes={"image_dir": image_dir, "mos_column": "MOS"})
+  expected = "AIGC_MOS_Zscore.xlsx and the image folder file/ (from file.zip)"
+  table = Table("AIGC_MOS_Zscore.xlsx", image="Image", mos="MOS", content="Prompt",
+                folders=("file", ".", "images", "Images", "image"), notes={"mos_column": "MOS"})
 
 
-class Agiqa3k(Layout):
+class Agiqa3k(TableLayout):
   """AGIQA-3K: 2982 images from 6 models; perception MOS `mos_quality`; content = prompt."""
   name = "agiqa3k"
   title = "AGIQA-3K"
   homepage = "https://github.com/lcysyzxdxc/AGIQA-3k-Database"
   mos_range = None  # "normalized MOS", scale not stated: the observed range is recorded
   content_kind = "prompt"
-  required = (("data.csv",),)
   expected = "data.csv and the images (in the same folder or a subfolder such as images/)"
-  IMAGE_DIRS = (".", "images", "Images", "image", "AGIQA-3K", "AGIQA-3k", "agiqa-3k")
-
-  def looks_like(self, root):
-    if not (root / "data.csv").exists():
-      return False
-    with open(root / "data.csv", encoding="utf-8-sig") as f:
-      return "mos_quality" in f.readline()
-
-  def read(self, root, log):
-    label_file = "data.csv"
-    table = read_csv(self, root / label_file, ("name", "prompt", "mos_quality", "std_quality"))
-    image_dir = find_image_dir(self, root, [r["name"].strip() for _, r in table], self.IMAGE_DIRS, label_file)
-    rows = []
-    for line, r in table:
-      n = r["name"].strip()
-      row = checked_row(self, log, name=join(image_dir, n) if n else "", mos=to_float(r["mos_quality"]),
-                        mos_std=to_float(r["std_quality"]), content_id=r["prompt"].strip(), file=label_file,
-                        row=f"line {line}")
-      if row:
-        rows.append(row)
-    notes = {"image_dir": image_dir, "mos_column": "mos_quality (perception; mos_align is not used)"}
-    return Listing(rows, [label_file], [(image_dir, False)], notes=notes)
+  table = Table("data.csv", image="name", mos="mos_quality", std="std_quality", content="prompt",
+                folders=(".", "images", "Images", "image", "AGIQA-3K", "AGIQA-3k", "agiqa-3k"),
+                header_has="mos_quality", notes={"mos_column": "mos_quality (perception; mos_align is not used)"})
 
 
 class Aigciqa2023(Layout):
@@ -741,7 +454,7 @@ class Aigciqa2023(Layout):
     # Image k.png shows prompt (k % 400) // 4 (6 model groups of 400 = 100 prompts x 4 samples), as in the
     # authors' transer.py.
     prompt_of = [(k % 400) // 4 for k in range(n)]
-    prompts_rel = _first_existing(root, self.PROMPTS)
+    prompts_rel = first_existing(root, self.PROMPTS)
     prompts = None
     if prompts_rel:
       values = [v for _, v in read_xlsx(self, root / prompts_rel) if any(x is not None for x in v)]
@@ -752,7 +465,7 @@ class Aigciqa2023(Layout):
                          f"has {len(values)} prompt rows; expected 100 (style, class, prompt)")
       prompts = [str(v[2]).strip() for v in values]
       files.append(prompts_rel)
-    index_rel = _first_existing(root, self.PIC_INDEX)
+    index_rel = first_existing(root, self.PIC_INDEX)
     if index_rel:
       for row_no, v in read_xlsx(self, root / index_rel):
         k = row_no - 1
@@ -773,117 +486,3 @@ class Aigciqa2023(Layout):
     notes = {"mos_column": "MOSz (quality, mosz1.mat)",
              "content_id_source": prompts_rel or "prompt index (k % 400) // 4 (no prompts xlsx found)"}
     return Listing(rows, files, [("Image/allimg", False)], notes=notes)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# A user's own folder + csv.
-
-
-@dataclasses.dataclass
-class CsvSpec:
-  """How to read a user's csv of image paths and scores.
-
-  Attributes:
-    csv_path: the csv file (absolute, or relative to the image folder = manual_dir).
-    image_column: column with the image path, relative to `image_root`.
-    mos_column: column with the score.
-    std_column: optional column with the score's standard deviation.
-    content_column: optional column with the content id (default: the image path itself, as for authentic images).
-    split_column: optional column with an official split name per row.
-    delimiter: csv delimiter.
-    image_root: folder of the images, relative to manual_dir ("" = manual_dir itself).
-    higher_is_better: False for DMOS-like scores.
-    mos_range: nominal score range, or None (then the observed range is recorded).
-  """
-  csv_path: str
-  image_column: str = "image"
-  mos_column: str = "mos"
-  std_column: str | None = None
-  content_column: str | None = None
-  split_column: str | None = None
-  delimiter: str = ","
-  image_root: str = ""
-  higher_is_better: bool = True
-  mos_range: tuple[float, float] | None = None
-
-
-class CsvLayout(Layout):
-  """A user's folder of images and a csv naming them (configurable columns and delimiter)."""
-  name = "csv"
-  title = "images listed in a csv file"
-  expected = "the image files named by the csv's image column"
-
-  def __init__(self, spec: CsvSpec):
-    self.spec = spec
-    self.higher_is_better = spec.higher_is_better
-    self.mos_kind = "MOS" if spec.higher_is_better else "DMOS"
-    self.mos_range = tuple(spec.mos_range) if spec.mos_range else None
-    self.content_kind = "custom" if spec.content_column else "image"
-
-  def looks_like(self, root):
-    return self._csv(root).exists()
-
-  def _csv(self, root: pathlib.Path) -> pathlib.Path:
-    p = pathlib.Path(os.path.expanduser(self.spec.csv_path))
-    return p if p.is_absolute() else root / p
-
-  def read(self, root, log):
-    s = self.spec
-    path = self._csv(root)
-    if not path.exists():
-      raise self.error(path, None, f"csv file not found (csv_path={s.csv_path!r}, image folder {root})")
-    required = [c for c in (s.image_column, s.mos_column, s.std_column, s.content_column, s.split_column) if c]
-    table = read_csv(self, path, required, delimiter=s.delimiter)
-    label_file = os.path.relpath(path, root) if path.is_relative_to(root) else str(path)
-    rows, dirs = [], set()
-    for line, r in table:
-      rel = r[s.image_column].strip().replace("\\", "/")
-      name = join(s.image_root.strip("/"), rel) if rel else ""
-      if name:
-        dirs.add(name.rsplit("/", 1)[0] if "/" in name else "")
-      row = checked_row(self, log, name=name, mos=to_float(r[s.mos_column]),
-                        mos_std=to_float(r[s.std_column]) if s.std_column else math.nan,
-                        content_id=r[s.content_column].strip() if s.content_column else name, file=label_file,
-                        row=f"line {line}", official_split=r[s.split_column].strip() if s.split_column else "")
-      if row:
-        rows.append(row)
-    notes = {"csv": dataclasses.asdict(s)}
-    # Only the folders that hold labelled images are checked for unlabelled ones (a user's folder may hold more).
-    return Listing(rows, [label_file], [(d, False) for d in sorted(dirs)], notes=notes)
-
-
-LAYOUTS: dict[str, type[Layout]] = {
-    cls.name: cls for cls in (Livec, Koniq10k, Spaq, Live, Csiq, Tid2013, Kadid10k, Agiqa1k, Agiqa3k, Aigciqa2023)}
-
-
-def wrong_folder_error(layout: Layout, root: pathlib.Path) -> problems.DatasetError:
-  """An error saying what the release folder should hold, what it holds, and where the release might be."""
-  missing = [" or ".join(g) for g in layout.required if not any((root / p).exists() for p in g)]
-  detail = f"expected {layout.expected} in {root}; missing {missing}; found {listing(root)}"
-  hints = []
-  if root.is_dir():
-    for sub in _subfolders(root, depth=2):
-      if layout.looks_like(sub):
-        hints.append(f"did you mean {sub}?")
-        break
-  for other_name, other_cls in LAYOUTS.items():
-    if other_name != layout.name and other_cls().looks_like(root):
-      hints.append(f"this folder looks like the {other_name} release")
-  if not root.exists():
-    detail = f"the folder {root} does not exist (expected the extracted {layout.title} release with {layout.expected})"
-  return problems.DatasetError(layout.name, str(root), None, detail + ("; " + "; ".join(hints) if hints else ""))
-
-
-def _subfolders(root: pathlib.Path, depth: int) -> Iterable[pathlib.Path]:
-  frontier = [root]
-  for _ in range(depth):
-    nxt = []
-    for d in frontier:
-      try:
-        subs = sorted(e.path for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
-      except OSError:
-        continue
-      for s in subs:
-        yield pathlib.Path(s)
-        nxt.append(pathlib.Path(s))
-    frontier = nxt

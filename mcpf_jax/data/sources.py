@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mcpf_jax.data import builders, layouts
+from mcpf_jax.data import builders, registry
 
 _TEXT_KEYS = ("name", "content_id", "official_split")
 
@@ -54,7 +54,8 @@ class IqaSource:
   def __init__(self, path: str | os.PathLike[str], indices: Sequence[int] | np.ndarray | None = None):
     self.path = pathlib.Path(path)
     self._source = None
-    builder = tfds.builder_from_directory(self.path)
+    with builders.quiet_tfds():
+      builder = tfds.builder_from_directory(self.path)
     meta = dict(builder.info.metadata or {})
     self._index = {k: np.asarray(v) for k, v in meta.pop("index", {}).items()}
     self.metadata = meta
@@ -184,7 +185,8 @@ def builder(name: str, data_dir: str | os.PathLike[str] | None = None, **kwargs:
   if name not in builders.BUILDERS:
     raise ValueError(f"unknown dataset {name!r}; known: {sorted(builders.BUILDERS)}")
   kwargs.setdefault("file_format", "array_record")
-  return builders.BUILDERS[name](data_dir=None if data_dir is None else str(data_dir), **kwargs)
+  with builders.quiet_tfds():
+    return builders.BUILDERS[name](data_dir=None if data_dir is None else str(data_dir), **kwargs)
 
 
 def info(name: str, data_dir: str | os.PathLike[str] | None = None, *, config: str | None = None) -> dict[str, Any]:
@@ -196,17 +198,18 @@ def info(name: str, data_dir: str | os.PathLike[str] | None = None, *, config: s
   """
   if data_dir is not None:
     try:
-      path = dataset_dir(name, data_dir, config or ("default" if name == "csv" else None))
+      path = dataset_dir(name, data_dir, config or ("default" if name == registry.CSV else None))
     except FileNotFoundError:
       path = None
     if path is not None:
-      meta = dict(tfds.builder_from_directory(path).info.metadata or {})
+      with builders.quiet_tfds():
+        meta = dict(tfds.builder_from_directory(path).info.metadata or {})
       meta.pop("index", None)
       return meta
-  if name not in layouts.LAYOUTS:
-    raise ValueError(f"no static metadata for {name!r} (known: {sorted(layouts.LAYOUTS)}; 'csv' is described by "
+  if name not in registry.LAYOUTS:
+    raise ValueError(f"no static metadata for {name!r} (known: {sorted(registry.LAYOUTS)}; 'csv' is described by "
                      "its config and known only once built)")
-  lay = layouts.LAYOUTS[name]()
+  lay = registry.LAYOUTS[name]()
   return {"dataset": lay.name, "title": lay.title, "homepage": lay.homepage, "mos_kind": lay.mos_kind,
           "higher_is_better": lay.higher_is_better, "mos_range": list(lay.mos_range) if lay.mos_range else None,
           "content_kind": lay.content_kind, "official_split_names": list(lay.official_splits)}
