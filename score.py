@@ -1,9 +1,9 @@
 """Score images: `python score.py --pretrained exported/livec --output scores.csv photos/ more.jpg`.
 
 PATHS are image files and folders (searched recursively for image extensions, in sorted order). With
---pretrained (a folder written by `python -m mcpf_jax.export`, or a Hugging Face Hub id) or --checkpoint (a
-training run's workdir) the scores are on the MOS scale of the dataset the model was trained on (the JSON
-output's "scorer" says which, its range and its direction); with `--model clipiqa --clip NAME_OR_FOLDER` they are
+--pretrained (a folder written by `python -m mcpf_jax.export`, or a Hugging Face Hub id) or --workdir (a
+training run, with --checkpoint best|latest|N as in eval.py) the scores are on the MOS scale of the dataset the
+model was trained on (the JSON output's "scorer" says which, its range and its direction); with `--model clipiqa --clip NAME_OR_FOLDER` they are
 zero-shot CLIP-IQA scores on [0, 1]. A local --pretrained folder never touches the network; a hub id goes through
 the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only).
 
@@ -24,6 +24,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+# argparse, not absl as train.py / eval.py: this command takes PATHs, no config file, prints a --help of its own
+# flags only and exits 2 on bad arguments; absl's flags serve the config-file commands of the training side.
 COLUMNS = ("path", "score", "error", "width", "height", "note")
 
 
@@ -34,10 +36,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--pretrained", metavar="DIR_OR_ID",
                  help="an exported model folder (python -m mcpf_jax.export) or a Hugging Face Hub model id")
   p.add_argument("--revision", default=None, help="with a --pretrained hub id: the branch, tag or commit")
-  p.add_argument("--checkpoint", help="a training run's workdir (or its checkpoints/<step> folder)")
-  p.add_argument("--step", default="best", help="best | latest | a step number (with --checkpoint)")
+  p.add_argument("--workdir", help="a training run's workdir (or its checkpoints/<step> folder)")
+  p.add_argument("--checkpoint", default="best", help="best | latest | a step number (with --workdir, as in eval.py)")
   p.add_argument("--model", default=None, choices=("clipiqa",),
-                 help="zero-shot model to use without --checkpoint")
+                 help="zero-shot model to use without --workdir / --pretrained")
   p.add_argument("--clip", default=None,
                  help="CLIP hub id or folder: the zero-shot backbone, or where a trained model's backbone is")
   p.add_argument("--output", "-o", default="-", help="output file ('-': stdout)")
@@ -99,8 +101,8 @@ def _make_scorer(args):
   if args.pretrained:
     return Scorer.from_pretrained(args.pretrained, revision=args.revision, num_crops=args.num_crops,
                                   clip_name=args.clip, **common)
-  if args.checkpoint:
-    return Scorer.from_checkpoint(args.checkpoint, args.step, num_crops=args.num_crops, clip_name=args.clip,
+  if args.workdir:
+    return Scorer.from_checkpoint(args.workdir, args.checkpoint, num_crops=args.num_crops, clip_name=args.clip,
                                   **common)
   return Scorer.zero_shot(args.clip, num_crops=args.num_crops or DEFAULT_NUM_CROPS, **common)
 
@@ -108,11 +110,11 @@ def _make_scorer(args):
 def main(argv: Sequence[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
-  if sum(bool(x) for x in (args.pretrained, args.checkpoint, args.model)) > 1:
-    parser.error("give one of --pretrained (an exported model), --checkpoint (a training run) or --model clipiqa "
+  if sum(bool(x) for x in (args.pretrained, args.workdir, args.model)) > 1:
+    parser.error("give one of --pretrained (an exported model), --workdir (a training run) or --model clipiqa "
                  "(zero-shot)")
-  if not args.pretrained and not args.checkpoint and not args.model:
-    parser.error("give --pretrained DIR_OR_HUB_ID, --checkpoint WORKDIR, or --model clipiqa --clip NAME_OR_FOLDER "
+  if not args.pretrained and not args.workdir and not args.model:
+    parser.error("give --pretrained DIR_OR_HUB_ID, --workdir WORKDIR, or --model clipiqa --clip NAME_OR_FOLDER "
                  "for zero-shot scores")
   if args.revision and not args.pretrained:
     parser.error("--revision goes with a --pretrained hub id")

@@ -1,6 +1,6 @@
 """Export a trained model as a small inference folder, and optionally push it to the Hugging Face Hub.
 
-  python -m mcpf_jax.export --workdir runs/livec [--step best|latest|N] --output exported/livec \
+  python -m mcpf_jax.export --workdir runs/livec [--checkpoint best|latest|N] --output exported/livec \
       [--include_backbone] [--push_to_hub ORG/NAME [--private]] [--clip FOLDER]
 
 The folder (`mcpf_jax.pretrained` describes it) holds the model and preprocessing config, the model's own
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m mcpf_jax.export", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="the training run's workdir (or a checkpoints/<step> folder)")
-  p.add_argument("--step", default="best", help="best | latest | a step number")
+  p.add_argument("--checkpoint", default="best", help="best | latest | a step number (as in eval.py)")
   p.add_argument("--output", required=True, help="the folder to write (new or empty)")
   p.add_argument("--include_backbone", action="store_true", help="copy the CLIP weights in (fully offline use)")
   p.add_argument("--clip", default=None, help="where the run's CLIP backbone is now, if it moved")
@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--private", action="store_true", help="with --push_to_hub: a private repo")
   args = p.parse_args(argv)
   try:
-    result = export(args.workdir, args.output, checkpoint=args.step, include_backbone=args.include_backbone,
+    result = export(args.workdir, args.output, checkpoint=args.checkpoint, include_backbone=args.include_backbone,
                     clip_name=args.clip, overwrite=args.overwrite)
   except (FileExistsError, FileNotFoundError, ValueError) as e:
     print(f"export: {e}", file=sys.stderr)

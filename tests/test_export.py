@@ -55,7 +55,7 @@ def clive(shared_data) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, clive):
-  """A smoke run trained and evaluated, scored with score.py --checkpoint, exported twice, then deleted."""
+  """A smoke run trained and evaluated, scored with score.py --workdir, exported twice, then deleted."""
   from configs import smoke  # pylint: disable=g-import-not-at-top
   from mcpf_jax.train import trainer  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("export")
@@ -65,7 +65,7 @@ def exported(tmp_path_factory, clive):
   trainer.train_and_evaluate(config, workdir)
   eval_json = trainer.evaluate(None, workdir)
   env = _env(root)
-  _run(["score.py", "--checkpoint", str(workdir), "--format", "json", "-o", str(root / "checkpoint.json"),
+  _run(["score.py", "--workdir", str(workdir), "--format", "json", "-o", str(root / "checkpoint.json"),
         "--no_progress", str(clive)], env)
   full = json.loads(_run(["-m", "mcpf_jax.export", "--workdir", str(workdir), "--output", str(root / "full"),
                           "--include_backbone"], env).stdout.strip().splitlines()[-1])
@@ -86,7 +86,7 @@ def test_exported_folder_scores_like_the_checkpoint_offline_without_the_workdir(
   info_pre, by_pre = _scores(root / "pretrained.json")
   assert len(by_ckpt) == 55 and sorted(by_ckpt) == sorted(by_pre)
   diff = max(abs(by_ckpt[k] - by_pre[k]) for k in by_ckpt)
-  print(f"max |score.py --pretrained - score.py --checkpoint| over {len(by_ckpt)} CLIVE images: {diff:.3g}")
+  print(f"max |score.py --pretrained - score.py --workdir| over {len(by_ckpt)} CLIVE images: {diff:.3g}")
   assert diff <= 1e-6
   assert np.ptp(list(by_pre.values())) > 1e-3  # the images really get different scores
   # What the score means travels with it, in the JSON output.

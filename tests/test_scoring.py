@@ -310,7 +310,7 @@ def test_cli_scores_a_folder_and_exits_1_on_a_bad_file(run, scorer, tmp_path):
   (folder / "sub" / "broken.jpg").write_bytes((release / "coffee_jpeg3.jpg").read_bytes()[:500])
   (folder / "notes.txt").write_text("skipped: not an image extension")
   out = tmp_path / "scores.csv"
-  proc = subprocess.run([sys.executable, "score.py", "--checkpoint", str(run[0]), "--step", "latest",
+  proc = subprocess.run([sys.executable, "score.py", "--workdir", str(run[0]), "--checkpoint", "latest",
                          "--output", str(out), str(folder)], cwd=REPO, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 1, proc.stderr
