@@ -1,11 +1,11 @@
 """Score images: `python score.py --pretrained exported/livec --output scores.csv photos/ more.jpg`.
 
-PATHS are image files and folders (searched recursively for image extensions, in sorted order). With
---pretrained (a folder written by `python -m mcpf_jax.export`, or a Hugging Face Hub id) or --workdir (a
-training run, with --checkpoint best|latest|N as in eval.py) the scores are on the MOS scale of the dataset the
-model was trained on (the JSON output's "scorer" says which, its range and its direction); with `--model clipiqa --clip NAME_OR_FOLDER` they are
-zero-shot CLIP-IQA scores on [0, 1]. A local --pretrained folder never touches the network; a hub id goes through
-the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only).
+PATHS are image files and folders (searched recursively for image extensions, in sorted order). With --pretrained (a
+folder written by `python -m mcpf_jax.export`, or a Hugging Face Hub id) or --workdir (a training run, with
+--checkpoint best|latest|N as in eval.py) the scores are on the MOS scale of the dataset the model was trained on
+(the JSON output's "scorer" says which, its range and its direction); with `--model clipiqa --clip NAME_OR_FOLDER`
+they are zero-shot CLIP-IQA scores on [0, 1]. A local --pretrained folder never touches the network; a hub id goes
+through the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only).
 
 Output (--format csv, or json; default from the --output extension): one row per file with `path`, `score`,
 `error`, `width`, `height`, `note`. A file that cannot be read or decoded gets an error row and the others are
