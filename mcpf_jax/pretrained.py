@@ -9,7 +9,7 @@
   clip/               only with --include_backbone: the CLIP backbone as a Hugging Face CLIP folder
                       (config.json, model.safetensors, tokenizer files), for fully offline use
 
-A folder is found locally (a path: never any network) or on the Hugging Face Hub by repo id (through
+A folder is found locally (a path: never any network) or on the Hugging Face Hub by repo id (clip.hub.snapshot, through
 huggingface_hub's cache, honouring HF_HUB_OFFLINE). Nothing here imports `mcpf_jax.train`.
 """
 
@@ -79,28 +79,3 @@ def read_config(folder: pathlib.Path) -> dict[str, Any]:
 
 def is_local(name_or_path: str | os.PathLike[str]) -> bool:
   return pathlib.Path(name_or_path).expanduser().is_dir()
-
-
-def hub_folder(repo_id: str, *, revision: str | None = None, cache_dir: str | None = None,
-               local_files_only: bool = False) -> pathlib.Path:
-  """The snapshot folder of hub model `repo_id` in the Hugging Face cache, downloaded if needed and allowed.
-
-  HF_HUB_OFFLINE=1 (or `local_files_only`) reads the cache only.
-
-  Raises:
-    FileNotFoundError: not in the cache and it cannot be downloaded (offline, or no such repo / no network).
-  """
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
-  from huggingface_hub import constants, errors  # pylint: disable=g-import-not-at-top
-  offline = local_files_only or constants.is_offline_mode()
-  try:
-    folder = huggingface_hub.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                               local_files_only=local_files_only)
-  except (errors.LocalEntryNotFoundError, errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
-          errors.OfflineModeIsEnabled, OSError) as e:
-    cache = cache_dir or constants.HF_HUB_CACHE
-    why = ("HF_HUB_OFFLINE is set (or only the cache was asked) and it is not in the Hugging Face cache"
-           if offline else "it is not in the cache and could not be downloaded")
-    raise FileNotFoundError(f"hub model {repo_id!r} (revision {revision or 'main'}): {why} (cache: {cache}); "
-                            f"{type(e).__name__}: {e}") from e
-  return pathlib.Path(folder)

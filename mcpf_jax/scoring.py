@@ -46,7 +46,7 @@ from flax import traverse_util
 from mcpf_jax import clip, images, pretrained, runs, scores
 from mcpf_jax import model as iqa
 from mcpf_jax.clip import checkpoint as clip_checkpoint
-from mcpf_jax.clip import preprocess
+from mcpf_jax.clip import hub, preprocess
 
 # Zero-shot defaults (a checkpoint brings its own): the evaluation protocol of configs/base.py.
 DEFAULT_RESIZE = 512
@@ -257,7 +257,7 @@ class Scorer:
         raise ValueError(f"revision={revision!r} given for the local folder {name_or_path}")
       folder = pathlib.Path(name_or_path).expanduser()
     else:
-      folder = pretrained.hub_folder(str(name_or_path), revision=revision, cache_dir=cache_dir)
+      folder = hub.snapshot(str(name_or_path), revision=revision, cache_dir=cache_dir)
     config = pretrained.read_config(folder)
     bundle = _pretrained_backbone(folder, config, clip_name, local=local, cache_dir=cache_dir)
     where = folder / pretrained.CONFIG_FILE
@@ -490,7 +490,7 @@ def _pretrained_backbone(folder: pathlib.Path, config: dict[str, Any], clip_name
   try:
     if not local:  # through the cache (HF_HUB_OFFLINE honoured), fetching only config, weights and tokenizer
       return clip.load(hub_id, dtype=dtype, revision=revision, cache_dir=cache_dir)
-    snapshot = pretrained.hub_folder(hub_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    snapshot = hub.snapshot(hub_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
     return clip_checkpoint.load_folder(snapshot, dtype=dtype, source=f"hf://{hub_id}@{snapshot.name}")
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{folder}: the model needs {what}, which is not in {folder / pretrained.BACKBONE_DIR} "

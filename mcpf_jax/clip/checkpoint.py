@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
+from mcpf_jax.clip import hub
 from mcpf_jax.clip.config import HUB_IDS, CLIPConfig
 from mcpf_jax.clip.model import CLIP, init_random, param_shapes
 
@@ -263,44 +264,21 @@ def load_folder(folder: str | os.PathLike[str], *, dtype: str = "float32", remat
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> tuple[pathlib.Path, str]:
-  """Fetches (or finds in the cache) config.json, one weight file and the tokenizer files of a hub repo.
+  """config.json, one weight file (the first of WEIGHT_FILES the repo has) and the tokenizer files of a hub repo.
 
-  Returns the snapshot folder and the name of the weight file. Respects HF_HUB_OFFLINE (cache only).
+  Returns the snapshot folder and the name of the weight file.
   """
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
-  from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
-
-  def fetch(filename: str) -> pathlib.Path:
-    return pathlib.Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision,
-                                                        cache_dir=cache_dir))
-
   where = f"hub model {repo_id!r} (revision {revision or 'main'})"
-  offline = huggingface_hub.constants.is_offline_mode()
-  try:
-    config_path = fetch("config.json")
-  except errors.EntryNotFoundError as e:
-    why = ("HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
-           if offline else "it is not in the cache and the hub could not be reached or has no such file")
-    raise FileNotFoundError(
-        f"cannot get config.json of {where}: {why} (cache: {cache_dir or huggingface_hub.constants.HF_HUB_CACHE})."
-        f" Download it where there is network (`hf download {repo_id}`) or pass a local folder.") from e
-  weights = None
-  for name in WEIGHT_FILES:
-    try:
-      fetch(name)
-    except errors.EntryNotFoundError:
-      continue
-    weights = name
-    break
-  if weights is None:
-    raise FileNotFoundError(f"{where}: neither {SAFETENSORS} nor {MSGPACK} could be found"
-                            f"{' in the cache (HF_HUB_OFFLINE is set)' if offline else ''}")
-  for name in TOKENIZER_FILES:
-    try:
-      fetch(name)
-    except errors.EntryNotFoundError:
-      pass
-  return config_path.parent, weights
+  for weights in WEIGHT_FILES:  # one weight file fetched, not every format the repo offers
+    folder = hub.snapshot(repo_id, revision=revision, cache_dir=cache_dir,
+                          allow_patterns=("config.json", weights, *TOKENIZER_FILES))
+    if (folder / weights).is_file():
+      break
+  else:
+    raise FileNotFoundError(f"{where}: has none of {list(WEIGHT_FILES)} (in {folder})")
+  if not (folder / "config.json").is_file():
+    raise FileNotFoundError(f"{where}: has no config.json (in {folder})")
+  return folder, weights
 
 
 def load(name_or_path: str | os.PathLike[str], *, dtype: str = "float32", revision: str | None = None,

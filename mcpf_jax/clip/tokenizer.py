@@ -211,13 +211,8 @@ def _resolve_folder(folder_or_hub_id: str | os.PathLike[str]) -> pathlib.Path:
   if path.exists() or name.count("/") != 1 or name.startswith((".", "/")):
     raise FileNotFoundError(f"{name}: not a tokenizer folder (expected a directory with {TOKENIZER_JSON}, or "
                             f"{VOCAB_JSON} + {MERGES_TXT}), nor a Hugging Face hub id 'org/name'")
-  import huggingface_hub  # pylint: disable=import-outside-toplevel
-
-  try:
-    return pathlib.Path(huggingface_hub.snapshot_download(name, allow_patterns=_HUB_FILES))
-  except Exception as e:  # hub errors have many types (offline, gated, missing)
-    raise FileNotFoundError(f"{name}: not a local folder, and its tokenizer files could not be fetched from the "
-                            f"Hugging Face hub or its cache: {e}") from e
+  from mcpf_jax.clip import hub  # pylint: disable=import-outside-toplevel
+  return hub.snapshot(name, allow_patterns=_HUB_FILES)
 
 
 @dataclasses.dataclass(frozen=True)
