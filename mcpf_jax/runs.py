@@ -54,7 +54,8 @@ def manager_options(keep: int = 3, *, read_only: bool = False) -> ocp.Checkpoint
   ])
   return ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=best_metric, best_mode="max",
                                       read_only=read_only, create=not read_only,
-                                      cleanup_tmp_directories=not read_only)
+                                      cleanup_tmp_directories=not read_only,
+                                      save_interval_steps=0 if read_only else 1)  # a reader saves nothing
 
 
 def checkpoint_step(ckpts: Any, which: str | int) -> int:

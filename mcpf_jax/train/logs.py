@@ -2,7 +2,8 @@
 
 orbax logs some forty INFO lines per checkpoint save through absl logging (the "absl" logger, whatever the
 module), which drowns the progress and summary lines. absl has no per-module verbosity in Python, so a filter
-drops INFO and DEBUG records whose source file lies inside the named packages; their warnings and errors pass.
+drops INFO and DEBUG records whose source file lies inside the named packages; their warnings and errors pass,
+except the EXPECTED_WARNINGS, which restate what was asked.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Sequence
 from absl import flags
 
 QUIET_PACKAGES = ("orbax",)
+# Warnings that only restate what the program asked for (eval.py and the Scorer open checkpoints read-only).
+EXPECTED_WARNINGS = ("Given directory is read only",)
 
 
 class BelowWarningFrom(logging.Filter):
@@ -24,7 +27,11 @@ class BelowWarningFrom(logging.Filter):
     self.parts = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or not any(p in record.pathname for p in self.parts)
+    if not any(p in record.pathname for p in self.parts):
+      return True
+    if record.levelno == logging.WARNING and str(record.msg).startswith(EXPECTED_WARNINGS):
+      return False
+    return record.levelno >= logging.WARNING
 
 
 def quiet_library_info(packages: Sequence[str] = QUIET_PACKAGES) -> BelowWarningFrom | None:
@@ -36,6 +43,9 @@ def quiet_library_info(packages: Sequence[str] = QUIET_PACKAGES) -> BelowWarning
     return None
   quiet = BelowWarningFrom(packages)
   logging.getLogger("absl").addFilter(quiet)
+  # jax's own INFO lines (e.g. "Unable to initialize backend 'tpu'" on every machine without one) go through its
+  # module loggers, not absl's.
+  logging.getLogger("jax").setLevel(logging.WARNING)
   return quiet
 
 

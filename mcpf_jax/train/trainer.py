@@ -254,9 +254,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
                                  shard_index=jax.process_index(), shard_count=n_proc, start_batch=start)
   # Batches reach the devices ahead of the step that needs them.
   device_batches = mesh_lib.prefetch_to_device(loader, b_sh, size=cfg.data.prefetch_to_device)
-  log.info("%s", launch.topology(run.mesh))
   log.info("%s | %s on %s: %d train / %d val / %d test images, %d steps (%d per epoch), %d trainable of %d "
-           "parameters", mesh_lib.describe(run.mesh), cfg.model.name, run.data.name, len(train_idx),
+           "parameters", launch.topology(run.mesh), cfg.model.name, run.data.name, len(train_idx),
            len(run.data.indices["val"]), len(run.data.indices["test"]), total, steps_per_epoch,
            freeze.count(run.params, run.mask), freeze.count(run.params))
 
@@ -360,8 +359,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
       writer.add_scalar("test/srcc", test["srcc"], total)
       writer.close()
   ckpts.close()
-  log.info("done: %s step %d | test SRCC %.4f PLCC %.4f (%d images) | %s", run.data.name, total, test["srcc"],
-           test["plcc"], test["num_images"], mesh_lib.describe(run.mesh))
+  log.info("done: %s step %d | test SRCC %.4f PLCC %.4f (%d images) | %s | written to %s (train_summary.json, "
+           "test_predictions.csv, checkpoints/)", run.data.name, total, test["srcc"], test["plcc"], test["num_images"],
+           mesh_lib.describe(run.mesh), workdir)
   return summary
 
 
