@@ -31,14 +31,14 @@ import numpy as np
 from flax import serialization, traverse_util
 
 from mcpf_jax.clip.config import HUB_IDS, CLIPConfig
-from mcpf_jax.clip.model import CLIP, init_random, param_shapes
+from mcpf_jax.clip.init import param_shapes
+from mcpf_jax.clip.model import CLIP
 
 __all__ = [
   "MSGPACK",
   "SAFETENSORS",
   "Bundle",
   "fingerprint",
-  "init_random",
   "load",
   "load_folder",
   "read_config",
