@@ -62,7 +62,7 @@ def analytic_flops(clip_config, spec, batch: int, text_rows: int, text_tokens: i
   v, t = clip_config.vision, clip_config.text
   v_tokens = 1 + v.num_patches + spec.num_vision_prompts
   vd, va = _common.tower_layer_flops(v_tokens, v.hidden_size, v.intermediate_size)
-  # The last vision block updates only CLS when the tokens are not returned (mcpf_jax.clip.model.EncoderLayer).
+  # The last vision block updates only CLS when the tokens are not returned (mcpf_jax.clip.layers.EncoderLayer).
   vd_last, va_last = _common.tower_layer_flops(v_tokens, v.hidden_size, v.intermediate_size, queries=1)
   td, ta = _common.tower_layer_flops(text_tokens, t.hidden_size, t.intermediate_size)
   patch = 2 * v.num_patches * (v.patch_size ** 2 * v.num_channels) * v.hidden_size
@@ -119,7 +119,7 @@ def _vision_pass(batch: int, spec) -> int:
   """Images per vision-tower pass: the chunk size where the model has `image_chunk`, else the batch."""
   if not hasattr(spec, "image_chunk"):
     return batch
-  from mcpf_jax.clip.model import _chunking  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.clip.tuning import _chunking  # pylint: disable=g-import-not-at-top
   return _chunking(batch, spec.image_chunk)[0]
 
 

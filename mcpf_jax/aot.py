@@ -474,13 +474,13 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
 
 
 def _attention_path(cc) -> str:
-  from mcpf_jax.clip.model import attention_for  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.clip.tuning import attention_for  # pylint: disable=g-import-not-at-top
   return attention_for(cc.target_platform())
 
 
 def _vision_chunk(cc, spec, batch: int) -> int:
   """Images per vision-tower pass of the train step (the whole batch unless a chunk loop runs)."""
-  from mcpf_jax.clip.model import _chunking  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.clip.tuning import _chunking  # pylint: disable=g-import-not-at-top
   return _chunking(batch, spec.image_chunk, cc.vision.hidden_size, cc.target_platform())[0]
 
 

@@ -26,6 +26,8 @@ import transformers
 from mcpf_jax import clip
 from mcpf_jax.clip import checkpoint
 from mcpf_jax.clip import config as config_lib
+from mcpf_jax.clip import init as init_lib
+from mcpf_jax.clip import layers as layers_lib
 from mcpf_jax.clip import model as model_lib
 
 pytestmark = pytest.mark.torch
@@ -174,7 +176,7 @@ def test_pooling_rule_follows_eos_token_id(tiny):
 
 def test_our_save_pretrained_loads_in_transformers(tmp_path):
   cfg = clip.CLIPConfig.from_hf(_hf_config("gelu", 500).to_dict())
-  shapes = model_lib.param_shapes(cfg)
+  shapes = init_lib.param_shapes(cfg)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(np.float32) * 0.3,
                         clip.init_random(cfg, seed=1))
@@ -571,7 +573,7 @@ def test_presets(name, text, vision, layers, patch, image, embed):
   assert cfg.vision.hidden_size // cfg.vision.num_attention_heads == 64
   assert name in config_lib.HUB_IDS and cfg.vision.num_patches == (image // patch) ** 2
   if name == "vit-b-16":  # the default backbone; tracing a full-size tower takes seconds, so once is enough
-    shapes = model_lib.param_shapes(cfg)
+    shapes = init_lib.param_shapes(cfg)
     assert shapes["vision_model"]["embeddings"]["position_embedding"]["embedding"].shape == (197, 768)
     assert shapes["vision_model"]["embeddings"]["patch_embedding"]["kernel"].shape == (16, 16, 3, 768)
     assert shapes["visual_projection"]["kernel"].shape == (768, 512)
@@ -622,6 +624,6 @@ def test_bfloat16_matmuls_accumulate_in_float32():
   x = jnp.full((1, 4096), 1.0 + 2 ** -7, jnp.bfloat16)  # exactly representable in bf16
   w = jnp.ones((4096, 1), jnp.bfloat16)
   exact = 4096 * (1.0 + 2 ** -7)
-  acc = model_lib.f32_accumulating(jnp.bfloat16)(x, w, (((1,), (0,)), ((), ())))
+  acc = layers_lib.f32_accumulating(jnp.bfloat16)(x, w, (((1,), (0,)), ((), ())))
   assert acc.dtype == jnp.bfloat16 and float(acc[0, 0]) == float(jnp.bfloat16(exact))
-  assert model_lib.f32_accumulating(jnp.float32) is None
+  assert layers_lib.f32_accumulating(jnp.float32) is None

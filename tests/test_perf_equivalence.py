@@ -87,7 +87,7 @@ def test_cls_only_last_block_same_features(bundle, remat):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_per_head_attention_matches_jax(causal, dtype):
   """The per-head attention of the towers against jax.nn.dot_product_attention: values and gradients."""
-  from mcpf_jax.clip.model import _attention  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.clip.layers import _attention  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(2)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 7, 3, 8)), dtype) for _ in range(3))
   ours = _attention(q, k, v, causal)
@@ -106,7 +106,7 @@ def test_per_head_attention_matches_jax(causal, dtype):
 @pytest.mark.parametrize("n, chunk", [(6, 3), (7, 4), (5, None)])
 def test_chunked_image_encoding_same_as_whole_batch(bundle, n, chunk):
   """CLIP.image_chunk encodes a batch chunk by chunk (padding the last one) with the whole batch's numbers."""
-  from mcpf_jax.clip.model import _chunking  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.clip.tuning import _chunking  # pylint: disable=g-import-not-at-top
   assert _chunking(32, 8) == (8, 32) and _chunking(30, 8) == (6, 30) and _chunking(13, 8) == (7, 14)
   assert _chunking(13, 0) == (13, 13) and _chunking(5, 8) == (5, 5)
   cpu = jax.default_backend() == "cpu"

@@ -1,8 +1,18 @@
-"""CLIP towers, Hugging Face checkpoint loading, tokenizer and preprocessing. Knows nothing of IQA."""
+"""CLIP for prompt learning: the model, its Hugging Face checkpoints, tokenizer and preprocessing. Knows nothing of IQA.
+
+  config.py      the configuration (Hugging Face config.json fields, presets, compute options)
+  layers.py      the transformer layers both towers are built of (attention, MLP, block, f32-accumulating dense)
+  model.py       the CLIP module: text and vision towers with prompt hooks, projections, logits
+  tuning.py      per-target speed choices (attention implementation, image-chunk size)
+  init.py        parameter trees without a checkpoint (shapes, transformers' random initialisation)
+  checkpoint.py  loading and saving the Hugging Face weight formats
+  tokenizer.py   the CLIP BPE tokenizer; preprocess.py the pixel normalisation; tiny.py tiny random CLIP folders
+"""
 
 from mcpf_jax.clip.checkpoint import Bundle, fingerprint, load, save_pretrained
 from mcpf_jax.clip.config import PRESETS, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, preset
-from mcpf_jax.clip.model import CLIP, init_random
+from mcpf_jax.clip.init import init_random
+from mcpf_jax.clip.model import CLIP
 
 __all__ = [
   "CLIP",

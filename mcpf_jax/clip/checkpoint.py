@@ -32,14 +32,14 @@ from flax import serialization, traverse_util
 
 from mcpf_jax.clip import hub
 from mcpf_jax.clip.config import HUB_IDS, CLIPConfig
-from mcpf_jax.clip.model import CLIP, init_random, param_shapes
+from mcpf_jax.clip.init import param_shapes
+from mcpf_jax.clip.model import CLIP
 
 __all__ = [
   "MSGPACK",
   "SAFETENSORS",
   "Bundle",
   "fingerprint",
-  "init_random",
   "load",
   "load_folder",
   "read_config",

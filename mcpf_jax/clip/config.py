@@ -118,7 +118,7 @@ class CLIPConfig:
     dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
     remat: wrap every transformer block in `jax.checkpoint` (saves activation memory when training prompts).
     platform: the platform the model is compiled FOR ("cpu" | "gpu" | "tpu"), which picks the CPU-tuned or the
-      fused attention path and the image-chunk default (see `mcpf_jax.clip.model`). None: the process's default
+      fused attention path and the image-chunk default (see `mcpf_jax.clip.tuning`). None: the process's default
       backend, i.e. where it runs; an ahead-of-time compile for another target (`mcpf_jax.aot`) sets it.
   """
   text: CLIPTextConfig = dataclasses.field(default_factory=CLIPTextConfig)

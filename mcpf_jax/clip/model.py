@@ -1,4 +1,4 @@
-"""CLIP in Flax Linen: vision and text transformers, projections and the logit scale, with prompt hooks.
+"""The CLIP module in Flax Linen: the text and vision towers, projections and logits, with prompt hooks.
 
 Numerically this is transformers' PyTorch `CLIPModel` (pre-LayerNorm blocks, `pre_layrnorm` and
 `post_layernorm` on the CLS token in the vision tower, causal attention and end-of-text pooling in the text
@@ -23,240 +23,26 @@ number of layers; element j is [n, width] (shared by the batch) or [batch, n, wi
           The CLS token is pooled as in CLIP; prompts are never pooled.
 Prompt shapes are static, values are plain arrays: everything jits and differentiates with respect to them.
 
-Precision: float32 parity with transformers (1e-5 relative, tested on CPU) assumes full-precision float32
-matmuls; on GPUs/TPUs XLA may use TF32/bf16 passes for float32 by default (`jax.default_matmul_precision`
-sets it). `CLIPConfig.dtype = "bfloat16"` feeds bfloat16 to every matmul and to the patch convolution, which
-accumulate in float32 and round their result to bfloat16 once (`f32_accumulating`); LayerNorm, the attention
-softmax and the logits are float32. The weights may be stored in float32 or bfloat16 (`clip.load(param_dtype=)`).
+Precision: see `mcpf_jax.clip.layers` (float32 parity with transformers; bfloat16 compute with float32-accumulating
+matmuls). The weights may be stored in float32 or bfloat16 (`clip.load(param_dtype=)`); the logits are float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from mcpf_jax.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, resolve_platform
+from mcpf_jax.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from mcpf_jax.clip.layers import Encoder, batched, dense, f32_accumulating, layer_norm, replace_after_first
+from mcpf_jax.clip.tuning import _chunking, attention_for
 
 Array = jax.Array
 Prompts = Sequence[Array] | None
-
-
-def _activation(name: str) -> Callable[[Array], Array]:
-  """transformers' ACT2FN entries used by CLIP checkpoints ("gelu" is the exact erf form)."""
-  if name == "quick_gelu":
-    return lambda x: x * jax.nn.sigmoid(1.702 * x)
-  if name == "gelu":
-    return lambda x: jax.nn.gelu(x, approximate=False)
-  if name in ("gelu_new", "gelu_pytorch_tanh"):
-    return lambda x: jax.nn.gelu(x, approximate=True)
-  if name == "relu":
-    return jax.nn.relu
-  raise ValueError(f"unsupported hidden_act {name!r}")
-
-
-def _layer_norm(eps: float, dtype: Any, name: str):
-  """LayerNorm computed in float32 whatever the compute dtype (its mean and variance need it), returned in
-  `dtype`. Two-pass variance, as torch.nn.LayerNorm computes it (the fast E[x^2]-E[x]^2 form costs precision)."""
-  norm = nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name=name)
-  return lambda x: norm(x).astype(dtype)
-
-
-def f32_accumulating(dtype: Any, op: Callable = jax.lax.dot_general) -> Callable | None:
-  """For a low-precision compute dtype: `op` (lax.dot_general / conv_general_dilated) accumulating in float32
-  (`preferred_element_type`) and rounding its result to `dtype` once. None for float32 (the op as it is).
-
-  bf16 x bf16 -> bf16 products summed in bf16 lose precision with the contraction length (768 to 3072 terms here)
-  and, on XLA's CPU backend, run at half the speed of the f32-accumulating form.
-  """
-  if jnp.dtype(dtype) == jnp.float32:
-    return None
-
-  def accumulate_in_f32(*args, **kwargs):
-    kwargs["preferred_element_type"] = jnp.float32
-    return op(*args, **kwargs).astype(dtype)
-
-  return accumulate_in_f32
-
-
-def _dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-                  dot_general=f32_accumulating(dtype))
-
-
-def _attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
-  """Attention: q [batch, queries, heads, head_dim], k and v [batch, keys, heads, head_dim] -> like q.
-
-  The numerics of `jax.nn.dot_product_attention`'s XLA path (float32 logits scaled by head_dim ** -0.5, the
-  causal mask as -0.7 * float32 max, float32 softmax, probabilities cast to the value dtype), computed one head
-  at a time: XLA's CPU backend runs the per-head batched matmuls about twice as fast as the [batch, heads, ...]
-  einsums with their transposes (ViT-B/16 encoding 1.1x faster at batch 32, the train step 1.09x at batch 8;
-  see BENCHMARKS.md). XLA fuses the per-head slices and the final stack into the neighbouring ops. Used for
-  CPU targets only (`Attention.implementation = "per_head"`): elsewhere `Attention` calls
-  `jax.nn.dot_product_attention`, so GPUs get the fused kernel.
-  """
-  scale = q.shape[-1] ** -0.5
-  mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)) if causal else None
-  big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
-  outs = []
-  for h in range(q.shape[2]):
-    logits = jnp.einsum("bqd,bkd->bqk", q[:, :, h], k[:, :, h], preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-      logits = jnp.where(mask, logits, big_negative)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    outs.append(jnp.einsum("bqk,bkd->bqd", probs, v[:, :, h], preferred_element_type=jnp.float32).astype(v.dtype))
-  return jnp.stack(outs, axis=2)
-
-
-ATTENTION = ("fused", "per_head")
-
-
-def attention_for(platform: str) -> str:
-  """The attention path for a target platform: "per_head" (`_attention`) on CPU, "fused" on GPU/TPU."""
-  return "per_head" if platform == "cpu" else "fused"
-
-
-class Attention(nn.Module):
-  """Multi-head self-attention with separate q/k/v/out projections (HF `CLIPAttention`).
-
-  implementation: "fused" (`jax.nn.dot_product_attention`: cuDNN flash attention on GPUs where it applies, XLA
-  elsewhere) or "per_head" (`_attention`, the CPU-tuned form); the same numbers. Chosen by `attention_for`.
-  """
-  num_heads: int
-  causal: bool
-  dtype: Any = jnp.float32
-  implementation: str = "fused"
-
-  @nn.compact
-  def __call__(self, x: Array, num_queries: int | None = None) -> Array:
-    """[batch, tokens, width] -> [batch, queries, width]: the first `num_queries` tokens (default all) attend.
-
-    Non-causal only when `num_queries` is given (the vision tower's CLS-only last block).
-    """
-    batch, tokens, width = x.shape
-    queries = tokens if num_queries is None else num_queries
-    head_dim = width // self.num_heads
-    q = _dense(width, self.dtype, "q_proj")(x[:, :queries]).reshape(batch, queries, self.num_heads, head_dim)
-    k = _dense(width, self.dtype, "k_proj")(x).reshape(batch, tokens, self.num_heads, head_dim)
-    v = _dense(width, self.dtype, "v_proj")(x).reshape(batch, tokens, self.num_heads, head_dim)
-    if self.implementation == "per_head":
-      out = _attention(q, k, v, self.causal)
-    elif self.implementation == "fused":
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # scale = head_dim ** -0.5
-    else:
-      raise ValueError(f"Attention.implementation={self.implementation!r}: expected one of {ATTENTION}")
-    return _dense(width, self.dtype, "out_proj")(out.reshape(batch, queries, width))
-
-
-class MLP(nn.Module):
-  intermediate_size: int
-  hidden_act: str
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """[batch, tokens, width] -> [batch, tokens, width]."""
-    h = _activation(self.hidden_act)(_dense(self.intermediate_size, self.dtype, "fc1")(x))
-    return _dense(x.shape[-1], self.dtype, "fc2")(h)
-
-
-class EncoderLayer(nn.Module):
-  """Pre-LayerNorm transformer block (HF `CLIPEncoderLayer`).
-
-  Attributes:
-    num_queries: None: every token is updated; k: only the first k tokens are (they still attend to all), and
-      the output is [batch, k, width]. Every other operation is per token, so those k rows are exactly the
-      full block's; the vision tower uses k = 1 for its last block when only the CLS token is pooled.
-  """
-  config: CLIPTextConfig | CLIPVisionConfig
-  causal: bool
-  dtype: Any = jnp.float32
-  num_queries: int | None = None
-  attention: str = "fused"
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """[batch, tokens, width] -> [batch, tokens (or num_queries), width]."""
-    cfg = self.config
-    if self.num_queries is not None and self.causal:
-      raise ValueError("num_queries is for non-causal blocks (causal queries would see a shorter past)")
-    h = _layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm1")(x)
-    if self.num_queries is not None:
-      x = x[:, :self.num_queries]
-    attention = Attention(cfg.num_attention_heads, self.causal, self.dtype, self.attention, name="self_attn")
-    x = x + attention(h, self.num_queries)
-    h = _layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm2")(x)
-    return x + MLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, name="mlp")(h)
-
-
-def _batched(prompt: Array, batch: int, dtype: Any) -> Array:
-  """[n, width] or [batch, n, width] -> [batch, n, width] in the compute dtype."""
-  prompt = jnp.asarray(prompt).astype(dtype)
-  if prompt.ndim == 2:
-    return jnp.broadcast_to(prompt[None], (batch,) + prompt.shape)
-  return prompt
-
-
-def _replace_after_first(x: Array, prompt: Array) -> Array:
-  """Hidden positions 1..n of [batch, tokens, width] <- prompt [batch, n, width]."""
-  n = prompt.shape[1]
-  return jnp.concatenate([x[:, :1], prompt, x[:, 1 + n:]], axis=1)
-
-
-def _replace_last(x: Array, prompt: Array) -> Array:
-  """The last n positions of [batch, tokens, width] <- prompt [batch, n, width]."""
-  return jnp.concatenate([x[:, :x.shape[1] - prompt.shape[1]], prompt], axis=1)
-
-
-class LayerStack(nn.Module):
-  """The blocks, named "0".."L-1" as in HF Flax (`encoder/layers/{i}`), with deep prompts between them.
-
-  Attributes:
-    prompt_slot: "after_first" (text: positions 1..n) or "last" (vision: the appended tokens).
-  """
-  config: CLIPTextConfig | CLIPVisionConfig
-  causal: bool
-  prompt_slot: str
-  dtype: Any = jnp.float32
-  remat: bool = False
-  attention: str = "fused"
-
-  @nn.compact
-  def __call__(self, x: Array, deep_prompts: Sequence[Array] = (), last_queries: int | None = None) -> Array:
-    """x [batch, tokens, width]; deep_prompts[j - 1] enters block j -> [batch, tokens, width].
-
-    `last_queries` = k: the last block updates only the first k tokens (see EncoderLayer.num_queries) and the
-    output is [batch, k, width].
-    """
-    block = nn.remat(EncoderLayer) if self.remat else EncoderLayer
-    replace = _replace_after_first if self.prompt_slot == "after_first" else _replace_last
-    layers = self.config.num_hidden_layers
-    for i in range(layers):
-      if 1 <= i <= len(deep_prompts):
-        x = replace(x, _batched(deep_prompts[i - 1], x.shape[0], self.dtype))
-      queries = last_queries if i == layers - 1 else None
-      x = block(self.config, self.causal, self.dtype, queries, self.attention, name=str(i))(x)
-    return x
-
-
-class Encoder(nn.Module):
-  """Holds the `layers` collection, so parameter paths read `encoder/layers/{i}` as in HF Flax."""
-  config: CLIPTextConfig | CLIPVisionConfig
-  causal: bool
-  prompt_slot: str
-  dtype: Any = jnp.float32
-  remat: bool = False
-  attention: str = "fused"
-
-  @nn.compact
-  def __call__(self, x: Array, deep_prompts: Sequence[Array] = (), last_queries: int | None = None) -> Array:
-    return LayerStack(self.config, self.causal, self.prompt_slot, self.dtype, self.remat, self.attention,
-                      name="layers")(x, deep_prompts, last_queries)
 
 
 def _check_prompts(prompts: Sequence[Array], batch: int, width: int, layers: int, tower: str) -> None:
@@ -295,7 +81,7 @@ class TextTransformer(nn.Module):
     x = _TextEmbeddings(cfg, self.dtype, name="embeddings")(ids, prompts[0] if prompts else None)
     x = Encoder(cfg, True, "after_first", self.dtype, self.remat, self.attention, name="encoder")(
         x, tuple(prompts[1:]))
-    x = _layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
+    x = layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
     if cfg.legacy_eos_pooling:
       # Old configs (eos_token_id == 2): the end-of-text token is the largest id in the sequence.
       eos = jnp.argmax(ids, axis=-1)
@@ -309,9 +95,10 @@ def end_of_text_span(ids: np.ndarray | Sequence[Sequence[int]], config: CLIPText
   """1 + the largest pooled (end-of-text) position of int ids [rows, tokens], by `TextTransformer`'s rule.
 
   Attention in the text tower is causal, so a row's pooled state never sees the positions after its end-of-text
-  token: `ids[:, :span]` gives the same features as `ids` (class prompts fill ~15 of 77 positions, so a fixed
-  set of prompts costs a fifth of the text tower). The rule is applied in numpy, to static ids. When a row has no
-  end-of-text token (ids not from the tokenizer), nothing is dropped: the span is all the positions.
+  token: `ids[:, :span]` gives the same features as `ids` (class prompts fill a small part of the 77 positions,
+  so a fixed set of prompts needs only that part of the text tower). The rule is applied in numpy, to static ids.
+  When a row has no end-of-text token (ids not from the tokenizer), nothing is dropped: the span is all the
+  positions.
   """
   ids = np.asarray(ids)
   if config.legacy_eos_pooling:
@@ -337,7 +124,7 @@ class _TextEmbeddings(nn.Module):
     x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, embedding_init=init,
                  name="token_embedding")(ids)
     if prompt is not None:
-      x = _replace_after_first(x, _batched(prompt, x.shape[0], x.dtype))
+      x = replace_after_first(x, batched(prompt, x.shape[0], x.dtype))
     positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype, embedding_init=init,
                          name="position_embedding")(jnp.arange(ids.shape[1]))
     return x + positions[None]
@@ -368,11 +155,11 @@ class VisionTransformer(nn.Module):
                        f"the appended ones); got {[jnp.shape(p)[-2] for p in prompts]}")
     x = _VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels, interpolate_pos_encoding)
     if prompts:
-      x = jnp.concatenate([x, _batched(prompts[0], batch, self.dtype)], axis=1)
-    x = _layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layrnorm")(x)
+      x = jnp.concatenate([x, batched(prompts[0], batch, self.dtype)], axis=1)
+    x = layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layrnorm")(x)
     x = Encoder(cfg, False, "last", self.dtype, self.remat, self.attention, name="encoder")(
         x, tuple(prompts[1:]), 1 if pooled_only else None)
-    pooled = _layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])
+    pooled = layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])
     return pooled, x
 
 
@@ -431,9 +218,9 @@ class CLIP(nn.Module):
   Attributes:
     config: the model.
     image_chunk: images per vision-tower pass: a larger batch is encoded as a sequence (lax.scan) of chunks of
-      at most this many images (the same numbers: images never interact). None: 8 on a CPU target, whose
-      caches favour the smaller matmuls (ViT-B/16 encoding 1.15x faster at batch 32, see BENCHMARKS.md), for
-      towers at least CPU_CHUNK_MIN_WIDTH wide, and the whole batch on GPUs/TPUs; 0: the whole batch.
+      at most this many images (the same numbers: images never interact). None: the target's default
+      (`tuning._chunking`): 8 on a CPU target, whose caches favour the smaller matmuls (see BENCHMARKS.md), for
+      towers at least `tuning.CPU_CHUNK_MIN_WIDTH` wide, and the whole batch on GPUs/TPUs; 0: the whole batch.
   """
   config: CLIPConfig
   image_chunk: int | None = None
@@ -444,8 +231,8 @@ class CLIP(nn.Module):
     attention = attention_for(cfg.target_platform())
     self.text_model = TextTransformer(cfg.text, dtype, cfg.remat, attention)
     self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat, attention)
-    self.visual_projection = _dense(cfg.projection_dim, dtype, "visual_projection", use_bias=False)
-    self.text_projection = _dense(cfg.projection_dim, dtype, "text_projection", use_bias=False)
+    self.visual_projection = dense(cfg.projection_dim, dtype, "visual_projection", use_bias=False)
+    self.text_projection = dense(cfg.projection_dim, dtype, "text_projection", use_bias=False)
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.logit_scale_init_value), (),
                                   jnp.float32)
 
@@ -517,32 +304,6 @@ class CLIP(nn.Module):
     return logits(image, text, self.logit_scale)
 
 
-CPU_CHUNK_MIN_WIDTH = 256  # the CPU default chunks only real-size towers (a tiny model's small matmuls gain nothing)
-
-
-def _chunking(n: int, image_chunk: int | None, width: int | None = None,
-              platform: str | None = None) -> tuple[int, int]:
-  """(chunk size, padded batch) to encode n images in chunks of at most `image_chunk` (see `CLIP.image_chunk`).
-
-  `width`: the vision tower's width; with image_chunk None, towers narrower than CPU_CHUNK_MIN_WIDTH are not
-  chunked, and only a CPU `platform` (the target; None = this process's default backend) chunks at all. A divisor
-  of n down to half the chunk is used as it is; otherwise the batch is padded to equal chunks.
-  """
-  if image_chunk is None:
-    real_size = width is None or width >= CPU_CHUNK_MIN_WIDTH
-    chunk = 8 if resolve_platform(platform) == "cpu" and real_size else 0
-  else:
-    chunk = image_chunk
-  if chunk <= 0 or n <= chunk:
-    return n, n
-  for size in range(chunk, max(chunk // 2, 1) - 1, -1):
-    if n % size == 0:
-      return size, n
-  count = -(-n // chunk)
-  size = -(-n // count)
-  return size, count * size
-
-
 def logits(image_features: Array, text_features: Array, logit_scale: Array) -> Array:
   """exp(logit_scale) * cosine similarity: [n_img, D], [n_txt, D] -> [n_img, n_txt] float32."""
   image = image_features.astype(jnp.float32)
@@ -551,51 +312,3 @@ def logits(image_features: Array, text_features: Array, logit_scale: Array) -> A
   text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
   return jnp.exp(logit_scale.astype(jnp.float32)) * image @ text.T
 
-
-def init_random(config: CLIPConfig, seed: int = 0) -> dict[str, Any]:
-  """A random float32 parameter tree for `config` (the `params` collection, HF Flax layout).
-
-  Drawn in numpy with transformers' CLIP initialisation (`CLIPPreTrainedModel._init_weights`, factor 1):
-  no XLA compile, so a tiny model for tests or the smoke run is instant. LayerNorms start at (1, 0), biases
-  at 0 and `logit_scale` at `config.logit_scale_init_value`.
-  """
-  rng = np.random.default_rng(seed)
-  flat = traverse_util.flatten_dict(param_shapes(config))
-  out = {}
-  for path, spec in sorted(flat.items()):
-    name, leaf = path[-2] if len(path) > 1 else "", path[-1]
-    tower = config.text if path[0] == "text_model" else config.vision
-    width, layers = tower.hidden_size, tower.num_hidden_layers
-    if leaf == "logit_scale":
-      value = np.full(spec.shape, config.logit_scale_init_value)
-    elif leaf == "bias":
-      value = np.zeros(spec.shape)
-    elif leaf == "scale":
-      value = np.ones(spec.shape)
-    else:
-      if leaf == "class_embedding":
-        std = width ** -0.5
-      elif leaf == "embedding" or name == "patch_embedding":
-        std = 0.02
-      elif name in ("q_proj", "k_proj", "v_proj", "fc2"):
-        std = width ** -0.5 * (2 * layers) ** -0.5
-      elif name == "out_proj":
-        std = width ** -0.5
-      elif name == "fc1":
-        std = (2 * width) ** -0.5
-      elif name in ("visual_projection", "text_projection"):
-        std = spec.shape[0] ** -0.5
-      else:
-        raise AssertionError(f"no initialiser for {'/'.join(path)}")
-      value = rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(std)
-    out[path] = jnp.asarray(value, jnp.float32)
-  return traverse_util.unflatten_dict(out)
-
-
-def param_shapes(config: CLIPConfig) -> dict[str, Any]:
-  """The parameter tree of `config` as `jax.ShapeDtypeStruct`s, without computing anything."""
-  model = CLIP(config)
-  size = config.vision.image_size
-  pixels = jax.ShapeDtypeStruct((1, size, size, config.vision.num_channels), jnp.float32)
-  ids = jax.ShapeDtypeStruct((1, config.text.max_position_embeddings), jnp.int32)
-  return jax.eval_shape(model.init, jax.random.key(0), pixels, ids)["params"]

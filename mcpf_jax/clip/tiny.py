@@ -22,7 +22,7 @@ import scipy.ndimage
 
 from mcpf_jax.clip.checkpoint import read_safetensors, save_pretrained
 from mcpf_jax.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-from mcpf_jax.clip.model import init_random
+from mcpf_jax.clip.init import init_random
 
 
 def tiny_config(*, width: int = 64, layers: int = 4, heads: int = 4, image_size: int = 64, patch_size: int = 8,

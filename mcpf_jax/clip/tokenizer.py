@@ -327,5 +327,5 @@ class Tokenizer:
 
 @functools.lru_cache(maxsize=1)
 def _default_tokenizer() -> Tokenizer:
-  # Built once per process: reading and converting the 49k merges takes ~0.1 s.
+  # Built once per process: reading and converting the 49k merges is not free.
   return Tokenizer.from_bpe_file(DEFAULT_BPE_PATH)

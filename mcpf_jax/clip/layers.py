@@ -1,0 +1,236 @@
+"""The transformer layers both CLIP towers are built of, in Flax Linen: dense, LayerNorm, attention, MLP, the block.
+
+The pre-LayerNorm block is transformers' `CLIPEncoderLayer`; `LayerStack` chains the blocks and writes the deep
+prompts over a slot of the hidden states between them (`mcpf_jax.clip.model` describes the prompts). Module names
+are those of the Hugging Face Flax CLIP checkpoints (`self_attn/{q,k,v,out}_proj`, `mlp/fc1`, `layer_norm1`, ...).
+
+Attention has two implementations with the same numbers: "fused" (`jax.nn.dot_product_attention`) and
+"per_head" (`_attention`, the form XLA's CPU backend runs fastest); `mcpf_jax.clip.tuning` picks one per target.
+
+Precision: float32 parity with transformers (1e-5 relative, tested on CPU) assumes full-precision float32
+matmuls; on GPUs/TPUs XLA may use TF32/bf16 passes for float32 by default (`jax.default_matmul_precision`
+sets it). A bfloat16 compute dtype feeds bfloat16 to every matmul and to the patch convolution, which
+accumulate in float32 and round their result to bfloat16 once (`f32_accumulating`); LayerNorm and the attention
+softmax are float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mcpf_jax.clip.config import CLIPTextConfig, CLIPVisionConfig
+
+Array = jax.Array
+
+
+def _activation(name: str) -> Callable[[Array], Array]:
+  """transformers' ACT2FN entries used by CLIP checkpoints ("gelu" is the exact erf form)."""
+  if name == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name in ("gelu_new", "gelu_pytorch_tanh"):
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == "relu":
+    return jax.nn.relu
+  raise ValueError(f"unsupported hidden_act {name!r}")
+
+
+def layer_norm(eps: float, dtype: Any, name: str):
+  """LayerNorm computed in float32 whatever the compute dtype (its mean and variance need it), returned in
+  `dtype`. Two-pass variance, as torch.nn.LayerNorm computes it (the fast E[x^2]-E[x]^2 form costs precision)."""
+  norm = nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name=name)
+  return lambda x: norm(x).astype(dtype)
+
+
+def f32_accumulating(dtype: Any, op: Callable = jax.lax.dot_general) -> Callable | None:
+  """For a low-precision compute dtype: `op` (lax.dot_general / conv_general_dilated) accumulating in float32
+  (`preferred_element_type`) and rounding its result to `dtype` once. None for float32 (the op as it is).
+
+  bf16 x bf16 -> bf16 products summed in bf16 lose precision with the contraction length (768 to 3072 terms here)
+  and, on XLA's CPU backend, run slower than the f32-accumulating form (BENCHMARKS.md).
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return None
+
+  def accumulate_in_f32(*args, **kwargs):
+    kwargs["preferred_element_type"] = jnp.float32
+    return op(*args, **kwargs).astype(dtype)
+
+  return accumulate_in_f32
+
+
+def dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  dot_general=f32_accumulating(dtype))
+
+
+def _attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
+  """Attention: q [batch, queries, heads, head_dim], k and v [batch, keys, heads, head_dim] -> like q.
+
+  The numerics of `jax.nn.dot_product_attention`'s XLA path (float32 logits scaled by head_dim ** -0.5, the
+  causal mask as -0.7 * float32 max, float32 softmax, probabilities cast to the value dtype), computed one head
+  at a time: XLA's CPU backend runs the per-head batched matmuls faster than the [batch, heads, ...] einsums
+  with their transposes (see BENCHMARKS.md). XLA fuses the per-head slices and the final stack into the
+  neighbouring ops. Used for CPU targets only (`Attention.implementation = "per_head"`): elsewhere `Attention`
+  calls `jax.nn.dot_product_attention`, so GPUs get the fused kernel.
+  """
+  scale = q.shape[-1] ** -0.5
+  mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)) if causal else None
+  big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+  outs = []
+  for h in range(q.shape[2]):
+    logits = jnp.einsum("bqd,bkd->bqk", q[:, :, h], k[:, :, h], preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+      logits = jnp.where(mask, logits, big_negative)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    outs.append(jnp.einsum("bqk,bkd->bqd", probs, v[:, :, h], preferred_element_type=jnp.float32).astype(v.dtype))
+  return jnp.stack(outs, axis=2)
+
+
+ATTENTION = ("fused", "per_head")  # the values of Attention.implementation
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with separate q/k/v/out projections (HF `CLIPAttention`).
+
+  implementation: "fused" (`jax.nn.dot_product_attention`: cuDNN flash attention on GPUs where it applies, XLA
+  elsewhere) or "per_head" (`_attention`, the CPU-tuned form); the same numbers. Chosen by
+  `mcpf_jax.clip.tuning.attention_for`.
+  """
+  num_heads: int
+  causal: bool
+  dtype: Any = jnp.float32
+  implementation: str = "fused"
+
+  @nn.compact
+  def __call__(self, x: Array, num_queries: int | None = None) -> Array:
+    """[batch, tokens, width] -> [batch, queries, width]: the first `num_queries` tokens (default all) attend.
+
+    Non-causal only when `num_queries` is given (the vision tower's CLS-only last block).
+    """
+    batch, tokens, width = x.shape
+    queries = tokens if num_queries is None else num_queries
+    head_dim = width // self.num_heads
+    q = dense(width, self.dtype, "q_proj")(x[:, :queries]).reshape(batch, queries, self.num_heads, head_dim)
+    k = dense(width, self.dtype, "k_proj")(x).reshape(batch, tokens, self.num_heads, head_dim)
+    v = dense(width, self.dtype, "v_proj")(x).reshape(batch, tokens, self.num_heads, head_dim)
+    if self.implementation == "per_head":
+      out = _attention(q, k, v, self.causal)
+    elif self.implementation == "fused":
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # scale = head_dim ** -0.5
+    else:
+      raise ValueError(f"Attention.implementation={self.implementation!r}: expected one of {ATTENTION}")
+    return dense(width, self.dtype, "out_proj")(out.reshape(batch, queries, width))
+
+
+class MLP(nn.Module):
+  intermediate_size: int
+  hidden_act: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[batch, tokens, width] -> [batch, tokens, width]."""
+    h = _activation(self.hidden_act)(dense(self.intermediate_size, self.dtype, "fc1")(x))
+    return dense(x.shape[-1], self.dtype, "fc2")(h)
+
+
+class EncoderLayer(nn.Module):
+  """Pre-LayerNorm transformer block (HF `CLIPEncoderLayer`).
+
+  Attributes:
+    num_queries: None: every token is updated; k: only the first k tokens are (they still attend to all), and
+      the output is [batch, k, width]. Every other operation is per token, so those k rows are exactly the
+      full block's; the vision tower uses k = 1 for its last block when only the CLS token is pooled.
+  """
+  config: CLIPTextConfig | CLIPVisionConfig
+  causal: bool
+  dtype: Any = jnp.float32
+  num_queries: int | None = None
+  attention: str = "fused"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[batch, tokens, width] -> [batch, tokens (or num_queries), width]."""
+    cfg = self.config
+    if self.num_queries is not None and self.causal:
+      raise ValueError("num_queries is for non-causal blocks (causal queries would see a shorter past)")
+    h = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm1")(x)
+    if self.num_queries is not None:
+      x = x[:, :self.num_queries]
+    attention = Attention(cfg.num_attention_heads, self.causal, self.dtype, self.attention, name="self_attn")
+    x = x + attention(h, self.num_queries)
+    h = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm2")(x)
+    return x + MLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, name="mlp")(h)
+
+
+def batched(prompt: Array, batch: int, dtype: Any) -> Array:
+  """[n, width] or [batch, n, width] -> [batch, n, width] in the compute dtype."""
+  prompt = jnp.asarray(prompt).astype(dtype)
+  if prompt.ndim == 2:
+    return jnp.broadcast_to(prompt[None], (batch,) + prompt.shape)
+  return prompt
+
+
+def replace_after_first(x: Array, prompt: Array) -> Array:
+  """Hidden positions 1..n of [batch, tokens, width] <- prompt [batch, n, width]."""
+  n = prompt.shape[1]
+  return jnp.concatenate([x[:, :1], prompt, x[:, 1 + n:]], axis=1)
+
+
+def replace_last(x: Array, prompt: Array) -> Array:
+  """The last n positions of [batch, tokens, width] <- prompt [batch, n, width]."""
+  return jnp.concatenate([x[:, :x.shape[1] - prompt.shape[1]], prompt], axis=1)
+
+
+class LayerStack(nn.Module):
+  """The blocks, named "0".."L-1" as in HF Flax (`encoder/layers/{i}`), with deep prompts between them.
+
+  Attributes:
+    prompt_slot: "after_first" (text: positions 1..n) or "last" (vision: the appended tokens).
+  """
+  config: CLIPTextConfig | CLIPVisionConfig
+  causal: bool
+  prompt_slot: str
+  dtype: Any = jnp.float32
+  remat: bool = False
+  attention: str = "fused"
+
+  @nn.compact
+  def __call__(self, x: Array, deep_prompts: Sequence[Array] = (), last_queries: int | None = None) -> Array:
+    """x [batch, tokens, width]; deep_prompts[j - 1] enters block j -> [batch, tokens, width].
+
+    `last_queries` = k: the last block updates only the first k tokens (see EncoderLayer.num_queries) and the
+    output is [batch, k, width].
+    """
+    block = nn.remat(EncoderLayer) if self.remat else EncoderLayer
+    replace = replace_after_first if self.prompt_slot == "after_first" else replace_last
+    layers = self.config.num_hidden_layers
+    for i in range(layers):
+      if 1 <= i <= len(deep_prompts):
+        x = replace(x, batched(deep_prompts[i - 1], x.shape[0], self.dtype))
+      queries = last_queries if i == layers - 1 else None
+      x = block(self.config, self.causal, self.dtype, queries, self.attention, name=str(i))(x)
+    return x
+
+
+class Encoder(nn.Module):
+  """Holds the `layers` collection, so parameter paths read `encoder/layers/{i}` as in HF Flax."""
+  config: CLIPTextConfig | CLIPVisionConfig
+  causal: bool
+  prompt_slot: str
+  dtype: Any = jnp.float32
+  remat: bool = False
+  attention: str = "fused"
+
+  @nn.compact
+  def __call__(self, x: Array, deep_prompts: Sequence[Array] = (), last_queries: int | None = None) -> Array:
+    return LayerStack(self.config, self.causal, self.prompt_slot, self.dtype, self.remat, self.attention,
+                      name="layers")(x, deep_prompts, last_queries)
+
