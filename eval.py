@@ -32,10 +32,10 @@ def main(argv):
   del argv
   from mcpf_jax.train import logs  # pylint: disable=g-import-not-at-top
   logs.start_program()  # logging (orbax's INFO lines only with --verbosity), multi-host start (launch flags)
-  from mcpf_jax.train import identity, preemption, trainer  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import evaluation, identity, preemption  # pylint: disable=g-import-not-at-top
   explicit = config_flags.get_override_values(flags.FLAGS["config"]) if _CONFIG.value is not None else {}
   try:
-    result = trainer.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, dataset=_DATASET.value,
+    result = evaluation.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, dataset=_DATASET.value,
                               explicit=explicit)
   except identity.RunMismatchError as e:
     sys.exit(f"eval.py: {e}")

@@ -30,16 +30,16 @@ def main(argv=None):
   p.add_argument("--batch_size", type=int, default=32)
   args = p.parse_args(argv)
   from mcpf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import build, optim, restore
   from mcpf_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import optim, trainer
   from mcpf_jax.train import step as step_lib
   config = runpy.run_path(args.config)["get_config"]()
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="host_sync_"))
   with config.unlocked():
     config.train.batch_size = args.batch_size
-  run = trainer.build_run(config, workdir)
+  run = build.build_run(config, workdir)
   train_idx = run.data.indices["train"]
-  ocfg = trainer._optim_config(config, len(train_idx) // args.batch_size)  # pylint: disable=protected-access
+  ocfg = restore.optim_config(config, len(train_idx) // args.batch_size)
   tx = optim.make_optimizer(ocfg, run.mask)
   state = step_lib.init_state(run.params, tx)
   train_step, _, s_sh, _, b_sh = step_lib.jit_steps(config, run.model, run.mask, tx, run.params, state, run.mesh)

@@ -57,13 +57,13 @@ def clive(shared_data) -> pathlib.Path:
 def exported(tmp_path_factory, clive):
   """A smoke run trained and evaluated, scored with score.py --workdir, exported twice, then deleted."""
   from configs import smoke  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import evaluation, trainer  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("export")
   workdir = root / "run"
   config = smoke.get_config()
   config.train.num_epochs, config.train.batch_size, config.train.checkpoint_every = 1, 16, 3
   trainer.train_and_evaluate(config, workdir)
-  eval_json = trainer.evaluate(None, workdir)
+  eval_json = evaluation.evaluate(None, workdir)
   env = _env(root)
   _run(["score.py", "--workdir", str(workdir), "--format", "json", "-o", str(root / "checkpoint.json"),
         "--no_progress", str(clive)], env)

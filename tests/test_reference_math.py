@@ -2,8 +2,8 @@
 
 The reference functions below (the `_np_*` ones) use numpy and math only: no jax, flax or mcpf_jax code. They
 are written from the equations of the module docstrings (mcpf_jax/model/fusion.py, mcpf_jax/model/iqa.py,
-mcpf_jax/clip/model.py) and flax's documented layer semantics, and read the modules' own randomly initialised
-(then perturbed) parameters out of the flax tree as numpy arrays. They compute in float64; the modules in float32.
+mcpf_jax/clip/layers.py, mcpf_jax/clip/model.py) and flax's documented layer semantics, and read the modules' own
+randomly initialised (then perturbed) parameters out of the flax tree as numpy arrays. They compute in float64; the modules in float32.
 
 The tiny CLIP has towers of different widths (text 32, vision 48) and the prompt sets different lengths (text 4,
 vision 3), so a text/vision mix-up cannot go unnoticed by shapes that happen to agree. Every parameter leaf is
@@ -27,7 +27,7 @@ from flax import linen as nn
 
 from mcpf_jax import model as iqa
 from mcpf_jax.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-from mcpf_jax.clip.model import EncoderLayer
+from mcpf_jax.clip.layers import EncoderLayer
 from mcpf_jax.clip.tiny import perturbed_params
 from mcpf_jax.clip.tokenizer import Tokenizer
 from mcpf_jax.model.fusion import CrossAttentionFusion, PromptFusion

@@ -12,7 +12,7 @@ import pytest
 
 from configs import base, smoke
 from mcpf_jax import runs
-from mcpf_jax.train import identity, trainer
+from mcpf_jax.train import evaluation, identity
 
 
 class FakeSource:
@@ -113,14 +113,14 @@ def test_eval_config_takes_the_run_and_only_eval_fields_from_the_command_line(ca
   given = smoke.get_config()  # the config file: split_seed 0, num_crops 9
   with given.unlocked():
     given.data.data_dir = "/moved"
-  cfg = trainer.eval_config(saved, given, explicit={"eval.batch_size": 4, "data.split_seed": 3})
+  cfg = evaluation.eval_config(saved, given, explicit={"eval.batch_size": 4, "data.split_seed": 3})
   assert cfg.data.split_seed == 3  # the run's; an explicit override equal to it is fine
   assert cfg.eval.num_crops == 9 and cfg.data.data_dir == "/moved"  # evaluation and free fields apply
   assert "data.split_seed=0 (the run has 3)" in caplog.text
-  assert trainer.eval_config(saved, None).eval.num_crops == 5
+  assert evaluation.eval_config(saved, None).eval.num_crops == 5
   with pytest.raises(identity.RunMismatchError, match="data.split_seed: the run has 3, the command line asks for 0"):
-    trainer.eval_config(saved, given, explicit={"data.split_seed": 0})
-  assert json.loads(trainer.eval_config(saved, None).to_json())["model"] == saved["model"]
+    evaluation.eval_config(saved, given, explicit={"data.split_seed": 0})
+  assert json.loads(evaluation.eval_config(saved, None).to_json())["model"] == saved["model"]
 
 
 def test_configs_saved_before_a_rename_are_read_under_the_current_names(tmp_path):

@@ -1,4 +1,4 @@
-"""The training loop and evaluation: `train_and_evaluate(config, workdir)`, `evaluate(config, workdir)`.
+"""The training loop: `train_and_evaluate(config, workdir)` (evaluation is in evaluation.py, the run in build.py).
 
 One jitted, donated update step over a ("data", "model") mesh; grain input whose stream at step t is a function
 of t; orbax checkpoints every `train.checkpoint_every` steps, every `train.checkpoint_minutes`, on SIGTERM/SIGINT
@@ -10,137 +10,27 @@ before anything is saved, so the last checkpoint on disk is the last good one, a
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import json
 import logging
 import pathlib
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import tqdm
 
-from mcpf_jax import clip, metrics, runs, scores
-from mcpf_jax import model as iqa
+from mcpf_jax import runs
 from mcpf_jax.data import pipeline
 from mcpf_jax.model import freeze
 from mcpf_jax.train import checkpoints as ckpt_lib
-from mcpf_jax.train import data_setup, identity, launch, optim, preemption, restore
+from mcpf_jax.train import identity, launch, optim, preemption, reports, restore
 from mcpf_jax.train import mesh as mesh_lib
 from mcpf_jax.train import step as step_lib
-from mcpf_jax.train.restore import optim_config as _optim_config
+from mcpf_jax.train.build import Run, build_run, jit_steps
+from mcpf_jax.train.evaluation import NonFiniteError, evaluate_part
 
 log = logging.getLogger("mcpf_jax")
-
-
-class NonFiniteError(FloatingPointError):
-  """The loss or a gradient became NaN/inf."""
-
-
-@dataclasses.dataclass
-class Run:
-  """Everything a run builds from its config (shared by training, evaluation and scoring)."""
-  config: Any
-  workdir: pathlib.Path
-  mesh: Any
-  bundle: clip.Bundle
-  model: iqa.IQAModel
-  params: Any
-  mask: Any  # freeze.mask of params: which leaves train
-  data: data_setup.RunData
-
-  @property
-  def image_size(self) -> int:
-    return self.config.data.image_size or self.bundle.config.vision.image_size
-
-  def meta(self) -> dict[str, Any]:
-    return {
-        "backbone": {"source": self.bundle.source, "fingerprint": self.bundle.fingerprint},
-        "dataset": self.data.name,
-        "label_transform": dataclasses.asdict(self.data.score_map),
-        "split": {k: len(v) for k, v in self.data.indices.items()},
-        "config": json.loads(self.config.to_json_best_effort()),
-    }
-
-
-def build_run(config, workdir: str | pathlib.Path, *, dataset: str | None = None) -> Run:
-  workdir = pathlib.Path(workdir).expanduser()
-  workdir.mkdir(parents=True, exist_ok=True)
-  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.model)
-  bundle = runs.load_clip(config, workdir)
-  splits = data_setup.load(config, workdir, dataset=dataset)
-  model, params = iqa.build(config.model, bundle, jax.random.key(config.seed))
-  mask = freeze.mask(params, config.model.trainable)
-  trainable, _ = optim.split(params, mask)
-  low = sorted(k for k, v in trainable.items() if v.dtype != jnp.float32)
-  if low:
-    raise ValueError(f"clip.param_dtype={config.clip.param_dtype!r} stores trainable parameters in low precision "
-                     f"({low[0]}, ... {len(low)} leaves): model.trainable={config.model.trainable!r} trains the "
-                     "backbone, whose weights must then stay float32 (clip.param_dtype=float32)")
-  return Run(config, workdir, mesh, bundle, model, params, mask, splits)
-
-
-def _predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding,
-             stop: preemption.StopRequest | None = None) -> np.ndarray:
-  """score01 for every image in `indices` (multi-crop mean), in the order of `indices`.
-
-  Each process decodes only its share (every N-th image of `indices` for N processes); the global batch's scores
-  come back with the image index of each row, so no result depends on which process's devices hold which rows.
-  `stop`: polled once per batch; a stop request raises preemption.Stopped.
-  """
-  cfg = run.config
-  out = np.full((len(indices),), np.nan, np.float64)
-  scored = np.zeros((len(indices),), bool)  # apart from `out`: a NaN score is not a missing one
-  pos = {int(i): k for k, i in enumerate(indices)}
-  n_proc, pid = jax.process_count(), jax.process_index()
-  if cfg.eval.batch_size % n_proc:
-    raise ValueError(f"eval.batch_size={cfg.eval.batch_size} must be divisible by the number of processes ({n_proc})")
-  gather = mesh_lib.gather_fn(batch_sharding.mesh)
-  decoded = 0
-  for batch in pipeline.eval_batches(run.data.source, indices, batch_size=cfg.eval.batch_size // n_proc,
-                                     image_size=run.image_size, resize=cfg.data.resize,
-                                     num_crops=cfg.eval.num_crops, score_map=run.data.score_map,
-                                     num_workers=cfg.data.num_workers, shard_index=pid, shard_count=n_proc):
-    local = {"image": batch["image"], "index": batch["index"].astype(np.int32), "weight": batch["weight"]}
-    decoded += int(batch["weight"].sum())
-    glob = mesh_lib.global_batch(local, batch_sharding)
-    scores = eval_fn(params, {"image": glob["image"]})
-    scores, index, weight = (mesh_lib.to_host(x) for x in gather((scores, glob["index"], glob["weight"])))
-    for sc, i, w in zip(scores, index, weight):
-      if w:
-        out[pos[int(i)]] = sc
-        scored[pos[int(i)]] = True
-    if stop is not None and stop.poll():
-      raise preemption.Stopped("stopped on a signal during evaluation", stop.status)
-  log.info("evaluated %d images; this process (%d of %d) decoded %d of them", len(indices), pid, n_proc, decoded)
-  if not scored.all():
-    raise RuntimeError(f"{int((~scored).sum())} images were not scored by the eval pipeline")
-  if not np.isfinite(out).all():
-    raise NonFiniteError(f"{int((~np.isfinite(out)).sum())} of {out.size} predicted scores are not finite")
-  return out
-
-
-def evaluate_part(run: Run, params: Any, part: str, eval_fn, batch_sharding,
-                  stop: preemption.StopRequest | None = None) -> tuple[dict[str, Any], dict]:
-  """Metrics and per-image predictions (on the dataset's MOS scale) for one part ("train" | "val" | "test" |
-  "all") of the run's split."""
-  idx = run.data.indices[part]
-  score01 = _predict(run, params, idx, eval_fn, batch_sharding, stop)
-  pred = run.data.score_map.to_mos(score01)
-  mos = run.data.mos[idx]
-  result = metrics.evaluate(pred, mos, higher_is_better=run.data.higher_is_better)
-  result.update(dataset=run.data.name, part=part)
-  rows = {"name": [run.data.names[i] for i in idx], "mos": mos, "score": pred}
-  return result, rows
-
-
-def _jit_steps(run: Run, tx, state_shapes):
-  return step_lib.jit_steps(run.config, run.model, run.mask, tx, run.params, state_shapes, run.mesh)
 
 
 def _last_good(ckpts: ckpt_lib.Checkpoints) -> str:
@@ -227,11 +117,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   if steps_per_epoch == 0:
     raise ValueError(f"{run.data.name}: {len(train_idx)} training images is fewer than one batch of "
                      f"{cfg.train.batch_size}")
-  ocfg = _optim_config(cfg, steps_per_epoch)
+  ocfg = restore.optim_config(cfg, steps_per_epoch)
   total = ocfg.total_steps
   tx = optim.make_optimizer(ocfg, run.mask)
   state = step_lib.init_state(run.params, tx)
-  train_step, eval_step, s_sh, _p_sh, b_sh = _jit_steps(run, tx, state)
+  train_step, eval_step, s_sh, _p_sh, b_sh = jit_steps(run, tx, state)
   state = jax.device_put(state, s_sh)
 
   ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=cfg.train.keep)
@@ -354,7 +244,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
              "best_step": ckpts.best_step()}
   if jax.process_index() == 0:
     (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _write_predictions(workdir / "test_predictions.csv", rows)
+    reports.write_predictions(workdir / "test_predictions.csv", rows)
     if writer is not None:
       writer.add_scalar("test/srcc", test["srcc"], total)
       writer.close()
@@ -374,131 +264,3 @@ def _time_to_save(last_save: float, minutes: float) -> bool:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due, np.int32)))
   return due
-
-
-def eval_config(saved: Mapping[str, Any], config=None, explicit: Mapping[str, Any] | None = None
-                ) -> ml_collections.ConfigDict:
-  """The config an evaluation runs with: the run's own (`saved`), with the evaluation fields (`eval.*`) and the
-  free fields (identity.OBSERVE / IDENTITY_BY_FINGERPRINT: mesh, where the backbone and data live) of `config`.
-
-  `config`'s other fields are not used (a warning lists those that differ from the run's). `explicit`: the fields
-  set on the command line (`--config.x=y`); one that is not an evaluation or free field and differs from the run's
-  value is refused (identity.RunMismatchError), since the run cannot be evaluated as something it was not.
-  """
-  cfg = ml_collections.ConfigDict(identity.config_dict(saved))
-  if config is None:
-    return cfg
-  run_values = identity.flatten(identity.config_dict(saved))
-  refused = [(k, run_values.get(k, "<absent>"), v) for k, v in (explicit or {}).items()
-             if not (identity.is_eval_field(k) or identity.is_free(k))
-             and identity.config_dict({"v": v})["v"] != run_values.get(k, "<absent>")]
-  if refused:
-    lines = "\n".join(f"  {k}: the run has {json.dumps(a)}, the command line asks for {json.dumps(b, default=str)}"
-                      for k, a, b in refused)
-    raise identity.RunMismatchError(
-        "a run is evaluated as it was trained; only eval.* fields (and where the data, backbone and devices "
-        f"are) may be overridden:\n{lines}")
-  applied, ignored = {}, []
-  for key, old, new in identity.differences(saved, config):
-    if identity.is_eval_field(key) or identity.is_free(key):
-      if new != "<absent>":
-        applied[key] = new
-    else:
-      ignored.append(f"{key}={json.dumps(new)} (the run has {json.dumps(old)})")
-  if ignored:
-    log.warning("the run's own config is used; not used from --config: %s", "; ".join(ignored))
-  with cfg.unlocked():
-    for key, value in applied.items():
-      *path, leaf = key.split(".")
-      node = cfg
-      for part in path:
-        node = node[part]
-      node[leaf] = value
-  return cfg
-
-
-def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | None = None,
-             dataset: str | None = None, part: str | None = None,
-             explicit: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Restores a checkpoint and evaluates it; writes eval.json, eval_predictions.csv and eval_scatter.png.
-
-  The model, backbone, split, preprocessing and score mapping are the run's own (its run.json and split.json, or
-  for runs of older versions the config saved in the checkpoint); `config` (optional) contributes only its
-  evaluation fields (see `eval_config`). The run's own test split is exactly the test images listed in its
-  split.json, and the dataset must still be the one it was trained on (same fingerprint).
-
-  Args:
-    config: a config file's ConfigDict, or None (everything from the run).
-    checkpoint: "best", "latest" or a step (default: eval.checkpoint).
-    dataset: another dataset to evaluate on (cross-dataset: all its images); default eval.dataset or the
-      training dataset's test split.
-    part: which part of the run's split of the training dataset ("test" by default).
-    explicit: the config fields set on the command line (refused unless evaluation fields; `eval_config`).
-  """
-  workdir = pathlib.Path(workdir).expanduser()
-  directory = workdir / "checkpoints"
-  if not directory.is_dir():
-    raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train first with train.py --workdir {workdir}")
-  ckpts = ckpt_lib.Checkpoints(directory, read_only=True)
-  saved = identity.read(workdir)
-  latest = ckpts.latest_step()
-  if latest is None:
-    raise FileNotFoundError(f"{directory}: no checkpoint; train first with the same --workdir")
-  run_cfg = (saved[0]["config"] if saved is not None else
-             runs.config_from_meta(ckpts.restore_meta(latest)).to_dict())
-  cfg = eval_config(run_cfg, config, explicit)
-  step = runs.checkpoint_step(ckpts, checkpoint if checkpoint is not None else cfg.eval.checkpoint)
-  meta = ckpts.restore_meta(step)
-  dataset = dataset or cfg.eval.dataset
-  cross = dataset is not None and dataset != meta["dataset"]
-  run = build_run(cfg, workdir, dataset=dataset if cross else None)
-  runs.check_backbone(meta, run.bundle.source, run.bundle.fingerprint, ckpts.directory)
-  if not cross and saved is not None:
-    run_rec, split_rec = saved
-    if "dataset" in run_rec:
-      identity.check_dataset(run_rec["dataset"], identity.dataset_identity(run.data.source, run.data.name), workdir)
-    if split_rec is not None:
-      run.data.indices.update(identity.indices_from_split(split_rec, run.data.names, workdir))
-  # Scores map to the MOS scale of the TRAINING part, as saved, whatever dataset is evaluated.
-  run.data = dataclasses.replace(run.data, score_map=scores.ScoreMap(**meta["label_transform"]))
-  part = "all" if cross else (part or "test")
-  tx = optim.make_optimizer(_optim_config(cfg, 1), run.mask)
-  _, eval_step, _, _, b_sh = _jit_steps(run, tx, step_lib.init_state(run.params, tx))
-  params = restore.restore_params(cfg, ckpts, step, run.params, run.mask, run.mesh)
-  try:
-    with preemption.StopRequest() as stop:
-      result, rows = evaluate_part(run, params, part, eval_step, b_sh, stop)
-  except preemption.Stopped:
-    ckpts.close()
-    raise
-  result.update(checkpoint_step=int(step), trained_on=meta["dataset"])
-  if jax.process_index() == 0:
-    (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    _write_predictions(workdir / "eval_predictions.csv", rows)
-    _scatter(workdir / "eval_scatter.png", rows, result)
-  ckpts.close()
-  return result
-
-
-def _write_predictions(path: pathlib.Path, rows: dict) -> None:
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["name", "mos", "score"])
-    for name, mos, score in zip(rows["name"], rows["mos"], rows["score"]):
-      w.writerow([name, f"{mos:.6f}", f"{score:.6f}"])
-
-
-def _scatter(path: pathlib.Path, rows: dict, result: dict) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-  ax.scatter(rows["score"], rows["mos"], s=10, alpha=0.7)
-  ax.set_xlabel("predicted score (MOS scale)")
-  ax.set_ylabel("MOS" if "higher" in result["label_direction"] else "DMOS")
-  ax.set_title(f"{result['dataset']} ({result['part']}): SRCC {result['srcc']:.3f}, PLCC {result['plcc']:.3f}, "
-               f"n={result['num_images']}", fontsize=9)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)

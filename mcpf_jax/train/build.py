@@ -1,0 +1,68 @@
+"""A run as it is built from its config: the mesh, the CLIP backbone, the IQA model and its parameters, which
+of them train, and the dataset with its split. Training, evaluation and the benchmarks start from `build_run`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mcpf_jax import clip, runs
+from mcpf_jax import model as iqa
+from mcpf_jax.model import freeze
+from mcpf_jax.train import data_setup, optim
+from mcpf_jax.train import mesh as mesh_lib
+from mcpf_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run builds from its config (shared by training, evaluation and scoring)."""
+  config: Any
+  workdir: pathlib.Path
+  mesh: Any
+  bundle: clip.Bundle
+  model: iqa.IQAModel
+  params: Any
+  mask: Any  # freeze.mask of params: which leaves train
+  data: data_setup.RunData
+
+  @property
+  def image_size(self) -> int:
+    return self.config.data.image_size or self.bundle.config.vision.image_size
+
+  def meta(self) -> dict[str, Any]:
+    return {
+        "backbone": {"source": self.bundle.source, "fingerprint": self.bundle.fingerprint},
+        "dataset": self.data.name,
+        "label_transform": dataclasses.asdict(self.data.score_map),
+        "split": {k: len(v) for k, v in self.data.indices.items()},
+        "config": json.loads(self.config.to_json_best_effort()),
+    }
+
+
+def build_run(config, workdir: str | pathlib.Path, *, dataset: str | None = None) -> Run:
+  """The run of `config` in `workdir` (created); `dataset`: another dataset to read (cross-dataset evaluation)."""
+  workdir = pathlib.Path(workdir).expanduser()
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.model)
+  bundle = runs.load_clip(config, workdir)
+  splits = data_setup.load(config, workdir, dataset=dataset)
+  model, params = iqa.build(config.model, bundle, jax.random.key(config.seed))
+  mask = freeze.mask(params, config.model.trainable)
+  trainable, _ = optim.split(params, mask)
+  low = sorted(k for k, v in trainable.items() if v.dtype != jnp.float32)
+  if low:
+    raise ValueError(f"clip.param_dtype={config.clip.param_dtype!r} stores trainable parameters in low precision "
+                     f"({low[0]}, ... {len(low)} leaves): model.trainable={config.model.trainable!r} trains the "
+                     "backbone, whose weights must then stay float32 (clip.param_dtype=float32)")
+  return Run(config, workdir, mesh, bundle, model, params, mask, splits)
+
+
+def jit_steps(run: Run, tx, state_shapes):
+  """step.jit_steps for this run: (train_step, eval_step, state, param and batch shardings)."""
+  return step_lib.jit_steps(run.config, run.model, run.mask, tx, run.params, state_shapes, run.mesh)
