@@ -1,9 +1,10 @@
 """The MCPF-specific math against an independent plain-numpy reference.
 
-The reference functions below (the `_np_*` ones) use numpy and math only: no jax, flax or mcpf_jax code. They
-are written from the equations of the module docstrings (mcpf_jax/model/fusion.py, mcpf_jax/model/iqa.py,
+The reference functions below (the `_np_*` ones) use numpy and math only: no jax, flax or mcpf_jax code. They are
+written from the equations of the module docstrings (mcpf_jax/model/fusion.py, mcpf_jax/model/iqa.py,
 mcpf_jax/clip/layers.py, mcpf_jax/clip/model.py) and flax's documented layer semantics, and read the modules' own
-randomly initialised (then perturbed) parameters out of the flax tree as numpy arrays. They compute in float64; the modules in float32.
+randomly initialised (then perturbed) parameters out of the flax tree as numpy arrays. They compute in float64; the
+modules in float32.
 
 The tiny CLIP has towers of different widths (text 32, vision 48) and the prompt sets different lengths (text 4,
 vision 3), so a text/vision mix-up cannot go unnoticed by shapes that happen to agree. Every parameter leaf is
