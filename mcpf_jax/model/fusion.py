@@ -14,8 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-_PROMPT_INIT = nn.initializers.normal(0.02)
-
 
 class CrossAttentionFusion(nn.Module):
   """Bidirectional cross-attention between the text and visual prompts of one layer.

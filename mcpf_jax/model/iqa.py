@@ -30,7 +30,7 @@ from mcpf_jax.clip.config import CLIPConfig
 from mcpf_jax.clip.model import CLIP, end_of_text_span
 from mcpf_jax.model.fusion import PromptFusion
 
-_PROMPT_INIT = nn.initializers.normal(0.02)
+PROMPT_INIT = nn.initializers.normal(0.02)  # every prompt's draw (the phrase init overwrites the first ones)
 PLACEHOLDER = "X"  # tokenized in place of each text prompt; its embedding is replaced (CoOp)
 
 VARIANTS = {
@@ -177,11 +177,11 @@ class IQAModel(nn.Module):
     dtype = jnp.dtype(c.dtype)
     groups = ("all",) if s.shared_text_prompts else s.class_sets
     if s.text_depth > 0:
-      self.text_prompts = {g: self.param(f"text_prompts_{g}", _PROMPT_INIT,
+      self.text_prompts = {g: self.param(f"text_prompts_{g}", PROMPT_INIT,
                                          (s.text_depth, s.num_text_prompts, c.text.hidden_size))
                            for g in groups}
     if s.vision_depth > 0 and s.fusion != "linear":
-      self.vision_prompts = self.param("vision_prompts", _PROMPT_INIT,
+      self.vision_prompts = self.param("vision_prompts", PROMPT_INIT,
                                        (s.vision_depth, s.num_vision_prompts, c.vision.hidden_size))
     if s.fusion != "none":
       self.fusion = PromptFusion(kind=s.fusion, depth=min(s.text_depth, s.vision_depth), width=s.fusion_width,
@@ -240,7 +240,7 @@ class IQAModel(nn.Module):
     Returns: "score" [B] expected quality level on [1, L]; "score01" [B] on [0, 1]; "quality_logits" [B, L];
     "scene_logits" [B, 9] / "distortion_logits" [B, 11] when model.aux has them.
     """
-    del train  # no dropout: the prompts are the only stochasticity-free learnable part
+    del train  # the same computation in training and evaluation: the model has no dropout or batch statistics
     text_prompts, vision_prompts = self.prompts()
     class_features = self.encode_classes(text_prompts)
     scale = jnp.exp(self.clip.logit_scale.astype(jnp.float32))
