@@ -1,6 +1,6 @@
 """The IQA model: CLIP + learnable multi-layer prompts in both towers + cross-modal prompt fusion + heads.
 
-One module serves every variant of DESIGN.md; `ModelSpec.from_config` fills each variant's defaults:
+One module serves every variant the README lists; `ModelSpec.from_config` fills each variant's defaults:
 
   name      text prompts          visual prompts        fusion            head
   mcpf      depth J, shared ctx   depth J               cross_attention   cosine to class prompts

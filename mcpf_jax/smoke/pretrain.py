@@ -2,7 +2,8 @@
 
 Why: the smoke run trains prompts and fusion on top of a FROZEN tiny CLIP. A purely random vision tower barely
 encodes sharpness, noise or compression: a ridge probe on its image features ranks the smoke test photos' distortion
-levels at SRCC 0.2-0.3 (0.6 with high-pass random patch filters), so no prompt could reach issue 5's 0.8. With
+levels at SRCC 0.2-0.3 (0.6 with high-pass random patch filters), so no prompt could reach the smoke run's
+target of held-out SRCC 0.8. With
 this tower the same probe reaches 0.90 (mean over all 66 ways to hold out 2 of the 12 photos; 10th percentile
 0.85). Real CLIPs arrive quality-aware from web-scale pre-training; this module gives the tiny one the same kind of
 start, without ever seeing a smoke photo.
