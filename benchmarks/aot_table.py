@@ -32,7 +32,7 @@ SHORT = {B16: "B/16", L14: "L/14", L336: "L/14-336"}
 METHODS = {"mcpf": [], "maple": ["--config.model.name=maple"], "full": ["--config.model.trainable=all"]}
 
 # (key, clip, method, topology, global batch, extra flags). The order is the priority: the rows that answer the
-# issue first (MCPF on the three backbones, full fine-tuning on the main topologies), then the A/B of
+# scaling question first (MCPF on the three backbones, full fine-tuning on the main topologies), then the A/B of
 # mesh.shard_backbone and clip.remat.
 ROWS: list[tuple[str, str, str, str, int, list[str]]] = [
     # The Colab notebook's default (configs/livec.py as it is) on Colab's v5e-1 runtime: train AND eval steps.
@@ -41,7 +41,7 @@ ROWS: list[tuple[str, str, str, str, int, list[str]]] = [
     ("l14-mcpf-v5e-8-256", L14, "mcpf", "v5e-8", 256, []),
     ("l336-mcpf-v5e-8-256", L336, "mcpf", "v5e-8", 256, []),
     ("b16-full-v5e-8-256", B16, "full", "v5e-8", 256, []),
-    ("l336-full-v5e-4-2048", L336, "full", "v5e:2x2", 2048, ["--steps=train,eval"]),  # the issue's acceptance
+    ("l336-full-v5e-4-2048", L336, "full", "v5e:2x2", 2048, ["--steps=train,eval"]),  # a reference run: does not fit
     ("b16-mcpf-v4-32-512", B16, "mcpf", "v4-32", 512, []),
     ("b16-mcpf-v5p-128-2048", B16, "mcpf", "v5p-128", 2048, []),
     ("b16-mcpf-h100x8-256", B16, "mcpf", "h100:1x8", 256, []),

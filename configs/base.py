@@ -1,4 +1,4 @@
-"""The defaults of ../shared/DESIGN.md. Every dataset config imports this and overrides a few fields.
+"""The defaults of the method as the README describes it. Every dataset config imports this and overrides a few fields.
 
 Override anything on the command line: `python train.py --config configs/livec.py --config.optim.lr=5e-4`.
 """

@@ -1,4 +1,4 @@
-"""The smoke run: a tiny CLIP (real HF format) on the built-in smoke data, offline, about a minute on 2 CPU cores.
+"""The smoke run: a tiny CLIP (real HF format) on the built-in smoke data, offline, in minutes on a CPU (README).
 
 Data: 12 scikit-image photos x (pristine + blur/noise/JPEG at 5 levels), MOS = 5 - 0.8 * level, split by photo.
 `python train.py --config configs/smoke.py --workdir runs/smoke && python eval.py --config configs/smoke.py
@@ -30,8 +30,8 @@ def get_config():
   c.data.resize = 256  # the smoke photos' own short side: distortions seen at native resolution
   c.data.num_workers = 0  # 2 cores: decoding in the main process is fastest (benchmarks/decode_throughput.py)
 
-  # Ranking + L1, no level cross-entropy; no auxiliary labels in the smoke data. Measured on the default split with
-  # an earlier (2000-step) tower: rank alone 0.76, rank + L1 0.79, rank + L1 + CE 0.79 (one run each; 2 test photos).
+  # Ranking + L1, no level cross-entropy (it added nothing on the default split: BENCHMARKS.md, "The smoke run's
+  # tiny CLIP"); no auxiliary labels in the smoke data.
   c.loss.l1 = 1.0
   c.loss.cls = 0.0
   c.loss.aux = 0.0

@@ -71,7 +71,7 @@ def decode(data: bytes, name: str = "<bytes>", *, short_side: int | None = None,
   than that is decoded at a reduced DCT scale (PIL's `draft`: 1/2, 1/4 or 1/8, never below the target) and then
   resized with PIL's `reducing_gap`, so the full-size image is never built; other formats and smaller images are
   decoded whole and resized bicubic (`resize_short_side`). Both paths give the same shape; the reduced one is
-  within a mean of about 0.3-0.6 grey levels of the full one on photos (BENCHMARKS.md has the measurement).
+  within a fraction of a grey level (mean) of the full one on photos (BENCHMARKS.md has the measurement).
 
   Args:
     data: the file's bytes.

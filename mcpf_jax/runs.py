@@ -10,9 +10,9 @@ Checkpoint layout (LAYOUT = 2), `<workdir>/checkpoints/<step>/`:
   opt      {"opt": the optimizer state, "step"}: only a resumed training run reads it
   meta     JSON: backbone {source, fingerprint}, dataset, label_transform, split sizes, config, layout
   metrics  the validation SRCC orbax ranks checkpoints by (where there is one)
-Layout 1 (before issue 16) had one item `state` = {"params", "opt", "step"}; it is still read: its "params"
-subtree is restored from the item's own metadata (the optimizer state is restored alongside, it is
-prompt-sized, and dropped), so no optimizer is built to read it.
+Layout 1 (before params, opt and meta were saved apart) had one item `state` = {"params", "opt", "step"}; it is
+still read: its "params" subtree is restored from the item's own metadata (the optimizer state is restored
+alongside, it is prompt-sized, and dropped), so no optimizer is built to read it.
 """
 
 from __future__ import annotations
@@ -210,14 +210,14 @@ def check_backbone(meta: Mapping[str, Any], source: str, fingerprint: str, where
 
 
 def layout(step_dir: pathlib.Path) -> int:
-  """2 for this layout, 1 for the layout before issue 16; anything else is refused, naming what was found."""
+  """2 for this layout, 1 for layout 1 (one `state` item); anything else is refused, naming what was found."""
   if (step_dir / PARAMS).is_dir():
     return LAYOUT
   if (step_dir / OLD_STATE).is_dir():
     return 1
   found = sorted(p.name for p in step_dir.iterdir()) if step_dir.is_dir() else "nothing (no such folder)"
   raise ValueError(f"{step_dir}: not a checkpoint of this project: expected an orbax item {PARAMS!r} (or "
-                   f"{OLD_STATE!r}, the layout before issue 16), found {found}")
+                   f"{OLD_STATE!r}, layout 1, before params/opt/meta were saved apart), found {found}")
 
 
 def read_meta(step_dir: pathlib.Path) -> dict[str, Any]:

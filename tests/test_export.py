@@ -2,8 +2,9 @@
 
 A smoke run is trained, evaluated and exported; the exported folder must score the CLIVE miniature exactly as the
 run's checkpoint does, after the workdir is deleted, offline, from a folder and from the Hugging Face cache
-layout under a hub id. The checkpoint written by the code before issue 16 (tests/fixtures/old_checkpoint, made by
-tests/fixtures/make_old_checkpoint.py at 6e90e98) must restore to the scores that version gave.
+layout under a hub id. A checkpoint of layout 1 (one `state` item, before params/opt/meta were saved apart;
+tests/fixtures/old_checkpoint, made by tests/fixtures/make_old_checkpoint.py at 6e90e98) must restore to the scores
+that version gave.
 """
 
 import json
@@ -243,7 +244,8 @@ def test_a_checkpoint_of_another_layout_is_refused_naming_what_was_expected(tmp_
   step_dir = work / "checkpoints" / "9"
   (step_dir / runs.OLD_STATE).rename(step_dir / "weights")
   with pytest.raises(ValueError, match=r"checkpoints/9: not a checkpoint of this project: expected an orbax item "
-                                       r"'params' \(or 'state', the layout before issue 16\), found .*'weights'"):
+                                       r"'params' \(or 'state', layout 1, before params/opt/meta were saved apart\), "
+                                       r"found .*'weights'"):
     Scorer.from_checkpoint(work, "latest")
 
 

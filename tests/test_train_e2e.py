@@ -1,9 +1,9 @@
 """End to end: train.py and eval.py on the smoke config, run as subprocesses the way people run them.
 
-Checks issue 5's acceptance: the same held-out scores on 8 simulated devices as on 1 (relative difference
-<= 1e-3), exact resume after SIGKILL (<= 1e-5), checkpoints along the run (last K + the best by validation SRCC),
-the non-finite guard, the 10-split protocol runner (here 2 splits), TensorBoard scalars, the progress bar and a
-log without orbax's INFO chatter; and a run's identity: restarts with a changed config or a rebuilt dataset are
+Checks the multi-device and resume contract: the same held-out scores on 8 simulated devices as on 1 (relative
+difference <= 1e-3), exact resume after SIGKILL (<= 1e-5), checkpoints along the run (last K + the best by validation
+SRCC), the non-finite guard, the 10-split protocol runner (here 2 splits), TensorBoard scalars, the progress bar and
+a log without orbax's INFO chatter; and a run's identity: restarts with a changed config or a rebuilt dataset are
 refused and leave the workdir byte-identical, an allowed change resumes, eval.py of a protocol split scores that
 split's own test images (with and without --config), and init_from starts from another run's weights.
 

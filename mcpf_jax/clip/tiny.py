@@ -50,8 +50,8 @@ def perturbed_params(config: CLIPConfig, seed: int = 0, scale: float = 0.1, *, l
     logit_scale: exp of the stored log temperature (CLIP's trained value is 100).
     highpass_patches: make every patch-embedding filter a zero-mean, high-pass random filter (random 2-D noise
       minus its Gaussian blur at sigma 0.5, 1 or 2 px; norm 3). A purely random backbone's features barely
-      reflect image sharpness or noise, so no prompt can rank distortion levels on unseen photos (a linear probe
-      on its image features reaches held-out SRCC 0.27 on the smoke data; with these filters 0.6-0.7, measured).
+      reflect image sharpness or noise, so no prompt can rank distortion levels on unseen photos; these filters
+      lift a linear probe on its image features part of the way (BENCHMARKS.md, "The smoke run's tiny CLIP").
       The smoke config uses the pre-trained tower of `mcpf_jax.smoke.pretrain` instead.
   """
   params = init_random(config, seed)

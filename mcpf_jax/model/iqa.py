@@ -1,6 +1,6 @@
 """The IQA model: CLIP + learnable multi-layer prompts in both towers + cross-modal prompt fusion + heads.
 
-One module serves every variant of DESIGN.md; `ModelSpec.from_config` fills each variant's defaults:
+One module serves every variant the README lists; `ModelSpec.from_config` fills each variant's defaults:
 
   name      text prompts          visual prompts        fusion            head
   mcpf      depth J, shared ctx   depth J               cross_attention   cosine to class prompts
@@ -195,8 +195,8 @@ class IQAModel(nn.Module):
     """Positions of the class prompts the text tower computes: up to the last end-of-text token of any row.
 
     The rest (padding to 77) cannot change the pooled features (causal attention, see
-    `clip.model.end_of_text_span`); dropping it cuts the text tower's cost about 5x. Never shorter than SOS +
-    the text prompts + EOS, where the prompts are written.
+    `clip.model.end_of_text_span`); dropping it makes the text tower's cost that of the span, not of 77
+    positions. Never shorter than SOS + the text prompts + EOS, where the prompts are written.
     """
     span = end_of_text_span(np.concatenate([np.asarray(rows, np.int32) for _, rows in self.text_ids]),
                             self.clip_config.text)

@@ -1,4 +1,4 @@
-"""What the smoke run is made of, in one place: it runs offline in about a minute on 2 CPU cores.
+"""What the smoke run is made of, in one place: it runs offline, in minutes on a CPU (the README has its timing).
 
   backbone.py  the tiny CLIP's sizes and seed, and its bundled pre-trained vision tower (assets/)
   pretrain.py  how that tower was made: dead-leaves images with the smoke distortions (`python -m` it to rebuild)

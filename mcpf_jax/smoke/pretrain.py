@@ -2,10 +2,10 @@
 
 Why: the smoke run trains prompts and fusion on top of a FROZEN tiny CLIP. A purely random vision tower barely
 encodes sharpness, noise or compression: a ridge probe on its image features ranks the smoke test photos' distortion
-levels at SRCC 0.2-0.3 (0.6 with high-pass random patch filters), so no prompt could reach issue 5's 0.8. With
-this tower the same probe reaches 0.90 (mean over all 66 ways to hold out 2 of the 12 photos; 10th percentile
-0.85). Real CLIPs arrive quality-aware from web-scale pre-training; this module gives the tiny one the same kind of
-start, without ever seeing a smoke photo.
+levels far below the smoke run's target (held-out SRCC 0.8), even with high-pass random patch filters, so no prompt
+could reach it; on this tower's features the same probe clears it (BENCHMARKS.md, "The smoke run's tiny CLIP").
+Real CLIPs arrive quality-aware from web-scale pre-training; this module gives the tiny one the same kind of start,
+without ever seeing a smoke photo.
 
 What: `dead_leaves` draws images of the classical dead-leaves model (occluding discs with power-law radii, flat or
 textured: natural-image-like 1/f spectra and edges), `pretraining_set` degrades each by the SAME distortion family as
@@ -20,8 +20,8 @@ puts it into the tiny CLIP it writes; the text tower and logit scale stay random
 
     python -m mcpf_jax.smoke.pretrain --out mcpf_jax/smoke/assets/tiny_smoke_vision.safetensors
 
-(~15 min on 2 CPU cores: 2.5 min of images, 12 min of training; bitwise only on the same jax/XLA build and
-machine).
+(minutes on a CPU: BENCHMARKS.md has the cost, the asset's metadata the seconds it took; bitwise only on the
+same jax/XLA build and machine).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ a grain iterator's state; the trainer needs none: its input stream is a function
 backbone is never copied into a checkpoint: `meta` names it (source + fingerprint) and `check_backbone` refuses
 to resume on other weights. Kept: the last `keep` checkpoints and the best one by validation SRCC.
 
-Checkpoints of the layout before issue 16 (one `state` item with params, opt and step) are still restored, for a
-resumed run as for inference.
+Checkpoints of layout 1 (one `state` item with params, opt and step, before they were saved apart) are still
+restored, for a resumed run as for inference.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
     opt_t = {"opt": _abstract(state["opt"], o_sh), "step": _abstract(state["step"], step_sh)}
     if self._layout(step) == runs.LAYOUT:
       items = {runs.PARAMS: ocp.args.StandardRestore(params_t), runs.OPT: ocp.args.StandardRestore(opt_t)}
-    else:  # layout 1 (before issue 16): one item with all three
+    else:  # layout 1: one `state` item with all three
       items = {runs.OLD_STATE: ocp.args.StandardRestore({"params": params_t, **opt_t})}
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(iterator)
