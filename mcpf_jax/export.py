@@ -232,6 +232,7 @@ def push_to_hub(folder: str | pathlib.Path, repo_id: str, *, private: bool = Fal
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  # argparse, as score.py (the inference side; see the note there)
   p = argparse.ArgumentParser(prog="python -m mcpf_jax.export", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="the training run's workdir (or a checkpoints/<step> folder)")

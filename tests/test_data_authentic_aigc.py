@@ -154,4 +154,4 @@ def test_user_csv(tmp):
   meta = src.metadata
   assert meta["higher_is_better"] is False and meta["mos_range"] == [0.0, 10.0] and meta["content_kind"] == "custom"
   assert meta["official_splits"] == {"train": 3, "test": 1}
-  assert len(data.source("csv", data_dir=tmp / "mine_tfds", config="mine", split="test")) == 1
+  assert len(data.source("csv", data_dir=tmp / "mine_tfds", config="mine", part="test")) == 1

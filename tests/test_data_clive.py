@@ -94,8 +94,8 @@ def test_source_pickles_and_subsets(built):
   assert [r["index"] for r in src.__getitems__([3, 1])] == [3, 1]
   with pytest.raises(IndexError):
     src[48]
-  with pytest.raises(ValueError, match="no split 'test'"):
-    data.source("livec", data_dir=built, split="test")
+  with pytest.raises(ValueError, match="no part 'test'"):
+    data.source("livec", data_dir=built, part="test")
 
 
 def test_no_tensorflow_needed(built):

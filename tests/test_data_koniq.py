@@ -42,7 +42,7 @@ def test_all_rows_scores_bytes_and_official_split(release, shared_data):
   assert meta["official_splits"] == {"training": 7058, "validation": 1000, "test": 2015}
   assert meta["higher_is_better"] and meta["mos_range"] == [0.0, 100.0] and meta["num_contents"] == 10073
   assert meta["notes"]["label_file"] == "koniq10k_distributions_sets.csv"
-  test = data.source("koniq10k", data_dir=out, split="test")
+  test = data.source("koniq10k", data_dir=out, part="test")
   assert len(test) == 2015 and set(test.official_split) == {"test"}
   assert test[0]["official_split"] == "test"
 

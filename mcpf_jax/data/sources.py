@@ -145,14 +145,14 @@ def _convert(record: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def source(name: str, data_dir: str | os.PathLike[str], split: str = "all", *, config: str | None = None,
+def source(name: str, data_dir: str | os.PathLike[str], part: str = "all", *, config: str | None = None,
            version: str | None = None) -> IqaSource:
   """Opens a built dataset for random access.
 
   Args:
     name: dataset name (e.g. "livec", "koniq10k", "csv").
     data_dir: the data_dir it was built into.
-    split: "all", or one of the release's official split names (e.g. KonIQ's "training", "validation", "test").
+    part: "all", or a part of the release's official split (e.g. KonIQ's "training", "validation", "test").
     config: config name (for "csv": the name given at build time).
     version: dataset version (default: newest built).
 
@@ -163,14 +163,15 @@ def source(name: str, data_dir: str | os.PathLike[str], split: str = "all", *, c
   if name == "csv" and not config:
     config = "default"
   src = IqaSource(dataset_dir(name, data_dir, config, version))
-  if split == "all":
+  if part == "all":
     return src
   official = src.official_split
-  if split not in set(official.tolist()):
+  if part not in set(official.tolist()):
     have = sorted(set(official.tolist()) - {""})
-    raise ValueError(f"dataset {name}: no split {split!r}; splits are 'all'" + (f" and the official {have}" if have
-                     else " (the release defines no official split; use mcpf_jax.data.splits for seeded splits)"))
-  return src.subset(np.flatnonzero(official == split))
+    raise ValueError(f"dataset {name}: no part {part!r}; parts are 'all'" + (f" and the official split's {have}"
+                     if have else " (the release defines no official split; use mcpf_jax.data.splits for seeded "
+                     "splits)"))
+  return src.subset(np.flatnonzero(official == part))
 
 
 def builder(name: str, data_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> builders.IqaBuilder:

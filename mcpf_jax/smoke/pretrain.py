@@ -252,6 +252,7 @@ def build_asset(out: str | os.PathLike[str], *, recipe: dict[str, Any] | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
+  # argparse: a maintainer's tool with four flags and no config file (absl serves the config-file commands)
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=str(ASSET), help="safetensors file to write (default: the bundled asset)")
   parser.add_argument("--steps", type=int, default=RECIPE["steps"])
