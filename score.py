@@ -116,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not args.pretrained and not args.workdir and not args.model:
     parser.error("give --pretrained DIR_OR_HUB_ID, --workdir WORKDIR, or --model clipiqa --clip NAME_OR_FOLDER "
                  "for zero-shot scores")
+  if args.checkpoint != "best" and not args.workdir:
+    parser.error("--checkpoint (best | latest | a step) goes with --workdir (the training run)")
   if args.revision and not args.pretrained:
     parser.error("--revision goes with a --pretrained hub id")
   if args.model and not args.clip:

@@ -119,8 +119,8 @@ def _vision_pass(batch: int, spec) -> int:
   """Images per vision-tower pass: the chunk size where the model has `image_chunk`, else the batch."""
   if not hasattr(spec, "image_chunk"):
     return batch
-  from mcpf_jax.clip.tuning import _chunking  # pylint: disable=g-import-not-at-top
-  return _chunking(batch, spec.image_chunk)[0]
+  from mcpf_jax.clip.tuning import chunking  # pylint: disable=g-import-not-at-top
+  return chunking(batch, spec.image_chunk)[0]
 
 
 def _flops(cost) -> float:

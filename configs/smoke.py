@@ -15,7 +15,8 @@ def get_config():
   c.clip.tiny_seed = backbone.SEED
   # Random text tower; the vision tower is the bundled one pre-trained on procedural dead-leaves images (never on
   # a smoke photo): a random tower carries too little quality information for any prompt to rank unseen photos
-  # (mcpf_jax/smoke/pretrain.py has the numbers). A softer temperature than CLIP's 100 suits the tiny model.
+  # (BENCHMARKS.md, "The smoke run's tiny CLIP", has the numbers). A softer temperature than CLIP's 100 suits the
+  # tiny model.
   c.clip.tiny = dict(**backbone.SIZES, logit_scale=10.0, vision_weights="smoke")
 
   c.model.prompt_depth = 3

@@ -480,8 +480,8 @@ def _attention_path(cc) -> str:
 
 def _vision_chunk(cc, spec, batch: int) -> int:
   """Images per vision-tower pass of the train step (the whole batch unless a chunk loop runs)."""
-  from mcpf_jax.clip.tuning import _chunking  # pylint: disable=g-import-not-at-top
-  return _chunking(batch, spec.image_chunk, cc.vision.hidden_size, cc.target_platform())[0]
+  from mcpf_jax.clip.tuning import chunking  # pylint: disable=g-import-not-at-top
+  return chunking(batch, spec.image_chunk, cc.vision.hidden_size, cc.target_platform())[0]
 
 
 def _public(program: dict[str, Any]) -> dict[str, Any]:

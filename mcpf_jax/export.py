@@ -26,6 +26,7 @@ from typing import Any
 from flax import traverse_util
 
 from mcpf_jax import clip, pretrained, runs
+from mcpf_jax.clip import hub
 from mcpf_jax.clip.config import HUB_IDS
 from mcpf_jax.scoring import Scorer
 
@@ -53,11 +54,9 @@ def _backbone_folder(source: str) -> tuple[pathlib.Path, str]:
   """The folder the backbone was loaded from and the weight file's name."""
   m = _HF_SOURCE.match(source)
   if m:
-    import huggingface_hub  # pylint: disable=g-import-not-at-top
-    config = huggingface_hub.try_to_load_from_cache(m["repo"], "config.json", revision=m["commit"])
-    if not isinstance(config, str):
-      raise FileNotFoundError(f"{source}: the backbone's files are no longer in the Hugging Face cache")
-    return pathlib.Path(config).parent, m["file"]
+    folder = hub.snapshot(m["repo"], revision=m["commit"], allow_patterns=("config.json", m["file"]),
+                          local_files_only=True)  # the files it was loaded from: in the cache, or gone
+    return folder, m["file"]
   weights = pathlib.Path(source)
   return weights.parent, weights.name
 
@@ -102,7 +101,7 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoin
   run = runs.read_run(workdir) or {}
   eval_json = _read_json(workdir / "eval.json")
   summary = _read_json(workdir / "train_summary.json")
-  lt = scorer.score_map
+  score_map = scorer.score_map
   # from_checkpoint checked that the backbone loaded (info["backbone"]) has the fingerprint the run trained on.
   source = scorer.info["backbone"]
   backbone = dict(backbone_reference(config, source, meta["backbone"]["fingerprint"]), included=include_backbone)
@@ -115,8 +114,9 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoin
                         "num_crops": scorer.preprocessing.num_crops,
                         "protocol": "short side resized to `resize` (aspect kept), `num_crops` crops of "
                                     "`image_size` on an even grid, their scores averaged"},
-      "score": {"low": lt.low, "high": lt.high, "higher_is_better": lt.higher_is_better,
-                "train_low01": lt.train_low01, "train_high01": lt.train_high01, "num_levels": lt.num_levels,
+      "score": {"low": score_map.low, "high": score_map.high, "higher_is_better": score_map.higher_is_better,
+                "train_low01": score_map.train_low01, "train_high01": score_map.train_high01,
+                "num_levels": score_map.num_levels,
                 "score_range": list(scorer.score_range), "scale": scorer.scale, "dataset": scorer.dataset},
       "training": {"step": scorer.info["step"], "checkpoint": str(checkpoint), "dataset": run.get("dataset"),
                    "split": run.get("split"), "init_from": run.get("init_from"),
@@ -222,7 +222,9 @@ print(scorer.score(["photo.jpg"])[0].score, scorer.score_range, scorer.higher_is
 
 
 def push_to_hub(folder: str | pathlib.Path, repo_id: str, *, private: bool = False) -> str:
-  """Uploads the folder as a model repo (its README.md is the card); returns the commit URL."""
+  """Uploads the folder as a model repo (its README.md is the card); returns the commit URL.
+
+  The one hub write of the project (reads go through clip.hub.snapshot)."""
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   api = huggingface_hub.HfApi()
   api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)

@@ -46,14 +46,14 @@ def _run(step, state, seeds):
 
 def test_prompts_train_in_float32_and_the_bf16_backbone_is_untouched(setup):
   params, mask, tx, step = setup
-  trainable, frozen = optim.split(params, mask)
+  trainable, frozen = optim.partition(params, mask)
   assert frozen and all(v.dtype == jnp.bfloat16 for v in frozen.values())
   assert trainable and all(v.dtype == jnp.float32 for v in trainable.values())
   # Adam state only for the float32 prompts: none for the bf16 backbone.
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(step_lib.init_state(params, tx)["opt"])
              if jnp.issubdtype(x.dtype, jnp.floating))
   state = _run(step, step_lib.init_state(params, tx), range(3))
-  new_t, new_f = optim.split(jax.device_get(state["params"]), mask)
+  new_t, new_f = optim.partition(jax.device_get(state["params"]), mask)
   assert any(not np.array_equal(np.asarray(new_t[k]), np.asarray(v)) for k, v in trainable.items())
   for k, v in frozen.items():
     assert new_f[k].dtype == jnp.bfloat16

@@ -60,8 +60,8 @@ def test_train_step_updates_only_trainable(bundle, variant):
   new_state, metrics = step(state, batch)
   assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
 
-  trainable, frozen = optim.split(before, mask)
-  new_trainable, new_frozen = optim.split(jax.tree.map(np.asarray, new_state["params"]), mask)
+  trainable, frozen = optim.partition(before, mask)
+  new_trainable, new_frozen = optim.partition(jax.tree.map(np.asarray, new_state["params"]), mask)
   # The frozen backbone is bitwise unchanged.
   for k in frozen:
     assert frozen[k].tobytes() == new_frozen[k].tobytes(), k

@@ -106,11 +106,11 @@ def test_per_head_attention_matches_jax(causal, dtype):
 @pytest.mark.parametrize("n, chunk", [(6, 3), (7, 4), (5, None)])
 def test_chunked_image_encoding_same_as_whole_batch(bundle, n, chunk):
   """CLIP.image_chunk encodes a batch chunk by chunk (padding the last one) with the whole batch's numbers."""
-  from mcpf_jax.clip.tuning import _chunking  # pylint: disable=g-import-not-at-top
-  assert _chunking(32, 8) == (8, 32) and _chunking(30, 8) == (6, 30) and _chunking(13, 8) == (7, 14)
-  assert _chunking(13, 0) == (13, 13) and _chunking(5, 8) == (5, 5)
+  from mcpf_jax.clip.tuning import chunking  # pylint: disable=g-import-not-at-top
+  assert chunking(32, 8) == (8, 32) and chunking(30, 8) == (6, 30) and chunking(13, 8) == (7, 14)
+  assert chunking(13, 0) == (13, 13) and chunking(5, 8) == (5, 5)
   cpu = jax.default_backend() == "cpu"
-  assert _chunking(32, None, 768) == ((8, 32) if cpu else (32, 32)) and _chunking(32, None, 64) == (32, 32)
+  assert chunking(32, None, 768) == ((8, 32) if cpu else (32, 32)) and chunking(32, None, 64) == (32, 32)
   config = bundle.config
   rng = np.random.default_rng(3)
   pixels = jnp.asarray(rng.standard_normal((n, IMAGE, IMAGE, 3)), jnp.float32)

@@ -17,9 +17,8 @@ from safetensors import safe_open
 from mcpf_jax import clip
 from mcpf_jax.clip import tiny
 from mcpf_jax.clip.preprocess import normalize
-from mcpf_jax.smoke import backbone
+from mcpf_jax.smoke import backbone, pretrain
 from mcpf_jax.smoke import data as smoke
-from mcpf_jax.smoke import pretrain as tiny_pretrain
 
 
 def _gradient_energy(img: np.ndarray) -> float:
@@ -27,9 +26,9 @@ def _gradient_energy(img: np.ndarray) -> float:
 
 
 def test_dead_leaves_images_are_deterministic_filled_and_varied():
-  a = tiny_pretrain.dead_leaves(np.random.default_rng(7), 96)
-  b = tiny_pretrain.dead_leaves(np.random.default_rng(7), 96)
-  c = tiny_pretrain.dead_leaves(np.random.default_rng(8), 96)
+  a = pretrain.dead_leaves(np.random.default_rng(7), 96)
+  b = pretrain.dead_leaves(np.random.default_rng(7), 96)
+  c = pretrain.dead_leaves(np.random.default_rng(8), 96)
   assert a.dtype == np.uint8 and a.shape == (96, 96, 3)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
@@ -40,8 +39,8 @@ def test_dead_leaves_images_are_deterministic_filled_and_varied():
 
 
 def test_distorted_versions_follow_the_smoke_levels():
-  img = tiny_pretrain.dead_leaves(np.random.default_rng(0), 64)
-  versions = tiny_pretrain.distorted_versions(img, seed=3)
+  img = pretrain.dead_leaves(np.random.default_rng(0), 64)
+  versions = pretrain.distorted_versions(img, seed=3)
   assert len(versions) == 1 + 3 * smoke.NUM_LEVELS
   np.testing.assert_array_equal(versions[0][0], img)
   assert [m for _, m in versions] == [smoke.mos_of_level(0)] + [smoke.mos_of_level(k) for k in range(1, 6)
@@ -56,8 +55,8 @@ def test_distorted_versions_follow_the_smoke_levels():
 
 
 def test_pretraining_set_does_not_depend_on_the_number_of_workers():
-  one, mos_one = tiny_pretrain.pretraining_set(3, 64, data_seed=5, workers=1)
-  two, mos_two = tiny_pretrain.pretraining_set(3, 64, data_seed=5, workers=2)
+  one, mos_one = pretrain.pretraining_set(3, 64, data_seed=5, workers=1)
+  two, mos_two = pretrain.pretraining_set(3, 64, data_seed=5, workers=2)
   assert one.shape == (48, 64, 64, 3) and mos_one.shape == (48,)
   np.testing.assert_array_equal(one, two)
   np.testing.assert_array_equal(mos_one, mos_two)
@@ -66,8 +65,8 @@ def test_pretraining_set_does_not_depend_on_the_number_of_workers():
 def test_pretrain_learns_and_touches_only_the_vision_tower():
   config = tiny.tiny_config(width=32, layers=2, heads=2, image_size=32, patch_size=8, embed_dim=32)
   params = tiny.perturbed_params(config, 1)
-  images, mos = tiny_pretrain.pretraining_set(2, 40, data_seed=1, workers=1)
-  out, losses = tiny_pretrain.pretrain(config, params, images, mos, steps=300, batch_size=32, lr=3e-3,
+  images, mos = pretrain.pretraining_set(2, 40, data_seed=1, workers=1)
+  out, losses = pretrain.pretrain(config, params, images, mos, steps=300, batch_size=32, lr=3e-3,
                                        warmup_steps=10, log_every=0)
   assert len(losses) == 300 and all(np.isfinite(losses))
   assert np.mean(losses[-50:]) < 0.75 * np.mean(losses[:50]), (np.mean(losses[:50]), np.mean(losses[-50:]))
@@ -80,7 +79,7 @@ def test_pretrain_learns_and_touches_only_the_vision_tower():
 def test_save_and_load_tower_round_trip_and_errors(tmp_path):
   config = backbone.config()
   params = tiny.perturbed_params(config, 4)
-  path = tiny_pretrain.save_tower(tmp_path / "tower.safetensors", params, {"note": "test"})
+  path = pretrain.save_tower(tmp_path / "tower.safetensors", params, {"note": "test"})
   back = tiny.load_vision_tower(path, config)
   assert clip.fingerprint(back) == clip.fingerprint({k: params[k] for k in tiny.VISION_TOWER})
   with safe_open(str(path), framework="numpy") as f:
@@ -96,10 +95,10 @@ def test_save_and_load_tower_round_trip_and_errors(tmp_path):
 
 def test_bundled_tower_matches_its_recipe_and_goes_into_the_tiny_clip(tmp_path):
   path = backbone.tower_path("smoke")
-  assert path == tiny_pretrain.ASSET and path.is_file()
+  assert path == pretrain.ASSET and path.is_file()
   with safe_open(str(path), framework="numpy") as f:
     meta = json.loads(f.metadata()["mcpf_recipe"])
-  assert meta["recipe"] == tiny_pretrain.RECIPE
+  assert meta["recipe"] == pretrain.RECIPE
   assert meta["config"] == backbone.config().to_hf()
   folder = backbone.write(tmp_path / "tiny", seed=backbone.SEED, vision_weights="smoke",
                                 **backbone.SIZES)

@@ -233,8 +233,8 @@ def test_default_smoke_config_saves_at_least_three_checkpoints(runs):
   config = smoke.get_config()
   with config.unlocked():
     config.data.data_dir = str(runs.commands.data_dir)
-  splits = data_setup.load(config, runs.commands.data_dir)
-  per_epoch = len(splits.indices["train"]) // config.train.batch_size
+  data = data_setup.load(config, runs.commands.data_dir)
+  per_epoch = len(data.indices["train"]) // config.train.batch_size
   total = config.optim.total_steps or config.train.num_epochs * per_epoch
   saves = len(set(range(config.train.checkpoint_every, total + 1, config.train.checkpoint_every)) | {total})
   assert saves >= 3, f"smoke: {total} steps, a checkpoint every {config.train.checkpoint_every}: {saves} saves"

@@ -55,7 +55,7 @@ def _step(tiny, weights: str, accumulate_steps: int, batch: dict[str, np.ndarray
   state = init(params)
   state["opt"] = optax.tree.set(state["opt"], learning_rate=np.float32(lr))
   state, metrics = step(state, batch)
-  trainable, _ = optim.split(jax.device_get(state["params"]), mask)
+  trainable, _ = optim.partition(jax.device_get(state["params"]), mask)
   return trainable, jax.device_get(metrics)
 
 
@@ -71,7 +71,7 @@ def _rel(a: dict, b: dict) -> float:
 def test_accumulation_matches_one_big_batch(tiny):
   """2 micro-batches of 4 give the big batch's loss, gradient norm and (SGD) update."""
   batch = _batch(8)
-  before, _ = optim.split(tiny[1], tiny[2])
+  before, _ = optim.partition(tiny[1], tiny[2])
   one, m1 = _step(tiny, "no_pairs", 1, batch)
   acc, m2 = _step(tiny, "no_pairs", 2, batch)
   assert m1["finite"] and m2["finite"]

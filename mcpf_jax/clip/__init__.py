@@ -6,6 +6,7 @@
   tuning.py      per-target speed choices (attention implementation, image-chunk size)
   init.py        parameter trees without a checkpoint (shapes, transformers' random initialisation)
   checkpoint.py  loading and saving the Hugging Face weight formats
+  hub.py         the one way to the Hugging Face Hub (snapshots in its cache, HF_HUB_OFFLINE honoured)
   tokenizer.py   the CLIP BPE tokenizer; preprocess.py the pixel normalisation; tiny.py tiny random CLIP folders
 """
 

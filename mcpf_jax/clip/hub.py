@@ -1,7 +1,8 @@
 """Hugging Face Hub access, in one place: a repo's snapshot folder in the local cache, downloaded when allowed.
 
 Every hub read of this project goes through `snapshot` (the CLIP backbones, their tokenizer files, exported IQA
-models), so all of them honour HF_HUB_OFFLINE and fail with the same message naming the repo and the cache.
+models; the exporter's upload alone uses HfApi), so all of them honour HF_HUB_OFFLINE and fail with the same message
+naming the repo and the cache.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def snapshot(repo_id: str, *, revision: str | None = None, cache_dir: str | None
         repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(allow_patterns or []) or None,
         local_files_only=local_files_only))
   except (errors.LocalEntryNotFoundError, errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
-          errors.GatedRepoError, errors.HfHubHTTPError, errors.OfflineModeIsEnabled, OSError) as e:
+          errors.GatedRepoError, errors.HfHubHTTPError, errors.OfflineModeIsEnabled, errors.HFValidationError,
+          OSError) as e:
     cache = cache_dir or constants.HF_HUB_CACHE
     why = ("HF_HUB_OFFLINE is set (or only the cache was asked) and it is not in the Hugging Face cache"
            if offline else "it is not in the cache and could not be downloaded")

@@ -39,7 +39,7 @@ import numpy as np
 
 from mcpf_jax.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from mcpf_jax.clip.layers import Encoder, batched, dense, f32_accumulating, layer_norm, replace_after_first
-from mcpf_jax.clip.tuning import _chunking, attention_for
+from mcpf_jax.clip.tuning import attention_for, chunking
 
 Array = jax.Array
 Prompts = Sequence[Array] | None
@@ -219,7 +219,7 @@ class CLIP(nn.Module):
     config: the model.
     image_chunk: images per vision-tower pass: a larger batch is encoded as a sequence (lax.scan) of chunks of
       at most this many images (the same numbers: images never interact). None: the target's default
-      (`tuning._chunking`): 8 on a CPU target, whose caches favour the smaller matmuls (see BENCHMARKS.md), for
+      (`tuning.chunking`): 8 on a CPU target, whose caches favour the smaller matmuls (see BENCHMARKS.md), for
       towers at least `tuning.CPU_CHUNK_MIN_WIDTH` wide, and the whole batch on GPUs/TPUs; 0: the whole batch.
   """
   config: CLIPConfig
@@ -253,7 +253,7 @@ class CLIP(nn.Module):
     """
     prompts = tuple(prompts or ())
     n = pixels.shape[0]
-    size, padded = _chunking(n, self.image_chunk, self.config.vision.hidden_size, self.config.target_platform())
+    size, padded = chunking(n, self.image_chunk, self.config.vision.hidden_size, self.config.target_platform())
     if size >= n:
       return self._encode_image(pixels, prompts, return_tokens, interpolate_pos_encoding)
     # [padded // size, size, ...]: zero images pad the last chunk and are dropped from the output.

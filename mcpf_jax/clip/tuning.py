@@ -18,7 +18,7 @@ def attention_for(platform: str) -> str:
 CPU_CHUNK_MIN_WIDTH = 256  # the CPU default chunks only real-size towers (a tiny model's small matmuls gain nothing)
 
 
-def _chunking(n: int, image_chunk: int | None, width: int | None = None,
+def chunking(n: int, image_chunk: int | None, width: int | None = None,
               platform: str | None = None) -> tuple[int, int]:
   """(chunk size, padded batch) to encode n images in chunks of at most `image_chunk` (see `model.CLIP.image_chunk`).
 

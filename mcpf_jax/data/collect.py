@@ -271,6 +271,7 @@ def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
       "content_kind": layout.content_kind,
       "num_examples": len(examples),
       "num_contents": len({e.content_id for e in examples}),
+      # The release's own split: its part names and sizes (metadata keys of built datasets, kept as they are).
       "official_split_names": list(layout.official_splits),
       "official_splits": splits,
       "label_files": {f: sha256(root / f) for f in listing.label_files if (root / f).is_file()},

@@ -1,4 +1,5 @@
-"""The IQA model on top of CLIP: prompts, fusion, heads (iqa.py) and losses (losses.py)."""
+"""The IQA model on top of CLIP: prompts, routing, heads and variants (iqa.py), cross-modal prompt fusion (fusion.py),
+losses (losses.py), which parameters train (freeze.py), analytic FLOPs (flops.py), parameter counts (summary.py)."""
 
 from __future__ import annotations
 

@@ -51,16 +51,16 @@ def build_run(config, workdir: str | pathlib.Path, *, dataset: str | None = None
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.model)
   bundle = runs.load_clip(config, workdir)
-  splits = data_setup.load(config, workdir, dataset=dataset)
+  data = data_setup.load(config, workdir, dataset=dataset)
   model, params = iqa.build(config.model, bundle, jax.random.key(config.seed))
   mask = freeze.mask(params, config.model.trainable)
-  trainable, _ = optim.split(params, mask)
+  trainable, _ = optim.partition(params, mask)
   low = sorted(k for k, v in trainable.items() if v.dtype != jnp.float32)
   if low:
     raise ValueError(f"clip.param_dtype={config.clip.param_dtype!r} stores trainable parameters in low precision "
                      f"({low[0]}, ... {len(low)} leaves): model.trainable={config.model.trainable!r} trains the "
                      "backbone, whose weights must then stay float32 (clip.param_dtype=float32)")
-  return Run(config, workdir, mesh, bundle, model, params, mask, splits)
+  return Run(config, workdir, mesh, bundle, model, params, mask, data)
 
 
 def jit_steps(run: Run, tx, state_shapes):

@@ -38,7 +38,7 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
 
   def save(self, step: int, state: dict[str, Any], mask: Any, iterator: Any | None, meta: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
-    trainable, _ = optim.split(state["params"], mask)
+    trainable, _ = optim.partition(state["params"], mask)
     items = {
         runs.PARAMS: ocp.args.StandardSave(traverse_util.unflatten_dict(trainable, sep="/")),
         runs.OPT: ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
@@ -60,11 +60,11 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
   def restore_params(self, step: int, params: Any, mask: Any, shardings: Any | None = None) -> Any:
     """`params` with its trainable leaves from checkpoint `step` (placed like `shardings`, default: like the
     leaves of `params`); frozen leaves kept. The optimizer state is not read (layout 2)."""
-    trainable, frozen = optim.split(params, mask)
+    trainable, frozen = optim.partition(params, mask)
     if shardings is None:
       sh = {k: getattr(v, "sharding", None) for k, v in trainable.items()}
     else:
-      sh, _ = optim.split(shardings, mask)
+      sh, _ = optim.partition(shardings, mask)
     target = _abstract(traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(sh, sep="/"))
     if self._layout(step) == runs.LAYOUT:
       restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -85,9 +85,9 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
 
     `iterator` (a grain iterator) is restored in place when given.
     """
-    trainable, frozen = optim.split(state["params"], mask)
+    trainable, frozen = optim.partition(state["params"], mask)
     if shardings is not None:
-      p_sh, _ = optim.split(shardings["params"], mask)
+      p_sh, _ = optim.partition(shardings["params"], mask)
       o_sh, step_sh = shardings["opt"], shardings["step"]
     else:
       p_sh = {k: getattr(v, "sharding", None) for k, v in trainable.items()}

@@ -94,7 +94,8 @@ def eval_config(saved: Mapping[str, Any], config=None, explicit: Mapping[str, An
   set on the command line (`--config.x=y`); one that is not an evaluation or free field and differs from the run's
   value is refused (identity.RunMismatchError), since the run cannot be evaluated as something it was not.
   """
-  cfg = ml_collections.ConfigDict(identity.config_dict(saved))
+  saved = runs.upgrade_config(identity.config_dict(saved))
+  cfg = ml_collections.ConfigDict(saved)
   if config is None:
     return cfg
   run_values = identity.flatten(identity.config_dict(saved))

@@ -45,7 +45,7 @@ def apply_updates(params: Any, updates: Any, mask: Any) -> Any:
   return jax.tree.map(lambda p, u, l: p if l == freeze.FROZEN else optax.apply_updates(p, u), params, updates, mask)
 
 
-def split(params: Any, mask: Any) -> tuple[dict, dict]:
+def partition(params: Any, mask: Any) -> tuple[dict, dict]:
   """(trainable, frozen): two flat dicts {path: leaf} partitioning `params` by `mask`.
 
   The train step differentiates only the trainable dict, so no backbone weight gradient is ever computed.
@@ -58,5 +58,5 @@ def split(params: Any, mask: Any) -> tuple[dict, dict]:
 
 
 def merge(trainable: dict, frozen: dict) -> Any:
-  """Inverse of `split`."""
+  """Inverse of `partition`."""
   return traverse_util.unflatten_dict({**trainable, **frozen}, sep="/")

@@ -60,7 +60,7 @@ def make_train_step(model, mask: Any, tx: optax.GradientTransformation, loss_wei
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-    trainable, frozen = optim.split(state["params"], mask)
+    trainable, frozen = optim.partition(state["params"], mask)
     if accumulate_steps == 1:
       (loss, terms), grads = grad_fn(trainable, frozen, batch)
     else:
@@ -84,7 +84,7 @@ def make_train_step(model, mask: Any, tx: optax.GradientTransformation, loss_wei
     metrics["grad_norm"] = optax.tree.norm(grads)
     # The new trainable parameters too: a finite loss and gradient can still give an inf/NaN update (a huge or
     # NaN learning rate), and the state after this step is what the next checkpoint saves.
-    new_trainable, _ = optim.split(params, mask)
+    new_trainable, _ = optim.partition(params, mask)
     metrics["finite"] = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_trainable)
     return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
 

@@ -83,8 +83,9 @@ def main() -> int:
           raise SystemExit(f"the unmutated copy fails its tests:\n{proc.stdout[-3000:]}")
         print(f"baseline: {proc.stdout.strip().splitlines()[-1]}", flush=True)
         continue
-      status = "CAUGHT" if proc.returncode != 0 else "MISSED"
-      if status == "MISSED":
+      # CAUGHT only for a failing test (exit 1); a collection or usage error (2, 4, 5) is not a catch.
+      status = "CAUGHT" if proc.returncode == 1 and failed else ("MISSED" if proc.returncode == 0 else "ERROR")
+      if status != "CAUGHT":
         missed.append(name)
       print(f"{status}  {name}: {failed[0] if failed else proc.stdout.strip().splitlines()[-1]}", flush=True)
   return 1 if missed else 0
