@@ -22,8 +22,8 @@ CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.s
 # aigciqa2023 and csv have none); test_a_config_per_dataset checks each is a known dataset with its config file.
 DATASETS = ("livec", "koniq10k", "spaq", "live", "csiq", "tid2013", "kadid10k", "agiqa3k")
 # Where the training, evaluation and protocol code reads the config.
-READERS = ("train/trainer.py", "train/data_setup.py", "train/protocol.py", "train/restore.py",
-           "runs.py")  # runs.py: the run's CLIP (clip.*), read for training and inference alike
+READERS = ("train/trainer.py", "train/build.py", "train/evaluation.py", "train/data_setup.py", "train/protocol.py",
+           "train/restore.py", "runs.py")  # runs.py: the run's CLIP (clip.*), read for training and inference alike
 # Read only for clip.name == "tiny" (the smoke config's random CLIP).
 TINY_ONLY = {"clip.tiny", "clip.tiny_seed"}
 

@@ -342,7 +342,9 @@ def test_cli_zero_shot_json_exits_0(tiny_clip, tmp_path, capsys):
 def test_cli_argument_and_setup_errors(tmp_path, capsys):
   img = _png(tmp_path / "a.png", _photo(40, 40, 30))
   for argv, message in ((["--output", "o.csv", str(img)], "give --pretrained"),
-                        (["--checkpoint", "w", "--model", "clipiqa", str(img)], "give one of"),
+                        (["--workdir", "w", "--model", "clipiqa", str(img)], "give one of"),
+                        (["--checkpoint", "latest", "--model", "clipiqa", "--clip", "x", str(img)],
+                         "goes with --workdir"),
                         (["--model", "clipiqa", str(img)], "needs --clip")):
     with pytest.raises(SystemExit) as e:
       score_cli.main(argv)
@@ -350,5 +352,5 @@ def test_cli_argument_and_setup_errors(tmp_path, capsys):
   (tmp_path / "empty").mkdir()
   assert score_cli.main(["--model", "clipiqa", "--clip", "x", str(tmp_path / "empty")]) == 1
   assert "no image files found" in capsys.readouterr().err
-  assert score_cli.main(["--checkpoint", str(tmp_path / "nowhere"), str(img)]) == 1
+  assert score_cli.main(["--workdir", str(tmp_path / "nowhere"), str(img)]) == 1
   assert "not a training run" in capsys.readouterr().err
