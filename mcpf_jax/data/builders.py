@@ -45,7 +45,7 @@ from tensorflow_datasets.core.utils import tqdm_utils
 from mcpf_jax import classes, images
 from mcpf_jax.data import collect, csv_layout, layouts, problems, readers, registry
 
-SPLIT = "full"
+SPLIT = "full"  # the one TFDS "split" (its word) a builder writes; train/val/test come from data.splits
 DATASET_VERSION = "1.0.0"
 
 FEATURES = tfds.features.FeaturesDict({
