@@ -214,9 +214,7 @@ def clip_config_for(config, platform: str):
   from mcpf_jax.clip import config as clip_config  # pylint: disable=g-import-not-at-top
   from mcpf_jax.clip import tiny
   if config.clip.name == "tiny":
-    sizes = {k: v for k, v in dict(config.clip.tiny).items() if k not in ("logit_scale", "vision_weights",
-                                                                          "highpass_patches")}
-    cc = tiny.tiny_config(**sizes)
+    cc = tiny.config_of(config.clip.tiny)
   else:
     try:
       cc = clip_config.from_name(config.clip.name)

@@ -10,8 +10,8 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from mcpf_jax import data as datasets
+from mcpf_jax.clip import tiny
 from mcpf_jax.clip.config import from_name
-from mcpf_jax.clip.tiny import tiny_config, write_tiny_clip
 from mcpf_jax.model import freeze
 from mcpf_jax.model.iqa import ModelSpec
 from mcpf_jax.train import optim, restore
@@ -57,12 +57,6 @@ def _fields_read() -> set[str]:
   return fields - TINY_ONLY
 
 
-def _tiny(options):
-  """The tiny CLIP's config from clip.tiny, minus the options write_tiny_clip uses for the weights."""
-  weights_only = {n for n, p in inspect.signature(write_tiny_clip).parameters.items() if p.kind == p.KEYWORD_ONLY}
-  return tiny_config(**{k: v for k, v in dict(options).items() if k not in weights_only})
-
-
 def _get(config, dotted: str):
   value = config
   for part in dotted.split("."):
@@ -94,7 +88,7 @@ def test_config_builds(name):
     assert config.data.name == name
   assert config.data.name in datasets.NAMES or config.data.name == "smoke"
   # The model spec, with the backbone's depth (no weights read).
-  clip = _tiny(config.clip.tiny) if config.clip.name == "tiny" else from_name(config.clip.name)
+  clip = tiny.config_of(config.clip.tiny) if config.clip.name == "tiny" else from_name(config.clip.name)
   spec = ModelSpec.from_config(config.model, num_layers=min(clip.text.num_hidden_layers,
                                                             clip.vision.num_hidden_layers))
   assert spec.name == config.model.name

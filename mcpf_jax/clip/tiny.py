@@ -11,6 +11,7 @@ one (mcpf_jax.smoke.backbone).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import pathlib
@@ -124,3 +125,10 @@ def write_tiny_clip(folder: str | os.PathLike[str], *, seed: int = 0, logit_scal
   save_pretrained(folder, params, config, tokenizer_files=True)
   marker.write_text(json.dumps(recipe, indent=2) + "\n")  # written last: a complete folder
   return folder
+
+
+def config_of(options: dict[str, Any]) -> CLIPConfig:
+  """The CLIPConfig `write_tiny_clip(folder, **options)` writes, without writing anything: the options that pick
+  the weights (its keyword-only parameters) are dropped, the rest go to `tiny_config`."""
+  weights = {n for n, p in inspect.signature(write_tiny_clip).parameters.items() if p.kind == p.KEYWORD_ONLY}
+  return tiny_config(**{k: v for k, v in dict(options).items() if k not in weights})
