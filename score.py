@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="an exported model folder (python -m mcpf_jax.export) or a Hugging Face Hub model id")
   p.add_argument("--revision", default=None, help="with a --pretrained hub id: the branch, tag or commit")
   p.add_argument("--workdir", help="a training run's workdir (or its checkpoints/<step> folder)")
-  p.add_argument("--checkpoint", default="best", help="best | latest | a step number (with --workdir, as in eval.py)")
+  p.add_argument("--checkpoint", default=None,
+                 help="best (default) | latest | a step number (with --workdir, as in eval.py)")
   p.add_argument("--model", default=None, choices=("clipiqa",),
                  help="zero-shot model to use without --workdir / --pretrained")
   p.add_argument("--clip", default=None,
@@ -102,8 +103,8 @@ def _make_scorer(args):
     return Scorer.from_pretrained(args.pretrained, revision=args.revision, num_crops=args.num_crops,
                                   clip_name=args.clip, **common)
   if args.workdir:
-    return Scorer.from_checkpoint(args.workdir, args.checkpoint, num_crops=args.num_crops, clip_name=args.clip,
-                                  **common)
+    return Scorer.from_checkpoint(args.workdir, args.checkpoint or "best", num_crops=args.num_crops,
+                                  clip_name=args.clip, **common)
   return Scorer.zero_shot(args.clip, num_crops=args.num_crops or DEFAULT_NUM_CROPS, **common)
 
 
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not args.pretrained and not args.workdir and not args.model:
     parser.error("give --pretrained DIR_OR_HUB_ID, --workdir WORKDIR, or --model clipiqa --clip NAME_OR_FOLDER "
                  "for zero-shot scores")
-  if args.checkpoint != "best" and not args.workdir:
+  if args.checkpoint is not None and not args.workdir:
     parser.error("--checkpoint (best | latest | a step) goes with --workdir (the training run)")
   if args.revision and not args.pretrained:
     parser.error("--revision goes with a --pretrained hub id")
