@@ -17,7 +17,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mcpf_jax.train import launch  # noqa: F401  (defines the multi-host launch flags)
+from mcpf_jax.train import launch
+
+flags.adopt_module_key_flags(launch)  # the multi-host launch flags, listed by --help
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "optional: a config file; only its eval.* fields are used",
                                           lock_config=True)

@@ -9,8 +9,10 @@ through the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only).
 
 Output (--format csv, or json; default from the --output extension): one row per file with `path`, `score`,
 `error`, `width`, `height`, `note`. A file that cannot be read or decoded gets an error row and the others are
-still scored. Exit status: 0 when every image was scored; 1 when any failed (after writing every row), when
-no image was found or the model could not be loaded; 2 for bad arguments.
+still scored; an image refused by a limit (--max_upscale, --max_pixels) keeps its width and height in the row.
+Exit status: 0 when every image was scored; 1 when any failed (after writing every row), when no image was found
+or the model could not be loaded; 2 for bad arguments (a PATH or --workdir that does not exist, an --output
+folder that does not exist, a bad number), reported before the model is loaded.
 """
 
 from __future__ import annotations
@@ -27,6 +29,25 @@ from typing import Any, TextIO
 # argparse, not absl as train.py / eval.py: this command takes PATHs, no config file, prints a --help of its own
 # flags only and exits 2 on bad arguments; absl's flags serve the config-file commands of the training side.
 COLUMNS = ("path", "score", "error", "width", "height", "note")
+# How to lift each limit of mcpf_jax.images, in this command's flags (the library's messages name its Python
+# arguments: `max_upscale=None`); `needed` is the smallest value that allows the image.
+ADVICE = {"max_upscale": "pass --max_upscale 0 to score it anyway: upscaled, with a note",
+          "max_pixels": "a guard against decompression bombs; pass --max_pixels {needed} or more to allow it"}
+
+
+def _number(kind, low: float, what: str):
+  """An argparse type: `kind` (int or float) at least `low`; anything else is a usage error (exit 2)."""
+
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"{text} is not {what}")
+    return value
+
+  return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,20 +67,34 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--output", "-o", default="-", help="output file ('-': stdout)")
   p.add_argument("--format", choices=("csv", "json"), default=None,
                  help="default: json for a .json output, else csv")
-  p.add_argument("--batch_size", type=int, default=16, help="images per model call")
-  p.add_argument("--num_crops", type=int, default=None,
+  positive = _number(int, 1, "a whole number of at least 1")
+  p.add_argument("--batch_size", type=positive, default=16, help="images per model call")
+  p.add_argument("--num_crops", type=positive, default=None,
                  help="crops per image (default: the run's eval.num_crops; 15 zero-shot)")
-  p.add_argument("--num_workers", type=int, default=2, help="decoding threads")
-  p.add_argument("--max_upscale", type=float, default=None,
+  p.add_argument("--num_workers", type=_number(int, 0, "a whole number of at least 0"), default=2,
+                 help="decoding threads")
+  p.add_argument("--max_upscale", type=_number(float, 0, "a factor of at least 0"), default=None,
                  help="refuse images that must be enlarged more than this to the model's short side (default: "
                       "the evaluation protocol's 2x for trained models, as eval.py; any for zero-shot; 0: any, "
                       "with a note past 2x)")
+  p.add_argument("--max_pixels", type=positive, default=None,
+                 help="refuse images of more pixels than this, before decoding them (default: 89478485, ~89 MP, a "
+                      "guard against decompression bombs); a larger value allows larger photos, replacing PIL's "
+                      "own guard for this run only (a huge JPEG is read at a reduced scale, in little memory)")
   p.add_argument("--no_progress", action="store_true", help="no progress bar")
   return p
 
 
+def _error(r) -> str | None:
+  """The result's error, a limit's refusal worded with this command's flags."""
+  e = r.refused
+  if e is None:
+    return r.error
+  return e.explain(f"--{e.option} {e.limit}", ADVICE[e.option].format(needed=e.needed))
+
+
 def _format_row(r) -> dict[str, Any]:
-  return {"path": r.path, "score": None if r.score is None else round(r.score, 6), "error": r.error,
+  return {"path": r.path, "score": None if r.score is None else round(r.score, 6), "error": _error(r),
           "width": r.width, "height": r.height, "note": r.note}
 
 
@@ -99,6 +134,8 @@ def _make_scorer(args):
   common = dict(batch_size=args.batch_size, num_workers=args.num_workers)
   if args.max_upscale is not None:
     common["max_upscale"] = args.max_upscale if args.max_upscale > 0 else None
+  if args.max_pixels is not None:
+    common["max_pixels"] = args.max_pixels
   if args.pretrained:
     return Scorer.from_pretrained(args.pretrained, revision=args.revision, num_crops=args.num_crops,
                                   clip_name=args.clip, **common)
@@ -123,6 +160,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("--revision goes with a --pretrained hub id")
   if args.model and not args.clip:
     parser.error("--model clipiqa needs --clip (a hub id such as openai/clip-vit-base-patch16, or a folder)")
+  # What can be checked from the arguments alone is checked before the model is loaded (seconds).
+  missing = [p + (" (a broken link)" if os.path.lexists(p) else "") for p in args.paths if not os.path.exists(p)]
+  if missing:
+    parser.error(f"no such file or folder: {', '.join(missing)}")
+  if args.workdir and not os.path.exists(args.workdir):
+    parser.error(f"--workdir {args.workdir}: no such folder (a training run's workdir)")
+  if args.output != "-":
+    if os.path.isdir(args.output):
+      parser.error(f"--output {args.output} is a folder: give a file name, e.g. "
+                   f"{os.path.join(args.output, 'scores.csv')}")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+      parser.error(f"--output {args.output}: the folder {folder} does not exist")
   fmt = args.format or ("json" if args.output.lower().endswith(".json") else "csv")
   # Library INFO logs (orbax, absl) would bury the progress bar; warnings and errors still show.
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -150,11 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tqdm.tqdm(total=len(paths), unit="img", desc="score", disable=args.no_progress, file=sys.stderr,
                    dynamic_ncols=True) as bar:
       for result in scorer.iter_score(paths):
-        writer.write(_format_row(result))
+        row = _format_row(result)
+        writer.write(row)
         failed += not result.ok
         bar.update(1)
         if not result.ok:
-          bar.write(f"error: {result.error}", file=sys.stderr)
+          bar.write(f"error: {row['error']}", file=sys.stderr)
     summary = {"images": len(paths), "scored": len(paths) - failed, "failed": failed}
     writer.close(summary)
   finally:

@@ -3,12 +3,12 @@
 Starting again with the same --workdir resumes from its latest checkpoint, with the same config: a restart that
 changes what is computed (model, data, split, loss, optimizer, batch, seed, ...) is refused, naming each field; the
 fields that may change are listed in the README. `--config.init_from=runs/koniq` starts a NEW run from another run's
-trained weights. `--config.num_splits=10` runs the papers'
-10-split protocol (each split in <workdir>/split_<s>) and writes <workdir>/protocol.json. On several hosts pass
---distributed on every host (jax.distributed.initialize() detects the cluster), or --coordinator_address HOST:PORT
---num_processes N --process_id I. SIGTERM / SIGINT: the run finishes its step, saves it and exits with status 143
-(SIGTERM; any signal under jax.distributed) or 130 (SIGINT); the same command resumes. orbax's INFO lines (dozens
-per checkpoint) are hidden unless --verbosity is given (e.g. --verbosity=0).
+trained weights. `--config.num_splits=10` runs the papers' 10-split protocol (each split in <workdir>/split_<s>) and
+writes <workdir>/protocol.json. Any config field is set with --config.FIELD=VALUE (e.g. --config.train.batch_size=64).
+On several hosts pass --distributed on every host (jax.distributed.initialize() detects the cluster), or
+--coordinator_address HOST:PORT --num_processes N --process_id I. SIGTERM / SIGINT: the run finishes its step, saves
+it and exits with status 143 (SIGTERM; any signal under jax.distributed) or 130 (SIGINT); the same command resumes.
+orbax's INFO lines (dozens per checkpoint) are hidden unless --verbosity is given (e.g. --verbosity=0).
 """
 
 import json
@@ -17,7 +17,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mcpf_jax.train import launch  # noqa: F401  (defines the multi-host launch flags)
+from mcpf_jax.train import launch
+
+flags.adopt_module_key_flags(launch)  # the multi-host launch flags, listed by --help
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and results go")

@@ -16,8 +16,15 @@ Decoding (`decode`, `load`) uses PIL and turns every mode PIL reads into 8-bit R
     "I" values outside 0..65535 (32-bit or signed data) have no defined 8-bit mapping and are rejected.
   * Float ("F"): values in [0, 1] are scaled by 255, values in [0, 255] are kept; others (and NaN) rejected.
   * Multi-frame files (GIF, TIFF): the first frame.
-Undecodable input (empty, truncated, not an image, too many pixels) raises `ImageDecodeError`, which names the
-file. PIL's global `LOAD_TRUNCATED_IMAGES` is never touched, so a truncated file is always an error.
+Undecodable input (empty, truncated, not an image) raises `ImageDecodeError`, which names the file. PIL's global
+`LOAD_TRUNCATED_IMAGES` is never touched, so a truncated file is always an error.
+
+Limits the caller sets and may raise: an image with more than `max_pixels` pixels (a decompression-bomb guard, read
+from the file's header before decoding) or one that would be enlarged more than `max_upscale` raises `LimitError`,
+whose attributes hold the facts (file, size, the limit, the value that would allow it) so that a command line can
+give the advice in its own flags' spelling (`LimitError.explain`). `max_pixels` replaces PIL's own guard (the
+global `PIL.Image.MAX_IMAGE_PIXELS`) for that call only, without touching the global: a huge JPEG allowed by it is
+read at a reduced DCT scale, in the memory of a small one.
 
 Geometry: resizing is PIL's (bicubic by default) on uint8, as CLIP's own preprocessing; a short-side resize
 gives the long side `int(size * long / short)` (torchvision and transformers do the same). Images smaller than
@@ -29,6 +36,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 import warnings
 from collections.abc import Sequence
 
@@ -36,7 +44,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 # Refuse images above this many pixels before decoding them (decompression bombs). Equal to PIL's own warning
-# threshold (`PIL.Image.MAX_IMAGE_PIXELS`, ~9459^2); PIL independently refuses anything above twice that.
+# threshold (`PIL.Image.MAX_IMAGE_PIXELS`, ~9459^2; PIL refuses twice that). A larger `max_pixels` replaces PIL's
+# guard for that call.
 DEFAULT_MAX_PIXELS = 89_478_485
 ALPHA_MODES = ("white", "drop")
 BICUBIC = Image.Resampling.BICUBIC
@@ -61,6 +70,47 @@ class ImageDecodeError(ValueError):
     super().__init__(f"{name}: cannot decode image: {reason}")
 
 
+class LimitError(ValueError):
+  """An image refused by a limit its caller set, which the caller may raise: too many pixels (`max_pixels`) or
+  too small for the short side asked (`max_upscale`).
+
+  `str(e)` advises the Python argument ("pass max_upscale=None to allow it"); a command line words the same facts
+  with its own flags: `e.explain(f"--{e.option} {e.limit}", "...")`.
+
+  Attributes:
+    name: the file (None for an array).
+    width, height: the image's size (after the EXIF orientation), before any resize.
+    option: the argument that set the limit: "max_pixels" or "max_upscale".
+    limit: its value.
+    needed: the smallest value of `option` that allows this image (pixels, or the upscale factor).
+    facts: what was refused, without the limit or advice (e.g. "a 20x12 image would be upscaled 4.00x to a short
+      side of 48").
+  """
+
+  def __init__(self, name: str | None, width: int, height: int, option: str, limit: float, needed: float,
+               facts: str, advice: str):
+    self.name, self.width, self.height = name, width, height
+    self.option, self.limit, self.needed, self.facts = option, limit, needed, facts
+    super().__init__(self.explain(f"{option}={limit}", advice))
+
+  def explain(self, limit: str, advice: str) -> str:
+    """The message with the limit spelled `limit` (e.g. "--max_upscale 2.0") and `advice` (how to allow it)."""
+    return f"{self.name + ': ' if self.name else ''}{self.facts}, more than {limit} ({advice})"
+
+
+def _too_many_pixels(name: str | None, width: int, height: int, pixels: int, max_pixels: int,
+                     facts: str) -> LimitError:
+  return LimitError(name, width, height, "max_pixels", max_pixels, pixels, facts,
+                    f"a guard against decompression bombs; pass max_pixels={pixels} or more to allow it")
+
+
+def _too_small(name: str | None, width: int, height: int, factor: float, short_side: int,
+               max_upscale: float) -> LimitError:
+  return LimitError(name, width, height, "max_upscale", max_upscale, factor,
+                    f"a {width}x{height} image would be upscaled {factor:.2f}x to a short side of {short_side}",
+                    "pass max_upscale=None to allow it")
+
+
 def decode(data: bytes, name: str = "<bytes>", *, short_side: int | None = None,
            max_upscale: float | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
            alpha: str = "white", exif_transpose: bool = True) -> np.ndarray:
@@ -78,7 +128,8 @@ def decode(data: bytes, name: str = "<bytes>", *, short_side: int | None = None,
     name: the file's name, used in errors and warnings.
     short_side: resize to this short side (None: the decoded size).
     max_upscale: with short_side, refuse an image that would be enlarged by more than this (None: any).
-    max_pixels: refuse images with more pixels than this before decoding them (None: only PIL's own limit).
+    max_pixels: refuse images with more pixels than this before decoding them; it replaces PIL's own guard
+      (`PIL.Image.MAX_IMAGE_PIXELS`) for this call, so a larger value allows larger images (None: PIL's guard).
     alpha: "white" composites transparent images on white, "drop" discards the alpha channel.
     exif_transpose: apply the EXIF orientation tag.
 
@@ -86,9 +137,8 @@ def decode(data: bytes, name: str = "<bytes>", *, short_side: int | None = None,
     uint8 [height, width, 3], height and width after the EXIF orientation (and the resize).
 
   Raises:
-    ImageDecodeError: empty, truncated or unidentifiable data, too many pixels, or a pixel format with no
-      defined 8-bit RGB meaning.
-    ValueError: the upscale to `short_side` would be larger than `max_upscale`.
+    ImageDecodeError: empty, truncated or unidentifiable data, or a pixel format with no defined 8-bit RGB meaning.
+    LimitError: more than `max_pixels` pixels, or an upscale to `short_side` larger than `max_upscale`.
   """
   return _decode(data, name, short_side=short_side, max_upscale=max_upscale, max_pixels=max_pixels, alpha=alpha,
                  exif_transpose=exif_transpose)[0]
@@ -102,32 +152,35 @@ def _decode(data: bytes, name: str, *, short_side: int | None, max_upscale: floa
   if not data:
     raise ImageDecodeError(name, "the file is empty (0 bytes)")
   try:
-    img = Image.open(io.BytesIO(data))
+    img = _open(data, max_pixels)
   except Image.UnidentifiedImageError:
     raise ImageDecodeError(name, f"not an image format PIL can read ({len(data)} bytes starting {data[:16]!r})"
                            ) from None
-  except Image.DecompressionBombError as e:
-    raise ImageDecodeError(name, f"too many pixels for PIL (PIL.Image.MAX_IMAGE_PIXELS guard): {e}") from e
+  except Image.DecompressionBombError as e:  # max_pixels=None: Image.open's guard; else the reader's own (WebP)
+    raise _pil_guard(name, e, max_pixels) from e
   except MemoryError:
     raise
   except Exception as e:  # PIL raises many types for malformed headers
     raise ImageDecodeError(name, f"{type(e).__name__}: {e}") from e
   with img:
     width, height = img.size
-    if max_pixels is not None and width * height > max_pixels:
-      raise ImageDecodeError(name, f"{width}x{height} = {width * height} pixels is more than max_pixels="
-                             f"{max_pixels} (decompression-bomb guard; pass a larger max_pixels to allow it)")
-    target, drafted = None, False
     # The size after the EXIF orientation (a 90-degree turn swaps the sides).
     turned = exif_transpose and _orientation(img) in (5, 6, 7, 8)
     out_h, out_w = (width, height) if turned else (height, width)
+    if max_pixels is not None and width * height > max_pixels:
+      raise _too_many_pixels(name, out_w, out_h, width * height, max_pixels,
+                             f"{out_w}x{out_h} = {width * height} pixels")
+    target, drafted = None, False
     if short_side is not None:
       target = _resize_target(out_h, out_w, short_side, name, max_upscale, max_pixels)
-      if img.format == "JPEG" and min(out_h, out_w) >= DRAFT_MIN_FACTOR * short_side:
+      # MPO: a JPEG with more pictures after the first (many cameras), read by PIL's JPEG reader.
+      if img.format in ("JPEG", "MPO") and min(out_h, out_w) >= DRAFT_MIN_FACTOR * short_side:
         # The largest DCT reduction that keeps both sides >= short_side.
         drafted = img.draft(None, (short_side, short_side)) is not None
     try:
       img.load()
+    except Image.DecompressionBombError as e:  # a reader that checks again while loading (TIFF)
+      raise _pil_guard(name, e, max_pixels) from e
     except MemoryError:
       raise
     except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, zlib.error, ...
@@ -144,17 +197,53 @@ def _decode(data: bytes, name: str, *, short_side: int | None, max_upscale: floa
   return resize(rgb, *target), size
 
 
-def _resize_target(height: int, width: int, short_side: int, name: str, max_upscale: float | None,
+def _open(data: bytes, max_pixels: int | None) -> Image.Image:
+  """`Image.open` of the bytes; with `max_pixels`, without the decompression-bomb check that `max_pixels` replaces.
+
+  `Image.open` checks the header's size against the global `PIL.Image.MAX_IMAGE_PIXELS` (warning above it, error
+  above twice it) before a JPEG's `draft` can reduce the decode. Setting that global, even for a moment, would
+  lift the guard for every thread; instead the file is opened the way `Image.open` does, through PIL's registry of
+  format readers (the common ones first, then all) less that check, and the caller checks the size against its own
+  limit. The readers that check again themselves (WebP, TIFF, GIF frames after the first) keep PIL's error limit,
+  twice `PIL.Image.MAX_IMAGE_PIXELS` (~179 MP).
+  """
+  if max_pixels is None:
+    return Image.open(io.BytesIO(data))
+  fp, prefix, tried = io.BytesIO(data), data[:16], set()
+  for register in (Image.preinit, Image.init):
+    register()
+    for fmt in [f for f in Image.ID if f not in tried]:
+      tried.add(fmt)
+      factory, accept = Image.OPEN[fmt]
+      accepted = accept is None or accept(prefix)
+      if not accepted or isinstance(accepted, str):  # a string: PIL knows the format but cannot read it
+        continue
+      fp.seek(0)
+      try:
+        return factory(fp, "")
+      except (SyntaxError, IndexError, TypeError, struct.error):  # not this format after all (as Image.open)
+        continue
+  raise Image.UnidentifiedImageError("cannot identify image file")
+
+
+def _pil_guard(name: str, e: Image.DecompressionBombError, max_pixels: int | None) -> ImageDecodeError:
+  if max_pixels is None:
+    return ImageDecodeError(name, f"{e} (PIL's guard; pass max_pixels to set the limit for this call)")
+  return ImageDecodeError(name, f"{e} (PIL's reader of this format applies PIL's own guard, "
+                          "PIL.Image.MAX_IMAGE_PIXELS, whatever max_pixels is)")
+
+
+def _resize_target(height: int, width: int, short_side: int, name: str | None, max_upscale: float | None,
                    max_pixels: int | None) -> tuple[int, int]:
   """The (height, width) of a short-side resize, refusing a too large upscale or too many resulting pixels."""
   factor = short_side / min(height, width)
   if max_upscale is not None and factor > max_upscale:
-    raise ValueError(f"{name}: a {width}x{height} image would be upscaled {factor:.2f}x to a short side of "
-                     f"{short_side}, more than max_upscale={max_upscale} (pass max_upscale=None to allow it)")
+    raise _too_small(name, width, height, factor, short_side, max_upscale)
   new_h, new_w = short_side_size(height, width, short_side)
   if max_pixels is not None and new_h * new_w > max_pixels:
-    raise ValueError(f"{name}: a {width}x{height} image resized to a short side of {short_side} would be "
-                     f"{new_w}x{new_h}, more than {max_pixels} pixels (aspect ratio too extreme)")
+    raise _too_many_pixels(name, width, height, new_h * new_w, max_pixels,
+                           f"a {width}x{height} image resized to a short side of {short_side} would be "
+                           f"{new_w}x{new_h} = {new_h * new_w} pixels (aspect ratio too extreme)")
   return new_h, new_w
 
 
@@ -278,14 +367,13 @@ def resize_short_side(img: np.ndarray, size: int, *, max_upscale: float | None =
     uint8 [new_h, new_w, 3], `img` itself when its short side is already `size`.
 
   Raises:
-    ValueError: the upscale factor `size / short side` is above `max_upscale`.
+    LimitError: the upscale factor `size / short side` is above `max_upscale`.
   """
   _check_rgb8(img)
   h, w = img.shape[:2]
   factor = size / min(h, w)
   if max_upscale is not None and factor > max_upscale:
-    raise ValueError(f"a {w}x{h} image would be upscaled {factor:.2f}x to a short side of {size}, more than "
-                     f"max_upscale={max_upscale} (pass max_upscale=None to allow it)")
+    raise _too_small(None, w, h, factor, size, max_upscale)
   return resize(img, *short_side_size(h, w, size), resample=resample)
 
 
@@ -389,6 +477,7 @@ def eval_crops(image: bytes | np.ndarray, name: str, *, resize: int, image_size:
   Args:
     image: the encoded file's bytes, or a decoded uint8 [h, w, 3] RGB array.
     name: the file's name, for errors.
+    max_pixels: as `decode` (for an array: the pixels after the resize only).
 
   Returns:
     (uint8 [num_crops, image_size, image_size, 3], (height, width) of the image before the resize).

@@ -19,6 +19,10 @@ even grid are scored and averaged: `images.eval_crops`, the function eval.py's p
 upscale limit (a trained model's Scorer refuses, per file, an image that would be enlarged more than 2x, as
 evaluation does; `max_upscale=None` scores any image, resized UP, with a `note` past 2x; zero-shot scorers have
 no run protocol and default to None). A large JPEG is decoded at a reduced DCT scale, and only its crops kept.
+Images of more than `max_pixels` pixels (default `images.DEFAULT_MAX_PIXELS`, ~89 MP: a decompression-bomb guard)
+are refused; a larger `max_pixels` allows them, replacing PIL's own guard for this Scorer only. A refusal by
+either limit keeps the facts in `Result.refused` (`images.LimitError`: the image's size, the limit, the value that
+would allow it).
 
 Every image is scored alone: batches have a fixed shape (the last one padded with zero images that are
 thrown away), so an image's score does not depend on what else is in its batch. A file that cannot be read or
@@ -66,8 +70,10 @@ class Result:
     path: the file path as given, or "<array i>" for the i-th input array.
     score: the predicted quality (see `Scorer.info["scale"]`), None when `error` is set.
     error: why the input could not be scored (names the file and the problem), None on success.
-    width, height: the decoded image's size (after EXIF orientation), None when it could not be decoded.
+    width, height: the image's size (after EXIF orientation), None when it could not be read.
     note: remarks on a scored image (e.g. a large upscale), None if there are none.
+    refused: when a limit refused the image (`max_upscale`, `max_pixels`), its facts (`images.LimitError`:
+      `option`, `limit`, `needed`); `error` is its message, which advises the Python argument.
   """
   path: str
   score: float | None
@@ -75,6 +81,7 @@ class Result:
   width: int | None = None
   height: int | None = None
   note: str | None = None
+  refused: images.LimitError | None = dataclasses.field(default=None, compare=False)
 
   @property
   def ok(self) -> bool:
@@ -88,7 +95,7 @@ class Preprocessing:
   image_size: int
   num_crops: int
   max_upscale: float | None = None  # refuse (error) images needing a larger upscale; None: any, noted past 2x
-  max_pixels: int | None = images.DEFAULT_MAX_PIXELS  # refuse larger images before decoding them
+  max_pixels: int | None = images.DEFAULT_MAX_PIXELS  # refuse larger images before decoding (replaces PIL's guard)
 
   def __post_init__(self):
     if self.resize < self.image_size:
@@ -118,6 +125,7 @@ class _Prepared:
   width: int | None = None
   height: int | None = None
   note: str | None = None
+  refused: images.LimitError | None = None
 
 
 def _describe_error(e: Exception, name: str) -> str:
@@ -142,6 +150,8 @@ def _prepare(index: int, item: Input, preprocessing: Preprocessing) -> _Prepared
       with open(name, "rb") as f:
         data = f.read()
     crops, (height, width), note = preprocessing.crops(data, name)
+  except images.LimitError as e:  # the size is known: the row keeps it, and the facts for the caller's advice
+    return _Prepared(name, error=str(e), width=e.width, height=e.height, refused=e.with_traceback(None))
   except Exception as e:  # pylint: disable=broad-except  (one bad file must not stop the others)
     return _Prepared(name, error=_describe_error(e, name))
   return _Prepared(name, crops=crops, width=width, height=height, note=note)
@@ -231,7 +241,8 @@ class Scorer:
   def from_pretrained(cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
                       clip_name: str | os.PathLike[str] | None = None, cache_dir: str | None = None,
                       batch_size: int = DEFAULT_BATCH_SIZE, num_crops: int | None = None, num_workers: int = 2,
-                      max_upscale: float | None = images.DEFAULT_MAX_UPSCALE) -> Scorer:
+                      max_upscale: float | None = images.DEFAULT_MAX_UPSCALE,
+                      max_pixels: int | None = images.DEFAULT_MAX_PIXELS) -> Scorer:
     """Loads an exported model (`python -m mcpf_jax.export`): a local folder or a Hugging Face Hub repo id.
 
     A local folder never touches the network: the backbone comes from its clip/ folder (`--include_backbone`),
@@ -272,7 +283,8 @@ class Scorer:
                            complete=True)
     prep = config["preprocessing"]
     preprocessing = Preprocessing(resize=int(prep["resize"]), image_size=int(prep["image_size"]),
-                                  num_crops=int(num_crops or prep["num_crops"]), max_upscale=max_upscale)
+                                  num_crops=int(num_crops or prep["num_crops"]), max_upscale=max_upscale,
+                                  max_pixels=max_pixels)
     s = config["score"]
     score_map = scores.ScoreMap(**{k: s[k] for k in ("low", "high", "higher_is_better", "train_low01",
                                                             "train_high01", "num_levels")})
@@ -287,7 +299,7 @@ class Scorer:
   def from_checkpoint(cls, workdir: str | os.PathLike[str], checkpoint: str | int = "best", *,
                       batch_size: int = DEFAULT_BATCH_SIZE, num_crops: int | None = None, num_workers: int = 2,
                       clip_name: str | None = None, max_upscale: float | None = images.DEFAULT_MAX_UPSCALE,
-                      dtype: str | None = None,
+                      max_pixels: int | None = images.DEFAULT_MAX_PIXELS, dtype: str | None = None,
                       param_dtype: str | None = None) -> Scorer:
     """Restores a trained model from a training run's workdir alone: the dataset is not needed.
 
@@ -305,6 +317,9 @@ class Scorer:
       clip_name: the backbone's hub id or folder, when not where the training run found it.
       max_upscale: see `Preprocessing`; default the evaluation protocol's (eval.py's) limit, 2x: a smaller image
         is refused naming the file (None: score it, with a note past 2x).
+      max_pixels: refuse images with more pixels than this before decoding them (a decompression-bomb guard);
+        larger values allow larger images, replacing PIL's own guard (`PIL.Image.MAX_IMAGE_PIXELS`) for this
+        Scorer only. A huge JPEG is decoded at a reduced scale, in about the memory of a small one.
       dtype, param_dtype: score in another precision than the run's clip.dtype / clip.param_dtype (e.g.
         "bfloat16" for both: half the backbone memory; README "bfloat16" has the measured score differences).
 
@@ -328,7 +343,7 @@ class Scorer:
     score_map = scores.ScoreMap(**meta["label_transform"])
     preprocessing = Preprocessing(
         resize=int(config.data.resize), image_size=int(config.data.image_size or bundle.config.vision.image_size),
-        num_crops=int(num_crops or config.eval.num_crops), max_upscale=max_upscale)
+        num_crops=int(num_crops or config.eval.num_crops), max_upscale=max_upscale, max_pixels=max_pixels)
     info = {"model": config.model.name, "checkpoint": str(step_dir), "step": int(step),
             "trained_on": meta.get("dataset"), "backbone": bundle.source}
     return cls(model, params, preprocessing=preprocessing, score_map=score_map, info=info, batch_size=batch_size,
@@ -337,8 +352,8 @@ class Scorer:
   @classmethod
   def zero_shot(cls, clip_name_or_path: str | os.PathLike[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
                 num_crops: int = DEFAULT_NUM_CROPS, resize: int | None = None, num_workers: int = 2,
-                dtype: str = "float32", revision: str | None = None,
-                max_upscale: float | None = None) -> Scorer:
+                dtype: str = "float32", revision: str | None = None, max_upscale: float | None = None,
+                max_pixels: int | None = images.DEFAULT_MAX_PIXELS) -> Scorer:
     """CLIP-IQA zero-shot scoring: p("Good photo.") against "Bad photo." on [0, 1]; nothing is trained.
 
     Args:
@@ -353,7 +368,7 @@ class Scorer:
     model, params = iqa.build({"name": "clipiqa"}, bundle, jax.random.key(0))
     size = bundle.config.vision.image_size
     preprocessing = Preprocessing(resize=resize or max(DEFAULT_RESIZE, size), image_size=size,
-                                  num_crops=num_crops, max_upscale=max_upscale)
+                                  num_crops=num_crops, max_upscale=max_upscale, max_pixels=max_pixels)
     info = {"model": "clipiqa", "backbone": bundle.source}
     return cls(model, params, preprocessing=preprocessing, info=info, batch_size=batch_size,
                num_workers=num_workers, scale='p("Good photo.") on [0, 1] (zero-shot CLIP-IQA)')
@@ -419,7 +434,7 @@ class Scorer:
       scores = {id(p): float(v) for p, v in zip(ready, values)}
     for p in pending:
       if p.crops is None:
-        yield Result(p.path, None, p.error)
+        yield Result(p.path, None, p.error, p.width, p.height, refused=p.refused)
       elif not np.isfinite(scores[id(p)]):
         yield Result(p.path, None, f"{p.path}: the model's score is not finite ({scores[id(p)]})", p.width,
                      p.height, p.note)

@@ -1,15 +1,21 @@
 """mcpf_jax.images: decoding every odd kind of image file PIL reads, and the crop geometry."""
 
 import io
+import pathlib
 import struct
+import subprocess
+import sys
+import warnings
 import zlib
 
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image, ImageFile
+from PIL import Image, ImageDraw, ImageFile
 
 from mcpf_jax import images
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -184,10 +190,98 @@ def test_truncated_empty_and_non_image_files_name_the_file(tmp_path):
 
 def test_pixel_limit():
   data = encode(Image.fromarray(random_rgb(30, 40)), "PNG")
-  with pytest.raises(images.ImageDecodeError, match=r"big\.png.*40x30 = 1200 pixels.*max_pixels=1000"):
+  with pytest.raises(images.LimitError) as e:
     images.decode(data, "big.png", max_pixels=1000)
+  assert str(e.value) == ("big.png: 40x30 = 1200 pixels, more than max_pixels=1000 (a guard against decompression "
+                          "bombs; pass max_pixels=1200 or more to allow it)")
+  assert (e.value.name, e.value.width, e.value.height) == ("big.png", 40, 30)
+  assert (e.value.option, e.value.limit, e.value.needed) == ("max_pixels", 1000, 1200)
+  assert e.value.explain("--max_pixels 1000", "ok") == "big.png: 40x30 = 1200 pixels, more than --max_pixels 1000 (ok)"
   assert images.decode(data, max_pixels=1200).shape == (30, 40, 3)
   assert images.decode(data, max_pixels=None).shape == (30, 40, 3)
+  # The size reported is the one shown, after the EXIF orientation (here a quarter turn: 30x40).
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  turned = encode(Image.fromarray(random_rgb(30, 40)), "JPEG", exif=exif.tobytes())
+  with pytest.raises(images.LimitError, match="30x40 = 1200 pixels") as e:
+    images.decode(turned, max_pixels=1000)
+  assert (e.value.width, e.value.height) == (30, 40)
+
+
+def test_max_pixels_replaces_pils_guard_for_the_call_only(monkeypatch):
+  """PIL's guard is a global (`Image.MAX_IMAGE_PIXELS`): lowered here so a small image is a 'bomb' to PIL."""
+  rgb = random_rgb(30, 40)
+  data = encode(Image.fromarray(rgb), "PNG")
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # PIL warns above 500 pixels and refuses above 1000
+  with pytest.raises(images.ImageDecodeError, match=r"x\.png.*exceeds limit of 1000 pixels.*pass max_pixels"):
+    images.decode(data, "x.png", max_pixels=None)  # None: PIL's own guard
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # not even PIL's DecompressionBombWarning: max_pixels is the guard now
+    np.testing.assert_array_equal(images.decode(data, max_pixels=1200), rgb)
+  assert Image.MAX_IMAGE_PIXELS == 500  # the global is never changed, not even for a moment...
+  with pytest.raises(Image.DecompressionBombError):  # ...so other code keeps PIL's guard
+    Image.open(io.BytesIO(data))
+  with pytest.raises(images.LimitError, match="max_pixels=1199"):
+    images.decode(data, max_pixels=1199)
+  # Every format opens this way, as Image.open opens it, and what is not an image is still refused.
+  for fmt in ("JPEG", "PNG", "BMP", "GIF", "PPM", "JPEG2000"):
+    np.testing.assert_array_equal(images.decode(encode(Image.fromarray(rgb), fmt), max_pixels=1200).shape, rgb.shape)
+  for fmt in ("TIFF", "WEBP"):  # readers that apply PIL's guard again themselves: said so
+    with pytest.raises(images.ImageDecodeError, match="applies PIL's own guard.*whatever max_pixels is"):
+      images.decode(encode(Image.fromarray(rgb), fmt), max_pixels=1200)
+  with pytest.raises(images.ImageDecodeError, match="not an image format"):
+    images.decode(b"this is not a picture", max_pixels=1200)
+
+
+def test_mpo_camera_jpeg_is_read_at_a_reduced_scale():
+  """Many cameras write MPO (a JPEG followed by more pictures): PIL's JPEG reader, so the reduced decode too."""
+  img = Image.fromarray(random_rgb(6, 9)).resize((900, 600), Image.Resampling.BILINEAR)
+  mpo = encode(img, "MPO", save_all=True, append_images=[img.resize((90, 60))], quality=90)
+  assert Image.open(io.BytesIO(mpo)).format == "MPO"
+  reduced = images.decode(mpo, short_side=100)
+  np.testing.assert_array_equal(reduced, images.decode(encode(img, "JPEG", quality=90), short_side=100))
+  assert not np.array_equal(reduced, images.resize_short_side(images.decode(mpo), 100))  # not the full decode
+
+
+_PEAK_DECODE = """
+import resource, sys
+from mcpf_jax import images
+img = images.load(sys.argv[1], short_side=512, max_pixels=int(sys.argv[2]))
+print(img.shape[0], img.shape[1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_decode(path, max_pixels: int) -> tuple[tuple[int, int], int]:
+  """(height, width) and the peak resident memory in bytes of a fresh process decoding `path` to a short side
+  of 512 (as scoring does)."""
+  proc = subprocess.run([sys.executable, "-c", _PEAK_DECODE, str(path), str(max_pixels)], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  h, w, kib = proc.stdout.split()
+  return (int(h), int(w)), int(kib) * 1024  # ru_maxrss is in KiB on Linux
+
+
+def _striped_jpeg(path, width: int, height: int) -> None:
+  """A JPEG of vertical stripes (it compresses to a few MB even at 200 MP)."""
+  img = Image.new("RGB", (width, height), (90, 140, 200))
+  draw = ImageDraw.Draw(img)
+  for x in range(0, width, 1000):
+    draw.rectangle([x, 0, x + 400, height], fill=(200, 60, 30))
+  img.save(path, quality=80)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss units (KiB) are Linux's")
+def test_a_200_megapixel_jpeg_decodes_in_the_memory_of_a_12_megapixel_one(tmp_path):
+  _striped_jpeg(tmp_path / "12mp.jpg", 4000, 3000)
+  _striped_jpeg(tmp_path / "200mp.jpg", 17000, 12000)
+  with pytest.raises(images.LimitError, match=r"17000x12000 = 204000000 pixels.*max_pixels=204000000 or more"):
+    images.load(tmp_path / "200mp.jpg", short_side=512)
+  shape, small = _peak_decode(tmp_path / "12mp.jpg", images.DEFAULT_MAX_PIXELS)
+  assert shape == (512, 682)
+  shape, big = _peak_decode(tmp_path / "200mp.jpg", 204_000_000)
+  assert shape == (512, 725)
+  full = 17000 * 12000 * 3  # the decoded image at full size
+  assert big - small < full / 6, f"peak {big / 2**20:.0f} MiB for 200 MP, {small / 2**20:.0f} MiB for 12 MP"
 
 
 def test_resize_short_side_and_upscale_limit():
@@ -197,8 +291,12 @@ def test_resize_short_side_and_upscale_limit():
   np.testing.assert_array_equal(out, np.asarray(Image.fromarray(img).resize((30, 20), Image.BICUBIC)))
   assert images.resize_short_side(random_rgb(45, 31), 20).shape == (29, 20, 3)  # int(20 * 45 / 31) = 29
   assert images.resize_short_side(img, 60).shape == (60, 90, 3)  # exactly 2x is allowed
-  with pytest.raises(ValueError, match=r"45x30.*2\.03x.*max_upscale=2"):
+  with pytest.raises(images.LimitError) as e:
     images.resize_short_side(img, 61)
+  assert str(e.value) == ("a 45x30 image would be upscaled 2.03x to a short side of 61, more than max_upscale=2.0 "
+                          "(pass max_upscale=None to allow it)")
+  assert (e.value.option, e.value.limit, e.value.width, e.value.height) == ("max_upscale", 2.0, 45, 30)
+  assert e.value.needed == pytest.approx(61 / 30)
   assert images.resize_short_side(img, 90, max_upscale=None).shape == (90, 135, 3)
   assert images.resize_short_side(img, 30) is img
   with pytest.raises(ValueError, match="uint8"):

@@ -20,7 +20,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import score as score_cli
 from mcpf_jax import metrics
@@ -215,7 +215,11 @@ def test_every_pixel_format_is_scored_as_its_pixels(zero_shot, tmp_path):
   strict = copy.copy(zero_shot)
   strict.preprocessing = dataclasses.replace(zero_shot.preprocessing, max_upscale=2.0)
   (refused,) = strict.score(tmp_path / "tiny.png")
-  assert not refused.ok and "more than max_upscale=2.0" in refused.error and "tiny.png" in refused.error
+  assert not refused.ok and refused.score is None and "tiny.png" in refused.error
+  assert "more than max_upscale=2.0 (pass max_upscale=None to allow it)" in refused.error  # the API's spelling
+  assert (refused.width, refused.height) == (20, 12)  # the size is known when the upscale is refused
+  assert (refused.refused.option, refused.refused.limit) == ("max_upscale", 2.0)
+  assert refused.refused.needed == pytest.approx(48 / 12)
 
 
 def test_very_large_image_memory_stays_bounded(zero_shot, tmp_path):
@@ -341,16 +345,63 @@ def test_cli_zero_shot_json_exits_0(tiny_clip, tmp_path, capsys):
 
 def test_cli_argument_and_setup_errors(tmp_path, capsys):
   img = _png(tmp_path / "a.png", _photo(40, 40, 30))
+  os.symlink(tmp_path / "gone.png", tmp_path / "link.png")
+  # --clip names no CLIP: had the model been loaded first, that would be the error (exit 1).
+  zero_shot = ["--model", "clipiqa", "--clip", str(tmp_path / "no_clip")]
   for argv, message in ((["--output", "o.csv", str(img)], "give --pretrained"),
                         (["--workdir", "w", "--model", "clipiqa", str(img)], "give one of"),
                         (["--checkpoint", "latest", "--model", "clipiqa", "--clip", "x", str(img)],
                          "goes with --workdir"),
-                        (["--model", "clipiqa", str(img)], "needs --clip")):
+                        (["--model", "clipiqa", str(img)], "needs --clip"),
+                        # Checked before the model is loaded: paths, folders and numbers.
+                        (zero_shot + [str(img), str(tmp_path / "missing.jpg"), str(tmp_path / "link.png")],
+                         f"no such file or folder: {tmp_path / 'missing.jpg'}, {tmp_path / 'link.png'} "
+                         "(a broken link)"),
+                        (["--workdir", str(tmp_path / "nowhere"), str(img)], "nowhere: no such folder"),
+                        (zero_shot + ["--output", str(tmp_path / "no" / "o.csv"), str(img)],
+                         f"the folder {tmp_path / 'no'} does not exist"),
+                        (zero_shot + ["--output", str(tmp_path), str(img)], "is a folder: give a file name"),
+                        (zero_shot + ["--batch_size", "0", str(img)], "--batch_size: 0 is not a whole number"),
+                        (zero_shot + ["--max_pixels", "1e9", str(img)], "'1e9' is not a whole number"),
+                        (zero_shot + ["--max_upscale", "-1", str(img)], "-1 is not a factor of at least 0"),
+                        (zero_shot + ["--num_workers", "-1", str(img)], "-1 is not a whole number of at least 0")):
     with pytest.raises(SystemExit) as e:
       score_cli.main(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err, err
   (tmp_path / "empty").mkdir()
   assert score_cli.main(["--model", "clipiqa", "--clip", "x", str(tmp_path / "empty")]) == 1
   assert "no image files found" in capsys.readouterr().err
-  assert score_cli.main(["--workdir", str(tmp_path / "nowhere"), str(img)]) == 1
+  assert score_cli.main(["--workdir", str(tmp_path / "empty"), str(img)]) == 1  # exists, but is no run
   assert "not a training run" in capsys.readouterr().err
+
+
+def test_cli_refusals_advise_its_flags_and_keep_the_size(tiny_clip, tmp_path, capsys):
+  """A refused image's row names the flag that allows it (not the Python argument) and keeps its size; a 200 MP
+  JPEG, over PIL's own guard, is scored with --max_pixels (read at a reduced scale)."""
+  _png(tmp_path / "small.png", _photo(12, 20, 40))  # 25.6x to a short side of 512 (zero-shot: 512)
+  big = Image.new("RGB", (17000, 12000), (90, 140, 200))
+  ImageDraw.Draw(big).rectangle([4000, 3000, 9000, 8000], fill=(200, 60, 30))
+  big.save(tmp_path / "huge.jpg", quality=80)
+  del big
+  out = tmp_path / "scores.csv"
+  base = ["--model", "clipiqa", "--clip", str(tiny_clip), "--num_crops", "2", "--no_progress", "--output", str(out)]
+  assert score_cli.main(base + ["--max_upscale", "2", str(tmp_path)]) == 1
+  err = capsys.readouterr().err
+  rows = {pathlib.Path(r["path"]).name: r for r in csv.DictReader(out.open())}
+  small, huge = rows["small.png"], rows["huge.jpg"]
+  assert small["score"] == "" and (small["width"], small["height"]) == ("20", "12")
+  assert small["error"] == (f"{tmp_path / 'small.png'}: a 20x12 image would be upscaled 42.67x to a short side of "
+                            "512, more than --max_upscale 2.0 (pass --max_upscale 0 to score it anyway: upscaled, "
+                            "with a note)")
+  assert huge["score"] == "" and (huge["width"], huge["height"]) == ("17000", "12000")
+  assert huge["error"] == (f"{tmp_path / 'huge.jpg'}: 17000x12000 = 204000000 pixels, more than --max_pixels "
+                           "89478485 (a guard against decompression bombs; pass --max_pixels 204000000 or more to "
+                           "allow it)")
+  assert "max_upscale=None" not in err and "max_pixels=" not in err and small["error"] in err
+  # As advised.
+  assert score_cli.main(base + ["--max_upscale", "0", "--max_pixels", "204000000", str(tmp_path)]) == 0
+  rows = {pathlib.Path(r["path"]).name: r for r in csv.DictReader(out.open())}
+  assert all(r["error"] == "" and 0 < float(r["score"]) < 1 for r in rows.values()), rows
+  assert (rows["huge.jpg"]["width"], rows["huge.jpg"]["height"]) == ("17000", "12000")
+  assert "upscaled 42.67x" in rows["small.png"]["note"]

@@ -10,8 +10,10 @@ heartbeats for `--heartbeat_timeout_seconds` makes every other process fail with
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
-from absl import flags
+from absl import app, flags
 
 log = logging.getLogger("mcpf_jax")
 
@@ -27,6 +29,51 @@ SHUTDOWN_TIMEOUT = flags.DEFINE_integer("shutdown_timeout_seconds", 300, "multi-
                                         "waits for the others at exit")
 INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout_seconds", 300, "multi-host: how long to wait for all "
                                     "processes to connect at start")
+
+
+
+# --help of train.py / eval.py. absl's help flags exit 1, list only the flags the main module defines (not these
+# launch flags), and head them with sys.argv[0], a file path. These replace them: exit 0; --help lists the
+# command's key flags (a command adopts this module's with `flags.adopt_module_key_flags(launch)`), --helpfull
+# every flag; the command's heading is its name.
+
+
+def _usage(full: bool) -> None:
+  text = flags.FLAGS.get_help() if full else flags.FLAGS.main_module_help()
+  text = text.replace(f"\n{sys.argv[0]}:\n", f"\n{os.path.basename(sys.argv[0])}:\n")
+  more = "" if full else "\nTry --helpfull for every flag (absl's, e.g. --verbosity, and the libraries').\n"
+  sys.stdout.write(f"{(sys.modules['__main__'].__doc__ or '').rstrip()}\n\nflags:\n{text}\n{more}")
+  sys.stdout.flush()
+
+
+class _Help(app.HelpFlag):
+  """-?, --help: the command's flags."""
+
+  def parse(self, arg):
+    if self._parse(arg):
+      _usage(full=False)
+      sys.exit(0)
+
+
+class _HelpShort(_Help):
+  """--helpshort: as --help."""
+  NAME, SHORT_NAME = "helpshort", None
+
+
+class _HelpFull(app.HelpfullFlag):
+  """--helpfull: every flag."""
+
+  def parse(self, arg):
+    if self._parse(arg):
+      _usage(full=True)
+      sys.exit(0)
+
+
+app.define_help_flags()  # absl's (app.run() would define them), replaced; still listed under absl.app
+for _flag in (_Help(), _HelpShort(), _HelpFull()):
+  for _name in {_flag.name, _flag.short_name} - {None}:
+    delattr(flags.FLAGS, _name)
+  flags.DEFINE_flag(_flag, module_name="absl.app")
 
 
 def initialize() -> bool:
