@@ -1,8 +1,7 @@
 """Shared test fixtures.
 
-`../shared/data` (beside the checkout) holds real label files and the 55-image LIVE Challenge miniature. Tests
-that need it use the `shared_data` fixture: when the folder is missing they FAIL with a message saying so,
-unless MCPF_ALLOW_MISSING_SHARED_DATA=1, in which case they are skipped (still reported, never passed).
+`test_data`: tests/data, the real label files and the 55-image LIVE Challenge miniature the tests read (each source
+with its README and licence; tests/data/README.md).
 """
 
 import os
@@ -21,16 +20,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mcpf
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("MCPF_SHARED_DATA", REPO.parent / "shared" / "data"))
+TEST_DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> pathlib.Path:
-  if not (SHARED_DATA / "clive-mini").is_dir() or not (SHARED_DATA / "labels").is_dir():
-    msg = (f"shared test data not found at {SHARED_DATA} (expected clive-mini/ and labels/ there; set "
-           "MCPF_SHARED_DATA to its location)")
-    if os.environ.get("MCPF_ALLOW_MISSING_SHARED_DATA") == "1":
-      pytest.skip(msg)
-    pytest.fail(msg)
-  return SHARED_DATA
+def test_data() -> pathlib.Path:
+  """tests/data: clive-mini/ (LIVE Challenge miniature) and labels/ (label files of other IQA datasets)."""
+  return TEST_DATA

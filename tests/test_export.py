@@ -50,8 +50,8 @@ def _scores(path: pathlib.Path) -> tuple[dict, dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def clive(shared_data) -> pathlib.Path:
-  return shared_data / "clive-mini" / "ChallengeDB_release" / "Images"
+def clive(test_data) -> pathlib.Path:
+  return test_data / "clive-mini" / "ChallengeDB_release" / "Images"
 
 
 @pytest.fixture(scope="module")
