@@ -30,4 +30,4 @@ lint: setup-test
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(PY) -m pytest -n 2 --dist loadfile -q tests
+	$(PY) -m pytest -n 2 --dist loadfile -q --durations=15 tests

@@ -1,14 +1,21 @@
 """Shared test fixtures.
 
-`../shared/data` (beside the checkout) holds real label files and the 55-image LIVE Challenge miniature. Tests
-that need it use the `shared_data` fixture: when the folder is missing they FAIL with a message saying so,
-unless MCPF_ALLOW_MISSING_SHARED_DATA=1, in which case they are skipped (still reported, never passed).
+`test_data`: tests/data, the real label files and the 55-image LIVE Challenge miniature the tests read (each source
+with its README and licence; tests/data/README.md). `smoke_run`: one trained and evaluated smoke run per session,
+for the tests that need a trained run but no particular config.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
 import os
 import pathlib
+import shutil
 import tempfile
 
+import ml_collections
 import pytest
 
 # The tests run on the CPU backend. requirements-test.txt installs libtpu (jax[tpu]) for the ahead-of-time
@@ -21,16 +28,51 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mcpf
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("MCPF_SHARED_DATA", REPO.parent / "shared" / "data"))
+TEST_DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> pathlib.Path:
-  if not (SHARED_DATA / "clive-mini").is_dir() or not (SHARED_DATA / "labels").is_dir():
-    msg = (f"shared test data not found at {SHARED_DATA} (expected clive-mini/ and labels/ there; set "
-           "MCPF_SHARED_DATA to its location)")
-    if os.environ.get("MCPF_ALLOW_MISSING_SHARED_DATA") == "1":
-      pytest.skip(msg)
-    pytest.fail(msg)
-  return SHARED_DATA
+def test_data() -> pathlib.Path:
+  """tests/data: clive-mini/ (LIVE Challenge miniature) and labels/ (label files of other IQA datasets)."""
+  return TEST_DATA
+
+
+@dataclasses.dataclass(frozen=True)
+class SmokeRun:
+  """A finished smoke run: its workdir, config, train_summary.json and eval.json. Read it; copy it to change it."""
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  summary: dict
+  evaluation: dict
+
+
+def smoke_run_config():
+  """The smoke config cut to one epoch, with a checkpoint every 2 steps (and at the end)."""
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  config.train.num_epochs = 1
+  config.train.checkpoint_every = 2
+  return config
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> SmokeRun:
+  """The smoke run of `smoke_run_config`, trained and evaluated once per test session.
+
+  The pytest-xdist workers of one session share it: it lives beside their own temporary folders (the parent of a
+  worker's basetemp is the session's), and the first worker to take the lock trains it while the others wait.
+  """
+  from mcpf_jax.train import evaluation, trainer  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  workdir, done = root / "smoke_run", root / "smoke_run.done"
+  config = smoke_run_config()
+  with open(root / "smoke_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # what a worker that failed half-way left
+      trainer.train_and_evaluate(config, workdir)
+      evaluation.evaluate(None, workdir)
+      done.touch()
+  return SmokeRun(workdir, config, json.loads((workdir / "train_summary.json").read_text()),
+                  json.loads((workdir / "eval.json").read_text()))

@@ -164,7 +164,7 @@ LIVE_FOLDERS = (("jp2k", 227), ("jpeg", 233), ("wn", 174), ("gblur", 174), ("fas
 
 
 def live(tmp: pathlib.Path, labels: pathlib.Path, official_refnames: bool = False) -> pathlib.Path:
-  """The 982 bmp files of the 5 folders, dmos_realigned.mat and refnames_all.mat as shared (the refnames there are
+  """The 982 bmp files of the 5 folders, dmos_realigned.mat and refnames_all.mat as given (the refnames there are
   a re-indexed 779-entry copy), and info.txt per folder with `<reference> <imgN.bmp> <parameter>` lines for the
   779 distorted images, from pyiqa's meta_info (which lists each distorted image's reference). With
   official_refnames, refnames_all.mat is rewritten in the official 1x982 layout instead (references of the 203

@@ -74,7 +74,7 @@ def test_a_restored_run_continues_exactly(setup, tmp_path):
     assert a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
-def test_bf16_scores_of_a_trained_checkpoint_stay_within_the_stated_bound(tmp_path, shared_data):
+def test_bf16_scores_of_a_trained_checkpoint_stay_within_the_stated_bound(tmp_path, test_data):
   """A trained smoke checkpoint scored in float32 and in bf16 (compute and storage): README "bfloat16" states the
   bound (<= 0.05 on the 1..5 scale; measured 0.018 max, 0.008 mean on the 48 CLIVE miniature images)."""
   import pathlib  # pylint: disable=g-import-not-at-top
@@ -83,7 +83,7 @@ def test_bf16_scores_of_a_trained_checkpoint_stay_within_the_stated_bound(tmp_pa
   from mcpf_jax.scoring import Scorer  # pylint: disable=g-import-not-at-top
   work = tmp_path / "run"
   shutil.copytree(pathlib.Path(__file__).parent / "fixtures" / "old_checkpoint", work)
-  folder = shared_data / "clive-mini" / "ChallengeDB_release" / "Images"
+  folder = test_data / "clive-mini" / "ChallengeDB_release" / "Images"
   files = sorted(folder.glob("*.JPG"))[:6] + sorted(folder.glob("*.bmp"))[:6]
   f32 = Scorer.from_checkpoint(work, "latest", batch_size=4, num_workers=0)
   bf16 = Scorer.from_checkpoint(work, "latest", batch_size=4, num_workers=0, dtype="bfloat16",

@@ -19,8 +19,6 @@ import mcpf_jax.data as data
 from mcpf_jax import classes
 from mcpf_jax.data import layouts, problems
 
-pytestmark = pytest.mark.needs_shared_data
-
 SPAQ_SCENES = ("Animal", "Cityscape", "Human", "Indoor scene", "Landscape", "Night scene", "Plant", "Still-life",
                "Others")
 
@@ -41,20 +39,20 @@ def test_spaq_scene_columns_are_liqe_scenes():
   assert [c.lower().replace(" scene", "").replace("-", "_") for c in SPAQ_SCENES] == list(classes.SCENES)
 
 
-def test_spaq_counts_all_11125_rows(shared_data, tmp):
-  root = data_fakes.spaq(tmp / "spaq_count", shared_data / "labels", images=False)
+def test_spaq_counts_all_11125_rows(test_data, tmp):
+  root = data_fakes.spaq(tmp / "spaq_count", test_data / "labels", images=False)
   listing = layouts.Spaq().read(root, problems.ProblemLog("spaq", False))
   assert len(listing.rows) == 11125
   assert sum(r.scene is not None for r in listing.rows) == 11125
 
 
 @pytest.mark.parametrize("official_xlsx", [False, True])
-def test_spaq_slice(shared_data, tmp, official_xlsx):
+def test_spaq_slice(test_data, tmp, official_xlsx):
   sub = tmp / f"spaq_{official_xlsx}"
-  root = data_fakes.spaq(sub, shared_data / "labels", select=slice(5, None, 97 if official_xlsx else 23),
+  root = data_fakes.spaq(sub, test_data / "labels", select=slice(5, None, 97 if official_xlsx else 23),
                          official_xlsx=official_xlsx)
   src = _build("spaq", root, sub / "tfds", decode_check="full" if official_xlsx else "verify")
-  rows = data_fakes.read_csv(shared_data / "labels" / "spaq" / "meta_info_SPAQDataset.csv")
+  rows = data_fakes.read_csv(test_data / "labels" / "spaq" / "meta_info_SPAQDataset.csv")
   rows = rows[5::97 if official_xlsx else 23]
   assert len(src) == len(rows)
   for i, r in enumerate(rows):
@@ -68,11 +66,11 @@ def test_spaq_slice(shared_data, tmp, official_xlsx):
       "Annotations/MOS and Image attribute scores.xlsx" if official_xlsx else "meta_info_SPAQDataset.csv")
 
 
-def test_agiqa1k_1080_rows_one_conflicting_duplicate(shared_data, tmp):
+def test_agiqa1k_1080_rows_one_conflicting_duplicate(test_data, tmp):
   # The official AIGC_MOS_Zscore.xlsx has 1080 rows but names dreamStudio_8_9_1_1.jpg twice (rows 1080 and 1081,
   # scores 0.44 and 2.08): by default that is an error; skip_bad drops both rows and reports them.
-  root = data_fakes.agiqa1k(tmp, shared_data / "labels")
-  ws = openpyxl.load_workbook(shared_data / "labels" / "agiqa1k" / "AIGC_MOS_Zscore.xlsx", read_only=True).active
+  root = data_fakes.agiqa1k(tmp, test_data / "labels")
+  ws = openpyxl.load_workbook(test_data / "labels" / "agiqa1k" / "AIGC_MOS_Zscore.xlsx", read_only=True).active
   rows = list(ws.iter_rows(min_row=2, values_only=True))
   assert len(rows) == 1080 and len({r[0] for r in rows}) == 1079
   listing = layouts.Agiqa1k().read(root, problems.ProblemLog("agiqa1k", False))
@@ -96,10 +94,10 @@ def test_agiqa1k_1080_rows_one_conflicting_duplicate(shared_data, tmp):
   assert src.metadata["skipped"] == 2 and src.metadata["skip_report"] == str(tmp / "agiqa1k_report.json")
 
 
-def test_agiqa3k_2982(shared_data, tmp):
-  root = data_fakes.agiqa3k(tmp, shared_data / "labels")
+def test_agiqa3k_2982(test_data, tmp):
+  root = data_fakes.agiqa3k(tmp, test_data / "labels")
   src = _build("agiqa3k", root, tmp / "agiqa3k_tfds", decode_check="verify")
-  rows = data_fakes.read_csv(shared_data / "labels" / "agiqa3k" / "data.csv")
+  rows = data_fakes.read_csv(test_data / "labels" / "agiqa3k" / "data.csv")
   assert len(src) == len(rows) == 2982
   np.testing.assert_array_equal(src.mos, np.float32([float(r["mos_quality"]) for r in rows]))
   assert list(src.content_ids) == [r["prompt"] for r in rows]
@@ -109,8 +107,8 @@ def test_agiqa3k_2982(shared_data, tmp):
   assert src.metadata["num_contents"] == 300
 
 
-def test_aigciqa2023_2400(shared_data, tmp):
-  root, mos = data_fakes.aigciqa2023(tmp, shared_data / "labels")
+def test_aigciqa2023_2400(test_data, tmp):
+  root, mos = data_fakes.aigciqa2023(tmp, test_data / "labels")
   src = _build("aigciqa2023", root, tmp / "aigciqa2023_tfds", decode_check="verify")
   prompts = [r[2] for r in openpyxl.load_workbook(root / "AIGCIQA2023_Prompts.xlsx").active.iter_rows(
       values_only=True)]
@@ -125,8 +123,8 @@ def test_aigciqa2023_2400(shared_data, tmp):
   assert "pic-index.xlsx" in meta["label_files"]
 
 
-def test_aigciqa2023_picture_index_mismatch_is_an_error(shared_data, tmp):
-  root, _ = data_fakes.aigciqa2023(tmp / "aigc_bad", shared_data / "labels")
+def test_aigciqa2023_picture_index_mismatch_is_an_error(test_data, tmp):
+  root, _ = data_fakes.aigciqa2023(tmp / "aigc_bad", test_data / "labels")
   wb = openpyxl.load_workbook(root / "pic-index.xlsx")
   wb.active.cell(row=9, column=2).value = "005-1.png"  # image 8.png shows prompt 002
   wb.save(root / "pic-index.xlsx")

@@ -15,15 +15,13 @@ import scipy.io
 import mcpf_jax.data as data
 from mcpf_jax.data import builders
 
-pytestmark = pytest.mark.needs_shared_data
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
-def built(shared_data, tmp_path_factory):
+def built(test_data, tmp_path_factory):
   out = tmp_path_factory.mktemp("clive_tfds")
-  b = data.builder("livec", data_dir=out, liqe_dir=shared_data / "labels" / "liqe_splits")
-  b.download_and_prepare(download_config=data_fakes.manual(shared_data / "clive-mini" / "ChallengeDB_release"))
+  b = data.builder("livec", data_dir=out, liqe_dir=test_data / "labels" / "liqe_splits")
+  b.download_and_prepare(download_config=data_fakes.manual(test_data / "clive-mini" / "ChallengeDB_release"))
   return out
 
 
@@ -34,8 +32,8 @@ def _mat_entries(release: pathlib.Path) -> dict[str, tuple[float, float]]:
   return {str(names[k, 0][0]): (mos[k], std[k]) for k in range(names.shape[0])}
 
 
-def test_48_test_images_with_mat_scores_and_original_bytes(built, shared_data):
-  release = shared_data / "clive-mini" / "ChallengeDB_release"
+def test_48_test_images_with_mat_scores_and_original_bytes(built, test_data):
+  release = test_data / "clive-mini" / "ChallengeDB_release"
   entries = _mat_entries(release)
   assert len(entries) == 55
   src = data.source("livec", data_dir=built)
@@ -58,8 +56,8 @@ def test_48_test_images_with_mat_scores_and_original_bytes(built, shared_data):
   np.testing.assert_array_equal(src.mos, np.float32([entries[n][0] for n in mat_order]))
 
 
-def test_liqe_labels_joined_where_listed(built, shared_data):
-  expected = data_fakes.liqe_labels(shared_data / "labels" / "liqe_splits" / "ChallengeDB_release")
+def test_liqe_labels_joined_where_listed(built, test_data):
+  expected = data_fakes.liqe_labels(test_data / "labels" / "liqe_splits" / "ChallengeDB_release")
   src = data.source("livec", data_dir=built)
   for i in range(len(src)):
     r = src[i]
@@ -72,7 +70,7 @@ def test_liqe_labels_joined_where_listed(built, shared_data):
   assert meta["liqe"]["matched"] == 48 and meta["has_scene"] == 48
 
 
-def test_metadata(built, shared_data):
+def test_metadata(built, test_data):
   meta = data.info("livec", data_dir=built)
   assert meta["higher_is_better"] is True and meta["mos_kind"] == "MOS" and meta["mos_range"] == [0.0, 100.0]
   assert meta["content_kind"] == "image" and meta["num_examples"] == 48 and meta["num_contents"] == 48
@@ -105,11 +103,11 @@ def test_no_tensorflow_needed(built):
   assert "tensorflow" not in sys.modules
 
 
-def test_prepare_cli_prints_one_json_line(shared_data, tmp_path):
+def test_prepare_cli_prints_one_json_line(test_data, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO))
   proc = subprocess.run(
       [sys.executable, "-m", "mcpf_jax.data.prepare", "livec", "--manual_dir",
-       str(shared_data / "clive-mini" / "ChallengeDB_release"), "--data_dir", str(tmp_path),
+       str(test_data / "clive-mini" / "ChallengeDB_release"), "--data_dir", str(tmp_path),
        "--decode_check", "verify"],
       capture_output=True, text=True, env=env, check=False, timeout=300)
   assert proc.returncode == 0, proc.stderr
@@ -121,13 +119,13 @@ def test_prepare_cli_prints_one_json_line(shared_data, tmp_path):
   assert len(data.source("livec", data_dir=tmp_path)) == 48
 
 
-def test_prepare_cli_wrong_folder_exits_1(shared_data, tmp_path):
+def test_prepare_cli_wrong_folder_exits_1(test_data, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO))
   proc = subprocess.run(
-      [sys.executable, "-m", "mcpf_jax.data.prepare", "livec", "--manual_dir", str(shared_data / "clive-mini"),
+      [sys.executable, "-m", "mcpf_jax.data.prepare", "livec", "--manual_dir", str(test_data / "clive-mini"),
        "--data_dir", str(tmp_path)], capture_output=True, text=True, env=env, check=False, timeout=300)
   assert proc.returncode == 1 and proc.stdout == ""
   assert "expected Data/AllImages_release.mat" in proc.stderr
   # The folder may be reached through a symlink; the message names it as given or resolved.
-  expected = shared_data / "clive-mini" / "ChallengeDB_release"
+  expected = test_data / "clive-mini" / "ChallengeDB_release"
   assert (f"did you mean {expected}?" in proc.stderr or f"did you mean {expected.resolve()}?" in proc.stderr)

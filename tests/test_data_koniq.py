@@ -9,24 +9,22 @@ import pytest
 
 import mcpf_jax.data as data
 
-pytestmark = pytest.mark.needs_shared_data
-
 
 @pytest.fixture(scope="module")
-def release(shared_data, tmp_path_factory):
+def release(test_data, tmp_path_factory):
   tmp = data_fakes.fast_tmp(tmp_path_factory, "koniq")
-  root = data_fakes.koniq(tmp, shared_data / "labels")
+  root = data_fakes.koniq(tmp, test_data / "labels")
   # "verify" (PIL structure check) keeps this 10k-image build fast; the full decode runs in the other builds.
   b = data.builder("koniq10k", data_dir=tmp / "tfds", decode_check="verify",
-                   liqe_dir=shared_data / "labels" / "liqe_splits")
+                   liqe_dir=test_data / "labels" / "liqe_splits")
   b.download_and_prepare(download_config=data_fakes.manual(root))
   yield root, tmp / "tfds"
   shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_all_rows_scores_bytes_and_official_split(release, shared_data):
+def test_all_rows_scores_bytes_and_official_split(release, test_data):
   root, out = release
-  rows = data_fakes.read_csv(shared_data / "labels" / "koniq10k" / "koniq10k_distributions_sets.csv")
+  rows = data_fakes.read_csv(test_data / "labels" / "koniq10k" / "koniq10k_distributions_sets.csv")
   src = data.source("koniq10k", data_dir=out)
   assert len(src) == len(rows) == 10073
   assert list(src.names) == [f"1024x768/{r['image_name']}" for r in rows]
@@ -47,9 +45,9 @@ def test_all_rows_scores_bytes_and_official_split(release, shared_data):
   assert test[0]["official_split"] == "test"
 
 
-def test_liqe_labels(release, shared_data):
+def test_liqe_labels(release, test_data):
   _, out = release
-  expected = data_fakes.liqe_labels(shared_data / "labels" / "liqe_splits" / "koniq-10k")
+  expected = data_fakes.liqe_labels(test_data / "labels" / "liqe_splits" / "koniq-10k")
   assert len(expected) == 10073
   src = data.source("koniq10k", data_dir=out)
   assert data.info("koniq10k", data_dir=out)["has_distortion"] == 10073
@@ -61,10 +59,10 @@ def test_liqe_labels(release, shared_data):
 
 
 @pytest.mark.parametrize("sets_too", [False, True])
-def test_official_download_csv(shared_data, tmp_path_factory, sets_too):
+def test_official_download_csv(test_data, tmp_path_factory, sets_too):
   tmp = data_fakes.fast_tmp(tmp_path_factory, "koniq_official")
   try:
-    root = data_fakes.koniq(tmp, shared_data / "labels", select=slice(0, 10073, 37), official_name=True,
+    root = data_fakes.koniq(tmp, test_data / "labels", select=slice(0, 10073, 37), official_name=True,
                             sets_too=sets_too)
     b = data.builder("koniq10k", data_dir=tmp / "tfds")
     b.download_and_prepare(download_config=data_fakes.manual(root))

@@ -12,8 +12,6 @@ import scipy.io
 import mcpf_jax.data as data
 from mcpf_jax.data import layouts, problems
 
-pytestmark = pytest.mark.needs_shared_data
-
 
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
@@ -31,9 +29,9 @@ def _build(name, root, out, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def live_expected(shared_data):
+def live_expected(test_data):
   """{name: (realigned DMOS, std, reference)} from dmos_realigned.mat and pyiqa's list of the 779 distorted images."""
-  labels = shared_data / "labels"
+  labels = test_data / "labels"
   mat = scipy.io.loadmat(labels / "live_release2" / "dmos_realigned.mat")
   names = [f"{d}/img{k}.bmp" for d, n in data_fakes.LIVE_FOLDERS for k in range(1, n + 1)]
   refs = {r["dist_name"]: r["ref_name"].split("/")[-1]
@@ -41,9 +39,9 @@ def live_expected(shared_data):
   return {n: (mat["dmos_new"][0, k], mat["dmos_std"][0, k], refs[n]) for k, n in enumerate(names) if n in refs}
 
 
-def test_live_779_distorted_images(shared_data, tmp, live_expected):
-  root = data_fakes.live(tmp / "live_a", shared_data / "labels")
-  src = _build("live", root, tmp / "live_a" / "tfds", liqe_dir=shared_data / "labels" / "liqe_splits")
+def test_live_779_distorted_images(test_data, tmp, live_expected):
+  root = data_fakes.live(tmp / "live_a", test_data / "labels")
+  src = _build("live", root, tmp / "live_a" / "tfds", liqe_dir=test_data / "labels" / "liqe_splits")
   assert len(src) == len(live_expected) == 779
   for i in range(len(src)):
     rec = src[i]
@@ -56,11 +54,11 @@ def test_live_779_distorted_images(shared_data, tmp, live_expected):
   assert meta["excluded"] == {"reference copies (orgs = 1)": 203}
   # Realigned DMOS has no fixed scale (it goes below 0 and above 100): the observed range is the range.
   assert meta["mos_range_source"] == "observed" and meta["mos_range"][0] < 0 < 100 < meta["mos_range"][1]
-  # The shared refnames_all.mat is a re-indexed 779-entry copy and its `orgs` is truncated: the builder falls back
-  # to the folders' info.txt and to (dmos_new == 0 and dmos_std == 0).
+  # labels/live_release2/refnames_all.mat is a re-indexed 779-entry copy and its `orgs` is truncated: the builder
+  # falls back to the folders' info.txt and to (dmos_new == 0 and dmos_std == 0).
   assert meta["notes"]["reference_source"] == "info.txt"
   assert meta["notes"]["orgs_source"].startswith("dmos_realigned.mat: dmos_new == 0")
-  liqe = data_fakes.liqe_labels(shared_data / "labels" / "liqe_splits" / "databaserelease2")
+  liqe = data_fakes.liqe_labels(test_data / "labels" / "liqe_splits" / "databaserelease2")
   assert meta["has_distortion"] == 779
   for i in range(0, 779, 13):
     rec = src[i]
@@ -68,8 +66,8 @@ def test_live_779_distorted_images(shared_data, tmp, live_expected):
     np.testing.assert_array_equal(rec["scene"], liqe[rec["name"]][1])
 
 
-def test_live_official_refnames_and_original_dmos(shared_data, tmp, live_expected):
-  root = data_fakes.live(tmp / "live_b", shared_data / "labels", official_refnames=True)
+def test_live_official_refnames_and_original_dmos(test_data, tmp, live_expected):
+  root = data_fakes.live(tmp / "live_b", test_data / "labels", official_refnames=True)
   (root / "jp2k" / "info.txt").unlink()  # the official 1x982 refnames_all.mat is enough
   src = _build("live", root, tmp / "live_b" / "tfds", decode_check="none")
   assert len(src) == 779
@@ -78,7 +76,7 @@ def test_live_official_refnames_and_original_dmos(shared_data, tmp, live_expecte
   # dmos.mat in the official layout (`dmos`, `orgs`: 1x982), rebuilt from pyiqa's original DMOS of the 779
   # distorted images; dmos=original reads it (orgs from the file, no std, range 0-100).
   original = {r["dist_name"]: float(r["mos"])
-              for r in data_fakes.read_csv(shared_data / "labels" / "pyiqa_meta_info" / "meta_info_LIVEIQADataset.csv")}
+              for r in data_fakes.read_csv(test_data / "labels" / "pyiqa_meta_info" / "meta_info_LIVEIQADataset.csv")}
   names = [f"{d}/img{k}.bmp" for d, n in data_fakes.LIVE_FOLDERS for k in range(1, n + 1)]
   scipy.io.savemat(root / "dmos.mat", {"dmos": np.array([[original.get(n, 0.0) for n in names]]),
                                        "orgs": np.array([[float(n not in original) for n in names]])})
@@ -91,8 +89,8 @@ def test_live_official_refnames_and_original_dmos(shared_data, tmp, live_expecte
   assert meta["mos_range"] == [0.0, 100.0] and meta["mos_range_source"] == "nominal"
 
 
-def test_live_modified_refnames_without_info_txt_is_an_error(shared_data, tmp):
-  root = data_fakes.live(tmp / "live_c", shared_data / "labels")
+def test_live_modified_refnames_without_info_txt_is_an_error(test_data, tmp):
+  root = data_fakes.live(tmp / "live_c", test_data / "labels")
   (root / "wn" / "info.txt").unlink()
   with pytest.raises(problems.DatasetError, match=r"refnames_all.mat has 779 names, but the official file has 982.*"
                      r"wn/info.txt is missing"):
@@ -103,13 +101,13 @@ def test_live_modified_refnames_without_info_txt_is_an_error(shared_data, tmp):
 
 
 @pytest.mark.parametrize("official_xlsx", [False, True])
-def test_csiq_866(shared_data, tmp, official_xlsx):
+def test_csiq_866(test_data, tmp, official_xlsx):
   sub = tmp / f"csiq_{official_xlsx}"
-  root = data_fakes.csiq(sub, shared_data / "labels", official_xlsx=official_xlsx)
-  src = _build("csiq", root, sub / "tfds", liqe_dir=shared_data / "labels" / "liqe_splits",
+  root = data_fakes.csiq(sub, test_data / "labels", official_xlsx=official_xlsx)
+  src = _build("csiq", root, sub / "tfds", liqe_dir=test_data / "labels" / "liqe_splits",
                decode_check="full" if official_xlsx else "verify")
   expected = {f"dst_imgs/{data_fakes.CSIQ_FOLDER[n.split('.')[1]]}/{n}": d
-              for n, d in data_fakes.csiq_label_rows(shared_data / "labels")}
+              for n, d in data_fakes.csiq_label_rows(test_data / "labels")}
   assert len(src) == len(expected) == 866
   assert set(src.names) == set(expected)
   for i in range(len(src)):
@@ -129,8 +127,8 @@ def test_csiq_866(shared_data, tmp, official_xlsx):
 # --- TID2013 ------------------------------------------------------------------------------------------------------
 
 
-def test_tid2013_3000(shared_data, tmp):
-  root = data_fakes.tid2013(tmp, shared_data / "labels")
+def test_tid2013_3000(test_data, tmp):
+  root = data_fakes.tid2013(tmp, test_data / "labels")
   src = _build("tid2013", root, tmp / "tid_tfds", decode_check="verify")
   lines = (root / "mos_with_names.txt").read_text().splitlines()
   stds = (root / "mos_std.txt").read_text().splitlines()
@@ -148,20 +146,20 @@ def test_tid2013_3000(shared_data, tmp):
 # --- KADID-10k ----------------------------------------------------------------------------------------------------
 
 
-def test_kadid10k_counts_all_10125_rows(shared_data, tmp):
-  root = data_fakes.kadid(tmp / "kadid_count", shared_data / "labels", images=False)
+def test_kadid10k_counts_all_10125_rows(test_data, tmp):
+  root = data_fakes.kadid(tmp / "kadid_count", test_data / "labels", images=False)
   listing = layouts.Kadid10k().read(root, problems.ProblemLog("kadid10k", False))
   assert len(listing.rows) == 10125
   assert len({r.content_id for r in listing.rows}) == 81
   assert len(listing.not_rated) == 81  # the reference images in images/ are not examples
 
 
-def test_kadid10k_slice(shared_data, tmp):
-  root = data_fakes.kadid(tmp / "kadid", shared_data / "labels", select=slice(3, None, 41))
-  src = _build("kadid10k", root, tmp / "kadid" / "tfds", liqe_dir=shared_data / "labels" / "liqe_splits")
+def test_kadid10k_slice(test_data, tmp):
+  root = data_fakes.kadid(tmp / "kadid", test_data / "labels", select=slice(3, None, 41))
+  src = _build("kadid10k", root, tmp / "kadid" / "tfds", liqe_dir=test_data / "labels" / "liqe_splits")
   rows = data_fakes.read_csv(root / "dmos.csv")
   assert len(src) == len(rows) == 247
-  liqe = data_fakes.liqe_labels(shared_data / "labels" / "liqe_splits" / "kadid10k")
+  liqe = data_fakes.liqe_labels(test_data / "labels" / "liqe_splits" / "kadid10k")
   for i, r in enumerate(rows):
     rec = src[i]
     assert rec["name"] == f"images/{r['dist_img']}" and rec["content_id"] == r["ref_img"]

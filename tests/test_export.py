@@ -50,21 +50,18 @@ def _scores(path: pathlib.Path) -> tuple[dict, dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def clive(shared_data) -> pathlib.Path:
-  return shared_data / "clive-mini" / "ChallengeDB_release" / "Images"
+def clive(test_data) -> pathlib.Path:
+  return test_data / "clive-mini" / "ChallengeDB_release" / "Images"
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, clive):
-  """A smoke run trained and evaluated, scored with score.py --workdir, exported twice, then deleted."""
-  from configs import smoke  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import evaluation, trainer  # pylint: disable=g-import-not-at-top
+def exported(tmp_path_factory, clive, smoke_run):
+  """A copy of the session's trained and evaluated smoke run (conftest.py), scored with score.py --workdir,
+  exported twice, then deleted."""
   root = tmp_path_factory.mktemp("export")
   workdir = root / "run"
-  config = smoke.get_config()
-  config.train.num_epochs, config.train.batch_size, config.train.checkpoint_every = 1, 16, 3
-  trainer.train_and_evaluate(config, workdir)
-  eval_json = evaluation.evaluate(None, workdir)
+  shutil.copytree(smoke_run.workdir, workdir)
+  eval_json, config = smoke_run.evaluation, smoke_run.config
   env = _env(root)
   _run(["score.py", "--workdir", str(workdir), "--format", "json", "-o", str(root / "checkpoint.json"),
         "--no_progress", str(clive)], env)

@@ -73,8 +73,8 @@ def _png(img: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def test_eval_pipeline_and_scorer_make_identical_crops(big_jpeg, shared_data, tmp_path):
-  folder = shared_data / "clive-mini" / "ChallengeDB_release" / "Images"
+def test_eval_pipeline_and_scorer_make_identical_crops(big_jpeg, test_data, tmp_path):
+  folder = test_data / "clive-mini" / "ChallengeDB_release" / "Images"
   files = sorted(folder.glob("*.bmp"))[:2] + sorted(folder.glob("*.JPG"))[:2]
   assert files, "no CLIVE miniature images"
   (tmp_path / "big.jpg").write_bytes(big_jpeg)

@@ -1,7 +1,7 @@
 """notebooks/colab_tpu.ipynb: its code cells run end to end on CPU, as Colab would run them on a TPU.
 
 The cells are executed in order in one namespace (as a kernel would), with the parameters cell's values
-replaced: the smoke config (tiny CLIP), the LIVE Challenge miniature of ../shared/data as the "mounted" release
+replaced: the smoke config (tiny CLIP), the LIVE Challenge miniature of tests/data as the "mounted" release
 folder, and a temporary Drive stand-in. Nothing is mocked: the dataset is prepared, trained on, evaluated and
 its images scored.
 """
@@ -45,13 +45,12 @@ def test_notebook_is_clean_and_parameterised():
 
 
 @pytest.mark.slow
-@pytest.mark.needs_shared_data
-def test_notebook_runs_end_to_end_on_cpu(shared_data, tmp_path, monkeypatch):
+def test_notebook_runs_end_to_end_on_cpu(test_data, tmp_path, monkeypatch):
   overrides = {
       "REPO_DIR": str(REPO),
       "CONFIG": "configs/smoke.py",
       "DATASET": "livec",
-      "MANUAL_DIR": str(shared_data / "clive-mini" / "ChallengeDB_release"),
+      "MANUAL_DIR": str(test_data / "clive-mini" / "ChallengeDB_release"),
       "DATA_DIR": str(tmp_path / "drive" / "tfds"),
       "WORKDIR": str(tmp_path / "drive" / "runs" / "livec"),
       "OVERRIDES": {"train.num_epochs": 1, "eval.num_crops": 3},

@@ -48,16 +48,9 @@ def _png(path: pathlib.Path, img: np.ndarray | Image.Image) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A smoke run trained for one epoch, with a checkpoint every 2 steps (and at the end)."""
-  from configs import smoke  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  config = smoke.get_config()
-  config.train.num_epochs = 1
-  config.train.checkpoint_every = 2
-  workdir = tmp_path_factory.mktemp("run")
-  summary = trainer.train_and_evaluate(config, workdir)
-  return workdir, config, summary
+def run(smoke_run):
+  """The session's smoke run (conftest.py): one epoch, a checkpoint every 2 steps (and at the end). Read only."""
+  return smoke_run.workdir, smoke_run.config, smoke_run.summary
 
 
 @pytest.fixture(scope="module")
