@@ -1,6 +1,6 @@
 """Decode throughput of the training input pipeline: images/s of decode + resize + random crop + flip + batch.
 
-Reads real JPEGs (default: the 500x500 LIVE Challenge images of ../shared/data/clive-mini), repeats them to
+Reads real JPEGs (default: the 500x500 LIVE Challenge images of tests/data/clive-mini), repeats them to
 `--num_images` records in a plain list source, and runs `mcpf_jax.data.pipeline.train_loader` for one epoch with
 each worker count. Two rates per run: `steady` from the first batch to the last (the rate a long training run
 sees) and `total` including the worker start-up. Prints a table and writes JSON to benchmarks/results/.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from mcpf_jax import scores  # noqa: E402  (after the sys.path line above)
 from mcpf_jax.data import pipeline  # noqa: E402  (after the sys.path line above)
 
-DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "clive-mini" / "ChallengeDB_release" / "Images"
+DEFAULT_IMAGES = REPO / "tests" / "data" / "clive-mini" / "ChallengeDB_release" / "Images"
 
 
 def _source(folder: pathlib.Path, num_images: int) -> tuple[list[dict], list[str]]:

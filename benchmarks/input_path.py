@@ -3,7 +3,7 @@
 `python benchmarks/input_path.py [--repeats 3] [--per_size 6]`
 
 Sizes: 4000x3000 (12 MP, SPAQ's cameras), 1024x768 (KonIQ-10k), 500x500 (LIVE Challenge: the real JPEGs of
-../shared/data/clive-mini). The 12 MP and 1024x768 files are real photos (scikit-image's astronaut, coffee, chelsea,
+tests/data/clive-mini). The 12 MP and 1024x768 files are real photos (scikit-image's astronaut, coffee, chelsea,
 rocket, ...) enlarged bicubic to the camera size and saved as JPEG quality 90, since no full-size dataset photo is
 on this machine. Everything runs in one process on one core (no XLA, no workers), alternated path by path:
 
@@ -33,7 +33,7 @@ import skimage.data  # pylint: disable=g-import-not-at-top
 from mcpf_jax import images  # pylint: disable=g-import-not-at-top
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina")
-CLIVE = _common.REPO.parent / "shared" / "data" / "clive-mini" / "ChallengeDB_release" / "Images"
+CLIVE = _common.REPO / "tests" / "data" / "clive-mini" / "ChallengeDB_release" / "Images"
 # Peak dense bf16 FLOP/s per chip (vendor figures).
 CHIPS = {"TPU v5e": 197e12, "TPU v4": 275e12, "TPU v5p": 459e12, "TPU v6e": 918e12, "A100": 312e12,
          "H100 SXM": 989e12}

@@ -1,7 +1,7 @@
 """Scoring throughput end to end (read + decode + resize + crops + model) vs the bare model on the same crops.
 
 End to end is `mcpf_jax.scoring.Scorer.iter_score` over a folder of real-size JPEGs (the 500x500 LIVE Challenge
-images of ../shared/data/clive-mini, linked `--num_images` times under distinct names into a temporary folder),
+images of tests/data/clive-mini, linked `--num_images` times under distinct names into a temporary folder),
 with the evaluation protocol of configs/base.py (short side 512, 15 crops of 224 per image). The model is MCPF
 (configs/base.py) around random ViT-B/16 weights in the real size, built as `Scorer.from_checkpoint` builds a
 trained one (`--model clipiqa`: `Scorer.zero_shot`). The bare model is the same jitted eval step
@@ -25,7 +25,7 @@ import _common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-order
 import numpy as np
 
-DEFAULT_IMAGES = _common.REPO.parent / "shared" / "data" / "clive-mini" / "ChallengeDB_release" / "Images"
+DEFAULT_IMAGES = _common.REPO / "tests" / "data" / "clive-mini" / "ChallengeDB_release" / "Images"
 
 
 def _folder(src: pathlib.Path, num_images: int, dst: pathlib.Path) -> list[str]:

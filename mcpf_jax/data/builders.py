@@ -99,7 +99,7 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   Build options (keyword arguments, besides tfds's data_dir / config / version / file_format):
     skip_bad: skip bad rows and write a JSON report instead of raising (default False).
     report_path: where the skip report goes (default <data_dir>/<name>[-<config>]-skip-report.json).
-    liqe_dir: folder with LIQE's split folders (e.g. ../shared/data/labels/liqe_splits) to join scene and
+    liqe_dir: folder with LIQE's split folders (e.g. tests/data/labels/liqe_splits) to join scene and
       distortion labels; None = no labels.
     decode_check: "full" (default; decode every image), "verify" (PIL structure check) or "none".
     num_threads: decode-check threads.

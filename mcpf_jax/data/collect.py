@@ -154,7 +154,7 @@ def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
     root: the extracted release folder (manual_dir).
     skip_bad: skip bad rows (recorded in the returned log) instead of raising.
     decode_check: "full" (decode every image), "verify" (PIL header/structure check only, faster) or "none".
-    liqe_dir: folder holding LIQE's per-dataset split folders (e.g. ../shared/data/labels/liqe_splits), or None.
+    liqe_dir: folder holding LIQE's per-dataset split folders (e.g. tests/data/labels/liqe_splits), or None.
     liqe_folder: the dataset's folder name under liqe_dir (default: liqe.LIQE_FOLDERS[layout.name]).
     num_threads: decode-check threads (PIL releases the GIL while decoding).
 

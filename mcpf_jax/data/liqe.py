@@ -36,7 +36,7 @@ FINE_TO_COARSE = {
     "realistic blur": "blur", "realistic noise": "noise", "underexposure": "underexposure",
     "overexposure": "overexposure", "realistic contrast change": "contrast", "other realistic": "other"}
 
-# Folder name of each dataset inside LIQE's IQA_Database (and in ../shared/data/labels/liqe_splits).
+# Folder name of each dataset inside LIQE's IQA_Database (and in tests/data/labels/liqe_splits).
 LIQE_FOLDERS = {
     "livec": "ChallengeDB_release",
     "koniq10k": "koniq-10k",
