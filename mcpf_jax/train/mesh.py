@@ -181,7 +181,7 @@ def data_shard(sharding: NamedSharding, process: int | None = None) -> DataShard
 
 def fit_batch(field: str, batch_size: int, data: int, accumulate_steps: int = 1) -> int:
   """The batch size used for config field `field`: `batch_size` rounded up to a multiple of `data` (the mesh's
-  data axis) x `accumulate_steps`, so that a pod needs no per-topology batch. A changed value is logged once.
+  data axis) x `accumulate_steps`, so that a pod needs no per-topology batch. A changed value is logged (one line).
 
   Unchanged wherever it divides already (the results of such runs stay what they were). Raises ValueError for a
   batch below 1 or one that the accumulation steps do not divide (a config error on any mesh).
