@@ -10,7 +10,7 @@ cluster launches it (`--coordinator_address 127.0.0.1:PORT --num_processes 2 --p
 - the input follows the mesh's data axis, not the process index: 2 processes x 1 device with the model axis
   spanning them (mesh.data=1, mesh.model=2) train on the 1-process batches (each process loads the whole batch) and
   give the 1-process scores; eval.py on that run with mesh.data=2, mesh.model=1 (each process its half) and an
-  eval.batch_size of 3 (rounded up to 4, the last batch padded) scores every image as the 1-process eval.py does;
+  eval.batch_size of 5 (rounded up to 6, the last batch padded) scores every image as the 1-process eval.py does;
 - one of 2 processes SIGKILLed after the first checkpoint: the other fails within the configured heartbeat
   timeout, naming the lost task; both started again resume exactly (<= 1e-5 from the uninterrupted 2-process run);
 - SIGTERM: a checkpoint at the step reached, exit 143 within seconds; the same command again finishes with the
@@ -33,7 +33,8 @@ pytestmark = pytest.mark.slow
 
 HEARTBEAT_S = 10  # the peer-loss test's --heartbeat_timeout_seconds
 MODEL_AXIS = {"mesh.data": 1, "mesh.model": 2}  # 2 processes x 1 device: the model axis spans the processes
-DATA_AXIS = {"mesh.data": 2, "mesh.model": 1, "eval.batch_size": 3}  # rounded up to 4 on 2 data devices
+# eval.batch_size 5 -> 6 on 2 data devices: 3 rows per process, so the 16 test images of each end in padding.
+DATA_AXIS = {"mesh.data": 2, "mesh.model": 1, "eval.batch_size": 5}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_the_data_axis_across_processes_evaluates_with_a_rounded_padded_batch(ru
   one, evals = runs["one:eval"].check(), _check_all(runs["model2:eval"])
   n = one.json()["num_images"]
   for i, r in enumerate(evals):
-    assert "eval.batch_size=3 -> 4: rounded up to a multiple of the mesh's data axis (2 devices)" in r.stderr
+    assert "eval.batch_size=5 -> 6: rounded up to a multiple of the mesh's data axis (2 devices)" in r.stderr
     assert re.search(rf"evaluated {n} images; this process \({i} of 2, data shard {i} of 2\) decoded "
                      rf"{(n + 1 - i) // 2} of them", r.stderr), r.stderr[-3000:]
     assert r.json()["num_images"] == n
