@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 2  # decoding worker processes (0 = in the main process)
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 32  # global batch (split over the mesh's data axis)
+  c.train.batch_size = 32  # global batch, split over the mesh's data axis (rounded up to a multiple of data x
+  # accumulate_steps where that does not divide it, with a log line: a pod needs no per-topology value)
   c.train.num_epochs = 30
   c.train.accumulate_steps = 1  # gradient accumulation micro-batches per step
   c.train.log_every = 10  # steps between log lines / TensorBoard scalars
@@ -81,7 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_crops = 15  # evenly spaced crops averaged per image
-  c.eval.batch_size = 16  # images per eval batch (x num_crops crops)
+  c.eval.batch_size = 16  # images per eval batch (x num_crops crops); rounded up to a multiple of the mesh's data
+  # axis like train.batch_size; the last batch is padded with rows that are never scored
   c.eval.dataset = placeholder(str)  # evaluate on another dataset (cross-dataset); None = data.name
   c.eval.checkpoint = "best"  # best | latest | a step number
 

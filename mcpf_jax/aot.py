@@ -389,16 +389,13 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
     raise PreflightError(f"--config.mesh.data={config.mesh.data} / --config.mesh.model={config.mesh.model} on "
                          f"{target.name}: {e}") from e
   data = mesh.shape["data"]
-  batch, acc = int(config.train.batch_size), int(config.train.accumulate_steps)
-  if batch % (data * acc):
-    raise PreflightError(f"--config.train.batch_size={batch} must be divisible by the mesh data axis ({data} on "
-                         f"{target.name}) x train.accumulate_steps ({acc})")
-  if batch % target.hosts:
-    raise PreflightError(f"--config.train.batch_size={batch} must be divisible by the {target.hosts} hosts of "
-                         f"{target.name}")
-  eval_batch, crops = int(config.eval.batch_size), int(config.eval.num_crops)
-  if "eval" in steps and eval_batch % data:
-    raise PreflightError(f"--config.eval.batch_size={eval_batch} must be divisible by the mesh data axis ({data})")
+  acc, crops = int(config.train.accumulate_steps), int(config.eval.num_crops)
+  # The batch sizes the real run uses on this mesh (rounded up where the data axis does not divide them).
+  try:
+    batch = mesh_lib.fit_batch("train.batch_size", int(config.train.batch_size), data, acc)
+    eval_batch = mesh_lib.fit_batch("eval.batch_size", int(config.eval.batch_size), data)
+  except ValueError as e:
+    raise PreflightError(f"--config.{e} (on {target.name})") from e
 
   model, params, mask, tx, state = build(config, target.platform)
   cc, spec = model.clip_config, model.spec

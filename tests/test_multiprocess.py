@@ -7,6 +7,10 @@ cluster launches it (`--coordinator_address 127.0.0.1:PORT --num_processes 2 --p
   logs the same topology (2 processes, 4 devices);
 - evaluation is sharded: each process decodes only its half of the images (its log line counts them), and
   eval.py on 2 processes gives the 1-process scores;
+- the input follows the mesh's data axis, not the process index: 2 processes x 1 device with the model axis
+  spanning them (mesh.data=1, mesh.model=2) train on the 1-process batches (each process loads the whole batch) and
+  give the 1-process scores; eval.py on that run with mesh.data=2, mesh.model=1 (each process its half) and an
+  eval.batch_size of 5 (rounded up to 6, the last batch padded) scores every image as the 1-process eval.py does;
 - one of 2 processes SIGKILLed after the first checkpoint: the other fails within the configured heartbeat
   timeout, naming the lost task; both started again resume exactly (<= 1e-5 from the uninterrupted 2-process run);
 - SIGTERM: a checkpoint at the step reached, exit 143 within seconds; the same command again finishes with the
@@ -28,6 +32,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 HEARTBEAT_S = 10  # the peer-loss test's --heartbeat_timeout_seconds
+MODEL_AXIS = {"mesh.data": 1, "mesh.model": 2}  # 2 processes x 1 device: the model axis spans the processes
+# eval.batch_size 5 -> 6 on 2 data devices: 3 rows per process, so the 16 test images of each end in padding.
+DATA_AXIS = {"mesh.data": 2, "mesh.model": 1, "eval.batch_size": 5}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +50,9 @@ def runs(tmp_path_factory) -> e2e.Runs:
       ("one:eval", lambda: c.run("one:eval", "eval.py", root / "one")),
       ("term", lambda: _listed(c.run("term", "train.py", root / "term", signal_after_step=term))),
       ("term:again", lambda: c.run("term:again", "train.py", root / "term")),
+      # The model axis across the processes (one device each), then eval.py with the data axis across them.
+      ("model2", lambda: c.run_processes("model2", "train.py", root / "model2", MODEL_AXIS, devices=1)),
+      ("model2:eval", lambda: c.run_processes("model2:eval", "eval.py", root / "model2", DATA_AXIS, devices=1)),
   ])
   lane2 = e2e.Lane([
       ("two", lambda: c.run_processes("two", "train.py", root / "two")),
@@ -103,13 +113,39 @@ def test_evaluation_is_sharded_over_the_processes(runs):
   one, two = runs["one:eval"].check(), _check_all(runs["two:eval"])
   n = one.json()["num_images"]
   for i, r in enumerate(two):
-    assert re.search(rf"evaluated {n} images; this process \({i} of 2\) decoded {n // 2} of them", r.stderr), \
-        r.stderr[-3000:]
+    assert re.search(rf"evaluated {n} images; this process \({i} of 2, data shard {i} of 2\) decoded {n // 2} of "
+                     "them", r.stderr), r.stderr[-3000:]
     assert r.json()["srcc"] == pytest.approx(one.json()["srcc"], abs=1e-6)
-  assert re.search(rf"evaluated {n} images; this process \(0 of 1\) decoded {n} of them", one.stderr)
+  assert re.search(rf"evaluated {n} images; this process \(0 of 1, data shard 0 of 1\) decoded {n} of them",
+                   one.stderr)
   # eval.py on 2 processes scores every image as the 1-process eval.py does.
   a = e2e.predictions(runs["two"][0].workdir)
   b = e2e.predictions(runs["one"].workdir)
+  assert len(a) == n and e2e.max_relative_difference(a, b) <= 1e-3
+
+
+def test_the_model_axis_across_processes_trains_on_the_one_process_batches(runs):
+  one, model2 = runs["one"].check(), _check_all(runs["model2"])
+  n = len(e2e.predictions(one.workdir, TEST))
+  for i, r in enumerate(model2):
+    assert re.search(rf"process {i} of 2 processes: 1 local / 2 global devices \(cpu.*mesh data=1 x model=2",
+                     r.stderr), r.stderr[-3000:]
+    # Both processes hold the whole batch (one data shard): each decodes every test image.
+    assert re.search(rf"evaluated {n} images; this process \({i} of 2, data shard 0 of 1\) decoded {n} of them",
+                     r.stderr), r.stderr[-3000:]
+  diff = e2e.max_relative_difference(e2e.predictions(model2[0].workdir, TEST), e2e.predictions(one.workdir, TEST))
+  assert diff <= 1e-3, f"mesh.data=1 x mesh.model=2 on 2 processes vs 1 process: max relative difference {diff:.2e}"
+
+
+def test_the_data_axis_across_processes_evaluates_with_a_rounded_padded_batch(runs):
+  one, evals = runs["one:eval"].check(), _check_all(runs["model2:eval"])
+  n = one.json()["num_images"]
+  for i, r in enumerate(evals):
+    assert "eval.batch_size=5 -> 6: rounded up to a multiple of the mesh's data axis (2 devices)" in r.stderr
+    assert re.search(rf"evaluated {n} images; this process \({i} of 2, data shard {i} of 2\) decoded "
+                     rf"{(n + 1 - i) // 2} of them", r.stderr), r.stderr[-3000:]
+    assert r.json()["num_images"] == n
+  a, b = e2e.predictions(evals[0].workdir), e2e.predictions(one.workdir)
   assert len(a) == n and e2e.max_relative_difference(a, b) <= 1e-3
 
 

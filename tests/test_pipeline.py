@@ -177,7 +177,7 @@ class _CountingSource(list):
     return super().__getitem__(i)
 
 
-def test_processes_get_their_rows_of_each_global_batch_and_decode_only_those(score_map):
+def test_shards_get_their_rows_of_each_global_batch_and_decode_only_those(score_map):
   records = _source(13)
   reference = list(_train(records, score_map, batch_size=4, num_epochs=2))
   assert len(reference) == 2 * pipeline.steps_per_epoch(13, 4) == 6
@@ -192,7 +192,8 @@ def test_processes_get_their_rows_of_each_global_batch_and_decode_only_those(sco
   for g, (a, b) in enumerate(zip(*parts)):
     joined = {k: np.concatenate([a[k], b[k]]) for k in a}
     assert _same([joined], [reference[g]]), f"global batch {g}: the two processes' halves are not the batch"
-  with pytest.raises(ValueError, match="global batch_size 5 must be divisible by the number of processes 2"):
+  with pytest.raises(ValueError, match=r"global batch_size 5 must be divisible by the number of data shards "
+                                       r"\(shard_count=2\)"):
     _train(records, score_map, batch_size=5, shard_count=2)
 
 

@@ -1,4 +1,4 @@
-"""The input pipeline on grain: decode, resize, crop, targets, batching, per-process sharding, worker processes.
+"""The input pipeline on grain: decode, resize, crop, targets, batching, per-shard input, worker processes.
 
 Works on any random-access source: anything with `len(source)` and `source[row]` returning a record dict with
 at least `image` (the encoded file bytes) and `mos`; `name`, `mos_std`, `scene`, `has_scene`, `distortion` and
@@ -27,10 +27,12 @@ Batches are dicts of numpy arrays (B = batch size, S = image_size, C = num_crops
   index            int64   [B]  the record's row in the source (-1 for eval padding)
   weight           float32 [B]  eval only: 1 for real rows, 0 for padding
 
-Multi-host: each process calls `train_loader(..., batch_size=GLOBAL batch, shard_index=jax.process_index(),
-shard_count=jax.process_count())` and gets its rows of each global batch (one global order: the same batches on 1
-and N processes); `eval_batches(..., shard_index, shard_count)` gives each process every N-th row, each decoded by
-one process only.
+Multi-host: a "shard" is one of `shard_count` equal, contiguous blocks of every global batch, the rows a process's
+devices hold (mcpf_jax.train.mesh.data_shard: its place on the mesh's data axis, NOT its process index; processes
+whose devices differ only along the model axis hold the same shard and load the same rows). Each process calls
+`train_loader(..., batch_size=GLOBAL batch, shard_index, shard_count)` and gets its shard of each global batch (one
+global order: the same batches on 1 and N processes); `eval_batches(..., shard_index, shard_count)` gives each
+shard every shard_count-th row, so each image is decoded by one shard only.
 """
 
 from __future__ import annotations
@@ -218,12 +220,12 @@ def _check_shard(shard_index: int, shard_count: int) -> None:
 
 
 class _ProcessRows(grain.MapDataset):
-  """This process's part of a stream of GLOBAL batches: rows [p * k, (p + 1) * k) of each one (k = B / P).
+  """One shard of a stream of GLOBAL batches: rows [s * k, (s + 1) * k) of each one (k = B / shard_count).
 
   `parent` is the global, per-epoch shuffled and augmented example sequence (epoch e's examples at parent positions
   e * num_rows + 0..num_rows - 1); global batch i of epoch e holds parent positions e * num_rows + b * B + 0..B - 1
   for b = i mod steps_per_epoch, exactly the positions grain's `batch(B, drop_remainder=True)` gives it. Element n of
-  this dataset is position o = n mod k of this process's part of global batch n // k. Positions past one epoch
+  this dataset is position o = n mod k of this shard's part of global batch n // k. Positions past one epoch
   wrap into the next one, as grain's batch and repeat do, so `batch(k).repeat()` on top continues across epochs.
   """
 
@@ -251,14 +253,14 @@ class _ProcessRows(grain.MapDataset):
 
 def steps_per_epoch(num_rows: int, batch_size: int) -> int:
   """Training steps per epoch: num_rows // batch_size global batches (the remainder dropped), on any number of
-  processes."""
+  processes and shards."""
   return num_rows // batch_size
 
 
 def num_eval_batches(num_rows: int, batch_size: int, shard_count: int = 1) -> int:
-  """Evaluation batches per process: ceil(ceil(num_rows / shard_count) / batch_size) (the last one padded)."""
-  per_process = -(-num_rows // shard_count)
-  return -(-per_process // batch_size)
+  """Evaluation batches per shard: ceil(ceil(num_rows / shard_count) / batch_size) (the last one padded)."""
+  per_shard = -(-num_rows // shard_count)
+  return -(-per_shard // batch_size)
 
 
 def _read_options(num_threads: int) -> grain.ReadOptions:
@@ -300,8 +302,8 @@ def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
   """Shuffled, augmented training batches: this process's rows of each GLOBAL batch, epoch after epoch.
 
   There is one global order of examples, seeded by `seed` alone: each epoch visits the rows once in a new order,
-  its last partial global batch dropped (`steps_per_epoch(len(indices), batch_size)` steps). With shard_count P,
-  process p yields rows [p * B / P, (p + 1) * B / P) of each global batch of B and decodes only those; the crops
+  its last partial global batch dropped (`steps_per_epoch(len(indices), batch_size)` steps). With shard_count S,
+  shard s yields rows [s * B / S, (s + 1) * B / S) of each global batch of B and decodes only those; the crops
   and flips depend on the example's global position, not on the process. So 1 process and P processes see the same
   global batches, and the stream at step t is a pure function of t (`start_batch`): a run resumes exactly from its
   step alone, on any number of processes and workers.
@@ -315,20 +317,21 @@ def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
     seed: seeds the order, the crops and the flips.
     score_map: the scores.ScoreMap fitted on the training rows.
     num_workers: grain worker processes decoding in parallel (0: in this process). Batches do not depend on it.
-    shard_index, shard_count: this process (jax.process_index(), jax.process_count()).
+    shard_index, shard_count: this process's block of every global batch (mcpf_jax.train.mesh.data_shard), not
+      its process index: processes that hold the same rows pass the same shard_index.
     num_epochs: stop after this many epochs (None: repeat forever).
     start_batch: the first global batch to yield (a resumed run's step).
     num_threads: reader threads per process (grain ReadOptions.num_threads).
     max_upscale: refuse images needing more than this upscale factor to reach `resize` (None: any).
 
   Returns:
-    A grain IterDataset of batch dicts of B / P examples (see the module docstring).
+    A grain IterDataset of batch dicts of B / shard_count examples (see the module docstring).
   """
   _check_sizes(image_size, resize, batch_size)
   _check_shard(shard_index, shard_count)
   if batch_size % shard_count:
-    raise ValueError(f"the global batch_size {batch_size} must be divisible by the number of processes "
-                     f"{shard_count}")
+    raise ValueError(f"the global batch_size {batch_size} must be divisible by the number of data shards "
+                     f"(shard_count={shard_count})")
   if start_batch < 0:
     raise ValueError(f"start_batch must be >= 0, got {start_batch}")
   rows = _check_rows(source, indices)
@@ -355,8 +358,9 @@ def eval_batches(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
                  max_upscale: float | None = images.DEFAULT_MAX_UPSCALE) -> grain.IterDataset:
   """Every row once, in order, as multi-crop batches; the last batch padded to `batch_size` (weight 0).
 
-  With shard_count > 1 each process gets rows[shard_index::shard_count], padded so that every process yields
-  `num_eval_batches(len(indices), batch_size, shard_count)` batches.
+  With shard_count > 1 each shard gets rows[shard_index::shard_count], padded so that every shard yields
+  `num_eval_batches(len(indices), batch_size, shard_count)` batches; `batch_size` is the shard's part of a global
+  batch (global batch / shard_count).
 
   Args:
     source, indices, image_size, resize, score_map, num_workers, shard_index, shard_count, num_threads,

@@ -31,44 +31,70 @@ class NonFiniteError(FloatingPointError):
   """The loss, a gradient, an updated parameter or a predicted score became NaN/inf."""
 
 
+class ScoreTable:
+  """The score of every image of `indices`, filled from gathered global batches of (score, image index, weight).
+
+  Padding rows (weight 0) are never scored; an image outside `indices` or scored twice is an error (each image is
+  decoded by exactly one data shard), and `result` refuses a table with an image left unscored.
+  """
+
+  def __init__(self, indices: np.ndarray):
+    self.scores = np.full((len(indices),), np.nan, np.float64)
+    self.scored = np.zeros((len(indices),), bool)  # apart from `scores`: a NaN score is not a missing one
+    self._pos = {int(i): k for k, i in enumerate(indices)}
+
+  def add(self, scores: np.ndarray, index: np.ndarray, weight: np.ndarray) -> None:
+    for sc, i, w in zip(scores, index, weight):
+      if not w:
+        continue
+      k = self._pos.get(int(i))
+      if k is None:
+        raise RuntimeError(f"the eval pipeline scored image {int(i)}, which is not one of the images evaluated")
+      if self.scored[k]:
+        raise RuntimeError(f"the eval pipeline scored image {int(i)} twice (two data shards decoded it)")
+      self.scores[k], self.scored[k] = sc, True
+
+  def result(self) -> np.ndarray:
+    if not self.scored.all():
+      raise RuntimeError(f"{int((~self.scored).sum())} images were not scored by the eval pipeline")
+    if not np.isfinite(self.scores).all():
+      raise NonFiniteError(f"{int((~np.isfinite(self.scores)).sum())} of {self.scores.size} predicted scores are "
+                           "not finite")
+    return self.scores
+
+
 def predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding,
-             stop: preemption.StopRequest | None = None) -> np.ndarray:
+            stop: preemption.StopRequest | None = None) -> np.ndarray:
   """score01 for every image in `indices` (multi-crop mean), in the order of `indices`.
 
-  Each process decodes only its share (every N-th image of `indices` for N processes); the global batch's scores
-  come back with the image index of each row, so no result depends on which process's devices hold which rows.
-  `stop`: polled once per batch; a stop request raises preemption.Stopped.
+  eval.batch_size images per global batch (rounded up to a multiple of the mesh's data axis: `mesh.fit_batch`),
+  the last one padded with rows that are never scored. Each data shard (`mesh.data_shard`: the processes whose
+  devices hold the same rows of a batch) decodes every count-th image of `indices`, so processes that share a shard
+  decode the same images; the global batch's scores come back with the image index of each row, so no result
+  depends on which process's devices hold which rows. `stop`: polled once per batch; a stop request raises
+  preemption.Stopped.
   """
   cfg = run.config
-  out = np.full((len(indices),), np.nan, np.float64)
-  scored = np.zeros((len(indices),), bool)  # apart from `out`: a NaN score is not a missing one
-  pos = {int(i): k for k, i in enumerate(indices)}
-  n_proc, pid = jax.process_count(), jax.process_index()
-  if cfg.eval.batch_size % n_proc:
-    raise ValueError(f"eval.batch_size={cfg.eval.batch_size} must be divisible by the number of processes ({n_proc})")
+  table = ScoreTable(indices)
+  batch_size = mesh_lib.fit_batch("eval.batch_size", cfg.eval.batch_size, batch_sharding.mesh.shape["data"])
+  shard = mesh_lib.data_shard(batch_sharding)
   gather = mesh_lib.gather_fn(batch_sharding.mesh)
   decoded = 0
-  for batch in pipeline.eval_batches(run.data.source, indices, batch_size=cfg.eval.batch_size // n_proc,
-                                     image_size=run.image_size, resize=cfg.data.resize,
-                                     num_crops=cfg.eval.num_crops, score_map=run.data.score_map,
-                                     num_workers=cfg.data.num_workers, shard_index=pid, shard_count=n_proc):
+  batches = pipeline.eval_batches(run.data.source, indices, batch_size=shard.local_size("eval.batch_size", batch_size),
+                                  image_size=run.image_size, resize=cfg.data.resize, num_crops=cfg.eval.num_crops,
+                                  score_map=run.data.score_map, num_workers=cfg.data.num_workers,
+                                  shard_index=shard.index, shard_count=shard.count)
+  for batch in mesh_lib.checked_first(batches, shard, "evaluation input"):
     local = {"image": batch["image"], "index": batch["index"].astype(np.int32), "weight": batch["weight"]}
     decoded += int(batch["weight"].sum())
-    glob = mesh_lib.global_batch(local, batch_sharding)
+    glob = mesh_lib.global_batch(local, batch_sharding, batch_size)
     scores = eval_fn(params, {"image": glob["image"]})
-    scores, index, weight = (mesh_lib.to_host(x) for x in gather((scores, glob["index"], glob["weight"])))
-    for sc, i, w in zip(scores, index, weight):
-      if w:
-        out[pos[int(i)]] = sc
-        scored[pos[int(i)]] = True
+    table.add(*(mesh_lib.to_host(x) for x in gather((scores, glob["index"], glob["weight"]))))
     if stop is not None and stop.poll():
       raise preemption.Stopped("stopped on a signal during evaluation", stop.status)
-  log.info("evaluated %d images; this process (%d of %d) decoded %d of them", len(indices), pid, n_proc, decoded)
-  if not scored.all():
-    raise RuntimeError(f"{int((~scored).sum())} images were not scored by the eval pipeline")
-  if not np.isfinite(out).all():
-    raise NonFiniteError(f"{int((~np.isfinite(out)).sum())} of {out.size} predicted scores are not finite")
-  return out
+  log.info("evaluated %d images; this process (%d of %d, data shard %d of %d) decoded %d of them", len(indices),
+           jax.process_index(), jax.process_count(), shard.index, shard.count, decoded)
+  return table.result()
 
 
 def evaluate_part(run: Run, params: Any, part: str, eval_fn, batch_sharding,

@@ -3,14 +3,21 @@
 Axes ("data", "model"): the batch is split over "data"; the frozen backbone is replicated by default, or, with
 `mesh.shard_backbone`, its large kernels are split over "model" (FSDP-style, for L/14 on small-memory chips).
 Prompts, fusion and optimizer state are tiny and replicated.
+
+Input: a process loads the rows of each global batch that its devices hold, which is decided by the devices'
+places on the "data" axis, not by the process index (`DataShard`, `data_shard`): with the model axis spanning
+processes, several processes hold the same rows and must load the same ones. Batch fields that the data axis must
+divide are rounded up to a multiple of it (`fit_batch`, one log line when a value changes).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
+import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -24,19 +31,26 @@ from jax.sharding import PartitionSpec as P
 _MIN_SHARDED_SIZE = 2 ** 18
 _BACKBONE = re.compile(r"^clip/")
 
+log = logging.getLogger("mcpf_jax")
+
+
+def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
+  """(data, model) of the mesh over `num_devices` devices; one of the two may be -1 = the rest."""
+  if data == -1 and model == -1:
+    raise ValueError("mesh: at most one of mesh.data and mesh.model may be -1")
+  if data == -1:
+    data = num_devices // model
+  if model == -1:
+    model = num_devices // data
+  if data * model != num_devices or data < 1 or model < 1:
+    raise ValueError(f"mesh: data={data} x model={model} does not use the {num_devices} devices available")
+  return data, model
+
 
 def make_mesh(data: int = -1, model: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
   """A ("data", "model") mesh over all devices (of all processes); one size may be -1 = the rest."""
   devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  if data == -1 and model == -1:
-    raise ValueError("mesh: at most one of mesh.data and mesh.model may be -1")
-  if data == -1:
-    data = n // model
-  if model == -1:
-    model = n // data
-  if data * model != n or data < 1 or model < 1:
-    raise ValueError(f"mesh: data={data} x model={model} does not use the {n} devices available")
+  data, model = mesh_shape(data, model, len(devices))
   slices = len({getattr(d, "slice_index", 0) for d in devices})
   if slices > 1:
     # Multi-slice TPU: the data axis spans the slices (gradients all-reduced over DCN), "model" stays in a slice.
@@ -95,9 +109,165 @@ def state_shardings(state_shapes: Any, params_shardings: Any, mesh: Mesh) -> Any
           "step": rep}
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """This process's slice of the batch -> global jax.Arrays split over "data" (works on 1 and N hosts)."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+# ---------------------------------------------------------------------------------------------------------------
+# Which rows of a batch a process loads, and batch sizes that the data axis divides.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataShard:
+  """The rows of every global batch that one process holds: block `index` of `count` equal, contiguous blocks.
+
+  A process holds the rows its devices hold, which depends only on where they sit on the mesh's "data" axis.
+  Processes whose devices sit at the same data positions (they differ along "model") hold the same block and load
+  the same rows; `count` is the number of distinct blocks over all processes (1: every process holds the whole
+  batch, e.g. mesh.data=1). In one process: DataShard(0, 1).
+  """
+  index: int
+  count: int
+
+  def local_size(self, field: str, batch_size: int) -> int:
+    """Rows of a global batch of `batch_size` (the value of config field `field`) that this process loads."""
+    if batch_size % self.count:
+      raise ValueError(f"{field}={batch_size} must be divisible by the {self.count} data shards of the processes")
+    return batch_size // self.count
+
+
+def shard_of_positions(positions: Sequence[tuple[int, int]], num_positions: int, process: int) -> DataShard:
+  """The DataShard of `process`, from where every device of the mesh sits (plain data, no devices needed).
+
+  Args:
+    positions: (process index, position on the data axis) of every device of the mesh.
+    num_positions: the size of the data axis; position d holds rows [d * B / D, (d + 1) * B / D) of a batch of B.
+    process: the process asked about.
+
+  Raises:
+    ValueError: when the processes' devices do not cover the data axis in equal, contiguous blocks (then no
+      process-local loading can build the batch: jax would need rows from several places).
+  """
+  held: dict[int, set[int]] = collections.defaultdict(set)
+  for proc, pos in positions:
+    if not 0 <= pos < num_positions:
+      raise ValueError(f"data position {pos} of a device of process {proc} is outside 0..{num_positions - 1}")
+    held[proc].add(pos)
+  if process not in held:
+    raise ValueError(f"process {process} has no device on the mesh (processes with devices: {sorted(held)})")
+  if set().union(*held.values()) != set(range(num_positions)):
+    raise ValueError(f"the devices cover data positions {sorted(set().union(*held.values()))}, not all of "
+                     f"0..{num_positions - 1}")
+  blocks = {tuple(sorted(v)) for v in held.values()}
+  size = len(held[process])
+  for proc, v in sorted(held.items()):
+    block = sorted(v)
+    if len(block) != size or block != list(range(block[0], block[0] + size)):
+      mine = f" and process {process}'s at {sorted(held[process])}" if proc != process else ""
+      raise ValueError(
+          f"process {proc}'s devices sit at data positions {block}{mine}: each process's devices must hold one "
+          "contiguous block of the data axis, the same size for every process (build the mesh so that a "
+          "process's devices are adjacent along 'data')")
+  starts = sorted(b[0] for b in blocks)
+  if starts != list(range(0, num_positions, size)):
+    raise ValueError(f"the processes' data blocks {sorted(blocks)} do not tile the data axis (0..{num_positions - 1})"
+                     ": two processes hold overlapping but different blocks")
+  return DataShard(index=min(held[process]) // size, count=num_positions // size)
+
+
+def data_shard(sharding: NamedSharding, process: int | None = None) -> DataShard:
+  """This process's (or `process`'s) DataShard under the batch sharding, from its devices' data positions."""
+  n = sharding.mesh.shape["data"]
+  index_map = sharding.devices_indices_map((n,))
+  positions = [(d.process_index, idx[0].start or 0) for d, idx in index_map.items()]
+  return shard_of_positions(positions, n, jax.process_index() if process is None else process)
+
+
+def fit_batch(field: str, batch_size: int, data: int, accumulate_steps: int = 1) -> int:
+  """The batch size used for config field `field`: `batch_size` rounded up to a multiple of `data` (the mesh's
+  data axis) x `accumulate_steps`, so that a pod needs no per-topology batch. A changed value is logged (one line).
+
+  Unchanged wherever it divides already (the results of such runs stay what they were). Raises ValueError for a
+  batch below 1 or one that the accumulation steps do not divide (a config error on any mesh).
+  """
+  if batch_size < 1:
+    raise ValueError(f"{field}={batch_size} must be at least 1")
+  if batch_size % accumulate_steps:
+    raise ValueError(f"{field}={batch_size} must be divisible by train.accumulate_steps ({accumulate_steps})")
+  multiple = data * accumulate_steps
+  fitted = -(-batch_size // multiple) * multiple
+  if fitted != batch_size:
+    why = f"the mesh's data axis ({data} devices)" + (f" x train.accumulate_steps ({accumulate_steps})"
+                                                      if accumulate_steps > 1 else "")
+    log.info("%s=%d -> %d: rounded up to a multiple of %s", field, batch_size, fitted, why)
+  return fitted
+
+
+def fit_batches(config, fields: Sequence[str] = ("train.batch_size", "eval.batch_size")):
+  """A copy of `config` whose batch fields (`fields`) are fitted to its mesh (`fit_batch`) on this job's devices."""
+  data, _ = mesh_shape(config.mesh.data, config.mesh.model, jax.device_count())
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    if "train.batch_size" in fields:
+      config.train.batch_size = fit_batch("train.batch_size", config.train.batch_size, data,
+                                          config.train.accumulate_steps)
+    if "eval.batch_size" in fields:
+      config.eval.batch_size = fit_batch("eval.batch_size", config.eval.batch_size, data)
+  return config
+
+
+def rows_problem(shards: Sequence[int], rows: Sequence[np.ndarray]) -> str | None:
+  """What is wrong with the rows that the processes pass for one global batch (None: nothing).
+
+  shards[p]: process p's DataShard index; rows[p]: the source rows it passes, in order (-1: padding). Processes
+  of one shard must pass the same rows; two shards passing the same rows means the shards were not told apart.
+  """
+  first: dict[int, int] = {}
+  for p, (shard, r) in enumerate(zip(shards, rows)):
+    q = first.setdefault(int(shard), p)
+    if not np.array_equal(rows[q], r):
+      return (f"processes {q} and {p} hold data shard {shard} (replicas along 'model') but pass different rows "
+              f"({np.asarray(rows[q])[:4].tolist()}... vs {np.asarray(r)[:4].tolist()}...)")
+  real = {s: rows[p] for s, p in first.items() if (np.asarray(rows[p]) >= 0).any()}
+  for a in sorted(real):
+    for b in sorted(real):
+      if a < b and np.array_equal(real[a], real[b]):
+        return f"data shards {a} and {b} pass the same rows {np.asarray(real[a])[:4].tolist()}..."
+  return None
+
+
+def check_rows(rows: np.ndarray, shard: DataShard, what: str) -> None:
+  """Verifies across processes that this process's rows of a batch are the ones its data shard must pass
+  (`rows_problem`): one small all-gather; a no-op in one process. Raises RuntimeError naming `what`."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mine = np.concatenate([[shard.index], np.asarray(rows, np.int64)]).astype(np.int32)
+  table = np.asarray(multihost_utils.process_allgather(mine))
+  problem = rows_problem(table[:, 0], list(table[:, 1:]))
+  if problem:
+    raise RuntimeError(f"{what}: the processes' input does not match the batch sharding: {problem}")
+
+
+def checked_first(batches: Iterator[dict[str, np.ndarray]], shard: DataShard, what: str
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """`batches` unchanged, the first one's `index` rows checked across processes first (`check_rows`)."""
+  iterator = iter(batches)
+  for first in iterator:
+    check_rows(first["index"], shard, what)
+    yield first
+    break
+  yield from iterator
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int | None = None
+                 ) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global jax.Arrays split over "data" (works on 1 and N hosts).
+
+  `batch_size`: the global batch they belong to; jax then refuses rows that are not exactly this process's share
+  (B / DataShard.count) instead of building a smaller batch from what each process happened to pass. None: the
+  global size is inferred from the local one.
+  """
+  if batch_size is None:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:])
+          for k, v in local.items()}
 
 
 def sync(name: str) -> None:
@@ -122,18 +292,18 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
-def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int = 2
-                       ) -> Iterator[dict[str, jax.Array]]:
-  """Yields `global_batch(b, sharding)` for each host batch b, keeping `size` batches already sent to the devices
-  ahead of the one yielded: the transfer of the next batches overlaps the step that runs now. Same batches, same
-  order as the plain loop; `size` 0 transfers each batch only when it is asked for."""
+def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int = 2,
+                       batch_size: int | None = None) -> Iterator[dict[str, jax.Array]]:
+  """Yields `global_batch(b, sharding, batch_size)` for each host batch b, keeping `size` batches already sent to
+  the devices ahead of the one yielded: the transfer of the next batches overlaps the step that runs now. Same
+  batches, same order as the plain loop; `size` 0 transfers each batch only when it is asked for."""
   queue: collections.deque = collections.deque()
   iterator = iter(batches)
 
   def fill() -> None:
     while len(queue) <= size:
       try:
-        queue.append(global_batch(next(iterator), sharding))
+        queue.append(global_batch(next(iterator), sharding, batch_size))
       except StopIteration:
         return
 

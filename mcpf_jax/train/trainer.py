@@ -97,6 +97,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   Returns the final summary (also written to <workdir>/train_summary.json).
   """
   workdir = pathlib.Path(workdir).expanduser()
+  # Batch sizes fitted to the mesh before anything else: the run's config (and run.json) holds the batch it trains
+  # with, so a restart on a mesh that would round it differently is refused like any other change of the batch.
+  config = mesh_lib.fit_batches(config)
   saved = _saved_identity(workdir)
   if saved is not None:
     for key, old, new in identity.compare(saved[0]["config"], config, workdir):
@@ -104,14 +107,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   run = build_run(config, workdir)
   cfg, workdir = run.config, run.workdir
   _check_identity(run, saved)
-  n_proc = jax.process_count()
-  if cfg.train.batch_size % (run.mesh.shape["data"] * cfg.train.accumulate_steps) or cfg.train.batch_size % n_proc:
-    raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the mesh data axis "
-                     f"({run.mesh.shape['data']}) x train.accumulate_steps ({cfg.train.accumulate_steps}) and "
-                     f"by the number of processes ({n_proc})")
-  if cfg.eval.batch_size % run.mesh.shape["data"]:
-    raise ValueError(f"eval.batch_size={cfg.eval.batch_size} must be divisible by the mesh data axis "
-                     f"({run.mesh.shape['data']})")
   train_idx = run.data.indices["train"]
   steps_per_epoch = len(train_idx) // cfg.train.batch_size
   if steps_per_epoch == 0:
@@ -122,6 +117,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   tx = optim.make_optimizer(ocfg, run.mask)
   state = step_lib.init_state(run.params, tx)
   train_step, eval_step, s_sh, _p_sh, b_sh = jit_steps(run, tx, state)
+  # This process loads the rows its devices hold (its data shard), not the rows of its process index.
+  shard = mesh_lib.data_shard(b_sh)
   state = jax.device_put(state, s_sh)
 
   ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=cfg.train.keep)
@@ -141,9 +138,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   loader = pipeline.train_loader(run.data.source, train_idx, batch_size=cfg.train.batch_size,
                                  image_size=run.image_size, resize=cfg.data.resize, seed=cfg.seed,
                                  score_map=run.data.score_map, num_workers=cfg.data.num_workers,
-                                 shard_index=jax.process_index(), shard_count=n_proc, start_batch=start)
-  # Batches reach the devices ahead of the step that needs them.
-  device_batches = mesh_lib.prefetch_to_device(loader, b_sh, size=cfg.data.prefetch_to_device)
+                                 shard_index=shard.index, shard_count=shard.count, start_batch=start)
+  # Batches reach the devices ahead of the step that needs them; the first one's rows are checked across processes.
+  device_batches = mesh_lib.prefetch_to_device(mesh_lib.checked_first(loader, shard, "training input"), b_sh,
+                                               size=cfg.data.prefetch_to_device, batch_size=cfg.train.batch_size)
   log.info("%s | %s on %s: %d train / %d val / %d test images, %d steps (%d per epoch), %d trainable of %d "
            "parameters", launch.topology(run.mesh), cfg.model.name, run.data.name, len(train_idx),
            len(run.data.indices["val"]), len(run.data.indices["test"]), total, steps_per_epoch,
