@@ -2,7 +2,7 @@
 # The GPU benchmark in one go (benchmarks/gpu.py: every option, what each row measures); --dry runs the same code
 # paths on the CPU with a tiny CLIP (tests/test_benchmarks_gpu.py, so CI keeps it working).
 #
-#   bash benchmarks/gpu.sh [--out benchmarks/results/gpu_h200.json] [--budget_s 420] [--rows NAME ...]
+#   bash benchmarks/gpu.sh [--out benchmarks/results/gpu_h200.json] [--budget_s 410] [--rows NAME ...]
 #   bash benchmarks/gpu.sh --dry --out /tmp/gpu_dry.json
 #
 # Python: $PYTHON (default python3). Needs jax (with its CUDA plugin), flax, optax, torch, transformers, tokenizers,
