@@ -270,12 +270,15 @@ def default_matmul_precision(jax) -> str | None:
 
 
 def _arithmetic(dtype: str) -> str:
-  """The matmul arithmetic of a compute dtype under JAX's (and the torch rows') default settings."""
+  """The matmul arithmetic of a compute dtype under JAX's default settings (the torch rows match them on the GPU).
+
+  float32 at the default precision: TF32 tensor cores on an NVIDIA GPU, full float32 on the CPU.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   if dtype == "bfloat16":
     return "bf16"
   precision = default_matmul_precision(jax)
-  if precision in (None, "default", "DEFAULT", "tensorfloat32", "TF32_TF32_F32"):
+  if jax.default_backend() == "gpu" and precision in (None, "default", "tensorfloat32", "TF32_TF32_F32"):
     return "tf32"
   return "fp32"
 
@@ -607,7 +610,7 @@ def torch_train_row(row: Row, args, batch: int, emit: Callable[[dict], None]) ->
     raise FloatingPointError(f"non-finite torch loss {float(loss)}")
   model_flops = flops.step_flops(cc, spec, batch, int(ids.shape[0]), int(ids.shape[1]), train=True,
                                  backbone_trains=False, pooled_only=False)["total"]
-  arithmetic = "bf16" if bf16 else "tf32"
+  arithmetic = "bf16" if bf16 else ("tf32" if device.type == "cuda" else "fp32")
   dev = _torch_device_fields(torch, device)
   return {"batch": batch, "setup_s": setup_s, "lower_s": None, "compile_s": None, "first_step_s": first_s,
           **rate_fields(batch, window_s, args.steps, model_flops, peak_for(dev["device"], arithmetic, args.dry)),
@@ -650,7 +653,7 @@ def torch_encode_row(row: Row, args, batch: int, emit: Callable[[dict], None]) -
     raise FloatingPointError("non-finite torch image features")
   no_prompts = argparse.Namespace(vision_depth=0, num_vision_prompts=0)
   model_flops = flops.step_flops(cc, no_prompts, batch, 0, 1, train=False, pooled_only=False)["vision"]
-  arithmetic = "bf16" if row.dtype == "bfloat16" else "tf32"
+  arithmetic = "bf16" if row.dtype == "bfloat16" else ("tf32" if device.type == "cuda" else "fp32")
   dev = _torch_device_fields(torch, device)
   return {"batch": batch, "setup_s": setup_s, "lower_s": None, "compile_s": None, "first_step_s": first_s,
           **rate_fields(batch, window_s, args.steps, model_flops, peak_for(dev["device"], arithmetic, args.dry)),
@@ -753,6 +756,14 @@ def batch_for(row: Row, args) -> int:
   return {"b16": args.b16_batch, "l14": args.l14_batch, "encode": args.encode_batch}[row.batch_key]
 
 
+def _require_jax_gpu() -> None:
+  """A JAX that fell back to the CPU (a missing or broken CUDA plugin) would spend the row's whole cap: fail now."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "gpu":
+    raise RuntimeError(f"JAX runs on {jax.default_backend()!r}, not a GPU (devices {jax.devices()}; JAX_PLATFORMS="
+                       f"{os.environ.get('JAX_PLATFORMS')!r}): is jax's CUDA plugin installed and working?")
+
+
 def worker(args) -> int:
   """Runs `args.worker` rows in this process; appends one JSON line per record to `args.result_file`."""
   if args.dry:
@@ -769,6 +780,8 @@ def worker(args) -> int:
       start = time.perf_counter()
       print(f"[{name}] start", flush=True)
       try:
+        if row.framework == "jax" and not args.dry:
+          _require_jax_gpu()
         result = TASKS[(row.framework, row.task)](row, args, batch_for(row, args), emit)
         emit({"status": "ok", "wall_s": time.perf_counter() - start, **result, "versions": versions()})
         print(f"[{name}] ok in {time.perf_counter() - start:.1f} s", flush=True)

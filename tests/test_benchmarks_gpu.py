@@ -113,3 +113,13 @@ def test_unknown_row_is_refused(tmp_path):
                         env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode != 0
   assert "jax_train_b99" in proc.stderr and "jax_train_b16_bf16_mcpf" in proc.stderr
+
+
+def test_without_a_gpu_the_rows_fail_fast_and_say_why(tmp_path):
+  # Not --dry: a JAX that fell back to the CPU, or a torch without CUDA, is an error at once, not a row that spends
+  # its whole time cap computing a real-size model on the CPU.
+  _, report = _run(tmp_path, "--rows", "matmul_peak", "torch_encode_b16_fp32", timeout=300)
+  rows = {r["name"]: r for r in report["rows"]}
+  assert rows["matmul_peak"]["status"] == "error" and "not a GPU" in rows["matmul_peak"]["error"]
+  assert rows["torch_encode_b16_fp32"]["status"] == "error" and "CUDA" in rows["torch_encode_b16_fp32"]["error"]
+  assert all(r["wall_s"] < 120 for r in report["rows"]), report["rows"]
