@@ -17,10 +17,12 @@ alongside, it is prompt-sized, and dropped), so no optimizer is built to read it
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -34,6 +36,7 @@ from mcpf_jax import clip
 LAYOUT = 2
 PARAMS, OPT, META = "params", "opt", "meta"
 OLD_STATE = "state"  # layout 1: {"params", "opt", "step"} in one item
+METRICS = "metrics"  # the item CheckpointManager writes a step's metrics to (orbax's METRIC_ITEM_NAME)
 BEST_METRIC = "val_srcc"
 RUN_FILE = "run.json"  # written by mcpf_jax.train.identity at a run's start
 
@@ -80,12 +83,31 @@ def checkpoint_step(ckpts: Any, which: str | int) -> int:
   return step
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  # orbax logs "Given directory is read only" at WARNING for every read-only manager: it is what was asked for.
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def quiet_read_only() -> Iterator[None]:
+  """Around opening a read-only CheckpointManager: without orbax's notice that it is read-only."""
+  notice = _DropReadOnlyNotice()
+  logger = logging.getLogger("absl")  # orbax logs through absl.logging, i.e. the "absl" Python logger
+  logger.addFilter(notice)
+  try:
+    yield
+  finally:
+    logger.removeFilter(notice)
+
+
 class ReadOnlyCheckpoints:
   """The checkpoints of a run, read-only: which steps there are, the best one, and one step's items."""
 
   def __init__(self, directory: str | pathlib.Path):
     self.directory = pathlib.Path(directory).expanduser().absolute()
-    self.manager = ocp.CheckpointManager(self.directory, options=manager_options(read_only=True))
+    with quiet_read_only():
+      self.manager = ocp.CheckpointManager(self.directory, options=manager_options(read_only=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -232,6 +254,18 @@ def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
 
 
+def _step_checkpointer() -> ocp.Checkpointer:
+  """A step folder opened as what CheckpointManager wrote: one composite checkpoint of named items.
+
+  Every item name of both layouts has its handler, so orbax reads the step's own metadata file and knows each item
+  found (an item opened on its own lacks the step's metadata file, and orbax warns about it); only the items asked
+  for are restored.
+  """
+  standard, json_ = ocp.StandardCheckpointHandler, ocp.JsonCheckpointHandler
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
+      PARAMS: standard(), OPT: standard(), OLD_STATE: standard(), META: json_(), METRICS: json_()}))
+
+
 def read_params(step_dir: pathlib.Path, sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.Array]:
   """The trainable parameters of one checkpoint step, {"path/to/leaf": array}; no optimizer involved.
 
@@ -239,10 +273,10 @@ def read_params(step_dir: pathlib.Path, sharding: jax.sharding.Sharding | None =
   """
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   item = PARAMS if layout(step_dir) == LAYOUT else OLD_STATE
-  with ocp.StandardCheckpointer() as ck:
-    tree = ck.metadata(step_dir / item).item_metadata.tree
+  with _step_checkpointer() as ck:
+    tree = ck.metadata(step_dir).item_metadata[item].tree
     if item == OLD_STATE and "params" not in tree:
       raise ValueError(f"{step_dir / item}: a layout-1 'state' item without 'params' (found {sorted(tree)})")
-    restored = ck.restore(step_dir / item, _abstract(tree, sharding))
-  params = restored if item == PARAMS else restored["params"]
+    restored = ck.restore(step_dir, ocp.args.Composite(**{item: ocp.args.StandardRestore(_abstract(tree, sharding))}))
+  params = restored[item] if item == PARAMS else restored[item]["params"]
   return traverse_util.flatten_dict(params, sep="/")
