@@ -36,7 +36,6 @@ from mcpf_jax import clip
 LAYOUT = 2
 PARAMS, OPT, META = "params", "opt", "meta"
 OLD_STATE = "state"  # layout 1: {"params", "opt", "step"} in one item
-METRICS = "metrics"  # the item CheckpointManager writes a step's metrics to (orbax's METRIC_ITEM_NAME)
 BEST_METRIC = "val_srcc"
 RUN_FILE = "run.json"  # written by mcpf_jax.train.identity at a run's start
 
@@ -254,18 +253,6 @@ def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
 
 
-def _step_checkpointer() -> ocp.Checkpointer:
-  """A step folder opened as what CheckpointManager wrote: one composite checkpoint of named items.
-
-  Every item name of both layouts has its handler, so orbax reads the step's own metadata file and knows each item
-  found (an item opened on its own lacks the step's metadata file, and orbax warns about it); only the items asked
-  for are restored.
-  """
-  standard, json_ = ocp.StandardCheckpointHandler, ocp.JsonCheckpointHandler
-  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
-      PARAMS: standard(), OPT: standard(), OLD_STATE: standard(), META: json_(), METRICS: json_()}))
-
-
 def read_params(step_dir: pathlib.Path, sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.Array]:
   """The trainable parameters of one checkpoint step, {"path/to/leaf": array}; no optimizer involved.
 
@@ -273,10 +260,15 @@ def read_params(step_dir: pathlib.Path, sharding: jax.sharding.Sharding | None =
   """
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   item = PARAMS if layout(step_dir) == LAYOUT else OLD_STATE
-  with _step_checkpointer() as ck:
-    tree = ck.metadata(step_dir).item_metadata[item].tree
+  # The item is read with its own handler, as CheckpointManager reads an item of a step: a Checkpointer would look
+  # for a step's metadata file in the item's folder (the manager writes it one level up) and warn it is missing.
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    tree = handler.metadata(step_dir / item).tree
     if item == OLD_STATE and "params" not in tree:
       raise ValueError(f"{step_dir / item}: a layout-1 'state' item without 'params' (found {sorted(tree)})")
-    restored = ck.restore(step_dir, ocp.args.Composite(**{item: ocp.args.StandardRestore(_abstract(tree, sharding))}))
-  params = restored[item] if item == PARAMS else restored[item]["params"]
+    restored = handler.restore(step_dir / item, args=ocp.args.StandardRestore(_abstract(tree, sharding)))
+  finally:
+    handler.close()
+  params = restored if item == PARAMS else restored["params"]
   return traverse_util.flatten_dict(params, sep="/")
