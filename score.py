@@ -12,7 +12,8 @@ Output (--format csv, or json; default from the --output extension): one row per
 still scored; an image refused by a limit (--max_upscale, --max_pixels) keeps its width and height in the row.
 Exit status: 0 when every image was scored; 1 when any failed (after writing every row), when no image was found
 or the model could not be loaded; 2 for bad arguments (a PATH or --workdir that does not exist, an --output
-folder that does not exist, a bad number), reported before the model is loaded.
+folder that does not exist, a bad number), reported before the model is loaded, and for a --pretrained model whose
+backbone must be given with --clip.
 """
 
 from __future__ import annotations
@@ -190,8 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     scorer = _make_scorer(args)
   except (FileNotFoundError, ValueError) as e:
+    from mcpf_jax.pretrained import MissingBackbone  # pylint: disable=g-import-not-at-top
     print(f"score.py: {e}", file=sys.stderr)
-    return 1
+    return 2 if isinstance(e, MissingBackbone) else 1  # a --clip is missing: a usage error, like bad arguments
 
   out = sys.stdout if args.output == "-" else open(args.output, "w", newline="", encoding="utf-8")
   try:

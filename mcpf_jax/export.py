@@ -31,45 +31,112 @@ from mcpf_jax.clip.config import HUB_IDS
 from mcpf_jax.scoring import Scorer
 
 _HF_SOURCE = re.compile(r"^hf://(?P<repo>[^@]+)@(?P<commit>[^/]+)/(?P<file>.+)$")
+# A snapshot folder in a Hugging Face cache: <cache>/models--<org>--<name>/snapshots/<commit> (the hub forbids
+# "--" in repo names, so each "--" of the folder name is a "/" of the repo id).
+_HUB_CACHE_FOLDER = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
 # Files of a Hugging Face CLIP folder that the backbone needs besides its weights.
 _BACKBONE_FILES = ("config.json", "preprocessor_config.json") + clip.checkpoint.TOKENIZER_FILES
 
 
-def backbone_reference(config, source: str, fingerprint: str) -> dict[str, Any]:
-  """{"source", "hub_id", "revision", "fingerprint"}: where the backbone can be found again.
+def _is_local_name(name: str) -> bool:
+  """A clip.name that names a folder on this machine (rather than a hub id, a preset or "tiny")."""
+  path = pathlib.Path(name).expanduser()
+  return path.is_absolute() or name.startswith((".", "~")) or path.exists()
 
-  The hub id and the exact commit come from the loaded weights' source (hf://repo@commit/file), else from a
-  hub id or preset in clip.name (with clip.revision); a backbone loaded from a local folder has no hub id.
+
+def _hub_cache_reference(folder: pathlib.Path) -> tuple[str, str] | None:
+  """(hub id, commit) of a snapshot folder of a Hugging Face cache, else None."""
+  m = _HUB_CACHE_FOLDER.search(folder.expanduser().absolute().as_posix())
+  return (m["repo"].replace("--", "/"), m["commit"]) if m else None
+
+
+def backbone_reference(config, source: str, fingerprint: str, *,
+                       folder: pathlib.Path | None = None) -> dict[str, Any]:
+  """{"hub_id", "revision", "weights", "fingerprint"}: how the backbone is found again, with no local path in it.
+
+  The hub id and the exact commit come from the loaded weights' source (hf://repo@commit/file); else from the
+  local `folder` it was loaded from when that is a snapshot in a Hugging Face cache; else from a hub id or preset
+  in clip.name (with clip.revision: the run trained on it, and the weights given instead have its fingerprint).
+  A backbone with none of these (a local folder, the smoke run's tiny CLIP) has no hub id: only its fingerprint.
   """
-  ref = {"source": source, "hub_id": None, "revision": None, "fingerprint": fingerprint}
+  ref = {"hub_id": None, "revision": None, "weights": None, "fingerprint": fingerprint}
   m = _HF_SOURCE.match(source)
   if m:
-    ref.update(hub_id=m["repo"], revision=m["commit"])
-  elif not pathlib.Path(str(config.clip.name)).expanduser().exists() and config.clip.name != "tiny":
-    ref.update(hub_id=HUB_IDS.get(config.clip.name, config.clip.name), revision=config.clip.revision)
+    return dict(ref, hub_id=m["repo"], revision=m["commit"], weights=m["file"])
+  if folder is not None:
+    ref["weights"] = next((w for w in clip.checkpoint.WEIGHT_FILES if (folder / w).is_file()), None)
+    cached = _hub_cache_reference(folder)
+    if cached:
+      return dict(ref, hub_id=cached[0], revision=cached[1])
+  name = str(config.clip.name)
+  if name != "tiny" and not _is_local_name(name):
+    ref.update(hub_id=HUB_IDS.get(name, name), revision=config.clip.revision)
   return ref
 
 
-def _backbone_folder(source: str) -> tuple[pathlib.Path, str]:
+def _backbone_folder(source: str, loaded_from: pathlib.Path | None) -> tuple[pathlib.Path, str]:
   """The folder the backbone was loaded from and the weight file's name."""
   m = _HF_SOURCE.match(source)
   if m:
     folder = hub.snapshot(m["repo"], revision=m["commit"], allow_patterns=("config.json", m["file"]),
                           local_files_only=True)  # the files it was loaded from: in the cache, or gone
     return folder, m["file"]
+  if loaded_from is not None:  # the folder as given: a hub cache's snapshot links its files to blobs/<hash>
+    return loaded_from, next(w for w in clip.checkpoint.WEIGHT_FILES if (loaded_from / w).is_file())
   weights = pathlib.Path(source)
   return weights.parent, weights.name
 
 
-def _copy_backbone(source: str, target: pathlib.Path) -> list[str]:
-  """Copies the backbone's Hugging Face files (weights, config, tokenizer) as they are: the same fingerprint."""
-  folder, weights = _backbone_folder(source)
+def _local_path_strings() -> tuple[str, ...]:
+  """Absolute paths of this machine that must not appear in an exported file (home, working folder, temp)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  places = {pathlib.Path.home(), pathlib.Path.cwd(), pathlib.Path(tempfile.gettempdir())}
+  return tuple(sorted({str(p) for p in places} | {str(p.resolve()) for p in places}, key=len, reverse=True))
+
+
+def _looks_local(text: str, places: Sequence[str]) -> bool:
+  """An absolute or home-relative file path, a file:// URL, or any text holding one of `places`."""
+  if text.startswith(("/", "~", "file:")) or re.match(r"^[A-Za-z]:[\\/]", text):
+    return True
+  return any(p != "/" and p in text for p in places)
+
+
+def without_local_paths(data: Any, places: Sequence[str] | None = None) -> Any:
+  """JSON data with every string that names a local path (`_looks_local`) replaced by None: what is exported
+  may be published (--push_to_hub), and a path of the exporting machine means nothing elsewhere."""
+  places = _local_path_strings() if places is None else places
+  if isinstance(data, dict):
+    return {k: without_local_paths(v, places) for k, v in data.items()}
+  if isinstance(data, (list, tuple)):
+    return [without_local_paths(v, places) for v in data]
+  if isinstance(data, str) and _looks_local(data, places):
+    return None
+  return data
+
+
+def _write(path: pathlib.Path, data: bytes) -> None:
+  """A new file with the ordinary mode (0666 less the umask), also where --overwrite replaces an older one."""
+  path.unlink(missing_ok=True)
+  path.write_bytes(data)
+
+
+def _copy_backbone(source: str, loaded_from: pathlib.Path | None, target: pathlib.Path) -> list[str]:
+  """Copies the backbone's Hugging Face files (weights, config, tokenizer): the weights as they are (the same
+  fingerprint), the JSON files without local paths (transformers records e.g. `_name_or_path`)."""
+  folder, weights = _backbone_folder(source, loaded_from)
   target.mkdir(parents=True)
   copied = []
   for name in (weights,) + _BACKBONE_FILES:
-    if (folder / name).is_file():
-      shutil.copyfile(folder / name, target / name)  # follows the hub cache's symlinks to their blobs
-      copied.append(name)
+    if not (folder / name).is_file():
+      continue
+    data = (folder / name).read_bytes()  # follows the hub cache's symlinks to their blobs
+    if name.endswith(".json"):
+      raw = json.loads(data)
+      clean = without_local_paths(raw)
+      if clean != raw:
+        data = (json.dumps(clean, indent=2) + "\n").encode()
+    _write(target / name, data)
+    copied.append(name)
   return copied
 
 
@@ -104,11 +171,17 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoin
   score_map = scorer.score_map
   # from_checkpoint checked that the backbone loaded (info["backbone"]) has the fingerprint the run trained on.
   source = scorer.info["backbone"]
-  backbone = dict(backbone_reference(config, source, meta["backbone"]["fingerprint"]), included=include_backbone)
+  name = str(clip_name or config.clip.name)  # what the backbone was loaded from (runs.load_clip)
+  loaded_from = (pathlib.Path(source).parent if name == "tiny" else
+                 pathlib.Path(name).expanduser() if pathlib.Path(name).expanduser().is_dir() else None)
+  backbone = dict(backbone_reference(config, source, meta["backbone"]["fingerprint"], folder=loaded_from),
+                  included=include_backbone, path=pretrained.BACKBONE_DIR if include_backbone else None)
+  dataset = {k: v for k, v in (run.get("dataset") or {}).items() if k != "path"}  # where it was on this machine
   record = {
       "format": pretrained.FORMAT, "format_version": pretrained.FORMAT_VERSION,
       "model": json.loads(config.model.to_json_best_effort()), "seed": int(config.seed),
-      "clip": {"name": config.clip.name, "revision": config.clip.revision, "dtype": config.clip.dtype},
+      "clip": {"name": None if _is_local_name(str(config.clip.name)) else config.clip.name,
+               "revision": config.clip.revision, "dtype": config.clip.dtype},
       "backbone": backbone,
       "preprocessing": {"resize": scorer.preprocessing.resize, "image_size": scorer.preprocessing.image_size,
                         "num_crops": scorer.preprocessing.num_crops,
@@ -118,20 +191,22 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoin
                 "train_low01": score_map.train_low01, "train_high01": score_map.train_high01,
                 "num_levels": score_map.num_levels,
                 "score_range": list(scorer.score_range), "scale": scorer.scale, "dataset": scorer.dataset},
-      "training": {"step": scorer.info["step"], "checkpoint": str(checkpoint), "dataset": run.get("dataset"),
+      "training": {"step": scorer.info["step"], "checkpoint": str(checkpoint), "dataset": dataset or None,
                    "split": run.get("split"), "init_from": run.get("init_from"),
                    "eval": eval_json, "test": (summary or {}).get("test")},
   }
+  record = without_local_paths(record)
   output.mkdir(parents=True, exist_ok=True)
   if overwrite:
     for stale in (pretrained.BACKBONE_DIR,):
       if (output / stale).exists():
         shutil.rmtree(output / stale)
-  pretrained.write_params(output / pretrained.WEIGHTS_FILE, own)
-  (output / pretrained.CONFIG_FILE).write_text(json.dumps(record, indent=1) + "\n")
-  (output / pretrained.CARD_FILE).write_text(model_card(record, num_params=sum(int(v.size) for v in own.values())))
+  _write(output / pretrained.WEIGHTS_FILE, pretrained.params_bytes(own))
+  _write(output / pretrained.CONFIG_FILE, (json.dumps(record, indent=1) + "\n").encode())
+  card = model_card(record, num_params=sum(int(v.size) for v in own.values()))
+  _write(output / pretrained.CARD_FILE, card.encode())
   if include_backbone:
-    _copy_backbone(source, output / pretrained.BACKBONE_DIR)
+    _copy_backbone(source, loaded_from, output / pretrained.BACKBONE_DIR)
   files = {str(p.relative_to(output)): p.stat().st_size for p in sorted(output.rglob("*")) if p.is_file()}
   return {"output": str(output), "step": scorer.info["step"], "files": files, "bytes": sum(files.values())}
 
@@ -164,10 +239,14 @@ def model_card(record: dict[str, Any], *, num_params: int) -> str:
     eval_what = f"`train.py`'s test evaluation at the end of training ({ev.get('dataset')}, {part(ev)} part):"
   else:
     eval_what = ""
-  backbone_where = ("included in `clip/` (Hugging Face CLIP format)" if back["included"] else
-                    f"not included: `{back['hub_id']}` (revision `{back['revision'] or 'main'}`) from the Hugging Face "
-                    "Hub or its cache, or `--clip FOLDER`" if back["hub_id"] else
-                    "not included, and it has no hub id: give it with `--clip FOLDER`")
+  if back["included"]:
+    backbone_where = f"included in `{back.get('path') or 'clip'}/` (Hugging Face CLIP format)"
+  elif back["hub_id"]:
+    backbone_where = (f"not included: `{back['hub_id']}` (revision `{back['revision'] or 'main'}`) from the "
+                      "Hugging Face Hub or its cache, or `--clip FOLDER`")
+  else:
+    backbone_where = "not included, and it has no hub id: give its folder with `--clip FOLDER`"
+  backbone_name = f"`{back['hub_id']}`" if back["hub_id"] else "(a local CLIP, not on the Hugging Face Hub)"
   return f"""---
 {data.to_yaml()}
 ---
@@ -205,7 +284,7 @@ num_crops = {prep['num_crops']}.
 
 ## Backbone
 
-CLIP `{back['hub_id'] or back['source']}`, fingerprint `{back['fingerprint']}` (checked on load): {backbone_where}.
+CLIP {backbone_name}, fingerprint `{back['fingerprint']}` (checked on load): {backbone_where}.
 
 ## Use
 

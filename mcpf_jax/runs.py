@@ -17,10 +17,12 @@ alongside, it is prompt-sized, and dropped), so no optimizer is built to read it
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -80,12 +82,31 @@ def checkpoint_step(ckpts: Any, which: str | int) -> int:
   return step
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  # orbax logs "Given directory is read only" at WARNING for every read-only manager: it is what was asked for.
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def quiet_read_only() -> Iterator[None]:
+  """Around opening a read-only CheckpointManager: without orbax's notice that it is read-only."""
+  notice = _DropReadOnlyNotice()
+  logger = logging.getLogger("absl")  # orbax logs through absl.logging, i.e. the "absl" Python logger
+  logger.addFilter(notice)
+  try:
+    yield
+  finally:
+    logger.removeFilter(notice)
+
+
 class ReadOnlyCheckpoints:
   """The checkpoints of a run, read-only: which steps there are, the best one, and one step's items."""
 
   def __init__(self, directory: str | pathlib.Path):
     self.directory = pathlib.Path(directory).expanduser().absolute()
-    self.manager = ocp.CheckpointManager(self.directory, options=manager_options(read_only=True))
+    with quiet_read_only():
+      self.manager = ocp.CheckpointManager(self.directory, options=manager_options(read_only=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -239,10 +260,15 @@ def read_params(step_dir: pathlib.Path, sharding: jax.sharding.Sharding | None =
   """
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   item = PARAMS if layout(step_dir) == LAYOUT else OLD_STATE
-  with ocp.StandardCheckpointer() as ck:
-    tree = ck.metadata(step_dir / item).item_metadata.tree
+  # The item is read with its own handler, as CheckpointManager reads an item of a step: a Checkpointer would look
+  # for a step's metadata file in the item's folder (the manager writes it one level up) and warn it is missing.
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    tree = handler.metadata(step_dir / item).tree
     if item == OLD_STATE and "params" not in tree:
       raise ValueError(f"{step_dir / item}: a layout-1 'state' item without 'params' (found {sorted(tree)})")
-    restored = ck.restore(step_dir / item, _abstract(tree, sharding))
+    restored = handler.restore(step_dir / item, args=ocp.args.StandardRestore(_abstract(tree, sharding)))
+  finally:
+    handler.close()
   params = restored if item == PARAMS else restored["params"]
   return traverse_util.flatten_dict(params, sep="/")

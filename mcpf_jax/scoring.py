@@ -245,10 +245,10 @@ class Scorer:
                       max_pixels: int | None = images.DEFAULT_MAX_PIXELS) -> Scorer:
     """Loads an exported model (`python -m mcpf_jax.export`): a local folder or a Hugging Face Hub repo id.
 
-    A local folder never touches the network: the backbone comes from its clip/ folder (`--include_backbone`),
-    else `clip_name`, else the Hugging Face cache (read only). A hub id is fetched through huggingface_hub's
-    cache (HF_HUB_OFFLINE=1: the cache only), and so is its backbone when the folder has no clip/. The backbone's
-    fingerprint must be the one the model was trained on.
+    A local folder never touches the network: the backbone comes from `clip_name`, else from the folder's own
+    (`--include_backbone`: its relative `backbone.path`), else the Hugging Face cache (read only). A hub id is
+    fetched through huggingface_hub's cache (HF_HUB_OFFLINE=1: the cache only), and so is its backbone when the
+    folder has none. The backbone's fingerprint must be the one the model was trained on.
 
     Args:
       name_or_path: an exported folder, or a hub repo id ("org/name").
@@ -258,8 +258,8 @@ class Scorer:
       Others as `from_checkpoint`.
 
     Raises:
-      FileNotFoundError: no such folder / not in the cache, or the backbone cannot be found (the message names
-        it and how to provide it).
+      FileNotFoundError: no such folder / not in the cache; `pretrained.MissingBackbone` when the backbone cannot
+        be found (the message names its fingerprint and the command that gives it).
       ValueError: not an exported model, a damaged file, or another backbone than the one trained on.
     """
     local = pretrained.is_local(name_or_path)
@@ -270,11 +270,12 @@ class Scorer:
     else:
       folder = hub.snapshot(str(name_or_path), revision=revision, cache_dir=cache_dir)
     config = pretrained.read_config(folder)
-    bundle = _pretrained_backbone(folder, config, clip_name, local=local, cache_dir=cache_dir)
+    bundle = _pretrained_backbone(folder, config, clip_name, name_or_path=name_or_path, local=local,
+                                  cache_dir=cache_dir)
     where = folder / pretrained.CONFIG_FILE
     want = config["backbone"]["fingerprint"]
     if bundle.fingerprint != want:
-      trained_on = config["backbone"].get("hub_id") or config["backbone"].get("source")
+      trained_on = config["backbone"].get("hub_id") or "a local CLIP"
       raise ValueError(f"{where}: the model was trained on the CLIP backbone {trained_on!r} "
                        f"(fingerprint {want}), but the backbone found, {bundle.source!r}, has fingerprint "
                        f"{bundle.fingerprint}; give the original weights with clip_name / --clip")
@@ -485,32 +486,29 @@ def _build(model_config: Any, bundle: clip.Bundle, seed: int, own: dict[str, Any
 
 
 def _pretrained_backbone(folder: pathlib.Path, config: dict[str, Any], clip_name: str | os.PathLike[str] | None, *,
-                         local: bool, cache_dir: str | None) -> clip.Bundle:
-  """The CLIP an exported model needs: `clip_name`, else the folder's clip/, else the backbone's hub id (read from
-  the Hugging Face cache only when the model came from a local folder)."""
+                         name_or_path: str | os.PathLike[str], local: bool, cache_dir: str | None) -> clip.Bundle:
+  """The CLIP an exported model needs: `clip_name`, else the folder's own (`backbone.path`, relative to it), else
+  the backbone's hub id (read from the Hugging Face cache only when the model came from a local folder)."""
   dtype = config["clip"].get("dtype", "float32")
   if clip_name is not None:
     return clip.load(clip_name, dtype=dtype)
-  if (folder / pretrained.BACKBONE_DIR).is_dir():
-    return clip_checkpoint.load_folder(folder / pretrained.BACKBONE_DIR, dtype=dtype)
+  included = pretrained.included_backbone(folder, config)
+  if included is not None:
+    return clip_checkpoint.load_folder(included, dtype=dtype)
   backbone = config["backbone"]
   hub_id, revision = backbone.get("hub_id"), backbone.get("revision")
-  what = (f"the CLIP backbone {hub_id or backbone.get('source')!r}"
-          f"{f' (revision {revision})' if hub_id and revision else ''}, fingerprint {backbone['fingerprint']}")
-  how = (f"pass --clip / clip_name= a local CLIP folder with those weights"
-         f"{f', or the hub id {hub_id} where there is network' if hub_id else ''}, or export with --include_backbone")
   if hub_id is None:
-    raise FileNotFoundError(f"{folder}: the model needs {what}; it has no {pretrained.BACKBONE_DIR}/ folder and the "
-                            f"backbone has no hub id: {how}")
+    raise pretrained.missing_backbone(name_or_path, config, "it is not included in the folder and has no hub id to "
+                                      "be found by")
   try:
     if not local:  # through the cache (HF_HUB_OFFLINE honoured), fetching only config, weights and tokenizer
       return clip.load(hub_id, dtype=dtype, revision=revision, cache_dir=cache_dir)
     snapshot = hub.snapshot(hub_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
     return clip_checkpoint.load_folder(snapshot, dtype=dtype, source=f"hf://{hub_id}@{snapshot.name}")
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"{folder}: the model needs {what}, which is not in {folder / pretrained.BACKBONE_DIR} "
-                            f"and could not be found{' in the Hugging Face cache' if local else ''}: {how}. ({e})"
-                            ) from e
+    raise pretrained.missing_backbone(
+        name_or_path, config, f"it is not included in the folder and could not be found"
+        f"{' in the Hugging Face cache (a local folder never downloads)' if local else ''} ({e})") from e
 
 
 def find_images(paths: Iterable[str | os.PathLike[str]],

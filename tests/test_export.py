@@ -302,3 +302,202 @@ def test_scoring_and_export_import_nothing_of_train():
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An exported folder is safe to publish: no path of the exporting machine in any file, ordinary file modes, a quiet
+# export, and a backbone found from its own reference (relative when included, hub id + fingerprint otherwise).
+# The run is a copy of the layout-1 fixture (its run.json records its dataset at a local /tmp path).
+
+TINY_HUB_ID, TINY_COMMIT = "mcpf-tests/tiny-clip", "89abcdef0123456789abcdef0123456789abcdef"
+
+
+def _export_cli(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+  """python -m mcpf_jax.export under umask 022 (the common default), output kept for the warning check."""
+  proc = subprocess.run([sys.executable, "-m", "mcpf_jax.export"] + argv, cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600, umask=0o022)
+  assert proc.returncode == 0, f"{argv} exited with {proc.returncode}:\n{proc.stderr[-4000:]}"
+  return proc
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, clive):
+  """The fixture run exported with its backbone, without it, and without it but from a hub cache's snapshot; the
+  run's scores; then the run deleted."""
+  root = tmp_path_factory.mktemp("publish")
+  work = root / "run"
+  shutil.copytree(OLD, work)
+  env = _env(root)
+  procs = {"full": _export_cli(["--workdir", str(work), "--checkpoint", "latest", "--output", str(root / "full"),
+                                "--include_backbone"], env)}
+  procs["small"] = _export_cli(["--workdir", str(work), "--checkpoint", "latest", "--output", str(root / "small")],
+                               env)
+  # The run's backbone as a snapshot of a Hugging Face cache, given with --clip: the export names it by hub id.
+  cache = root / "cache"
+  _place_in_hub_cache(work / "tiny_clip", cache, TINY_HUB_ID, TINY_COMMIT)
+  snapshot = cache / ("models--" + TINY_HUB_ID.replace("/", "--")) / "snapshots" / TINY_COMMIT
+  procs["cached"] = _export_cli(["--workdir", str(work), "--checkpoint", "latest", "--output", str(root / "cached"),
+                                 "--clip", str(snapshot)], env)
+  imgs = [str(p) for p in sorted(clive.glob("*.JPG"))[:6]]
+  scores = [r.score for r in Scorer.from_checkpoint(work, "latest", batch_size=4).score(imgs)]
+  tiny_clip = root / "tiny_clip_copy"
+  shutil.copytree(work / "tiny_clip", tiny_clip)
+  shutil.rmtree(work)
+  return {"root": root, "work": work, "env": env, "procs": procs, "imgs": imgs, "scores": scores,
+          "tiny_clip": tiny_clip, "cache": cache, **{k: root / k for k in procs}}
+
+
+def _score_cli(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "score.py", "--format", "json", "--no_progress"] + argv, cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def _json_scores(proc: subprocess.CompletedProcess, imgs: list[str]) -> tuple[dict, list[float]]:
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout)
+  by_path = {r["path"]: r["score"] for r in out["results"]}
+  return out["scorer"], [by_path[p] for p in imgs]
+
+
+def test_no_exported_file_holds_a_path_of_the_exporting_machine(published):
+  import tempfile  # pylint: disable=g-import-not-at-top
+  assert "/tmp/wt16_data" in (OLD / "run.json").read_text()  # the run does record a local path (its dataset's)
+  needles = {str(published["work"]), str(published["root"]), str(published["cache"]), str(REPO), "/tmp/wt16_data",
+             str(pathlib.Path.home()) + "/", tempfile.gettempdir().rstrip("/") + "/"}
+  needles |= {os.path.realpath(n) for n in needles}
+  checked = 0
+  for name in ("full", "small", "cached"):
+    for path in sorted(p for p in published[name].rglob("*") if p.is_file()):
+      data = path.read_bytes()  # every file, the safetensors weights too
+      found = sorted(n for n in needles if n.encode() in data)
+      assert not found, f"{path.relative_to(published['root'])} holds {found}"
+      checked += 1
+  assert checked == 9 + 3 + 3
+  for name in ("full", "small", "cached"):
+    config = pretrained.read_config(published[name])
+    assert "source" not in config["backbone"] and config["training"]["dataset"]["name"] == "smoke"
+    assert "path" not in config["training"]["dataset"]
+  assert pretrained.read_config(published["full"])["backbone"]["path"] == "clip"
+
+
+def test_every_exported_file_has_the_ordinary_mode(published):
+  for name in ("full", "small", "cached"):
+    for path in sorted(published[name].rglob("*")):
+      want = 0o755 if path.is_dir() else 0o644  # under umask 022, like any file the user writes
+      assert path.stat().st_mode & 0o777 == want, f"{path}: mode {oct(path.stat().st_mode & 0o777)}"
+
+
+def test_export_prints_no_orbax_warnings(published):
+  for name, proc in published["procs"].items():
+    lines = (proc.stdout + proc.stderr).splitlines()
+    noisy = [ln for ln in lines if any(w in ln for w in ("absl", "orbax", "read only", "Metadata file", "could not "
+                                                                                                      "be restored"))]
+    assert not noisy, f"export ({name}) printed: {noisy}"
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["output"] == str(published[name])
+
+
+def test_reading_checkpoints_of_either_layout_logs_no_orbax_warning(tmp_path, caplog):
+  """The read-only view of a run and read_params on both layouts (the new one with a data iterator's item, as
+  training saves it), with absl's warnings captured in-process."""
+  import grain  # pylint: disable=g-import-not-at-top
+  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+
+  from mcpf_jax.model import freeze  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import optim
+  from mcpf_jax.train import step as step_lib
+  params = {"prompts": jnp.full((2, 3), 1.5), "clip": {"w": jnp.arange(4.0)}}
+  mask = freeze.mask(params, "prompts")
+  tx = optim.make_optimizer(ConfigDict(dict(lr=1e-2, warmup_steps=0, total_steps=10, final_lr_fraction=0.0,
+                                            weight_decay=0.0, b1=0.9, b2=0.999, grad_clip_norm=0.0)), mask)
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "ck")
+  iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+  next(iterator)
+  ckpts.save(3, step_lib.init_state(params, tx), mask, iterator, {"dataset": "x"}, {"val_srcc": 0.5})
+  ckpts.wait()
+  ckpts.close()
+  caplog.set_level("WARNING")
+  caplog.clear()
+  assert {"params", "opt", "meta", "metrics", "data"} <= {p.name for p in (tmp_path / "ck" / "3").iterdir()}
+  for checkpoints, step in ((tmp_path / "ck", 3), (OLD / "checkpoints", 9)):
+    with runs.ReadOnlyCheckpoints(checkpoints) as view:
+      assert view.best_step() == step
+    assert runs.read_params(checkpoints / str(step))
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= 30], caplog.text
+
+
+def test_a_folder_with_its_backbone_loads_offline_from_its_relative_reference(published, tmp_path):
+  moved = tmp_path / "elsewhere" / "model"  # the folder as a user gets it: somewhere else, alone
+  shutil.copytree(published["full"], moved)
+  env = _env(tmp_path)  # offline, an empty Hugging Face cache
+  info, scores = _json_scores(_score_cli(["--pretrained", str(moved)] + published["imgs"], env), published["imgs"])
+  assert info["backbone"] == str((moved / "clip" / "model.safetensors").resolve())
+  assert max(abs(a - b) for a, b in zip(scores, published["scores"])) <= 1e-6
+  assert np.ptp(scores) > 1e-3
+
+
+def test_a_folder_without_its_backbone_names_the_fingerprint_and_the_command(published, tmp_path):
+  small, env = published["small"], _env(tmp_path)
+  fingerprint = pretrained.read_config(small)["backbone"]["fingerprint"]
+  proc = _score_cli(["--pretrained", str(small), published["imgs"][0]], env)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert f"fingerprint {fingerprint}" in proc.stderr and "tiny CLIP" in proc.stderr
+  assert f"python score.py --pretrained {small} --clip CLIP_FOLDER" in proc.stderr
+  assert "--include_backbone" in proc.stderr
+  # The command it names works, and the backbone given is checked against the recorded fingerprint.
+  _, scores = _json_scores(_score_cli(["--pretrained", str(small), "--clip", str(published["tiny_clip"])]
+                                      + published["imgs"], env), published["imgs"])
+  assert max(abs(a - b) for a, b in zip(scores, published["scores"])) <= 1e-6
+  run_clip = runs.read_run(OLD)["config"]["clip"]
+  other = backbone.write(tmp_path / "other_clip", seed=run_clip["tiny_seed"] + 1, **run_clip["tiny"])
+  wrong = _score_cli(["--pretrained", str(small), "--clip", str(other), published["imgs"][0]], env)
+  assert wrong.returncode == 1 and f"(fingerprint {fingerprint}), but the backbone found" in wrong.stderr, wrong.stderr
+
+
+def test_a_folder_whose_backbone_is_in_the_hub_cache_finds_it_offline(published, tmp_path):
+  cached = published["cached"]
+  ref = pretrained.read_config(cached)["backbone"]
+  assert (ref["hub_id"], ref["revision"], ref["included"], ref["path"]) == (TINY_HUB_ID, TINY_COMMIT, False, None)
+  env = dict(_env(tmp_path), HF_HUB_CACHE=str(published["cache"]))
+  info, scores = _json_scores(_score_cli(["--pretrained", str(cached)] + published["imgs"], env), published["imgs"])
+  assert info["backbone"] == f"hf://{TINY_HUB_ID}@{TINY_COMMIT}"
+  assert max(abs(a - b) for a, b in zip(scores, published["scores"])) <= 1e-6
+  # Not in this cache: the same usage error, naming the hub id, its revision and the fingerprint.
+  missing = _score_cli(["--pretrained", str(cached), published["imgs"][0]], _env(tmp_path))
+  assert missing.returncode == 2
+  assert f"{TINY_HUB_ID!r} (revision {TINY_COMMIT}) with fingerprint {ref['fingerprint']}" in missing.stderr
+
+
+def test_a_folder_exported_before_the_relative_reference_still_loads(published, tmp_path):
+  """The previous exporter's backbone record: the exporting machine's weight path in "source", no "path" (the
+  backbone, when included, in clip/); the clip section named the run's clip.name. It loads as before."""
+  imgs, fingerprint = published["imgs"][:2], pretrained.read_config(published["full"])["backbone"]["fingerprint"]
+  for name, included in (("full", True), ("small", False)):
+    old = tmp_path / name
+    shutil.copytree(published[name], old)
+    config = json.loads((old / "config.json").read_text())
+    assert config["format_version"] == 1
+    config["backbone"] = {"source": "/home/someone/runs/smoke/tiny_clip/model.safetensors", "hub_id": None,
+                          "revision": None, "fingerprint": fingerprint, "included": included}
+    (old / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    clip_name = None if included else published["tiny_clip"]
+    scorer = Scorer.from_pretrained(old, clip_name=clip_name, batch_size=4)
+    got = [r.score for r in scorer.score(imgs)]
+    assert max(abs(a - b) for a, b in zip(got, published["scores"])) <= 1e-6
+    if not included:
+      with pytest.raises(pretrained.MissingBackbone, match=rf"fingerprint {fingerprint}.*--clip CLIP_FOLDER"):
+        Scorer.from_pretrained(old)
+
+
+def test_a_backbone_path_outside_the_folder_or_missing_is_refused_naming_the_field(published, tmp_path):
+  folder = tmp_path / "model"
+  shutil.copytree(published["full"], folder)
+  config = json.loads((folder / "config.json").read_text())
+  for bad in ("../elsewhere", "/abs/clip", ""):
+    (folder / "config.json").write_text(json.dumps(dict(config, backbone=dict(config["backbone"], path=bad))))
+    with pytest.raises(ValueError, match=r"config.json: field backbone.path is .*, expected a folder inside"):
+      Scorer.from_pretrained(folder)
+  (folder / "config.json").write_text(json.dumps(dict(config, backbone=dict(config["backbone"], path="weights"))))
+  with pytest.raises(FileNotFoundError, match=r"backbone.path is 'weights', but .*weights is not a folder"):
+    Scorer.from_pretrained(folder)
