@@ -633,7 +633,11 @@ def cli(argv: list[str] | None = None) -> None:
   if any(a in HELP_FLAGS for a in argv[1:]):
     print(__doc__.rstrip())
     print("\nflags:")
-    print(flags.FLAGS.get_help() if "--helpfull" in argv else flags.FLAGS.module_help(__name__))
+    if "--helpfull" in argv:
+      print(flags.FLAGS.get_help())
+    else:
+      print(flags.FLAGS.module_help(__name__))
+      print("\nTry --helpfull for every flag (absl's, e.g. --verbosity, and the libraries').")
     sys.exit(0)
   app.run(lambda rest: sys.exit(main(rest)), argv=argv)
 

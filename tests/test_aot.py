@@ -116,7 +116,9 @@ def test_help_exits_0_under_the_module_name():
   for flag in ("--config:", "--topology:", "--num_slices:", "--steps:", "--mfu:"):
     assert f"\n  {flag}" in proc.stdout
   assert os.sep + "aot.py" not in proc.stdout  # absl's heading for __main__ is the file's path
-  assert proc.stderr == ""
+  assert "--alsologtostderr" not in proc.stdout and "--helpfull" in proc.stdout and proc.stderr == ""
+  full = _run("--helpfull")
+  assert full.returncode == 0 and "\nmcpf_jax.aot:\n" in full.stdout and "--verbosity" in full.stdout
 
 
 def test_without_libtpu_the_error_says_what_to_install(tmp_path):
