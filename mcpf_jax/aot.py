@@ -21,14 +21,19 @@ work, each image once and the class prompts' text tower once; `analytic_flops_ex
 per device and micro-batch, as data parallelism and accumulation run it, and each image once per device of the
 "model" axis: what `flops_per_step` is checked against (`flops_vs_analytic`).
 
-TPU targets need `jax[tpu]` (libtpu) installed; it runs on a CPU-only machine. Topology names (`TOPOLOGIES`) are
-libtpu's "<generation>:<chips per axis>", or the cloud names of common slices (v5e-8, v4-32, v5p-128, ...).
+TPU targets need libtpu, the TPU compiler (`find_libtpu`): on a TPU VM the one `jax[tpu]` installs; on a CPU-only
+machine the one `make aot-libtpu` keeps in <venv>/aot-libtpu, outside site-packages (importable, jax would start it
+as a backend in every command of the venv, each then printing libtpu's errors about the TPU it cannot find).
+Topology names (`TOPOLOGIES`) are libtpu's "<generation>:<chips per axis>", or the cloud names of common slices
+(v5e-8, v4-32, v5p-128, ...).
 GPU targets ("h100:1x8", "a100:1x8") use deviceless CUDA compilation (`jax-cuda12-plugin`); see `gpu_topology`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -43,6 +48,12 @@ if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU VM metadata server to ask: this is not a TPU host
+  # ... so libtpu, loading, would print errors about the TPU worker it cannot identify (INVALID_ARGUMENT ...
+  # TPU_WORKER_HOSTNAMES, "Failed to find host bounds"). This process is one host of its own, worker 0; the
+  # target's hosts come from the topology (get_topology_desc), not from these.
+  os.environ.setdefault("TPU_WORKER_ID", "0")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
   # A deviceless GPU compile cannot autotune, and XLA's Triton GEMM fusions need autotuning to pick their tiles
   # ("Couldn't find output tile sizes"): use its cuBLAS GEMMs, as with autotuning off. A GPU-only flag.
   if "--xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
@@ -109,6 +120,44 @@ class Target:
     return CHIPS.get(self.device_kind, {})
 
 
+# Where a CPU-only machine keeps libtpu: in the venv (sys.prefix), beside its site-packages, never in it.
+LIBTPU_FOLDER = "aot-libtpu"
+
+
+def libtpu_requirement() -> str:
+  """The libtpu the installed jax's `tpu` extra pins ("libtpu==0.0.42.*" for jax 0.10.2): the one to install."""
+  for requirement in importlib.metadata.requires("jax") or ():
+    spec, _, marker = requirement.partition(";")
+    if re.match(r"libtpu\b", spec.strip()) and 'extra == "tpu"' in marker:
+      return spec.replace(" ", "")
+  raise PreflightError(f"jax {jax.__version__}'s package metadata names no libtpu for its `tpu` extra")
+
+
+def libtpu_folder() -> str:
+  return os.path.join(sys.prefix, LIBTPU_FOLDER)
+
+
+def find_libtpu() -> str | None:
+  """The libtpu.so a TPU compile loads, or None: $TPU_LIBRARY_PATH (jax's own setting), else an importable `libtpu`
+  (a TPU VM's `jax[tpu]`), else <venv>/aot-libtpu/libtpu/libtpu.so (`make aot-libtpu`, a CPU-only machine)."""
+  if os.environ.get("TPU_LIBRARY_PATH"):
+    return os.environ["TPU_LIBRARY_PATH"]
+  spec = importlib.util.find_spec("libtpu")
+  if spec is not None and spec.origin:
+    return os.path.join(os.path.dirname(spec.origin), "libtpu.so")
+  path = os.path.join(libtpu_folder(), "libtpu", "libtpu.so")
+  return path if os.path.isfile(path) else None
+
+
+def install_libtpu_hint() -> str:
+  """How to get the libtpu this jax needs: the commands, spelled out."""
+  return (f"On a CPU-only machine, install it beside the venv, not into it (importable, jax would start it as a "
+          f"backend in every command): `make aot-libtpu` in a checkout, which runs\n"
+          f"  {sys.executable} -m pip install --no-deps --target {libtpu_folder()} '{libtpu_requirement()}'\n"
+          f"(the libtpu jax {jax.__version__}'s `tpu` extra pins; this tool looks for it there), or set "
+          f"TPU_LIBRARY_PATH to a libtpu.so. On a TPU VM: pip install 'jax[tpu]=={jax.__version__}'.")
+
+
 def tpu_topology(name: str, num_slices: int = 1, chips_per_host: str | None = None) -> Target:
   """Compile-only TPU devices of `name` (a key of TOPOLOGIES or libtpu's "<gen>:<AxB[xC]>")."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
@@ -116,6 +165,13 @@ def tpu_topology(name: str, num_slices: int = 1, chips_per_host: str | None = No
   if not re.fullmatch(r"v(2|3|4|5e|5p|6e):\d+x\d+(x\d+)?", libtpu_name):
     raise PreflightError(f"--topology={name!r}: expected one of {sorted(TOPOLOGIES)}, a libtpu topology such as "
                          "'v5e:2x4' or 'v4:2x2x4' (v4, v5e, v5p, v6e), or a GPU node 'h100:1x8' / 'a100:1x8'")
+  library = find_libtpu()
+  if library is None:
+    raise PreflightError(f"--topology={name!r} is a TPU target: compiling for it needs libtpu, the TPU compiler, "
+                         f"and none was found.\n{install_libtpu_hint()}")
+  if not os.path.isfile(library):
+    raise PreflightError(f"--topology={name!r}: TPU_LIBRARY_PATH={library!r} is not a file (expected libtpu.so)")
+  os.environ.setdefault("TPU_LIBRARY_PATH", library)  # where jax loads the TPU plugin from
   kwargs: dict[str, Any] = {}
   host = chips_per_host or default_host
   if host:
@@ -126,8 +182,10 @@ def tpu_topology(name: str, num_slices: int = 1, chips_per_host: str | None = No
     kwargs["num_slices"] = num_slices
   try:
     topo = topologies.get_topology_desc(topology_name=libtpu_name, platform="tpu", **kwargs)
-  except RuntimeError as e:  # no libtpu, or libtpu refused the name
-    raise PreflightError(f"--topology={name!r} ({libtpu_name}, {kwargs}): {e}") from e
+  except RuntimeError as e:  # libtpu refused the name or the options
+    options = "".join(f", {k}={v}" for k, v in kwargs.items())
+    raise PreflightError(f"--topology={name!r}: libtpu ({library}) refused topology {libtpu_name!r}{options}: "
+                         f"{str(e).strip()}") from e
   return Target(name, "tpu", list(topo.devices), num_slices)
 
 
@@ -496,8 +554,9 @@ def _gib(x: float | None) -> str:
 def format_report(r: dict[str, Any]) -> str:
   lines = [f"{r['model']} on {r['clip']} (trainable={r['trainable']}, {r['dtype']}, remat={r['remat']}, "
            f"attention={r['attention']})",
-           f"target {r['topology']}: {r['devices']} x {r['device_kind']} on {r['hosts']} host(s), {r['slices']} "
-           f"slice(s), mesh {r['mesh']}, shard_backbone={r['shard_backbone']}",
+           f"target {r['topology']}: {r['devices']} x {r['device_kind']} on {r['hosts']} host(s) of "
+           f"{r['devices'] // r['hosts']} devices, {r['slices']} slice(s), mesh {r['mesh']}, "
+           f"shard_backbone={r['shard_backbone']}",
            f"global batch {r['global_batch']} (accumulate_steps={r['accumulate_steps']})"]
   for name in ("train", "eval"):
     p = r[name]
@@ -546,20 +605,44 @@ def main(argv) -> int:
   return 0 if report["fits"] else 2
 
 
-def _define_flags():
+def _define_flags() -> None:
+  """The command's flags, defined here so that absl files them under this module's name (`mcpf_jax.aot`, the help's
+  heading), not under `__main__`'s file path."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)")
+  config_flags.DEFINE_config_file("config", None, "config file (configs/*.py); --config.<field>=<value> overrides")
   flags.DEFINE_string("topology", None, f"target: {', '.join(sorted(TOPOLOGIES))}, a libtpu name such as "
                       "'v5e:2x4', or a GPU node 'h100:1x8'")
   flags.DEFINE_integer("num_slices", 1, "TPU slices (multi-slice over DCN); the mesh spans all their devices")
-  flags.DEFINE_string("chips_per_host", None, "TPU chips per host as 'x,y,z' (default: libtpu's for the topology)")
+  flags.DEFINE_string("chips_per_host", None, "TPU chips per host as 'x,y,z' (default: the cloud slice's, or "
+                      "libtpu's for a libtpu name)")
   flags.DEFINE_list("steps", ["train", "eval"], "programs to compile: train, eval or both")
   flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step time and input rate")
   flags.mark_flags_as_required(["config", "topology"])
 
 
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+HELP_FLAGS = ("-h", "-?", "-help", "--help", "--helpshort", "--helpfull")
+
+
+def cli(argv: list[str] | None = None) -> None:
+  """`python -m mcpf_jax.aot`: parses the flags and exits with main's status; --help prints this module's docstring
+  and its flags and exits 0 (absl's own --help exits 1)."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  argv = sys.argv if argv is None else argv
   _define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    print(__doc__.rstrip())
+    print("\nflags:")
+    if "--helpfull" in argv:
+      print(flags.FLAGS.get_help())
+    else:
+      print(flags.FLAGS.module_help(__name__))
+      print("\nTry --helpfull for every flag (absl's, e.g. --verbosity, and the libraries').")
+    sys.exit(0)
+  app.run(lambda rest: sys.exit(main(rest)), argv=argv)
+
+
+if __name__ == "__main__":
+  # The module under its import name, so its flags are `mcpf_jax.aot`'s (the environment above is already set).
+  from mcpf_jax import aot  # pylint: disable=g-import-not-at-top,import-self
+  aot.cli()

@@ -18,9 +18,8 @@ import tempfile
 import ml_collections
 import pytest
 
-# The tests run on the CPU backend. requirements-test.txt installs libtpu (jax[tpu]) for the ahead-of-time
-# compiles of tests/test_aot.py, which only use it as a compiler; without this, jax would try to initialise it as
-# the default backend of every test process (and, on a machine with chips, take them).
+# The tests run on the CPU backend, also on a machine with chips (which they would otherwise take). The tests that
+# run a command as a user types it remove it from that command's environment.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the whole session (the xdist workers and the train.py / eval.py
 # subprocesses inherit it): many tests compile the same tiny models, and CPU compiles dominate the suite's time.

@@ -3,9 +3,11 @@
 The compiles run `python -m mcpf_jax.aot` in a subprocess (the command users run; JAX_PLATFORMS=cpu there too, so
 libtpu is only ever the compiler, never a runtime backend of the tests), with ALLOW_MULTIPLE_LIBTPU_LOAD=1 (libtpu
 takes a process lock that two pytest-xdist workers would otherwise fight over) and TPU_LOG_DIR in tmp_path.
-They are skipped, with the reason, where libtpu is not installed (requirements-test.txt installs it).
+libtpu comes from where the tool itself finds it (`aot.find_libtpu`): on a CPU machine the folder `make test` fills,
+<venv>/aot-libtpu, outside site-packages. They are skipped, with the reason, where there is none.
 """
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -23,8 +25,8 @@ from mcpf_jax.clip import model as clip_model
 from mcpf_jax.clip.tiny import tiny_config
 from mcpf_jax.model import flops
 
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install 'jax[tpu]')")
+LIBTPU = aot.find_libtpu()
+needs_libtpu = pytest.mark.skipif(LIBTPU is None, reason="no libtpu (`make aot-libtpu`; README: Pre-flight)")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,6 +54,10 @@ def test_smoke_config_compiles_for_a_v5e_slice(tmp_path):
   rc, r, log = _aot(tmp_path, "--config", "configs/smoke.py", "--topology", "v5e:2x4", "--config.clip.tiny.width=256",
                     "--config.model.fusion_width=64")
   assert rc == 0, log
+  # libtpu, loaded as the compiler only, says nothing about the TPU worker this machine is not.
+  for noise in ("E0000", "INVALID_ARGUMENT", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "host bounds"):
+    assert noise not in log, log
+  assert "8 x TPU v5 lite on 2 host(s) of 4 devices, 1 slice(s)" in log
   for key in aot.report_keys():
     assert key in r, key
   assert (r["topology"], r["platform"], r["device_kind"]) == ("v5e:2x4", "tpu", "TPU v5 lite")
@@ -95,6 +101,63 @@ def test_bad_topology_names_the_flag(tmp_path):
   rc, r, log = _aot(tmp_path, "--config", "configs/smoke.py", "--topology", "v9:2x2")
   assert rc == 1 and r is None
   assert "--topology='v9:2x2'" in log and "v5e:2x4" in log
+
+
+def _run(*args: str, env: dict | None = None, python: str = sys.executable) -> subprocess.CompletedProcess:
+  return subprocess.run([python, "-m", "mcpf_jax.aot", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_help_exits_0_under_the_module_name():
+  proc = _run("--help")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("Pre-flight: compile")
+  assert "\nmcpf_jax.aot:\n  --chips_per_host:" in proc.stdout
+  for flag in ("--config:", "--topology:", "--num_slices:", "--steps:", "--mfu:"):
+    assert f"\n  {flag}" in proc.stdout
+  assert os.sep + "aot.py" not in proc.stdout  # absl's heading for __main__ is the file's path
+  assert "--alsologtostderr" not in proc.stdout and "--helpfull" in proc.stdout and proc.stderr == ""
+  full = _run("--helpfull")
+  assert full.returncode == 0 and "\nmcpf_jax.aot:\n" in full.stdout and "--verbosity" in full.stdout
+
+
+def test_without_libtpu_the_error_says_what_to_install(tmp_path):
+  """A Python environment that has the runtime packages but no libtpu anywhere: exit 1, and the command that fixes
+  it, for this jax, into that environment's own aot-libtpu folder."""
+  if importlib.util.find_spec("libtpu") is not None:
+    pytest.skip("libtpu is importable here (a TPU VM's jax[tpu]): no environment without it to make")
+  env_dir = tmp_path / "env"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
+  python = str(env_dir / "bin" / "python")
+  site = [p for p in sys.path if p.endswith("site-packages")]
+  env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
+  env["PYTHONPATH"] = os.pathsep.join([REPO, *site])  # jax and the rest, without this venv's prefix
+  proc = _run("--config", "configs/smoke.py", "--topology", "v5e-8", env=env, python=python)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert "Traceback" not in proc.stderr and proc.stdout == ""
+  assert proc.stderr.startswith("error: --topology='v5e-8' is a TPU target: compiling for it needs libtpu"), proc.stderr
+  want = (f"{python} -m pip install --no-deps --target {env_dir}{os.sep}aot-libtpu "
+          f"'{aot.libtpu_requirement()}'")
+  assert want in proc.stderr and "make aot-libtpu" in proc.stderr and "TPU_LIBRARY_PATH" in proc.stderr
+  assert f"pip install 'jax[tpu]=={jax.__version__}'" in proc.stderr
+  env["TPU_LIBRARY_PATH"] = str(tmp_path / "missing" / "libtpu.so")
+  proc = _run("--config", "configs/smoke.py", "--topology", "v5e-8", env=env, python=python)
+  assert proc.returncode == 1 and f"TPU_LIBRARY_PATH='{tmp_path}/missing/libtpu.so' is not a file" in proc.stderr
+
+
+def test_libtpu_is_the_one_jax_pins_and_stays_out_of_site_packages():
+  """The requirement comes from jax's own `tpu` extra; libtpu from <venv>/aot-libtpu is not importable in the venv
+  (where jax would start it as a backend in every command)."""
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  requirement = Requirement(aot.libtpu_requirement())
+  assert requirement.name == "libtpu" and str(requirement.specifier).startswith("==")
+  folder = aot.libtpu_folder()
+  if LIBTPU is None or not LIBTPU.startswith(folder + os.sep):
+    pytest.skip(f"libtpu is not from {folder} here ({LIBTPU})")
+  assert importlib.util.find_spec("libtpu") is None
+  (dist,) = importlib.metadata.distributions(path=[folder])
+  assert dist.metadata["Name"] == "libtpu" and requirement.specifier.contains(dist.version), (dist.version,
+                                                                                             requirement)
 
 
 def test_bad_mesh_and_batch_name_the_flag():

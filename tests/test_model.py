@@ -1,6 +1,12 @@
 """The IQA model: variants, fusion, prompt-only training, losses (against numpy/scipy), zero-shot parity."""
 
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,3 +209,18 @@ def test_trainable_parameter_count_vit_b16():
   n_train, n_frozen = freeze.count(shapes, mask), freeze.count(shapes, mask, freeze.FROZEN)
   assert 140e6 < n_frozen < 160e6
   assert n_train < 0.05 * n_frozen  # 4.25M of 149.6M with the defaults (python -m mcpf_jax.model.summary)
+
+
+def test_summary_command_prints_only_its_report():
+  """`python -m mcpf_jax.model.summary` as a user types it (no JAX_PLATFORMS): its lines on stdout, and nothing on
+  stderr (no libtpu errors, no "Unable to initialize backend 'tpu'" from jax's backend probing)."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run([sys.executable, "-m", "mcpf_jax.model.summary"], cwd=pathlib.Path(__file__).parents[1],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+  first, *groups, last = proc.stdout.splitlines()
+  assert first == "mcpf on openai/clip-vit-base-patch16"
+  counts = {line.split()[0]: (int(line.split()[1].replace(",", "")), line.split()[2]) for line in groups}
+  report = json.loads(last)
+  assert counts["clip"] == (report["frozen"], "frozen")
+  assert sum(n for n, kind in counts.values() if kind == "trainable") == report["trainable"]

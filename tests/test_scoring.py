@@ -322,6 +322,23 @@ def test_cli_scores_a_folder_and_exits_1_on_a_bad_file(run, scorer, tmp_path):
   assert rows[0]["error"] == "" and rows[0]["width"] == "256"
 
 
+def test_cli_prints_only_its_own_lines(run):
+  """`python score.py --workdir RUN one.jpg` as a user types it, with no JAX_PLATFORMS (jax picks its backends): the
+  CSV on stdout; on stderr the progress bar and score.py's summary, and nothing from libtpu or jax's backend
+  probing (`E0000 ... INVALID_ARGUMENT ... TPU_WORKER_HOSTNAMES`, "Unable to initialize backend 'tpu'")."""
+  photo = run[0] / "data" / "smoke_release" / "images" / "coffee_jpeg3.jpg"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run([sys.executable, "score.py", "--workdir", str(run[0]), str(photo)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  rows = list(csv.reader(io.StringIO(proc.stdout)))
+  assert rows[0] == list(score_cli.COLUMNS) and len(rows) == 2 and rows[1][0] == str(photo) and rows[1][2] == ""
+  lines = [line.strip() for line in re.split(r"[\r\n]+", proc.stderr) if line.strip()]
+  foreign = [line for line in lines if not line.startswith(("score:", "score.py: "))]
+  assert not foreign, proc.stderr
+  assert lines[-1].startswith("score.py: 1 of 1 images scored, 0 failed"), proc.stderr
+
+
 def test_cli_zero_shot_json_exits_0(tiny_clip, tmp_path, capsys):
   for i in range(3):
     _png(tmp_path / f"img{i}.png", _photo(50 + 10 * i, 60, 20 + i))

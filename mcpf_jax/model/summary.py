@@ -12,7 +12,7 @@ import json
 
 import jax
 import jax.numpy as jnp
-from absl import app
+from absl import app, logging
 from ml_collections import config_flags
 
 from mcpf_jax.clip import config as clip_config
@@ -39,6 +39,9 @@ def count(config) -> dict[str, object]:
 
 def main(argv):
   del argv
+  # A report, not a job: absl's INFO default would let through jax's backend probing ("Unable to initialize
+  # backend 'tpu'", on every machine without one). Warnings and errors still show.
+  logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   out = count(config)
   print(f"{config.model.name} on {config.clip.name}")
