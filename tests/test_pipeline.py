@@ -240,8 +240,10 @@ def test_small_images_are_resized_up_within_max_upscale(score_map):
          {"image": _png(_coordinate_image(10, 12, 1)), "name": "tiny.png", "mos": 3.0}]
   batch = next(iter(_train(src, score_map, indices=[0], batch_size=1)))
   assert batch["image"].shape == (1, S, S, 3)  # 14 px -> 24 px short side (1.7x), then a 16 px crop
-  with pytest.raises(pipeline.RecordError, match=r"row 1 \(tiny\.png\).*max_upscale"):
+  with pytest.raises(pipeline.RecordError, match=r"row 1 \(tiny\.png\).*max_upscale") as refused:
     next(iter(_train(src, score_map, indices=[1], batch_size=1)))
+  # A training run cannot pass the Python argument: the advice is in a run's terms.
+  assert "--config.data.resize" in str(refused.value) and "max_upscale=None" not in str(refused.value)
   batch = next(iter(_train(src, score_map, indices=[1], batch_size=1, max_upscale=None)))
   assert batch["image"].shape == (1, S, S, 3)
 

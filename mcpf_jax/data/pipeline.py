@@ -131,8 +131,19 @@ def _targets(record: dict[str, Any], row: int, score_map: scores.ScoreMap) -> di
 
 
 def _decoded(record: dict[str, Any], name: str, resize: int, max_upscale: float | None) -> np.ndarray:
-  """uint8 [h, w, 3] with min(h, w) == resize (a large JPEG decoded at a reduced DCT scale: `images.decode`)."""
-  return images.decode(record["image"], name, short_side=resize, max_upscale=max_upscale)
+  """uint8 [h, w, 3] with min(h, w) == resize (a large JPEG decoded at a reduced DCT scale: `images.decode`).
+
+  A refused image is advised in the terms of a training run (train.py / eval.py cannot pass max_upscale=None): the
+  short side comes from `data.resize`, and the image can be dropped from the dataset.
+  """
+  try:
+    return images.decode(record["image"], name, short_side=resize, max_upscale=max_upscale)
+  except images.LimitError as e:
+    if e.option != "max_upscale":
+      raise
+    raise images.LimitError(e.name, e.width, e.height, e.option, e.limit, e.needed, e.facts,
+                            "the pipelines' bound on upscaling; use a smaller --config.data.resize, or build the "
+                            "dataset without this image") from e
 
 
 @dataclasses.dataclass(frozen=True)
