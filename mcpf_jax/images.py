@@ -70,6 +70,26 @@ class ImageDecodeError(ValueError):
     super().__init__(f"{name}: cannot decode image: {reason}")
 
 
+def detected_type(data: bytes) -> str:
+  """What a file's bytes look like, by their magic numbers (puremagic), for a message: never any of the content.
+
+  A file named in someone else's label file may hold anything; an error that quoted its first bytes would print a
+  secret it was pointed at.
+  """
+  import puremagic  # pylint: disable=g-import-not-at-top  (only on this error path)
+  try:
+    match = puremagic.magic_string(data)[0]
+    return f"detected type: {match.name} ({match.mime_type or match.extension})"
+  except (puremagic.PureError, IndexError, ValueError):
+    pass
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError:
+    return "detected type: unknown binary data"
+  printable = all(c.isprintable() or c.isspace() for c in text)
+  return "detected type: text" if printable else "detected type: unknown binary data"
+
+
 class LimitError(ValueError):
   """An image refused by a limit its caller set, which the caller may raise: too many pixels (`max_pixels`) or
   too small for the short side asked (`max_upscale`).
@@ -154,7 +174,7 @@ def _decode(data: bytes, name: str, *, short_side: int | None, max_upscale: floa
   try:
     img = _open(data, max_pixels)
   except Image.UnidentifiedImageError:
-    raise ImageDecodeError(name, f"not an image format PIL can read ({len(data)} bytes starting {data[:16]!r})"
+    raise ImageDecodeError(name, f"not an image format PIL can read ({len(data)} bytes, {detected_type(data)})"
                            ) from None
   except Image.DecompressionBombError as e:  # max_pixels=None: Image.open's guard; else the reader's own (WebP)
     raise _pil_guard(name, e, max_pixels) from e

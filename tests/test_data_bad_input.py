@@ -4,6 +4,7 @@ in a written report; a wrong folder is an error that says what was expected ther
 import json
 import math
 import pathlib
+import sys
 
 import data_fakes
 import numpy as np
@@ -206,3 +207,97 @@ def test_prepare_cli_skip_bad_reports(tmp_path, capsys):
   assert prepare.main(["livec", "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path / "out3")]) == 1
   captured = capsys.readouterr()
   assert captured.out == "" and "did you mean" in captured.err
+
+
+# Label files from others: an image path outside the release folder is refused before anything is read.
+
+_OPENED: list[str] | None = None  # the paths Python opens while a test listens (audit hook below), else None
+
+
+def _audit(event, args):
+  if _OPENED is not None and event == "open" and isinstance(args[0], (str, bytes, pathlib.Path)):
+    _OPENED.append(str(args[0] if not isinstance(args[0], bytes) else args[0].decode()))
+
+
+sys.addaudithook(_audit)  # real `open` events (PIL and pathlib open through them); cannot be removed, so gated
+
+
+def _outside_release(tmp_path, how):
+  """A csv release in `rel/` whose second row names a secret file outside `rel/`, in the way `how` says."""
+  root = tmp_path / "rel"
+  data_fakes.write_images(root, ["a.png", "b.png"])
+  secret = tmp_path / "outside" / "passwd"
+  secret.parent.mkdir()
+  secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+  if how == "symlink":
+    (root / "link").symlink_to(secret.parent, target_is_directory=True)
+    name = "link/passwd"
+  else:
+    name = {"relative": "../outside/passwd", "deep": "../" * 12 + str(secret).lstrip("/"),
+            "absolute": str(secret)}[how]
+  (root / "mos.csv").write_text(f"image,mos\na.png,1.0\n{name},2.0\nb.png,3.0\n")
+  return root, secret, name
+
+
+@pytest.mark.parametrize("how", ["relative", "deep", "absolute", "symlink"])
+def test_csv_row_outside_the_release_folder_is_refused_before_any_read(tmp_path, how):
+  global _OPENED
+  root, _, name = _outside_release(tmp_path, how)
+  _OPENED = []
+  try:
+    with pytest.raises(problems.DatasetError) as e:
+      build("csv", root, tmp_path / "out", config=data.CsvConfig(name="mine", csv_path="mos.csv"))
+    opened = list(_OPENED)
+  finally:
+    _OPENED = None
+  message = str(e.value)
+  assert message.startswith(f"dataset csv: mos.csv, line 3: image path {name!r} ")
+  assert "inside the release folder" in message and "--allow_outside_paths" in message
+  assert "root:x" not in message  # nothing of the file's content
+  assert any(p.endswith("mos.csv") for p in opened), opened  # the hook hears the builder's opens
+  assert not any(p.endswith("passwd") for p in opened), opened  # the file was never opened
+  assert not any(p.endswith((".png", ".bmp")) for p in opened), opened  # nor any image: it stops before reading
+  # skip_bad does not turn it into a skipped row: a label file that reaches out is refused as a whole.
+  with pytest.raises(problems.DatasetError, match="inside the release folder"):
+    build("csv", root, tmp_path / "out2", config=data.CsvConfig(name="mine", csv_path="mos.csv"), skip_bad=True)
+
+
+def test_official_layout_row_outside_the_release_folder_is_refused(tmp_path):
+  root = tmp_path / "kadid10k"
+  data_fakes.write_images(root, ["images/I01_01_01.png", "images/I01.png"])
+  data_fakes.write_images(tmp_path, ["elsewhere/I01_01_02.png"])
+  (root / "dmos.csv").write_text("dist_img,ref_img,dmos,var\nI01_01_01.png,I01.png,4.57,0.496\n"
+                                 "../../elsewhere/I01_01_02.png,I01.png,4.1,0.5\n")
+  with pytest.raises(problems.DatasetError, match=r"^dataset kadid10k: dmos.csv, line 3: image path "
+                     r"'images/../../elsewhere/I01_01_02.png' leads out of it with '..'"):
+    build("kadid10k", root, tmp_path / "out")
+
+
+def test_outside_paths_opt_in_builds_and_is_recorded(tmp_path, capsys):
+  root, *_ = _outside_release(tmp_path, "relative")
+  data_fakes.write_images(tmp_path, ["outside/c.png"])
+  (root / "mos.csv").write_text("image,mos\na.png,1.0\n../outside/c.png,2.0\nb.png,3.0\n")
+  base = ["csv", "--manual_dir", str(root), "--csv_path", "mos.csv", "--config_name", "mine"]
+  assert prepare.main(base + ["--data_dir", str(tmp_path / "refused")]) == 1
+  err = capsys.readouterr().err
+  assert "'../outside/c.png' leads out of it with '..'" in err and "--allow_outside_paths" in err
+  assert not list((tmp_path / "refused").rglob("*.array_record*"))
+  assert prepare.main(base + ["--data_dir", str(tmp_path / "out"), "--allow_outside_paths"]) == 0
+  assert json.loads(capsys.readouterr().out)["num_examples"] == 3
+  src = data.source("csv", data_dir=tmp_path / "out", config="mine")
+  assert list(src.names) == ["a.png", "../outside/c.png", "b.png"]
+  assert src.metadata["allow_outside_paths"] is True and src.metadata["outside_paths"] == 1
+  assert src[1]["image"] == (tmp_path / "outside" / "c.png").read_bytes()
+
+
+def test_undecodable_message_names_size_and_type_never_content(tmp_path):
+  root = mini_clive(tmp_path / "rel")
+  (root / "Images" / "11.JPG").write_text("root:x:0:0:root:/root:/bin/bash\n")
+  (root / "Images" / "12.bmp").write_bytes(b"%PDF-1.4\n%secret\n")
+  b = build("livec", root, tmp_path / "out", skip_bad=True)
+  details = [p["detail"] for p in b.info.metadata["problems"]]
+  assert details == [
+      "image file Images/11.JPG does not decode: ImageDecodeError: Images/11.JPG: cannot decode image: not an "
+      "image format PIL can read (32 bytes, detected type: text)",
+      "image file Images/12.bmp does not decode: ImageDecodeError: Images/12.bmp: cannot decode image: not an "
+      "image format PIL can read (17 bytes, detected type: Adobe Portable Document Format file (application/pdf))"]

@@ -103,6 +103,8 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       distortion labels; None = no labels.
     decode_check: "full" (default; decode every image), "verify" (PIL structure check) or "none".
     num_threads: decode-check threads.
+    allow_outside_paths: accept image paths (absolute, `..`, symlinks) outside the release folder; off by default
+      (such a row is an error before any image is read); recorded as `metadata["allow_outside_paths"]`.
     resize: store the images pre-resized to this short side (None: the original bytes). An image whose short side
       is larger is decoded and resized as training does (`images.decode(short_side=resize)`) and stored as a
       lossless PNG, so training on it sees exactly the pixels of the on-the-fly path, without decoding the
@@ -117,7 +119,7 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def __init__(self, *, skip_bad: bool = False, report_path: str | None = None, liqe_dir: str | None = None,
                decode_check: str = "full", num_threads: int | None = None, resize: int | None = None,
-               **kwargs: Any):
+               allow_outside_paths: bool = False, **kwargs: Any):
     if resize is not None and int(resize) < 1:
       raise ValueError(f"resize must be a positive short side in pixels, got {resize}")
     self._resize = None if resize is None else int(resize)
@@ -126,6 +128,7 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._liqe_dir = liqe_dir
     self._decode_check = decode_check
     self._num_threads = num_threads
+    self._allow_outside_paths = bool(allow_outside_paths)
     self.skip_report: pathlib.Path | None = None
     super().__init__(**kwargs)
 
@@ -171,7 +174,8 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     root = pathlib.Path(dl_manager._manual_dir or "")  # pylint: disable=protected-access  (its checks are ours)
     lay = self.layout()
     result = collect.collect(lay, root, skip_bad=self._skip_bad, decode_check=self._decode_check,
-                             liqe_dir=self._liqe_dir, liqe_folder=self._liqe_folder(), num_threads=self._num_threads)
+                             liqe_dir=self._liqe_dir, liqe_folder=self._liqe_folder(), num_threads=self._num_threads,
+                             allow_outside_paths=self._allow_outside_paths)
     if self._skip_bad:
       self.skip_report = pathlib.Path(self._report_path) if self._report_path else self._default_report_path()
       problems.write_report(self.skip_report, lay.name, str(root), result.log, len(result.examples))

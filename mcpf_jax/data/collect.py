@@ -1,9 +1,12 @@
 """Turns a release folder into checked examples: the checks every dataset shares, then the LIQE labels.
 
 Order: the folder must look like the release (else an error saying what was expected there); the layout reads the
-label files; then duplicates, missing images, images no label row names (in the folders the release owns),
-undecodable images; then the LIQE scene/distortion labels are joined by relative path. Every bad row raises
-`problems.DatasetError` naming the dataset, the file and the row, or (skip_bad) is skipped and recorded.
+label files; every image path they name must lie inside the folder (symlinks resolved; checked before any image is
+opened, so a third party's label file cannot make the builder read, or an error message reveal, a file elsewhere;
+`allow_outside_paths` lifts this, recorded in the metadata); then duplicates, missing images, images no label row
+names (in the folders the release owns), undecodable images; then the LIQE scene/distortion labels are joined by
+relative path. Every bad row raises `problems.DatasetError` naming the dataset, the file and the row, or
+(skip_bad) is skipped and recorded.
 """
 
 from __future__ import annotations
@@ -144,9 +147,39 @@ def _is_image(filename: str) -> bool:
   return not filename.startswith(".") and os.path.splitext(filename)[1].lower() in images.IMAGE_EXTENSIONS
 
 
+def outside_paths(root: pathlib.Path, rows: list[readers.Row]) -> list[tuple[readers.Row, str]]:
+  """The rows whose image path lies outside `root` (a resolved folder), each with why.
+
+  Nothing is opened: an absolute path, or one whose `..` parts or symlinks lead out of `root` once resolved.
+  """
+  out = []
+  for r in rows:
+    if os.path.isabs(r.name) or pathlib.PureWindowsPath(r.name).drive:
+      out.append((r, "is an absolute path"))
+      continue
+    resolved = pathlib.Path(os.path.realpath(root / r.name))
+    if not resolved.is_relative_to(root):
+      how = "leads out of it through a symlink" if ".." not in pathlib.PurePosixPath(r.name).parts else \
+          "leads out of it with '..'"
+      out.append((r, how))
+  return out
+
+
+def _refuse_outside(layout: readers.Layout, root: pathlib.Path, outside: list[tuple[readers.Row, str]]) -> None:
+  r, how = outside[0]
+  more = ""
+  if len(outside) > 1:
+    others = "; ".join(f"{o.file}, {o.row}: {o.name!r}" for o, _ in outside[1:4])
+    more = f" ({len(outside) - 1} more row(s) too: {others}{' ...' if len(outside) > 4 else ''})"
+  raise problems.DatasetError(
+      layout.name, r.file, r.row, f"image path {r.name!r} {how}: every image must lie inside the release folder "
+      f"{root}{more}. Nothing was read. If the label file is yours and lists images elsewhere on purpose, build "
+      "with allow_outside_paths=True (prepare: --allow_outside_paths)")
+
+
 def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = False, decode_check: str = "full",
             liqe_dir: str | os.PathLike[str] | None = None, liqe_folder: str | None = None,
-            num_threads: int | None = None) -> Collected:
+            num_threads: int | None = None, allow_outside_paths: bool = False) -> Collected:
   """Reads and checks a release folder.
 
   Args:
@@ -157,6 +190,8 @@ def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
     liqe_dir: folder holding LIQE's per-dataset split folders (e.g. tests/data/labels/liqe_splits), or None.
     liqe_folder: the dataset's folder name under liqe_dir (default: liqe.LIQE_FOLDERS[layout.name]).
     num_threads: decode-check threads (PIL releases the GIL while decoding).
+    allow_outside_paths: accept image paths outside `root` (absolute, `..`, symlinks out); off by default, as a
+      label file from elsewhere must not make the builder read files outside the release folder.
 
   Returns:
     The examples in label-file order, the problem log and the dataset-level metadata.
@@ -167,6 +202,9 @@ def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
   check_root(layout, root)
   log = problems.ProblemLog(layout.name, skip_bad)
   listing = layout.read(root, log)
+  outside = outside_paths(root, listing.rows)
+  if outside and not allow_outside_paths:
+    _refuse_outside(layout, root, outside)
 
   # Duplicates, then files on disk (case-insensitive fallback).
   index = _CaseIndex(root)
@@ -279,6 +317,8 @@ def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
       "notes": listing.notes,
       "name_case_fixes": case_fixes,
       "decode_check": decode_check,
+      "allow_outside_paths": allow_outside_paths,
+      "outside_paths": len(outside),
       "liqe": liqe_meta,
       "has_scene": sum(e.has_scene for e in examples),
       "has_distortion": sum(e.has_distortion for e in examples),

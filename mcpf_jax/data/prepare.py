@@ -49,6 +49,9 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("resize", None, "store the images pre-resized to this short side (lossless PNG), for a "
                        "training config with the same data.resize: no full-size decode per epoch (use its own "
                        "--data_dir)", flag_values=fv)
+  flags.DEFINE_bool("allow_outside_paths", False, "accept label rows naming images outside --manual_dir (absolute "
+                    "paths, '..', symlinks out); off: such a row is an error before any image is read",
+                    flag_values=fv)
   flags.DEFINE_bool("overwrite", False, "delete this dataset's already-built version folder first (tfds otherwise "
                     "reuses it)", flag_values=fv)
   flags.DEFINE_enum("dmos", "auto", ["auto", "realigned", "original"], "live only", flag_values=fv)
@@ -121,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{_PROG}: error: {e}\n(--help lists the flags)", file=sys.stderr)
     return 2
   kwargs = dict(skip_bad=fv.skip_bad, report_path=fv.report, liqe_dir=fv.liqe_dir, decode_check=fv.decode_check,
-                num_threads=fv.num_threads, resize=fv.resize)
+                num_threads=fv.num_threads, resize=fv.resize, allow_outside_paths=fv.allow_outside_paths)
   if name == "live":
     kwargs["dmos"] = fv.dmos
   if name == registry.CSV:
