@@ -3,9 +3,10 @@
   config.py      the configuration (Hugging Face config.json fields, presets, compute options)
   layers.py      the transformer layers both towers are built of (attention, MLP, block, f32-accumulating dense)
   model.py       the CLIP module: text and vision towers with prompt hooks, projections, logits
+  siglip.py      SigLIP / SigLIP 2 (fixed resolution): MAP-pooled vision tower, last-token text head, logit bias
   tuning.py      per-target speed choices (attention implementation, image-chunk size)
   init.py        parameter trees without a checkpoint (shapes, transformers' random initialisation)
-  checkpoint.py  loading and saving the Hugging Face weight formats
+  checkpoint.py  loading and saving the Hugging Face weight formats (CLIPModel and SiglipModel folders)
   hub.py         the one way to the Hugging Face Hub (snapshots in its cache, HF_HUB_OFFLINE honoured)
   tokenizer.py   the CLIP BPE tokenizer; preprocess.py the pixel normalisation; tiny.py tiny random CLIP folders
 """

@@ -1,4 +1,7 @@
-"""Loading and saving CLIP weights in the Hugging Face formats, without torch.
+"""Loading and saving CLIP (and SigLIP) weights in the Hugging Face formats, without torch.
+
+config.json's `model_type` says which model a folder holds: "clip" (transformers' CLIPModel, `mcpf_jax.clip.model`)
+or "siglip" (SiglipModel, also SigLIP 2 at fixed resolution: `mcpf_jax.clip.siglip`); both are read the same way.
 
 A model folder (local, or a hub snapshot fetched by huggingface_hub into its cache) holds `config.json` and
 the weights as either
@@ -30,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
-from mcpf_jax.clip import hub
+from mcpf_jax.clip import hub, siglip
 from mcpf_jax.clip.config import HUB_IDS, CLIPConfig
-from mcpf_jax.clip.init import param_shapes
+from mcpf_jax.clip.init import param_shapes as clip_param_shapes
 from mcpf_jax.clip.model import CLIP
+from mcpf_jax.clip.siglip import SigLIP, SiglipConfig
 
 __all__ = [
   "MSGPACK",
@@ -58,6 +62,16 @@ _IGNORED_TORCH_KEYS = re.compile(r"^(text_model|vision_model)\.embeddings\.posit
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 Params = dict[str, Any]
+AnyConfig = CLIPConfig | SiglipConfig
+
+
+def param_shapes(config: AnyConfig) -> dict[str, Any]:
+  """The parameter tree (`jax.ShapeDtypeStruct`s) of a CLIP or SigLIP config."""
+  return siglip.param_shapes(config) if isinstance(config, SiglipConfig) else clip_param_shapes(config)
+
+
+def _model_name(config: AnyConfig) -> str:
+  return "SiglipModel" if isinstance(config, SiglipConfig) else "CLIPModel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +86,10 @@ class Bundle:
     source: where the weights came from: "<folder>/<file>" or "hf://<repo>@<commit>/<file>".
     fingerprint: short hash of the parameter values (see `fingerprint`).
   """
-  model: CLIP
+  model: CLIP | SigLIP
   params: Params
   tokenizer: Any
-  config: CLIPConfig
+  config: AnyConfig
   source: str
   fingerprint: str
 
@@ -132,7 +146,7 @@ def to_torch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _check_names(expected: Iterable[str], found: Iterable[str], source: str,
-                 ignored: Callable[[str], bool] = lambda _: False) -> None:
+                 ignored: Callable[[str], bool] = lambda _: False, model: str = "CLIPModel") -> None:
   expected, found = set(expected), set(found)
   missing = sorted(expected - found)
   unknown = sorted(k for k in found - expected if not ignored(k))
@@ -142,7 +156,7 @@ def _check_names(expected: Iterable[str], found: Iterable[str], source: str,
       parts.append(f"missing tensors {missing}")
     if unknown:
       parts.append(f"unknown tensors {unknown}")
-    raise ValueError(f"{source}: {'; '.join(parts)} (expected a CLIPModel checkpoint matching config.json)")
+    raise ValueError(f"{source}: {'; '.join(parts)} (expected a {model} checkpoint matching config.json)")
 
 
 def _raise_misshaped(misshaped: list[str], source: str) -> None:
@@ -150,8 +164,8 @@ def _raise_misshaped(misshaped: list[str], source: str) -> None:
     raise ValueError(f"{source}: tensors with the wrong shape: {'; '.join(misshaped)}")
 
 
-def read_safetensors(path: pathlib.Path, config: CLIPConfig, groups: Iterable[str] | None = None) -> Params:
-  """A safetensors file of transformers' CLIPModel (PyTorch names and layouts) -> our float32 numpy tree.
+def read_safetensors(path: pathlib.Path, config: AnyConfig, groups: Iterable[str] | None = None) -> Params:
+  """A safetensors file of transformers' CLIPModel / SiglipModel (PyTorch names and layouts) -> our float32 tree.
 
   `groups`: read only these top-level parameter groups (e.g. ("vision_model", "visual_projection")), for a file
   holding just them; None: the whole model. Names and shapes are checked against `config`; errors name the file.
@@ -165,7 +179,7 @@ def read_safetensors(path: pathlib.Path, config: CLIPConfig, groups: Iterable[st
   expected = {_torch_key(p): p for p in shapes}
   flat, misshaped = {}, []
   with safe_open(str(path), framework="numpy") as f:
-    _check_names(expected, f.keys(), str(path), lambda k: bool(_IGNORED_TORCH_KEYS.match(k)))
+    _check_names(expected, f.keys(), str(path), lambda k: bool(_IGNORED_TORCH_KEYS.match(k)), _model_name(config))
     for key, p in sorted(expected.items()):
       want = _torch_shape(p, shapes[p].shape)
       got = tuple(f.get_slice(key).get_shape())
@@ -181,7 +195,7 @@ def read_safetensors(path: pathlib.Path, config: CLIPConfig, groups: Iterable[st
   return traverse_util.unflatten_dict(flat)
 
 
-def _read_msgpack(path: pathlib.Path, config: CLIPConfig) -> Params:
+def _read_msgpack(path: pathlib.Path, config: AnyConfig) -> Params:
   try:
     tree = serialization.msgpack_restore(path.read_bytes())
   except Exception as e:  # msgpack raises several unrelated types on corrupt input
@@ -192,15 +206,16 @@ def _read_msgpack(path: pathlib.Path, config: CLIPConfig) -> Params:
     tree = tree["params"]
   shapes = {"/".join(p): s.shape for p, s in traverse_util.flatten_dict(param_shapes(config)).items()}
   found = {"/".join(p): v for p, v in traverse_util.flatten_dict(tree).items()}
-  _check_names(shapes, found, str(path))
+  _check_names(shapes, found, str(path), model=_model_name(config))
   misshaped = [f"{k} is {list(np.shape(found[k]))}, expected {list(shapes[k])}" for k in sorted(shapes)
                if tuple(np.shape(found[k])) != tuple(shapes[k])]
   _raise_misshaped(misshaped, str(path))
   return traverse_util.unflatten_dict({tuple(k.split("/")): np.asarray(v, np.float32) for k, v in found.items()})
 
 
-def read_config(folder: str | os.PathLike[str], *, dtype: str = "float32", remat: bool = False) -> CLIPConfig:
-  """`folder/config.json` -> CLIPConfig."""
+def read_config(folder: str | os.PathLike[str], *, dtype: str = "float32", remat: bool = False) -> AnyConfig:
+  """`folder/config.json` -> CLIPConfig, or SiglipConfig for `model_type` "siglip" (and "siglip2", refused there by
+  name)."""
   path = pathlib.Path(folder) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: a CLIP model folder needs the Hugging Face config.json")
@@ -208,10 +223,12 @@ def read_config(folder: str | os.PathLike[str], *, dtype: str = "float32", remat
     raw = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON ({e})") from e
+  if isinstance(raw, dict) and raw.get("model_type") in ("siglip", "siglip2"):
+    return SiglipConfig.from_hf(raw, dtype=dtype, remat=remat, source=str(path))
   return CLIPConfig.from_hf(raw, dtype=dtype, remat=remat, source=str(path))
 
 
-def read_params(folder: str | os.PathLike[str], config: CLIPConfig) -> tuple[Params, pathlib.Path]:
+def read_params(folder: str | os.PathLike[str], config: AnyConfig) -> tuple[Params, pathlib.Path]:
   """Reads the weights of `folder` as a float32 numpy tree; returns it and the file it came from."""
   folder = pathlib.Path(folder)
   for name, reader in ((SAFETENSORS, read_safetensors), (MSGPACK, _read_msgpack)):
@@ -259,8 +276,13 @@ def load_folder(folder: str | os.PathLike[str], *, dtype: str = "float32", remat
   digest = fingerprint(params)
   if param_dtype != "float32":
     params = cast_params(params, param_dtype)
-  return Bundle(model=CLIP(config), params=jax.device_put(params), tokenizer=_tokenizer(folder),
-                config=config, source=source or str(weights.resolve()), fingerprint=digest)
+  if isinstance(config, SiglipConfig):
+    # SigLIP's tokenizers (SentencePiece; SigLIP 2: Gemma's tokenizer.json) are not CLIP's BPE: not loaded yet.
+    model, tokenizer = SigLIP(config), None
+  else:
+    model, tokenizer = CLIP(config), _tokenizer(folder)
+  return Bundle(model=model, params=jax.device_put(params), tokenizer=tokenizer, config=config,
+                source=source or str(weights.resolve()), fingerprint=digest)
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> tuple[pathlib.Path, str]:

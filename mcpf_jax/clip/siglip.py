@@ -1,0 +1,324 @@
+"""SigLIP (and SigLIP 2 at fixed resolution) in Flax Linen: both towers, the MAP pooling head, sigmoid logits.
+
+Numerically this is transformers' PyTorch `SiglipModel`. What differs from CLIP (`mcpf_jax.clip.model`):
+- vision: the patch convolution has a bias; there is no class token and no `pre_layrnorm`; `post_layernorm` is
+  applied to every token, and the image feature is the MAP head's output (`SiglipMultiheadAttentionPoolingHead`:
+  a learned probe attends over the tokens through a torch `nn.MultiheadAttention`, then a residual
+  LayerNorm + MLP); no projection after it;
+- text: attention is bidirectional (no causal mask; SigLIP is trained with every row padded to the full
+  `max_position_embeddings`, 64, and no attention mask, which is how transformers' own examples call it); the
+  feature is the LAST position's state after `final_layer_norm`, through a `head` Linear with a bias;
+- logits = exp(logit_scale) * cosine + logit_bias, read through a sigmoid (each image-text pair on its own), where
+  CLIP's are read through a softmax over the texts.
+The blocks are CLIP's (`mcpf_jax.clip.layers.Encoder`: pre-LayerNorm, the same parameter names), with SigLIP's
+gelu (tanh form) and LayerNorm eps 1e-6 taken from the config.
+
+SigLIP 2's fixed-resolution checkpoints (`google/siglip2-base-patch16-224`, `-so400m-patch14-384`, ...) are
+`SiglipModel`s (config.json `model_type: "siglip"`): the same towers, another tokenizer (Gemma's). The NaFlex
+variants (`model_type: "siglip2"`, variable resolution and aspect ratio) are refused by name.
+
+Parameter tree (the PyTorch state-dict names with `/`, Linear/Conv `weight` as Flax `kernel` in Flax layout,
+LayerNorm `weight` as `scale`, Embedding `weight` as `embedding`; `mcpf_jax.clip.checkpoint` converts):
+  text_model/embeddings/{token_embedding,position_embedding}/embedding, text_model/encoder/layers/{i}/...,
+  text_model/final_layer_norm, text_model/head/{kernel,bias}
+  vision_model/embeddings/patch_embedding/{kernel,bias}, vision_model/embeddings/position_embedding/embedding,
+  vision_model/encoder/layers/{i}/..., vision_model/post_layernorm,
+  vision_model/head/{probe, attention/{in_proj_weight,in_proj_bias,out_proj/{kernel,bias}}, layernorm, mlp/...}
+  logit_scale [1], logit_bias [1]
+`in_proj_weight` keeps torch's [3 * width, width] layout (q, k, v stacked), as it is stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mcpf_jax.clip.config import PLATFORMS, SUPPORTED_DTYPES, _check_tower, _square, resolve_platform
+from mcpf_jax.clip.layers import MLP, Encoder, _attention, dense, f32_accumulating, layer_norm
+from mcpf_jax.clip.tuning import attention_for
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipTextConfig:
+  """The text tower (transformers' `SiglipTextConfig` defaults: SigLIP B/16)."""
+  vocab_size: int = 32000
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  max_position_embeddings: int = 64
+  hidden_act: str = "gelu_pytorch_tanh"
+  layer_norm_eps: float = 1e-6
+  projection_size: int | None = None  # the head's output size; None: hidden_size
+  pad_token_id: int | None = 1
+  bos_token_id: int | None = 49406
+  eos_token_id: int | None = 49407
+
+  def __post_init__(self):
+    _check_tower(self, "text_config")
+    if self.projection_size is None:
+      object.__setattr__(self, "projection_size", self.hidden_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipVisionConfig:
+  """The vision tower (transformers' `SiglipVisionConfig` defaults: SigLIP B/16 at 224)."""
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  num_channels: int = 3
+  image_size: int = 224
+  patch_size: int = 16
+  hidden_act: str = "gelu_pytorch_tanh"
+  layer_norm_eps: float = 1e-6
+  vision_use_head: bool = True
+
+  def __post_init__(self):
+    _check_tower(self, "vision_config")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"vision_config.image_size {self.image_size} is not a multiple of patch_size "
+                       f"{self.patch_size}")
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipConfig:
+  """A whole SigLIP: the two towers and the compute options (dtype, remat, platform as in `CLIPConfig`)."""
+  text: SiglipTextConfig = dataclasses.field(default_factory=SiglipTextConfig)
+  vision: SiglipVisionConfig = dataclasses.field(default_factory=SiglipVisionConfig)
+  dtype: str = "float32"
+  remat: bool = False
+  platform: str | None = None
+
+  family = "siglip"
+
+  def __post_init__(self):
+    if self.dtype not in SUPPORTED_DTYPES:
+      raise ValueError(f"SiglipConfig.dtype {self.dtype!r} is not one of {SUPPORTED_DTYPES}")
+    if self.platform is not None and self.platform not in PLATFORMS:
+      raise ValueError(f"SiglipConfig.platform {self.platform!r} is not one of {PLATFORMS} (or None)")
+    if not self.vision.vision_use_head:
+      raise ValueError("vision_config.vision_use_head is false: such a SigLIP vision tower has no pooled image "
+                       "feature to compare with the text (only SiglipVisionModel's token states)")
+    if self.text.projection_size != self.vision.hidden_size:
+      raise ValueError(f"text_config.projection_size {self.text.projection_size} differs from the vision width "
+                       f"{self.vision.hidden_size}: the two features could not be compared")
+
+  @property
+  def embed_dim(self) -> int:
+    return self.vision.hidden_size
+
+  def target_platform(self) -> str:
+    return resolve_platform(self.platform)
+
+  def replace(self, **changes: Any) -> SiglipConfig:
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_hf(cls, config: Mapping[str, Any], *, dtype: str = "float32", remat: bool = False,
+              source: str = "config.json") -> SiglipConfig:
+    """From a Hugging Face `SiglipModel` config.json dict (missing keys take transformers' defaults)."""
+    if not isinstance(config, Mapping):
+      raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type == "siglip2":
+      raise ValueError(f"{source}: model_type 'siglip2' is SigLIP 2's NaFlex variant (variable resolution and "
+                       "aspect ratio), which is not supported; the fixed-resolution SigLIP 2 checkpoints "
+                       "(e.g. google/siglip2-base-patch16-224, model_type 'siglip') are")
+    if model_type != "siglip":
+      raise ValueError(f"{source}: model_type is {model_type!r}, expected 'siglip' (a transformers SiglipModel)")
+    towers = {}
+    for key, tower_cls in (("text", SiglipTextConfig), ("vision", SiglipVisionConfig)):
+      names = {f.name for f in dataclasses.fields(tower_cls)}
+      kwargs = {k: v for k, v in (config.get(f"{key}_config") or {}).items() if k in names and v is not None}
+      if key == "vision":
+        for name in ("image_size", "patch_size"):
+          if name in kwargs:
+            kwargs[name] = _square(kwargs[name], name)
+      try:
+        towers[key] = tower_cls(**kwargs)
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from e
+    try:
+      return cls(text=towers["text"], vision=towers["vision"], dtype=dtype, remat=remat)
+    except ValueError as e:
+      raise ValueError(f"{source}: {e}") from e
+
+
+class _TorchMultiheadAttention(nn.Module):
+  """torch `nn.MultiheadAttention(batch_first=True)` for queries that differ from the keys/values."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  implementation: str = "fused"
+
+  @nn.compact
+  def __call__(self, query: Array, x: Array) -> Array:
+    """query [batch, q, width], x [batch, tokens, width] -> [batch, q, width]."""
+    width = x.shape[-1]
+    weight = self.param("in_proj_weight", nn.initializers.xavier_uniform(), (3 * width, width), jnp.float32)
+    bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * width,), jnp.float32)
+    head_dim = width // self.num_heads
+
+    def project(inputs: Array, part: int) -> Array:
+      w = weight[part * width:(part + 1) * width].astype(self.dtype)
+      out = jnp.einsum("btd,ed->bte", inputs.astype(self.dtype), w, preferred_element_type=jnp.float32)
+      out = (out + bias[part * width:(part + 1) * width]).astype(self.dtype)
+      return out.reshape(inputs.shape[0], inputs.shape[1], self.num_heads, head_dim)
+
+    q, k, v = project(query, 0), project(x, 1), project(x, 2)
+    if self.implementation == "per_head":
+      out = _attention(q, k, v, causal=False)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v)
+    return dense(width, self.dtype, "out_proj")(out.reshape(query.shape[0], query.shape[1], width))
+
+
+class MAPHead(nn.Module):
+  """transformers' `SiglipMultiheadAttentionPoolingHead`: [batch, tokens, width] -> [batch, width]."""
+  config: SiglipVisionConfig
+  dtype: Any = jnp.float32
+  attention: str = "fused"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    probe = self.param("probe", nn.initializers.normal(1.0), (1, 1, cfg.hidden_size), jnp.float32)
+    probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, cfg.hidden_size))
+    h = _TorchMultiheadAttention(cfg.num_attention_heads, self.dtype, self.attention, name="attention")(probe, x)
+    h = h + MLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, name="mlp")(
+        layer_norm(cfg.layer_norm_eps, self.dtype, "layernorm")(h))
+    return h[:, 0]
+
+
+class _VisionEmbeddings(nn.Module):
+  config: SiglipVisionConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels: Array) -> Array:
+    """[batch, height, width, channels] -> [batch, patches, width] (no class token; position added)."""
+    cfg = self.config
+    _, height, width_px, channels = pixels.shape
+    if channels != cfg.num_channels:
+      raise ValueError(f"pixels have {channels} channels (last axis); the model expects {cfg.num_channels} "
+                       "(layout [batch, height, width, channels])")
+    if (height, width_px) != (cfg.image_size, cfg.image_size):
+      raise ValueError(f"pixels are {height}x{width_px}; the model takes {cfg.image_size}x{cfg.image_size}")
+    p = cfg.patch_size
+    patches = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=True,
+                      dtype=self.dtype, param_dtype=jnp.float32, name="patch_embedding",
+                      conv_general_dilated=f32_accumulating(self.dtype, jax.lax.conv_general_dilated)
+                      )(pixels.astype(self.dtype))
+    batch = patches.shape[0]
+    patches = patches.reshape(batch, cfg.num_patches, cfg.hidden_size)  # row-major, as torch's flatten(2)
+    table = nn.Embed(cfg.num_patches, cfg.hidden_size, dtype=self.dtype, name="position_embedding")(
+        jnp.arange(cfg.num_patches))
+    return patches + table[None]
+
+
+class VisionTransformer(nn.Module):
+  """transformers' `SiglipVisionModel`: (MAP-pooled feature [batch, width], post-LayerNorm states)."""
+  config: SiglipVisionConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+  attention: str = "fused"
+
+  @nn.compact
+  def __call__(self, pixels: Array) -> tuple[Array, Array]:
+    cfg = self.config
+    x = _VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels)
+    x = Encoder(cfg, False, "last", self.dtype, self.remat, self.attention, name="encoder")(x)
+    x = layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x)
+    return MAPHead(cfg, self.dtype, self.attention, name="head")(x), x
+
+
+class _TextEmbeddings(nn.Module):
+  config: SiglipTextConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: Array) -> Array:
+    cfg = self.config
+    x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding")(ids)
+    positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+                         name="position_embedding")(jnp.arange(ids.shape[1]))
+    return x + positions[None]
+
+
+class TextTransformer(nn.Module):
+  """transformers' `SiglipTextModel`: (head(last position's state) [batch, projection], final states)."""
+  config: SiglipTextConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+  attention: str = "fused"
+
+  @nn.compact
+  def __call__(self, ids: Array) -> tuple[Array, Array]:
+    cfg = self.config
+    if ids.shape[1] > cfg.max_position_embeddings:
+      raise ValueError(f"text ids have {ids.shape[1]} positions; the model has {cfg.max_position_embeddings}")
+    x = _TextEmbeddings(cfg, self.dtype, name="embeddings")(ids)
+    x = Encoder(cfg, False, "after_first", self.dtype, self.remat, self.attention, name="encoder")(x)
+    x = layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
+    return dense(cfg.projection_size, self.dtype, "head")(x[:, -1]), x
+
+
+class SigLIP(nn.Module):
+  """The whole SigLIP. Methods (through `model.apply(variables, ..., method=...)`):
+
+  - `encode_image(pixels)`: the MAP-pooled image features, float32 [batch, width] (not normalised);
+  - `encode_text(ids)`: the text features, float32 [batch, width] (not normalised); ids padded to the full
+    `max_position_embeddings` as SigLIP was trained (the pooled state is the last position's);
+  - `__call__(pixels, ids)`: logits_per_image float32 [n_img, n_txt] = exp(logit_scale) * cosine + logit_bias.
+  """
+  config: SiglipConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    attention = attention_for(cfg.target_platform())
+    self.text_model = TextTransformer(cfg.text, dtype, cfg.remat, attention)
+    self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat, attention)
+    self.logit_scale = self.param("logit_scale", nn.initializers.zeros, (1,), jnp.float32)
+    self.logit_bias = self.param("logit_bias", nn.initializers.zeros, (1,), jnp.float32)
+
+  def encode_image(self, pixels: Array, return_tokens: bool = False) -> Array | tuple[Array, Array]:
+    pooled, tokens = self.vision_model(pixels)
+    return (pooled.astype(jnp.float32), tokens) if return_tokens else pooled.astype(jnp.float32)
+
+  def encode_text(self, ids: Array, return_tokens: bool = False) -> Array | tuple[Array, Array]:
+    pooled, tokens = self.text_model(jnp.asarray(ids, jnp.int32))
+    return (pooled.astype(jnp.float32), tokens) if return_tokens else pooled.astype(jnp.float32)
+
+  def __call__(self, pixels: Array, ids: Array) -> Array:
+    return logits(self.encode_image(pixels), self.encode_text(ids), self.logit_scale, self.logit_bias)
+
+
+def logits(image_features: Array, text_features: Array, logit_scale: Array, logit_bias: Array) -> Array:
+  """exp(logit_scale) * cosine + logit_bias: [n_img, D], [n_txt, D] -> [n_img, n_txt] float32 (read through a
+  sigmoid: the probability that each image-text pair matches)."""
+  image = image_features.astype(jnp.float32)
+  text = text_features.astype(jnp.float32)
+  image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
+  text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+  scale = jnp.exp(jnp.reshape(logit_scale, ()).astype(jnp.float32))
+  return scale * image @ text.T + jnp.reshape(logit_bias, ()).astype(jnp.float32)
+
+
+def param_shapes(config: SiglipConfig) -> dict[str, Any]:
+  """The parameter tree of `config` as `jax.ShapeDtypeStruct`s, without computing anything."""
+  size = config.vision.image_size
+  pixels = jax.ShapeDtypeStruct((1, size, size, config.vision.num_channels), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, config.text.max_position_embeddings), jnp.int32)
+  return jax.eval_shape(SigLIP(config).init, jax.random.key(0), pixels, ids)["params"]
