@@ -488,8 +488,16 @@ def test_folder_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="model.safetensors or flax_model.msgpack"):
     clip.load(tmp_path)
   cfg = json.loads((FIXTURE / "config.json").read_text())
-  (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="siglip")))
-  with pytest.raises(ValueError, match="model_type is 'siglip'"):
+  (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="blip")))
+  with pytest.raises(ValueError, match="model_type is 'blip', expected 'clip'"):
+    clip.load(tmp_path)
+  # A SigLIP config.json over CLIP weights (this fixture's msgpack): read as a SiglipModel, whose tensors the file
+  # does not hold.
+  shutil.copy(FIXTURE / "flax_model.msgpack", tmp_path / "flax_model.msgpack")
+  text = dict(cfg["text_config"], projection_size=cfg["vision_config"]["hidden_size"])
+  (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="siglip", text_config=text)))
+  with pytest.raises(ValueError, match=r"missing tensors .*vision_model/head/probe.* \(expected a SiglipModel "
+                     r"checkpoint matching config.json\)"):
     clip.load(tmp_path)
 
 
