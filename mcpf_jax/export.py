@@ -1,13 +1,19 @@
 """Export a trained model as a small inference folder, and optionally push it to the Hugging Face Hub.
 
   python -m mcpf_jax.export --workdir runs/livec [--checkpoint best|latest|N] --output exported/livec \
-      [--include_backbone] [--push_to_hub ORG/NAME [--private]] [--clip FOLDER]
+      [--include_backbone] [--stablehlo] [--push_to_hub ORG/NAME [--private]] [--clip FOLDER]
 
 The folder (`mcpf_jax.pretrained` describes it) holds the model and preprocessing config, the model's own
 parameters in safetensors (no optimizer state), the score mapping (scale, range, direction), the backbone
 reference (hub id, revision, fingerprint), the evaluation protocol and a model card (README.md). With
 `--include_backbone` the CLIP weights are copied in, in the Hugging Face format, for fully offline use. Load it
 with `Scorer.from_pretrained(folder_or_hub_id)` or `score.py --pretrained folder_or_hub_id`.
+
+With `--stablehlo` the folder also holds `model.stablehlo`: the whole scorer (parameters inside) compiled to
+StableHLO by `jax.export`, for CPU, CUDA GPUs and TPUs in one artifact, with a symbolic batch size. Its input is the
+evaluation crops (`crops`, uint8 [batch, num_crops, S, S, 3], as `mcpf_jax.images.eval_crops` makes them with the
+folder's `preprocessing`), its output each image's score on the model's scale (`score`, float32 [batch]);
+`mcpf_jax.compiled` runs it with jax alone, without this package's model or CLIP code.
 
 Prints one JSON line: the folder, its files and their sizes.
 """
@@ -23,6 +29,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 from mcpf_jax import clip, pretrained, runs
@@ -36,6 +44,22 @@ _HF_SOURCE = re.compile(r"^hf://(?P<repo>[^@]+)@(?P<commit>[^/]+)/(?P<file>.+)$"
 _HUB_CACHE_FOLDER = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
 # Files of a Hugging Face CLIP folder that the backbone needs besides its weights.
 _BACKBONE_FILES = ("config.json", "preprocessor_config.json") + clip.checkpoint.TOKENIZER_FILES
+STABLEHLO_FILE = "model.stablehlo"
+PORTABLE_PLATFORMS = ("cpu", "cuda", "tpu")  # jax.export's names (a CUDA GPU is "cuda")
+
+
+def stablehlo(scorer: Scorer, platforms: Sequence[str] = PORTABLE_PLATFORMS) -> tuple[bytes, dict[str, Any]]:
+  """The scorer serialised by `jax.export` (see the module docstring), and its entry for config.json."""
+  prep = scorer.preprocessing
+  size, crops = prep.image_size, prep.num_crops
+  (batch,) = jax.export.symbolic_shape("batch")
+  argument = jax.ShapeDtypeStruct((batch, crops, size, size, 3), jnp.uint8)
+  exported = jax.export.export(jax.jit(scorer.crops_fn(portable=True)), platforms=tuple(platforms))(argument)
+  info = {"file": STABLEHLO_FILE, "platforms": list(exported.platforms),
+          "calling_convention_version": exported.calling_convention_version, "jax_version": jax.__version__,
+          "input": {"name": "crops", "dtype": "uint8", "shape": ["batch", crops, size, size, 3]},
+          "output": {"name": "score", "dtype": "float32", "shape": ["batch"]}}
+  return bytes(exported.serialize()), info
 
 
 def _is_local_name(name: str) -> bool:
@@ -145,8 +169,11 @@ def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
 
 
 def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoint: str | int = "best",
-           include_backbone: bool = False, clip_name: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+           include_backbone: bool = False, clip_name: str | None = None, overwrite: bool = False,
+           with_stablehlo: bool = False) -> dict[str, Any]:
   """Writes the inference folder of a training run's checkpoint; returns {"output", "step", "files", "bytes"}.
+
+  `with_stablehlo`: also write the compiled scorer, `model.stablehlo` (see the module docstring).
 
   Raises:
     FileExistsError: `output` exists and is not empty (and not `overwrite`).
@@ -195,6 +222,9 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoin
                    "split": run.get("split"), "init_from": run.get("init_from"),
                    "eval": eval_json, "test": (summary or {}).get("test")},
   }
+  compiled = None
+  if with_stablehlo:
+    compiled, record["stablehlo"] = stablehlo(scorer)
   record = without_local_paths(record)
   output.mkdir(parents=True, exist_ok=True)
   if overwrite:
@@ -205,6 +235,10 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoin
   _write(output / pretrained.CONFIG_FILE, (json.dumps(record, indent=1) + "\n").encode())
   card = model_card(record, num_params=sum(int(v.size) for v in own.values()))
   _write(output / pretrained.CARD_FILE, card.encode())
+  if compiled is not None:
+    _write(output / STABLEHLO_FILE, compiled)
+  elif overwrite and (output / STABLEHLO_FILE).exists():
+    (output / STABLEHLO_FILE).unlink()  # a stale artifact of an earlier export would not match these weights
   if include_backbone:
     _copy_backbone(source, loaded_from, output / pretrained.BACKBONE_DIR)
   files = {str(p.relative_to(output)): p.stat().st_size for p in sorted(output.rglob("*")) if p.is_file()}
@@ -320,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--checkpoint", default="best", help="best | latest | a step number (as in eval.py)")
   p.add_argument("--output", required=True, help="the folder to write (new or empty)")
   p.add_argument("--include_backbone", action="store_true", help="copy the CLIP weights in (fully offline use)")
+  p.add_argument("--stablehlo", action="store_true", help="also write model.stablehlo: the scorer compiled by "
+                 "jax.export for CPU, GPU and TPU (run it with python -m mcpf_jax.compiled)")
   p.add_argument("--clip", default=None, help="where the run's CLIP backbone is now, if it moved")
   p.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty --output")
   p.add_argument("--push_to_hub", default=None, metavar="ORG/NAME", help="upload the folder as this model repo")
@@ -327,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   try:
     result = export(args.workdir, args.output, checkpoint=args.checkpoint, include_backbone=args.include_backbone,
-                    clip_name=args.clip, overwrite=args.overwrite)
+                    clip_name=args.clip, overwrite=args.overwrite, with_stablehlo=args.stablehlo)
   except (FileExistsError, FileNotFoundError, ValueError) as e:
     print(f"export: {e}", file=sys.stderr)
     return 1

@@ -39,7 +39,7 @@ import dataclasses
 import itertools
 import os
 import pathlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -233,6 +233,27 @@ class Scorer:
     keep them out of the compiled program (large backbones).
     """
     return self.apply(self.params, pixels)
+
+  def crops_fn(self, *, portable: bool = False) -> Callable[[jax.Array], jax.Array]:
+    """The scorer as one function of a batch of crops, with the parameters inside: uint8 [B, num_crops, S, S, 3]
+    (`preprocessing.crops` of each image) -> float32 [B], each image's score on the model's scale as `score`
+    gives it (the mean of score01 over its crops, then mapped to the scale).
+
+    `portable`: the model as built for any platform (fused attention, the whole batch in one vision pass, no
+    CPU-specific chunking; the same numbers), so that `jax.export` can lower it for CPU, GPU and TPU at once and
+    with a symbolic batch size.
+    """
+    model = self._model
+    if portable:
+      model = model.clone(spec=dataclasses.replace(model.spec, image_chunk=0),
+                          clip_config=model.clip_config.replace(platform="tpu"))
+    # Portable: the parameters as host constants, so the lowering holds no device placement of this machine.
+    params, score_map = (jax.device_get(self.params) if portable else self.params), self.score_map
+
+    def scores_of(crops: jax.Array) -> jax.Array:
+      return score_map.to_mos_jax(jnp.mean(_score01(model, params, crops), axis=-1))
+
+    return scores_of
 
   # -----------------------------------------------------------------------------------------------------------
   # Construction.

@@ -1,0 +1,98 @@
+"""The compiled scorer: `python -m mcpf_jax.export --stablehlo` writes model.stablehlo (jax.export, symbolic batch,
+CPU + CUDA + TPU), and `mcpf_jax.compiled` scores with it in a process that imports none of the model code, giving
+the Scorer's scores on the 55 images of the CLIVE miniature."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mcpf_jax.scoring import Scorer
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# Run in a fresh process: score with the artifact, then list which mcpf_jax modules were ever imported.
+_SCORE_AND_LIST_MODULES = """
+import json, sys
+from mcpf_jax import compiled
+scorer = compiled.CompiledScorer(sys.argv[1])
+results = scorer.score(sys.argv[2:])
+print(json.dumps({"results": results, "modules": sorted(m for m in sys.modules if m.startswith("mcpf_jax")),
+                  "flax": "flax" in sys.modules}))
+"""
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, smoke_run):
+  root = tmp_path_factory.mktemp("compiled")
+  workdir = root / "run"
+  shutil.copytree(smoke_run.workdir, workdir)
+  # The backbone is included for the Scorer that gives the reference scores; the artifact itself needs none.
+  proc = subprocess.run([sys.executable, "-m", "mcpf_jax.export", "--workdir", str(workdir), "--output",
+                         str(root / "out"), "--stablehlo", "--include_backbone"], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "model.stablehlo" in json.loads(proc.stdout.strip().splitlines()[-1])["files"]
+  return root / "out"
+
+
+def test_config_says_the_contract(folder):
+  config = json.loads((folder / "config.json").read_text())
+  info, prep = config["stablehlo"], config["preprocessing"]
+  assert info["file"] == "model.stablehlo" and info["platforms"] == ["cpu", "cuda", "tpu"]
+  assert info["input"] == {"name": "crops", "dtype": "uint8",
+                           "shape": ["batch", prep["num_crops"], prep["image_size"], prep["image_size"], 3]}
+  assert info["output"] == {"name": "score", "dtype": "float32", "shape": ["batch"]}
+  assert isinstance(info["calling_convention_version"], int)
+
+
+def _clive(test_data) -> list[str]:
+  root = test_data / "clive-mini" / "ChallengeDB_release" / "Images"
+  return sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".bmp"))
+
+
+def test_compiled_scores_equal_the_scorer_without_the_model_code(folder, test_data, tmp_path):
+  images = _clive(test_data)
+  assert len(images) == 55
+  broken = tmp_path / "broken.jpg"
+  broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  proc = subprocess.run([sys.executable, "-c", _SCORE_AND_LIST_MODULES, str(folder), images[0], str(broken),
+                         *images[1:]], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout)
+  # Nothing of the model, CLIP, scoring or training code, and no Flax: jax runs the artifact alone.
+  assert out["modules"] == ["mcpf_jax", "mcpf_jax.compiled", "mcpf_jax.images"], out["modules"]
+  assert out["flax"] is False
+  results = {path: (score, error) for path, score, error in out["results"]}
+  assert results[str(broken)][0] is None and "cannot decode image" in results[str(broken)][1]
+  reference = {r.path: r.score for r in Scorer.from_pretrained(folder, batch_size=8).score(images)}
+  ours = np.array([results[p][0] for p in images])
+  theirs = np.array([reference[p] for p in images])
+  rel = np.max(np.abs(ours - theirs) / np.abs(theirs))
+  print(f"compiled vs Scorer over 55 CLIVE images: max relative difference {rel:.3g}")
+  assert rel <= 1e-5
+  assert np.ptp(theirs) > 1e-3
+
+
+def test_cli_prints_one_line_per_image_and_refuses_a_folder_without_the_artifact(folder, test_data, tmp_path):
+  images = _clive(test_data)[:3]
+  proc = subprocess.run([sys.executable, "-m", "mcpf_jax.compiled", str(folder)] + [str(p) for p in images],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  lines = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert [line["path"] for line in lines] == [str(p) for p in images]
+  assert all(isinstance(line["score"], float) and line["error"] is None for line in lines)
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  config = json.loads((folder / "config.json").read_text())
+  del config["stablehlo"]
+  (plain / "config.json").write_text(json.dumps(config))
+  proc = subprocess.run([sys.executable, "-m", "mcpf_jax.compiled", str(plain), str(images[0])], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2 and "--stablehlo" in proc.stderr and proc.stdout == ""
