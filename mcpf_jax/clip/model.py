@@ -78,7 +78,7 @@ class TextTransformer(nn.Module):
       if jnp.shape(p)[-2] + 2 > tokens:
         raise ValueError(f"text prompts[{j}] has {jnp.shape(p)[-2]} tokens; only {tokens - 2} fit between "
                          "SOS and EOS")
-    x = _TextEmbeddings(cfg, self.dtype, name="embeddings")(ids, prompts[0] if prompts else None)
+    x = TextEmbeddings(cfg, self.dtype, name="embeddings")(ids, prompts[0] if prompts else None)
     x = Encoder(cfg, True, "after_first", self.dtype, self.remat, self.attention, name="encoder")(
         x, tuple(prompts[1:]))
     x = layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
@@ -111,7 +111,7 @@ def end_of_text_span(ids: np.ndarray | Sequence[Sequence[int]], config: CLIPText
   return int(np.max(eos)) + 1
 
 
-class _TextEmbeddings(nn.Module):
+class TextEmbeddings(nn.Module):
   """Token + position embeddings, with the first prompt written over the token embeddings at 1..n."""
   config: CLIPTextConfig
   dtype: Any = jnp.float32

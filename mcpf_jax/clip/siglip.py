@@ -38,8 +38,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcpf_jax.clip.config import PLATFORMS, SUPPORTED_DTYPES, _check_tower, _square, resolve_platform
+from mcpf_jax.clip.config import PLATFORMS, SUPPORTED_DTYPES, CLIPVisionConfig, _check_tower, _square, resolve_platform
 from mcpf_jax.clip.layers import MLP, Encoder, _attention, dense, f32_accumulating, layer_norm
+from mcpf_jax.clip.model import TextEmbeddings
 from mcpf_jax.clip.tuning import attention_for
 
 Array = jax.Array
@@ -68,28 +69,13 @@ class SiglipTextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipVisionConfig:
-  """The vision tower (transformers' `SiglipVisionConfig` defaults: SigLIP B/16 at 224)."""
-  hidden_size: int = 768
-  intermediate_size: int = 3072
-  num_hidden_layers: int = 12
-  num_attention_heads: int = 12
-  num_channels: int = 3
-  image_size: int = 224
+class SiglipVisionConfig(CLIPVisionConfig):
+  """The vision tower (transformers' `SiglipVisionConfig` defaults: SigLIP B/16 at 224); CLIP's fields, with the
+  head switch. `num_patches` is every token here (no class token)."""
   patch_size: int = 16
   hidden_act: str = "gelu_pytorch_tanh"
   layer_norm_eps: float = 1e-6
   vision_use_head: bool = True
-
-  def __post_init__(self):
-    _check_tower(self, "vision_config")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"vision_config.image_size {self.image_size} is not a multiple of patch_size "
-                       f"{self.patch_size}")
-
-  @property
-  def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,19 +229,6 @@ class VisionTransformer(nn.Module):
     return MAPHead(cfg, self.dtype, self.attention, name="head")(x), x
 
 
-class _TextEmbeddings(nn.Module):
-  config: SiglipTextConfig
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, ids: Array) -> Array:
-    cfg = self.config
-    x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding")(ids)
-    positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
-                         name="position_embedding")(jnp.arange(ids.shape[1]))
-    return x + positions[None]
-
-
 class TextTransformer(nn.Module):
   """transformers' `SiglipTextModel`: (head(last position's state) [batch, projection], final states)."""
   config: SiglipTextConfig
@@ -268,7 +241,7 @@ class TextTransformer(nn.Module):
     cfg = self.config
     if ids.shape[1] > cfg.max_position_embeddings:
       raise ValueError(f"text ids have {ids.shape[1]} positions; the model has {cfg.max_position_embeddings}")
-    x = _TextEmbeddings(cfg, self.dtype, name="embeddings")(ids)
+    x = TextEmbeddings(cfg, self.dtype, name="embeddings")(ids, None)  # CLIP's: token + position
     x = Encoder(cfg, False, "after_first", self.dtype, self.remat, self.attention, name="encoder")(x)
     x = layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
     return dense(cfg.projection_size, self.dtype, "head")(x[:, -1]), x
