@@ -27,7 +27,7 @@ endef
 
 $(VENV)/.test: requirements-test.txt $(VENV)/.runtime
 	$(PY) -m pip install -q -r requirements-test.txt
-	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0
+	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0 jax2onnx==0.17.1
 	$(install_aot_libtpu)
 	touch $@
 

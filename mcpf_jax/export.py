@@ -1,7 +1,7 @@
 """Export a trained model as a small inference folder, and optionally push it to the Hugging Face Hub.
 
   python -m mcpf_jax.export --workdir runs/livec [--checkpoint best|latest|N] --output exported/livec \
-      [--include_backbone] [--stablehlo] [--push_to_hub ORG/NAME [--private]] [--clip FOLDER]
+      [--include_backbone] [--stablehlo] [--onnx] [--push_to_hub ORG/NAME [--private]] [--clip FOLDER]
 
 The folder (`mcpf_jax.pretrained` describes it) holds the model and preprocessing config, the model's own
 parameters in safetensors (no optimizer state), the score mapping (scale, range, direction), the backbone
@@ -13,7 +13,9 @@ With `--stablehlo` the folder also holds `model.stablehlo`: the whole scorer (pa
 StableHLO by `jax.export`, for CPU, CUDA GPUs and TPUs in one artifact, with a symbolic batch size. Its input is the
 evaluation crops (`crops`, uint8 [batch, num_crops, S, S, 3], as `mcpf_jax.images.eval_crops` makes them with the
 folder's `preprocessing`), its output each image's score on the model's scale (`score`, float32 [batch]);
-`mcpf_jax.compiled` runs it with jax alone, without this package's model or CLIP code.
+`mcpf_jax.compiled` runs it with jax alone, without this package's model or CLIP code. With `--onnx`, `model.onnx`:
+the same function and contract (inputs `crops`, outputs `score`, a symbolic batch), converted by jax2onnx, for
+ONNX Runtime.
 
 Prints one JSON line: the folder, its files and their sizes.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pathlib
 import re
 import shutil
@@ -45,6 +48,8 @@ _HUB_CACHE_FOLDER = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/(?P<co
 # Files of a Hugging Face CLIP folder that the backbone needs besides its weights.
 _BACKBONE_FILES = ("config.json", "preprocessor_config.json") + clip.checkpoint.TOKENIZER_FILES
 STABLEHLO_FILE = "model.stablehlo"
+ONNX_FILE = "model.onnx"
+ONNX_OPSET = 23
 PORTABLE_PLATFORMS = ("cpu", "cuda", "tpu")  # jax.export's names (a CUDA GPU is "cuda")
 
 
@@ -57,8 +62,7 @@ def stablehlo(scorer: Scorer, platforms: Sequence[str] = PORTABLE_PLATFORMS) -> 
   exported = jax.export.export(jax.jit(scorer.crops_fn(portable=True)), platforms=tuple(platforms))(argument)
   info = {"file": STABLEHLO_FILE, "platforms": list(exported.platforms),
           "calling_convention_version": exported.calling_convention_version, "jax_version": jax.__version__,
-          "input": {"name": "crops", "dtype": "uint8", "shape": ["batch", crops, size, size, 3]},
-          "output": {"name": "score", "dtype": "float32", "shape": ["batch"]}}
+          **_contract(scorer)}
   return bytes(exported.serialize()), info
 
 
@@ -168,12 +172,65 @@ def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
   return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _contract(scorer: Scorer) -> dict[str, Any]:
+  prep = scorer.preprocessing
+  return {"input": {"name": "crops", "dtype": "uint8",
+                    "shape": ["batch", prep.num_crops, prep.image_size, prep.image_size, 3]},
+          "output": {"name": "score", "dtype": "float32", "shape": ["batch"]}}
+
+
+def onnx_model(scorer: Scorer) -> tuple[bytes, dict[str, Any]]:
+  """The scorer as an ONNX model (jax2onnx; the contract of `stablehlo`), and its entry for config.json.
+
+  Raises:
+    ValueError: jax2onnx is not installed (the message says how to install it).
+  """
+  # jax2onnx logs a traceback for each optional plugin whose library (equinox, dm-pix) is absent, and onnx_ir a
+  # warning per untyped shape constant: noise about what the export does not use.
+  quiet = [logging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
+  levels = [q.level for q in quiet]
+  for q in quiet:
+    q.setLevel(logging.ERROR)
+  try:
+    return _onnx_model(scorer)
+  finally:
+    for q, level in zip(quiet, levels):
+      q.setLevel(level)
+
+
+def _onnx_model(scorer: Scorer) -> tuple[bytes, dict[str, Any]]:
+  try:
+    import jax2onnx  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError("--onnx needs jax2onnx: pip install onnx onnx-ir onnxruntime && pip install --no-deps "
+                     "jax2onnx==0.17.1 (without --no-deps its orbax-checkpoint<0.11.37 pin would downgrade the "
+                     f"orbax-checkpoint this package needs) ({e})") from e
+  prep = scorer.preprocessing
+  (batch,) = jax.export.symbolic_shape("batch")
+  argument = jax.ShapeDtypeStruct((batch, prep.num_crops, prep.image_size, prep.image_size, 3), jnp.uint8)
+  # jax2onnx converts jax primitives, and patches Flax Linen modules while it traces a function that calls them;
+  # those patches break the model's static shape checks. The model's jaxpr, replayed, holds primitives only.
+  closed = jax.make_jaxpr(scorer.crops_fn(portable=True))(argument)
+
+  def replay(crops):
+    return jax.core.eval_jaxpr(closed.jaxpr, closed.consts, crops)[0]
+
+  contract = _contract(scorer)
+  model = jax2onnx.to_onnx(replay, [jax.ShapeDtypeStruct(("batch",) + argument.shape[1:], jnp.uint8)],
+                           model_name="mcpf_jax_scorer", opset=ONNX_OPSET, input_names=["crops"],
+                           output_names=["score"])
+  info = {"file": ONNX_FILE, "opset": ONNX_OPSET, "converter": "jax2onnx (replaying the scorer's jaxpr)",
+          **contract}
+  return model.SerializeToString(), info
+
+
 def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoint: str | int = "best",
            include_backbone: bool = False, clip_name: str | None = None, overwrite: bool = False,
-           with_stablehlo: bool = False) -> dict[str, Any]:
+           with_stablehlo: bool = False, with_onnx: bool = False) -> dict[str, Any]:
   """Writes the inference folder of a training run's checkpoint; returns {"output", "step", "files", "bytes"}.
 
-  `with_stablehlo`: also write the compiled scorer, `model.stablehlo` (see the module docstring).
+  `with_stablehlo`, `with_onnx`: also write the compiled scorer, `model.stablehlo`, and the ONNX model, `model.onnx`
+  (see the module docstring).
 
   Raises:
     FileExistsError: `output` exists and is not empty (and not `overwrite`).
@@ -222,9 +279,11 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoin
                    "split": run.get("split"), "init_from": run.get("init_from"),
                    "eval": eval_json, "test": (summary or {}).get("test")},
   }
-  compiled = None
+  portable = {}
   if with_stablehlo:
-    compiled, record["stablehlo"] = stablehlo(scorer)
+    portable[STABLEHLO_FILE], record["stablehlo"] = stablehlo(scorer)
+  if with_onnx:
+    portable[ONNX_FILE], record["onnx"] = onnx_model(scorer)
   record = without_local_paths(record)
   output.mkdir(parents=True, exist_ok=True)
   if overwrite:
@@ -235,10 +294,11 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoin
   _write(output / pretrained.CONFIG_FILE, (json.dumps(record, indent=1) + "\n").encode())
   card = model_card(record, num_params=sum(int(v.size) for v in own.values()))
   _write(output / pretrained.CARD_FILE, card.encode())
-  if compiled is not None:
-    _write(output / STABLEHLO_FILE, compiled)
-  elif overwrite and (output / STABLEHLO_FILE).exists():
-    (output / STABLEHLO_FILE).unlink()  # a stale artifact of an earlier export would not match these weights
+  for name in (STABLEHLO_FILE, ONNX_FILE):
+    if name in portable:
+      _write(output / name, portable[name])
+    elif overwrite and (output / name).exists():
+      (output / name).unlink()  # a stale artifact of an earlier export would not match these weights
   if include_backbone:
     _copy_backbone(source, loaded_from, output / pretrained.BACKBONE_DIR)
   files = {str(p.relative_to(output)): p.stat().st_size for p in sorted(output.rglob("*")) if p.is_file()}
@@ -331,7 +391,34 @@ from mcpf_jax.scoring import Scorer
 scorer = Scorer.from_pretrained("THIS_FOLDER_OR_HUB_ID")
 print(scorer.score(["photo.jpg"])[0].score, scorer.score_range, scorer.higher_is_better)
 ```
+{_portable_card(record)}"""
+
+
+def _portable_card(record: dict[str, Any]) -> str:
+  """The model card's section on the folder's model.onnx / model.stablehlo, if it has them."""
+  if not record.get("onnx") and not record.get("stablehlo"):
+    return ""
+  prep = record["preprocessing"]
+  shape = f"[batch, {prep['num_crops']}, {prep['image_size']}, {prep['image_size']}, 3]"
+  text = (f"\n## Without mcpf_jax's model code\n\nInput `crops`: uint8 {shape}, each image's evaluation crops (short "
+          f"side resized to {prep['resize']}, {prep['num_crops']} crops of {prep['image_size']} on an even grid: "
+          "`mcpf_jax.images.eval_crops`); output `score`: float32 [batch], on the scale above.\n")
+  if record.get("onnx"):
+    text += f"""
+```python
+import numpy as np, onnxruntime
+session = onnxruntime.InferenceSession("{record['onnx']['file']}")
+(score,) = session.run(["score"], {{"crops": crops}})   # crops: np.uint8 {shape}
+```
 """
+  if record.get("stablehlo"):
+    platforms = ", ".join(record["stablehlo"]["platforms"])
+    text += f"""
+```bash
+python -m mcpf_jax.compiled THIS_FOLDER photos/   # {record['stablehlo']['file']}: jax.export, for {platforms}
+```
+"""
+  return text
 
 
 def push_to_hub(folder: str | pathlib.Path, repo_id: str, *, private: bool = False) -> str:
@@ -356,6 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--include_backbone", action="store_true", help="copy the CLIP weights in (fully offline use)")
   p.add_argument("--stablehlo", action="store_true", help="also write model.stablehlo: the scorer compiled by "
                  "jax.export for CPU, GPU and TPU (run it with python -m mcpf_jax.compiled)")
+  p.add_argument("--onnx", action="store_true", help="also write model.onnx: the scorer for ONNX Runtime (needs "
+                 "jax2onnx)")
   p.add_argument("--clip", default=None, help="where the run's CLIP backbone is now, if it moved")
   p.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty --output")
   p.add_argument("--push_to_hub", default=None, metavar="ORG/NAME", help="upload the folder as this model repo")
@@ -363,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   try:
     result = export(args.workdir, args.output, checkpoint=args.checkpoint, include_backbone=args.include_backbone,
-                    clip_name=args.clip, overwrite=args.overwrite, with_stablehlo=args.stablehlo)
+                    clip_name=args.clip, overwrite=args.overwrite, with_stablehlo=args.stablehlo,
+                    with_onnx=args.onnx)
   except (FileExistsError, FileNotFoundError, ValueError) as e:
     print(f"export: {e}", file=sys.stderr)
     return 1

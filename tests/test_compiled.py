@@ -96,3 +96,45 @@ def test_cli_prints_one_line_per_image_and_refuses_a_folder_without_the_artifact
   proc = subprocess.run([sys.executable, "-m", "mcpf_jax.compiled", str(plain), str(images[0])], cwd=REPO,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 2 and "--stablehlo" in proc.stderr and proc.stdout == ""
+
+
+_ORT_SCORES = """
+import json, sys
+import numpy as np, onnxruntime
+from mcpf_jax import images
+config = json.load(open(sys.argv[1] + "/config.json"))
+prep, info = config["preprocessing"], config["onnx"]
+session = onnxruntime.InferenceSession(sys.argv[1] + "/" + info["file"], providers=["CPUExecutionProvider"])
+crops = np.stack([images.eval_crops(open(p, "rb").read(), p, resize=prep["resize"], image_size=prep["image_size"],
+                                    num_crops=prep["num_crops"])[0] for p in sys.argv[2:]])
+(score,) = session.run(["score"], {"crops": crops})
+print(json.dumps({"scores": score.tolist(), "inputs": [(i.name, i.type, i.shape) for i in session.get_inputs()],
+                  "jax": "jax" in sys.modules}))
+"""
+
+
+def test_onnx_scores_equal_the_scorer_in_onnxruntime(tmp_path_factory, smoke_run, test_data):
+  root = tmp_path_factory.mktemp("onnx")
+  workdir = root / "run"
+  shutil.copytree(smoke_run.workdir, workdir)
+  proc = subprocess.run([sys.executable, "-m", "mcpf_jax.export", "--workdir", str(workdir), "--output",
+                         str(root / "out"), "--onnx", "--include_backbone"], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  folder = root / "out"
+  config = json.loads((folder / "config.json").read_text())
+  assert config["onnx"]["file"] == "model.onnx" and config["onnx"]["input"]["name"] == "crops"
+  images = _clive(test_data)
+  # onnxruntime, numpy and the crop function alone: no jax is imported (mcpf_jax.images is PIL + numpy).
+  proc = subprocess.run([sys.executable, "-c", _ORT_SCORES, str(folder), *images], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout)
+  assert out["jax"] is False
+  assert out["inputs"] == [["crops", "tensor(uint8)", ["batch", config["preprocessing"]["num_crops"], 64, 64, 3]]]
+  reference = {r.path: r.score for r in Scorer.from_pretrained(folder, batch_size=8).score(images)}
+  ours, theirs = np.array(out["scores"]), np.array([reference[p] for p in images])
+  rel = np.max(np.abs(ours - theirs) / np.abs(theirs))
+  size = (folder / "model.onnx").stat().st_size
+  print(f"onnxruntime vs Scorer over 55 CLIVE images: max relative difference {rel:.3g}; model.onnx {size} bytes")
+  assert rel <= 1e-4

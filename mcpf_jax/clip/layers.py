@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mcpf_jax.clip.config import CLIPTextConfig, CLIPVisionConfig
 
@@ -123,7 +124,10 @@ class Attention(nn.Module):
     if self.implementation == "per_head":
       out = _attention(q, k, v, self.causal)
     elif self.implementation == "fused":
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # scale = head_dim ** -0.5
+      # The causal mask as a numpy constant (is_causal=True builds the same one inside the graph, which exporters
+      # then carry as bool ops ONNX Runtime has no kernels for); the same numbers. scale = head_dim ** -0.5.
+      mask = np.tril(np.ones((queries, tokens), bool))[None, None] if self.causal else None
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     else:
       raise ValueError(f"Attention.implementation={self.implementation!r}: expected one of {ATTENTION}")
     return dense(width, self.dtype, "out_proj")(out.reshape(batch, queries, width))
