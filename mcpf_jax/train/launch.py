@@ -158,16 +158,17 @@ def initialize() -> bool:
                       f"{COORDINATOR.value!r}, {NUM_PROCESSES.value!r}, {PROCESS_ID.value!r})")
   if NUM_PROCESSES.value is not None and not 0 <= PROCESS_ID.value < NUM_PROCESSES.value:
     raise LaunchError(f"--process_id={PROCESS_ID.value} must be in 0..{NUM_PROCESSES.value - 1}")
-  env = detect_cluster()
+  # Explicit flags win: no detection (a cluster API that detection would query may be unreachable or forbidden).
+  env = detect_cluster() if NUM_PROCESSES.value is None else None
   if env is not None:
     tasks = env.get_process_count()
     who = f"{cluster_name(env)} ({_count_source(env)})"
     log.info("cluster environment: %s, detected by jax (%s): %d process%s", who, env.__name__, tasks,
              "" if tasks == 1 else "es")
-  else:
+  elif NUM_PROCESSES.value is None:
     tasks, who, fix = _undetected_tasks()
   if NUM_PROCESSES.value is not None:
-    processes, how = NUM_PROCESSES.value, f"--num_processes={NUM_PROCESSES.value}"
+    tasks, processes = NUM_PROCESSES.value, NUM_PROCESSES.value
   elif DISTRIBUTED.value is False:
     processes, how = 1, "--nodistributed"
   elif env is not None and (tasks > 1 or DISTRIBUTED.value):
