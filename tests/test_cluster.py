@@ -1,14 +1,15 @@
 """Launching on a cluster with no launch flags: jax's own detection of a SLURM job, and the refusal of a start that
 would train alone.
 
+- A real one-node SLURM (tests/slurm_local.py starts munged, slurmctld and slurmd on localhost, or reuses them):
+  `srun -n 2 python train.py --config configs/smoke.py ...` with no launch flag trains as one 2-process job (each
+  task logs the environment jax detected and "process I of 2 processes"). A machine without SLURM fails these
+  tests with the install command; they are never skipped.
 - The SLURM variables of a 2-task job step, set by hand on 2 local processes with no launch flag: jax forms one
-  2-process job (each logs the detected environment and "process I of 2 processes").
+  2-process job too (eval.py on the srun run: the same detection as train.py, at a third of the cost).
 - A start that would train alone is refused before anything is written (exit 2, the message names the variable and
   the fix): train.py as an sbatch script runs it (SLURM_NTASKS=2, no job step: one task started), eval.py with
   --nodistributed in a 2-task step.
-- A real one-node SLURM (tests/slurm_local.py starts munged, slurmctld and slurmd on localhost, or reuses them):
-  `srun -n 2 python train.py --config configs/smoke.py ...` with no launch flag trains as one 2-process job. A
-  machine without SLURM fails this test with the install command; it is never skipped.
 Every run is the smoke run cut to 3 steps of 48 images and one crop per evaluated image.
 """
 
@@ -56,20 +57,53 @@ def _step(job: int, task: int, host: str = "localhost") -> dict[str, str]:
           "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_ID": "0"}
 
 
-def _one_job(runs: list[e2e.Run], workdir) -> None:
+def _one_job(runs: list[e2e.Run], script: str) -> None:
   for i, r in enumerate(runs):
     r.check()
     assert DETECTED in r.stderr, r.stderr[-3000:]
-    assert re.search(rf"process {i} of 2 processes: 2 local / 4 global devices", r.stderr), r.stderr[-3000:]
-  summary = json.loads((workdir / "train_summary.json").read_text())
-  assert summary["processes"] == 2 and summary["devices"] == 4 and summary["step"] == runs[0].json()["step"]
+    if script == "train.py":
+      assert re.search(rf"process {i} of 2 processes: 2 local / 4 global devices", r.stderr), r.stderr[-3000:]
+    else:  # eval.py: each process decodes its data shard (one of 2)
+      assert re.search(rf"this process \({i} of 2, data shard {i} of 2\)", r.stderr), r.stderr[-3000:]
 
 
-def test_the_slurm_variables_alone_make_one_two_process_job(commands):
+@pytest.fixture(scope="module")
+def slurm():
+  cluster = slurm_local.Cluster().start()  # SlurmUnavailable (not a skip) where SLURM is missing
+  yield cluster
+  cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def srun_run(commands, slurm) -> list[e2e.Run]:
+  """`srun -n 2 python train.py ...` with no launch flag, each task's output in its own files."""
+  del slurm
+  workdir = commands.root / "srun"
+  out = commands.root / "srun.%t"
+  argv = (["srun", "--ntasks=2", f"--chdir={e2e.REPO}", f"--output={out}.stdout", f"--error={out}.stderr",
+           "--time=10", "--job-name=mcpf_jax-test"] + commands.argv("train.py", workdir, QUICK))
+  proc = subprocess.run(argv, env=commands.env(2), capture_output=True, text=True, timeout=e2e.TIMEOUT_S,
+                        check=False)
+  runs = [e2e.Run(f"srun.{i}", workdir, proc.returncode, (commands.root / f"srun.{i}.stdout").read_text(),
+                  (commands.root / f"srun.{i}.stderr").read_text(), 0.0) for i in range(2)]
+  assert proc.returncode == 0, (proc.stderr[-2000:], runs[0].stderr[-3000:], runs[1].stderr[-3000:])
+  return runs
+
+
+@pytest.mark.slurm
+def test_srun_with_no_launch_flag_forms_one_job(srun_run):
+  _one_job(srun_run, "train.py")
+  summary = json.loads((srun_run[0].workdir / "train_summary.json").read_text())
+  assert summary["processes"] == 2 and summary["devices"] == 4 and summary["step"] == srun_run[0].json()["step"]
+
+
+@pytest.mark.slurm
+def test_the_slurm_variables_alone_make_one_two_process_job(commands, srun_run):
   job = _job_id()
-  workdir = commands.root / "env"
-  _one_job(commands.run_processes("env", "train.py", workdir, QUICK, launch_flags=False,
-                                  env=lambda i: _step(job, i)), workdir)
+  runs = commands.run_processes("env", "eval.py", srun_run[0].workdir, QUICK, launch_flags=False,
+                                env=lambda i: _step(job, i))
+  _one_job(runs, "eval.py")
+  assert runs[0].json()["num_images"] == 32
 
 
 @pytest.mark.parametrize("script,variables,extra,match", [
@@ -90,24 +124,3 @@ def test_a_start_that_would_run_alone_is_refused_before_writing(commands, tmp_pa
   assert run.returncode == 2, run.stderr[-3000:]
   assert match in run.stderr, run.stderr[-3000:]
   assert not workdir.exists(), sorted(workdir.rglob("*"))
-
-
-@pytest.fixture(scope="module")
-def slurm():
-  cluster = slurm_local.Cluster().start()  # SlurmUnavailable (not a skip) where SLURM is missing
-  yield cluster
-  cluster.stop()
-
-
-@pytest.mark.slurm
-def test_srun_with_no_launch_flag_forms_one_job(commands, slurm):
-  workdir = commands.root / "srun"
-  out = commands.root / "srun.%t"
-  argv = (["srun", "--ntasks=2", f"--chdir={e2e.REPO}", f"--output={out}.stdout", f"--error={out}.stderr",
-           "--time=10", "--job-name=mcpf_jax-test"] + commands.argv("train.py", workdir, QUICK))
-  proc = subprocess.run(argv, env=commands.env(2), capture_output=True, text=True, timeout=e2e.TIMEOUT_S,
-                        check=False)
-  runs = [e2e.Run(f"srun.{i}", workdir, proc.returncode, (commands.root / f"srun.{i}.stdout").read_text(),
-                  (commands.root / f"srun.{i}.stderr").read_text(), 0.0) for i in range(2)]
-  assert proc.returncode == 0, (proc.stderr[-2000:], runs[0].stderr[-3000:], runs[1].stderr[-3000:])
-  _one_job(runs, workdir)
