@@ -33,7 +33,11 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   from mcpf_jax.train import logs  # pylint: disable=g-import-not-at-top
-  logs.start_program()  # logging (orbax's INFO lines only with --verbosity), multi-host start (launch flags)
+  try:
+    logs.start_program()  # logging (orbax's INFO lines only with --verbosity), multi-host start (launch flags)
+  except launch.LaunchError as e:  # refused before anything is written
+    print(f"eval.py: {e}", file=sys.stderr)
+    sys.exit(2)
   from mcpf_jax.train import evaluation, identity, preemption  # pylint: disable=g-import-not-at-top
   explicit = config_flags.get_override_values(flags.FLAGS["config"]) if _CONFIG.value is not None else {}
   try:

@@ -5,9 +5,12 @@ changes what is computed (model, data, split, loss, optimizer, batch, seed, ...)
 fields that may change are listed in the README. `--config.init_from=runs/koniq` starts a NEW run from another run's
 trained weights. `--config.num_splits=10` runs the papers' 10-split protocol (each split in <workdir>/split_<s>) and
 writes <workdir>/protocol.json. Any config field is set with --config.FIELD=VALUE (e.g. --config.train.batch_size=64).
-On several hosts pass --distributed on every host (jax.distributed.initialize() detects the cluster), or
---coordinator_address HOST:PORT --num_processes N --process_id I. SIGTERM / SIGINT: the run finishes its step, saves
-it and exits with status 143 (SIGTERM; any signal under jax.distributed) or 130 (SIGINT); the same command resumes.
+On several hosts start the same command on every host: a TPU pod, a SLURM step (`srun`), Open MPI or a Kubernetes
+Job is detected and jax.distributed started (--nodistributed: never; elsewhere --coordinator_address HOST:PORT
+--num_processes N --process_id I); a start that would run alone where the scheduler has several tasks exits 2.
+SIGTERM / SIGINT, or a GCE / TPU VM maintenance event (TERMINATE_ON_HOST_MAINTENANCE on the metadata server): the
+run finishes its step, saves it and exits with status 143 (SIGTERM, a maintenance event; any stop under
+jax.distributed) or 130 (SIGINT); the same command resumes.
 orbax's INFO lines (dozens per checkpoint) are hidden unless --verbosity is given (e.g. --verbosity=0).
 """
 
@@ -29,7 +32,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   from mcpf_jax.train import logs  # pylint: disable=g-import-not-at-top
-  logs.start_program()  # logging (orbax's INFO lines only with --verbosity), multi-host start (launch flags)
+  try:
+    logs.start_program()  # logging (orbax's INFO lines only with --verbosity), multi-host start (launch flags)
+  except launch.LaunchError as e:  # refused before anything is written
+    print(f"train.py: {e}", file=sys.stderr)
+    sys.exit(2)
   from mcpf_jax.train import identity, preemption, protocol, trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:

@@ -63,13 +63,14 @@ class Commands:
     self.cache = root / "jax_cache"
     self.timings: dict[str, tuple[float, float]] = {}  # name: (wall seconds, CPU seconds)
 
-  def env(self, devices: int) -> dict[str, str]:
+  def env(self, devices: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(self.cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)
     if devices > 1:
       env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(extra or {})
     return env
 
   def argv(self, script: str, workdir: pathlib.Path, overrides: dict | None, extra: tuple[str, ...] = ()
@@ -83,18 +84,19 @@ class Commands:
 
   def run(self, name: str, script: str, workdir: pathlib.Path, overrides: dict | None = None, *, devices: int = 1,
           extra: tuple[str, ...] = (), kill_after_checkpoint: bool = False, config_file: bool = True,
-          signal_after_checkpoint: int | None = None, signal_after_step: int | None = None) -> Run:
+          signal_after_checkpoint: int | None = None, signal_after_step: int | None = None,
+          env: dict[str, str] | None = None) -> Run:
     """Runs `script` to the end, or with kill_after_checkpoint, SIGKILLs it once a checkpoint is committed.
 
     config_file=False: no --config (and no overrides) on the command line. signal_after_checkpoint: a signal to
-    send once a checkpoint is committed (kill_after_checkpoint: SIGKILL).
+    send once a checkpoint is committed (kill_after_checkpoint: SIGKILL). env: variables added to the environment.
     """
     argv = self.argv(script, workdir, (overrides or {}) if config_file else None, extra)
     out, err = self.root / f"{name}.stdout", self.root / f"{name}.stderr"
     start = time.perf_counter()
     info = {}
     with open(out, "w") as fo, open(err, "w") as fe:
-      proc = subprocess.Popen(argv, cwd=REPO, env=self.env(devices), stdout=fo, stderr=fe)
+      proc = subprocess.Popen(argv, cwd=REPO, env=self.env(devices, env), stdout=fo, stderr=fe)
       if kill_after_checkpoint:
         signal_after_checkpoint = signal.SIGKILL
       if signal_after_checkpoint is not None:
@@ -111,26 +113,30 @@ class Commands:
   def run_processes(self, name: str, script: str, workdir: pathlib.Path, overrides: dict | None = None, *,
                     processes: int = 2, devices: int = 2, extra: tuple[str, ...] = (),
                     signal_after_checkpoint: int | None = None, signal_after_step: int | None = None,
-                    targets: tuple[int, ...] | None = None) -> list[Run]:
+                    targets: tuple[int, ...] | None = None, launch_flags: bool = True,
+                    env: Callable[[int], dict[str, str]] | None = None,
+                    after_step: Callable[[], None] | None = None) -> list[Run]:
     """Runs `script` as `processes` jax processes on localhost (gloo collectives), `devices` CPU devices each,
-    with the explicit launch flags; optionally sends `signal_after_checkpoint` to procs `targets` once a
-    checkpoint is committed, or `signal_after_step` once process 0 finished a training step. Returns one Run per
-    process (info["exited_at"]: seconds after the signal)."""
+    with the explicit launch flags (launch_flags=False: none; the environment `env(i)` adds to process i's must
+    then say what the job is); optionally sends `signal_after_checkpoint` to procs `targets` once a checkpoint is
+    committed, or `signal_after_step` once process 0 finished a training step, or calls `after_step()` then.
+    Returns one Run per process (info["exited_at"]: seconds after the signal)."""
     port = free_port()
     start = time.perf_counter()
     procs, files = [], []
     for i in range(processes):
-      argv = self.argv(script, workdir, overrides or {}, extra + (
-          f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"))
+      launch = (f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}")
+      argv = self.argv(script, workdir, overrides or {}, extra + (launch if launch_flags else ()))
       fo, fe = open(self.root / f"{name}.{i}.stdout", "w"), open(self.root / f"{name}.{i}.stderr", "w")
       files.append((fo, fe))
-      procs.append(subprocess.Popen(argv, cwd=REPO, env=self.env(devices), stdout=fo, stderr=fe))
+      procs.append(subprocess.Popen(argv, cwd=REPO, env=self.env(devices, env(i) if env else None), stdout=fo,
+                                    stderr=fe))
     info = {}
     if signal_after_checkpoint is not None:
       info = signal_after_first_checkpoint(procs, workdir / "checkpoints", start, signal_after_checkpoint, targets)
-    elif signal_after_step is not None:
+    elif signal_after_step is not None or after_step is not None:
       info = signal_when(procs, trained_a_step(self.root / f"{name}.0.stderr"), workdir / "checkpoints", start,
-                         signal_after_step, targets)
+                         signal_after_step, targets, action=after_step)
     runs = []
     for i, proc in enumerate(procs):
       returncode, cpu = wait(proc, start + TIMEOUT_S)
@@ -175,8 +181,9 @@ def trained_a_step(stderr: pathlib.Path) -> Callable[[], bool]:
 
 
 def signal_when(procs: list[subprocess.Popen], ready: Callable[[], bool], checkpoints: pathlib.Path,
-                start: float, sig: int = signal.SIGKILL, targets: tuple[int, ...] | None = None) -> dict:
-  """Sends `sig` to procs[i] for i in `targets` (default all) as soon as `ready()`.
+                start: float, sig: int | None = signal.SIGKILL, targets: tuple[int, ...] | None = None,
+                action: Callable[[], None] | None = None) -> dict:
+  """Sends `sig` to procs[i] for i in `targets` (default all) as soon as `ready()` (or calls `action()` instead).
 
   info: killed (whether the signal was sent before any process ended), committed_at_kill (the committed
   checkpoint steps then), summary_before_kill, signalled_at (time.perf_counter()).
@@ -189,8 +196,11 @@ def signal_when(procs: list[subprocess.Popen], ready: Callable[[], bool], checkp
     if ready():
       steps = [p.name for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.is_dir() else []
       finished_before = (checkpoints.parent / "train_summary.json").exists()
-      for i in targets:
-        os.kill(procs[i].pid, sig)
+      if action is not None:
+        action()
+      else:
+        for i in targets:
+          os.kill(procs[i].pid, sig)
       return {"killed": True, "committed_at_kill": sorted(int(s) for s in steps),
               "summary_before_kill": finished_before, "signalled_at": time.perf_counter()}
     time.sleep(0.02)

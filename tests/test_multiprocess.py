@@ -15,6 +15,9 @@ cluster launches it (`--coordinator_address 127.0.0.1:PORT --num_processes 2 --p
   timeout, naming the lost task; both started again resume exactly (<= 1e-5 from the uninterrupted 2-process run);
 - SIGTERM: a checkpoint at the step reached, exit 143 within seconds; the same command again finishes with the
   uninterrupted run's scores (<= 1e-5); under 2 processes (SIGTERM to one of them) both save the same step.
+- a host maintenance event (TERMINATE_ON_HOST_MAINTENANCE) announced mid-run by a fake GCE metadata server
+  (tests/metadata_server.py, GCE_METADATA_HOST) to 2 processes: both save the same step and exit 143, saying
+  which event stopped them; the same command (the server back at NONE) gives the uninterrupted 2-process scores.
 Two lanes of subprocesses (the 1-process runs, the 2-process runs) share a smoke dataset and a compilation cache.
 """
 
@@ -28,10 +31,12 @@ import time
 
 import e2e_support as e2e
 import pytest
+from metadata_server import MetadataServer
 
 pytestmark = pytest.mark.slow
 
 HEARTBEAT_S = 10  # the peer-loss test's --heartbeat_timeout_seconds
+MAINTENANCE = "TERMINATE_ON_HOST_MAINTENANCE"
 MODEL_AXIS = {"mesh.data": 1, "mesh.model": 2}  # 2 processes x 1 device: the model axis spans the processes
 # eval.batch_size 5 -> 6 on 2 data devices: 3 rows per process, so the 16 test images of each end in padding.
 DATA_AXIS = {"mesh.data": 2, "mesh.model": 1, "eval.batch_size": 5}
@@ -45,6 +50,8 @@ def runs(tmp_path_factory) -> e2e.Runs:
   c = e2e.Commands(root, root / "data")
   c.timings["build smoke data"] = (time.perf_counter() - start, math.nan)
   term = signal.SIGTERM
+  metadata = MetadataServer().start()
+  on_gce = lambda i: {"GCE_METADATA_HOST": metadata.host}
   lane1 = e2e.Lane([
       ("one", lambda: c.run("one", "train.py", root / "one")),
       ("one:eval", lambda: c.run("one:eval", "eval.py", root / "one")),
@@ -53,6 +60,11 @@ def runs(tmp_path_factory) -> e2e.Runs:
       # The model axis across the processes (one device each), then eval.py with the data axis across them.
       ("model2", lambda: c.run_processes("model2", "train.py", root / "model2", MODEL_AXIS, devices=1)),
       ("model2:eval", lambda: c.run_processes("model2:eval", "eval.py", root / "model2", DATA_AXIS, devices=1)),
+      # Announced once process 0 trained a step; the rerun sees NONE.
+      ("maint", lambda: _listed(c.run_processes("maint", "train.py", root / "maint", env=on_gce,
+                                                after_step=lambda: metadata.announce(MAINTENANCE)))),
+      ("maint:again", lambda: (metadata.announce("NONE"),
+                               c.run_processes("maint:again", "train.py", root / "maint", env=on_gce))[1]),
   ])
   lane2 = e2e.Lane([
       ("two", lambda: c.run_processes("two", "train.py", root / "two")),
@@ -68,6 +80,7 @@ def runs(tmp_path_factory) -> e2e.Runs:
   yield e2e.Runs(c, [lane1, lane2])
   for lane in (lane1, lane2):
     lane.thread.join(timeout=3 * e2e.TIMEOUT_S)
+  metadata.stop()
   e2e.report_timings(c, start, "multi-process runs (two lanes)")
 
 
@@ -85,8 +98,8 @@ def _check_all(procs: list[e2e.Run]) -> list[e2e.Run]:
   return procs
 
 
-def _saved_step(run: e2e.Run) -> int:
-  m = re.search(r"stopped on a signal (?:at step \d+|during the validation of step \d+); saved step (\d+) in",
+def _saved_step(run: e2e.Run, reason: str = "on a signal") -> int:
+  m = re.search(rf"stopped {reason} (?:at step \d+|during the validation of step \d+); saved step (\d+) in",
                 run.stderr)
   assert m, f"{run.name}: no 'saved step' line:\n{run.stderr[-3000:]}"
   return int(m.group(1))
@@ -189,3 +202,19 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(runs):
   assert re.search(rf"resumed from \S+/checkpoints/{step}\b", again[0].stderr)
   diff = e2e.max_relative_difference(e2e.predictions(again[0].workdir, TEST), e2e.predictions(two[0].workdir, TEST))
   assert diff <= 1e-5, f"preempted + resumed vs uninterrupted (2 processes): {diff:.2e}"
+
+
+def test_a_maintenance_event_stops_both_processes_at_the_same_step(runs):
+  two, maint, again = _check_all(runs["two"]), runs["maint"], _check_all(runs["maint:again"])
+  assert maint[0].info["killed"], "the run finished before the event could be announced"
+  assert [r.returncode for r in maint] == [143, 143], [r.stderr[-2000:] for r in maint]
+  for r in maint:
+    assert f"maintenance event {MAINTENANCE} from 127.0.0.1" in r.stderr, r.stderr[-3000:]
+    assert "stopped on a signal" not in r.stderr
+  steps = {_saved_step(r, f"for the maintenance event {MAINTENANCE}") for r in maint}
+  assert len(steps) == 1, steps
+  step = steps.pop()
+  assert maint[0].info["checkpoints_after"][-1] == step, maint[0].info
+  assert re.search(rf"resumed from \S+/checkpoints/{step}\b", again[0].stderr)
+  diff = e2e.max_relative_difference(e2e.predictions(again[0].workdir, TEST), e2e.predictions(two[0].workdir, TEST))
+  assert diff <= 1e-5, f"maintenance stop + resumed vs uninterrupted (2 processes): {diff:.2e}"

@@ -91,7 +91,7 @@ def predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding,
     scores = eval_fn(params, {"image": glob["image"]})
     table.add(*(mesh_lib.to_host(x) for x in gather((scores, glob["index"], glob["weight"]))))
     if stop is not None and stop.poll():
-      raise preemption.Stopped("stopped on a signal during evaluation", stop.status)
+      raise preemption.Stopped(f"stopped {stop.reason} during evaluation", stop.status)
   log.info("evaluated %d images; this process (%d of %d, data shard %d of %d) decoded %d of them", len(indices),
            jax.process_index(), jax.process_count(), shard.index, shard.count, decoded)
   return table.result()

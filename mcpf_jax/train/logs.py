@@ -51,8 +51,9 @@ def quiet_library_info(packages: Sequence[str] = QUIET_PACKAGES) -> BelowWarning
 
 def start_program() -> bool:
   """The start of train.py and eval.py, after absl parsed the flags: INFO logging in our format, orbax's INFO
-  lines hidden (`quiet_library_info`), and jax.distributed started when the launch flags ask for it
-  (`launch.initialize`). Returns True for a multi-process job."""
+  lines hidden (`quiet_library_info`), and jax.distributed started as the launch flags and the detected cluster
+  ask (`launch.initialize`; raises launch.LaunchError for a start that cannot form its job). Returns True for a
+  multi-process job."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   quiet_library_info()
   from mcpf_jax.train import launch  # pylint: disable=g-import-not-at-top

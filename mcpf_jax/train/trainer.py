@@ -179,8 +179,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     ckpts.wait()
     ckpts.close()
     bar.close()
-    message = (f"stopped on a signal {where}; saved step {step} in {ckpts.directory}. Run the same command again "
-               "to resume from it")
+    message = (f"stopped {stop.reason} {where}; saved step {step} in {ckpts.directory}. Run the same command "
+               "again to resume from it")
     log.warning("%s", message)
     return preemption.Stopped(message, stop.status)
 
