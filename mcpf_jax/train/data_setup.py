@@ -8,6 +8,7 @@ built yet and `data.manual_dir` is set, it is built from that release folder fir
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mcpf_jax import data as datasets
-from mcpf_jax import scores
+from mcpf_jax import rundir, scores
 from mcpf_jax.data import splits
 from mcpf_jax.smoke import data as smoke
 from mcpf_jax.train import mesh as mesh_lib
@@ -43,9 +44,13 @@ class RunData:
     return self.source.names
 
 
-def data_dir(config, workdir: pathlib.Path) -> pathlib.Path:
-  """config.data.data_dir, or <workdir>/data when it is empty (self-contained runs such as smoke)."""
-  return pathlib.Path(config.data.data_dir).expanduser() if config.data.data_dir else workdir / "data"
+def data_dir(config, workdir: str | os.PathLike[str]) -> pathlib.Path:
+  """config.data.data_dir, or when it is empty <workdir>/data (self-contained runs such as smoke); for a run kept
+  in a bucket, the local cache's data/ (`rundir.data_dir`)."""
+  if config.data.data_dir and rundir.is_remote(config.data.data_dir):
+    raise ValueError(f"data.data_dir={config.data.data_dir!r}: datasets are read from a local folder; copy the "
+                     "prepared dataset to each host's disk and point data.data_dir at that copy")
+  return pathlib.Path(os.fspath(rundir.data_dir(workdir, config.data.data_dir)))
 
 
 def _build(name: str, root: pathlib.Path, manual_dir: pathlib.Path, **kwargs: Any) -> None:
@@ -56,7 +61,7 @@ def _build(name: str, root: pathlib.Path, manual_dir: pathlib.Path, **kwargs: An
   mesh_lib.sync(f"built {name}")
 
 
-def open_source(config, name: str, workdir: pathlib.Path) -> datasets.IqaSource:
+def open_source(config, name: str, workdir: str | os.PathLike[str]) -> datasets.IqaSource:
   """The built dataset `name`, building it first where it can (smoke; or a dataset with data.manual_dir)."""
   root = data_dir(config, workdir)
   if name == SMOKE:
@@ -87,7 +92,7 @@ def check_stored_size(src: datasets.IqaSource, config, name: str) -> None:
                      f"{config.data.resize})")
 
 
-def load(config, workdir: pathlib.Path, *, dataset: str | None = None) -> RunData:
+def load(config, workdir: str | os.PathLike[str], *, dataset: str | None = None) -> RunData:
   """The configured dataset and its split; `dataset` (cross-dataset evaluation) is used whole, as "all"."""
   name = dataset or config.data.name
   src = open_source(config, name, workdir)
