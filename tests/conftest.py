@@ -99,9 +99,10 @@ class GcsServer:
 
 # The clients' addresses of the server, set in os.environ so that train.py / eval.py subprocesses inherit them:
 # tensorstore (orbax's array writes), gcsfs (etils.epath's gs://) and google-cloud-storage (tensorboardX's gs://),
-# array_record's own gs:// reader.
+# array_record's own gs:// reader. gcsfs's experimental bucket-type lookup asks a storage-control API the server
+# does not have (a warning per call): off.
 GCS_ENV = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "STORAGE_EMULATOR_HOST",
-           "CLOUD_STORAGE_EMULATOR_ENDPOINT")
+           "CLOUD_STORAGE_EMULATOR_ENDPOINT", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +133,8 @@ def gcs_server(tmp_path_factory) -> GcsServer:
       time.sleep(0.1)
   saved = {k: os.environ.get(k) for k in GCS_ENV}
   os.environ.update(TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING="test-token",
-                    STORAGE_EMULATOR_HOST=url, CLOUD_STORAGE_EMULATOR_ENDPOINT=url)
+                    STORAGE_EMULATOR_HOST=url, CLOUD_STORAGE_EMULATOR_ENDPOINT=url,
+                    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
   try:
     yield GcsServer(url)
   finally:

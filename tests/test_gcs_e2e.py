@@ -1,0 +1,127 @@
+"""End to end: a training run kept in a bucket (`--workdir gs://B/run`), against a real GCS-protocol server on
+localhost (conftest's `gcs_server`: fake-gcs-server; orbax/tensorstore, gcsfs and google-cloud-storage all reach it).
+
+`train.py --config configs/smoke.py --workdir gs://B/run` as a user types it (the dataset and the tiny CLIP go to
+the local cache, $MCPF_JAX_CACHE), SIGKILLed once a checkpoint is committed in the bucket, then run again: it resumes
+from that checkpoint. Then `eval.py --workdir gs://B/run`, `score.py --workdir gs://B/run IMAGES` and
+`python -m mcpf_jax.export --workdir gs://B/run --output DIR`. Nothing is written locally under a `gs:` name (the
+commands' working directory and the test's folders are searched), the bucket holds the run's whole layout
+(TensorBoard events included), and the held-out scores are those of the same config trained in a local workdir
+without interruption (conftest's `smoke_run`; <= 1e-5).
+
+Cost: the smoke config cut to `smoke_run`'s (one epoch, 4 steps of 32 images, a checkpoint every 2 steps), so the
+XLA programs come from the session's compilation cache when `smoke_run` was built first. Measured on 2 shared cores
+(this test alone, `smoke_run` included): see the module's timings on stderr (`pytest -s`).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import e2e_support as e2e
+import pytest
+
+from mcpf_jax import rundir
+
+pytestmark = pytest.mark.slow
+
+
+def _finalized_step(fs, checkpoints: str):
+  """A condition: a checkpoint step in the bucket is finalized (orbax writes commit_success.txt last on GCS)."""
+
+  def ready() -> bool:
+    fs.invalidate_cache()  # the listing changes under this process (train.py writes it)
+    try:
+      names = fs.ls(checkpoints, detail=False)
+    except FileNotFoundError:
+      return False
+    return any(n.rsplit("/", 1)[-1].isdigit() and fs.exists(f"{n}/commit_success.txt") for n in names)
+
+  return ready
+
+
+def _gs_names(root: pathlib.Path) -> list[str]:
+  return [str(p) for p in root.rglob("*") if any(part.startswith("gs:") for part in p.relative_to(root).parts)]
+
+
+def test_a_run_in_a_bucket_trains_resumes_evaluates_scores_and_exports(gcs_bucket, smoke_run, tmp_path):
+  import gcsfs  # pylint: disable=g-import-not-at-top
+  workdir = f"gs://{gcs_bucket}/runs/smoke"
+  commands = e2e.Commands(tmp_path, tmp_path / "unused")
+  env = dict(commands.env(1), MCPF_JAX_CACHE=str(tmp_path / "cache"))
+  train = [sys.executable, "train.py", "--config", e2e.SMOKE, "--workdir", workdir,
+           f"--config.train.num_epochs={smoke_run.config.train.num_epochs}",
+           f"--config.train.checkpoint_every={smoke_run.config.train.checkpoint_every}"]
+  start = time.perf_counter()
+
+  def run(name: str, argv: list[str], ready=None) -> tuple[subprocess.CompletedProcess, dict]:
+    began = time.perf_counter()
+    with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
+      proc = subprocess.Popen(argv, cwd=e2e.REPO, env=env, stdout=out, stderr=err)
+      info = e2e.signal_when([proc], ready, rundir.path(workdir) / "checkpoints", began) if ready else {}
+      returncode, cpu = e2e.wait(proc, began + e2e.TIMEOUT_S)
+    commands.timings[name] = (time.perf_counter() - began, cpu)
+    done = subprocess.CompletedProcess(argv, returncode, (tmp_path / f"{name}.out").read_text(),
+                                       (tmp_path / f"{name}.err").read_text())
+    return done, info
+
+  def check(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, f"{done.args[1:3]} exited with {done.returncode}:\n{done.stderr[-4000:]}"
+    return done
+
+  fs = gcsfs.GCSFileSystem()
+  checkpoints = f"{gcs_bucket}/runs/smoke/checkpoints"
+  try:
+    killed, info = run("train:killed", train, ready=_finalized_step(fs, checkpoints))
+    assert info.get("killed"), f"the run ended before a checkpoint was committed:\n{killed.stderr[-3000:]}"
+    assert killed.returncode == -signal.SIGKILL
+    fs.invalidate_cache()
+    at_kill = sorted(int(n.rsplit("/", 1)[-1]) for n in fs.ls(checkpoints, detail=False)
+                     if n.rsplit("/", 1)[-1].isdigit())
+    assert at_kill and max(at_kill) < smoke_run.summary["step"]
+
+    resumed = check(run("train", train)[0])
+    assert f"resumed from {workdir}/checkpoints/" in resumed.stderr
+    summary = json.loads(rundir.path(f"{workdir}/train_summary.json").read_text())
+    assert summary["step"] == smoke_run.summary["step"]
+
+    evaluated = check(run("eval", [sys.executable, "eval.py", "--workdir", workdir])[0])
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    images = sorted((tmp_path / "cache" / "data" / "smoke_release" / "images").glob("*.png"))[:3]
+    scored = check(run("score", [sys.executable, "score.py", "--workdir", workdir, *map(str, images)])[0])
+    exported = check(run("export", [sys.executable, "-m", "mcpf_jax.export", "--workdir", workdir, "--output",
+                                    str(tmp_path / "exported")])[0])
+  finally:
+    e2e.report_timings(commands, start, "gs:// run folder")
+
+  # The run's layout, in the bucket.
+  fs.invalidate_cache()
+  found = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{gcs_bucket}/runs/smoke", detail=False)}
+  assert found == {"run.json", "split.json", "checkpoints", "tensorboard", "train_summary.json",
+                   "test_predictions.csv", "eval.json", "eval_predictions.csv", "eval_scatter.png"}
+  events = b"".join(fs.cat(e) for e in fs.ls(f"{gcs_bucket}/runs/smoke/tensorboard", detail=False))
+  assert b"train/loss" in events and b"test/srcc" in events
+  # Nothing local under a gs: name: the commands ran in the repository; the caches and outputs are in tmp_path.
+  assert [p for p in e2e.REPO.iterdir() if p.name.startswith("gs:")] == [] and _gs_names(tmp_path) == []
+  assert (tmp_path / "cache" / "tiny_clip").is_dir()
+
+  # The same held-out scores as the uninterrupted local run of the same config (and eval.py's best checkpoint).
+  local = e2e.predictions(smoke_run.workdir)
+  with rundir.path(f"{workdir}/eval_predictions.csv").open() as f:
+    (tmp_path / "gs_eval_predictions.csv").write_text(f.read())
+  remote = e2e.predictions(tmp_path, "gs_eval_predictions.csv")
+  assert sorted(local) == sorted(remote)
+  assert max(abs(local[k][1] - remote[k][1]) for k in local) <= 1e-5
+  assert result["checkpoint_step"] == smoke_run.evaluation["checkpoint_step"]
+  assert abs(result["srcc"] - smoke_run.evaluation["srcc"]) <= 1e-5
+
+  rows = scored.stdout.strip().splitlines()
+  assert rows[0].startswith("path,score") and len(rows) == 1 + len(images)
+  out = json.loads(exported.stdout.strip().splitlines()[-1])
+  assert out["step"] == result["checkpoint_step"] and "model.safetensors" in out["files"]
+  assert gcs_bucket not in (tmp_path / "exported" / "config.json").read_text()  # no path of the run's storage
