@@ -71,6 +71,18 @@ def scheme(p: PathLike) -> str | None:
   return name
 
 
+def supported(p: PathLike) -> bool:
+  """Whether `p` may be a run folder: a local path or a URL of REMOTE_SCHEMES naming a bucket."""
+  try:
+    scheme(p)
+  except ValueError:
+    return False
+  return True
+
+
+WHERE = "a local folder or " + " or ".join(f"{r}://bucket/path" for r in REMOTE_SCHEMES)
+
+
 def is_remote(p: PathLike) -> bool:
   """True for an object-store URL (gs://...), False for a local path."""
   return scheme(p) is not None

@@ -4,7 +4,8 @@ localhost (conftest's `gcs_server`: fake-gcs-server; orbax/tensorstore, gcsfs an
 `train.py --config configs/smoke.py --workdir gs://B/run` as a user types it (the dataset and the tiny CLIP go to
 the local cache, $MCPF_JAX_CACHE), SIGKILLed once a checkpoint is committed in the bucket, then run again: it resumes
 from that checkpoint. Then `eval.py --workdir gs://B/run`, `score.py --workdir gs://B/run IMAGES` and
-`python -m mcpf_jax.export --workdir gs://B/run --output DIR`. Nothing is written locally under a `gs:` name (the
+`python -m mcpf_jax.export --workdir gs://B/run --output DIR`; eval.py again with the dataset read from a copy in
+the bucket (`--config.data.data_dir=gs://B/datasets`). Nothing is written locally under a `gs:` name (the
 commands' working directory and the test's folders are searched), the bucket holds the run's whole layout
 (TensorBoard events included), and the held-out scores are those of the same config trained in a local workdir
 without interruption (conftest's `smoke_run`; <= 1e-5).
@@ -43,6 +44,12 @@ def _finalized_step(fs, checkpoints: str):
     return any(n.rsplit("/", 1)[-1].isdigit() and fs.exists(f"{n}/commit_success.txt") for n in names)
 
   return ready
+
+
+def _predictions(workdir: str, copy: pathlib.Path) -> dict[str, tuple[float, float]]:
+  """eval.py's eval_predictions.csv in the bucket ({name: (mos, score)}), through a local copy."""
+  copy.write_bytes(rundir.path(f"{workdir}/{rundir.EVAL_PREDICTIONS_FILE}").read_bytes())
+  return e2e.predictions(copy.parent, copy.name)
 
 
 def _gs_names(root: pathlib.Path) -> list[str]:
@@ -92,6 +99,13 @@ def test_a_run_in_a_bucket_trains_resumes_evaluates_scores_and_exports(gcs_bucke
 
     evaluated = check(run("eval", [sys.executable, "eval.py", "--workdir", workdir])[0])
     result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    scores = _predictions(workdir, tmp_path / "eval_predictions.csv")
+    # The same evaluation with the dataset read from a copy in the bucket (data.data_dir may move: its fingerprint
+    # is checked), through the whole input pipeline.
+    fs.put(str(tmp_path / "cache" / "data" / "csv"), f"{gcs_bucket}/datasets/", recursive=True)
+    check(run("eval:data-in-bucket", [sys.executable, "eval.py", "--config", e2e.SMOKE, "--workdir", workdir,
+                                      f"--config.data.data_dir=gs://{gcs_bucket}/datasets"])[0])
+    scores_from_bucket = _predictions(workdir, tmp_path / "eval_predictions.data-in-bucket.csv")
     images = sorted((tmp_path / "cache" / "data" / "smoke_release" / "images").glob("*.png"))[:3]
     scored = check(run("score", [sys.executable, "score.py", "--workdir", workdir, *map(str, images)])[0])
     exported = check(run("export", [sys.executable, "-m", "mcpf_jax.export", "--workdir", workdir, "--output",
@@ -112,11 +126,9 @@ def test_a_run_in_a_bucket_trains_resumes_evaluates_scores_and_exports(gcs_bucke
 
   # The same held-out scores as the uninterrupted local run of the same config (and eval.py's best checkpoint).
   local = e2e.predictions(smoke_run.workdir)
-  with rundir.path(f"{workdir}/eval_predictions.csv").open() as f:
-    (tmp_path / "gs_eval_predictions.csv").write_text(f.read())
-  remote = e2e.predictions(tmp_path, "gs_eval_predictions.csv")
-  assert sorted(local) == sorted(remote)
-  assert max(abs(local[k][1] - remote[k][1]) for k in local) <= 1e-5
+  for remote in (scores, scores_from_bucket):
+    assert sorted(local) == sorted(remote)
+    assert max(abs(local[k][1] - remote[k][1]) for k in local) <= 1e-5
   assert result["checkpoint_step"] == smoke_run.evaluation["checkpoint_step"]
   assert abs(result["srcc"] - smoke_run.evaluation["srcc"]) <= 1e-5
 
@@ -125,3 +137,35 @@ def test_a_run_in_a_bucket_trains_resumes_evaluates_scores_and_exports(gcs_bucke
   out = json.loads(exported.stdout.strip().splitlines()[-1])
   assert out["step"] == result["checkpoint_step"] and "model.safetensors" in out["files"]
   assert gcs_bucket not in (tmp_path / "exported" / "config.json").read_text()  # no path of the run's storage
+
+
+def test_a_dataset_in_a_bucket_reads_as_its_local_copy(gcs_bucket, smoke_run):
+  """A prepared dataset copied to a bucket (`data.data_dir=gs://...`) opens through TFDS's builder_from_directory
+  and array_record's own gs:// reader: same records, same identity; building into a bucket is refused by name."""
+  import gcsfs  # pylint: disable=g-import-not-at-top
+
+  from mcpf_jax.train import data_setup, identity  # pylint: disable=g-import-not-at-top
+  local_dir = smoke_run.workdir / "data"
+  built = local_dir / "csv"
+  fs = gcsfs.GCSFileSystem()
+  fs.put(str(built), f"{gcs_bucket}/datasets/", recursive=True)
+  config = smoke_run.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.data_dir = f"gs://{gcs_bucket}/datasets"
+  remote = data_setup.open_source(config, data_setup.SMOKE, smoke_run.workdir)
+  with config.unlocked():
+    config.data.data_dir = str(local_dir)
+  local = data_setup.open_source(config, data_setup.SMOKE, smoke_run.workdir)
+  assert str(remote.path).startswith(f"gs://{gcs_bucket}/datasets/csv/smoke/")
+  assert len(remote) == len(local) and list(remote.names) == list(local.names)
+  for i in (0, len(local) // 2, len(local) - 1):
+    a, b = remote[i], local[i]
+    assert a["image"] == b["image"] and a["name"] == b["name"] and a["mos"] == b["mos"]
+  ours, theirs = identity.dataset_identity(remote, "smoke"), identity.dataset_identity(local, "smoke")
+  assert {k: v for k, v in ours.items() if k != "path"} == {k: v for k, v in theirs.items() if k != "path"}
+
+  with config.unlocked():
+    config.data.data_dir = f"gs://{gcs_bucket}/elsewhere"
+  with pytest.raises(FileNotFoundError, match=r"data.data_dir=gs://.*/elsewhere: dataset csv is not built there, and "
+                                              r"datasets are built into a local folder"):
+    data_setup.open_source(config, data_setup.SMOKE, smoke_run.workdir)

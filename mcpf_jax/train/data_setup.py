@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from mcpf_jax import data as datasets
 from mcpf_jax import rundir, scores
@@ -44,16 +45,24 @@ class RunData:
     return self.source.names
 
 
-def data_dir(config, workdir: str | os.PathLike[str]) -> pathlib.Path:
-  """config.data.data_dir, or when it is empty <workdir>/data (self-contained runs such as smoke); for a run kept
-  in a bucket, the local cache's data/ (`rundir.data_dir`)."""
-  if config.data.data_dir and rundir.is_remote(config.data.data_dir):
-    raise ValueError(f"data.data_dir={config.data.data_dir!r}: datasets are read from a local folder; copy the "
-                     "prepared dataset to each host's disk and point data.data_dir at that copy")
-  return pathlib.Path(os.fspath(rundir.data_dir(workdir, config.data.data_dir)))
+def data_dir(config, workdir: str | os.PathLike[str]) -> epath.Path:
+  """config.data.data_dir (a local folder or gs://bucket/path), or when it is empty <workdir>/data (self-contained
+  runs such as smoke); for a run kept in a bucket, the local cache's data/ (`rundir.data_dir`)."""
+  return rundir.data_dir(workdir, config.data.data_dir)
 
 
-def _build(name: str, root: pathlib.Path, manual_dir: pathlib.Path, **kwargs: Any) -> None:
+def _local(name: str, root: epath.Path) -> pathlib.Path:
+  """`root` as the local folder dataset `name` is built into; a bucket is refused (datasets are read from one)."""
+  if rundir.is_remote(root):
+    raise FileNotFoundError(f"data.data_dir={root}: dataset {name} is not built there, and datasets are built into a "
+                            "local folder (python -m mcpf_jax.data.prepare ... --data_dir LOCAL_DIR); copy the built "
+                            f"folder to the bucket (gcloud storage cp -r LOCAL_DIR/{name} {root}/) or point "
+                            "data.data_dir at the local one")
+  return pathlib.Path(os.fspath(root))
+
+
+def _build(name: str, root: epath.Path, manual_dir: pathlib.Path, **kwargs: Any) -> None:
+  root = _local(name, root)
   # Only process 0 writes; the others wait for it (multi-host runs share data_dir).
   if jax.process_index() == 0:
     datasets.builder(name, data_dir=root, **kwargs).download_and_prepare(
@@ -68,7 +77,7 @@ def open_source(config, name: str, workdir: str | os.PathLike[str]) -> datasets.
     try:
       return datasets.source("csv", root, config=SMOKE)
     except FileNotFoundError:
-      raw = root / "smoke_release"
+      raw = _local("csv", root) / "smoke_release"
       if jax.process_index() == 0:
         smoke.write_smoke_dataset(raw)
       _build("csv", root, raw, config_name=SMOKE, **smoke.CSV_CONFIG)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -141,7 +140,7 @@ def dataset_identity(source: Any, name: str) -> dict[str, Any]:
   for n, c in zip(names, contents):
     h.update(n.encode("utf-8") + b"\0" + c.encode("utf-8") + b"\n")
   h.update(np.ascontiguousarray(np.asarray(source.mos, np.float32)).tobytes())
-  path = pathlib.Path(getattr(source, "path", ""))
+  path = rundir.path(getattr(source, "path", ""))
   stored = (getattr(source, "metadata", None) or {}).get("resize")
   return {"name": name, "version": path.name if path.name else None, "path": str(path), "num_records": len(names),
           "fingerprint": h.hexdigest(), "stored_short_side": stored}
