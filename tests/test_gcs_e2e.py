@@ -27,7 +27,7 @@ import time
 import e2e_support as e2e
 import pytest
 
-from mcpf_jax import rundir
+from mcpf_jax import rundir, runs
 
 pytestmark = pytest.mark.slow
 
@@ -169,3 +169,26 @@ def test_a_dataset_in_a_bucket_reads_as_its_local_copy(gcs_bucket, smoke_run):
   with pytest.raises(FileNotFoundError, match=r"data.data_dir=gs://.*/elsewhere: dataset csv is not built there, and "
                                               r"datasets are built into a local folder"):
     data_setup.open_source(config, data_setup.SMOKE, smoke_run.workdir)
+
+
+def test_checkpoints_kept_apart_from_the_run_folder(gcs_bucket, smoke_run, tmp_path):
+  """config.checkpoint_dir: a run whose run.json puts its checkpoints in another place (here: the run folder in a
+  bucket, the checkpoints in a local folder) is found there by the Scorer; a restart that forgot checkpoint_dir is
+  refused instead of training again from step 0."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  from mcpf_jax.scoring import Scorer  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import identity, trainer  # pylint: disable=g-import-not-at-top
+  elsewhere = tmp_path / "ckpts"
+  shutil.copytree(smoke_run.workdir / "checkpoints", elsewhere)
+  workdir = rundir.path(f"gs://{gcs_bucket}/run")
+  saved_run, saved_split = identity.read(smoke_run.workdir)
+  saved_run["config"]["checkpoint_dir"] = str(elsewhere)
+  identity.write(workdir, saved_run, saved_split)
+  assert str(runs.checkpoint_dir(workdir)) == str(elsewhere)
+  scorer = Scorer.from_checkpoint(str(workdir), "latest", num_workers=0)
+  assert scorer.info["checkpoint"] == str(elsewhere / str(smoke_run.summary["step"]))
+
+  with pytest.raises(identity.RunMismatchError, match=rf"this run's checkpoints are in {elsewhere} \(its run.json\), "
+                                                      r"not in gs://.*/run/checkpoints; nothing was changed"):
+    trainer._saved_identity(workdir, rundir.checkpoint_dir(workdir))  # pylint: disable=protected-access

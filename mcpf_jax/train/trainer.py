@@ -45,8 +45,18 @@ def _saved_identity(workdir: os.PathLike[str], directory: os.PathLike[str]
                     ) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
   """(run.json, split.json) of a run that has checkpoints (in `directory`); for a run of an older version without
   run.json, the config saved in its latest checkpoint. None when nothing was trained in `workdir` yet (a fresh
-  start)."""
-  if not directory.is_dir():
+  start).
+
+  Raises:
+    identity.RunMismatchError: `directory` holds no checkpoint but the run's own checkpoint_dir (run.json) does: a
+      restart that forgot --config.checkpoint_dir would otherwise start the run again from step 0.
+  """
+  if not directory.is_dir() or not _has_steps(directory):
+    own = runs.checkpoint_dir(workdir)
+    if str(own) != str(directory) and own.is_dir() and _has_steps(own):
+      raise identity.RunMismatchError(
+          f"{workdir}: this run's checkpoints are in {own} (its run.json), not in {directory}; nothing was changed. "
+          f"Resume with --config.checkpoint_dir={own}, or use a new --workdir for a new run")
     return None
   ckpts = ckpt_lib.Checkpoints(directory, read_only=True)
   try:
@@ -60,6 +70,11 @@ def _saved_identity(workdir: os.PathLike[str], directory: os.PathLike[str]
     return {"config": runs.config_from_meta(meta).to_dict(), "from": f"checkpoint {directory / str(step)}"}, None
   finally:
     ckpts.close()
+
+
+def _has_steps(directory: os.PathLike[str]) -> bool:
+  """Whether a checkpoint folder holds a checkpoint step (a folder named by its step number)."""
+  return any(p.name.isdigit() for p in directory.iterdir())
 
 
 def _check_identity(run: Run, saved: tuple[dict[str, Any], dict[str, Any] | None] | None) -> dict[str, Any]:
