@@ -15,6 +15,8 @@ Layout of `<workdir>` (the names are this module's constants; every writer and r
   protocol.json, split_<s>/                        the N-split protocol: its summary and each split's run folder
   tiny_clip/             the smoke run's tiny CLIP (a local run folder only: see `tiny_clip_dir`)
   data/                  the dataset when data.data_dir is "" (a local run folder only: see `local_cache`)
+A dataset may be read from a bucket too (data.data_dir=gs://...; built locally, then copied there).
+Exports (`python -m mcpf_jax.export --output DIR`) are written to a local folder outside the run folder.
 
 Small files are written whole or not at all (`write_atomic`): locally a temporary file in the same folder, fsync'd,
 then `os.replace`; on a bucket one object upload, which readers see entire or not at all.
