@@ -17,13 +17,15 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mcpf_jax import rundir
 from mcpf_jax.train import launch
 
 flags.adopt_module_key_flags(launch)  # the multi-host launch flags, listed by --help
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "optional: a config file; only its eval.* fields are used",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir")
+_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir: " + rundir.WHERE)
+flags.register_validator("workdir", lambda v: v is None or rundir.supported(v), f"expected {rundir.WHERE}")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "best | latest | a step (default: config.eval.checkpoint)")
 _DATASET = flags.DEFINE_string("dataset", None,
                                 "evaluate on another dataset, all of it (default: the test part of the run's split)")

@@ -165,8 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   missing = [p + (" (a broken link)" if os.path.lexists(p) else "") for p in args.paths if not os.path.exists(p)]
   if missing:
     parser.error(f"no such file or folder: {', '.join(missing)}")
-  if args.workdir and not os.path.exists(args.workdir):
-    parser.error(f"--workdir {args.workdir}: no such folder (a training run's workdir)")
+  if args.workdir:
+    from mcpf_jax import rundir  # pylint: disable=g-import-not-at-top
+    try:
+      found = rundir.path(args.workdir).exists()  # a local folder or gs://bucket/path
+    except ValueError as e:  # a URL of a storage no run folder can be on
+      parser.error(f"--workdir {e}")
+    if not found:
+      parser.error(f"--workdir {args.workdir}: no such folder (a training run's workdir)")
   if args.output != "-":
     if os.path.isdir(args.output):
       parser.error(f"--output {args.output} is a folder: give a file name, e.g. "

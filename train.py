@@ -20,13 +20,15 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mcpf_jax import rundir
 from mcpf_jax.train import launch
 
 flags.adopt_module_key_flags(launch)  # the multi-host launch flags, listed by --help
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and results go")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and results go: " + rundir.WHERE)
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator("workdir", lambda v: v is None or rundir.supported(v), f"expected {rundir.WHERE}")
 
 
 def main(argv):
@@ -39,6 +41,8 @@ def main(argv):
     sys.exit(2)
   from mcpf_jax.train import identity, preemption, protocol, trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  if not rundir.supported(config.get("checkpoint_dir") or ""):
+    sys.exit(f"train.py: checkpoint_dir={config.checkpoint_dir!r}: expected {rundir.WHERE}")
   try:
     _train(config, protocol, trainer)
   except identity.RunMismatchError as e:  # a refused restart: nothing in the workdir was changed

@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.model = 1  # devices the frozen backbone is sharded over (FSDP-style rules below)
   c.mesh.shard_backbone = False  # shard large backbone kernels over 'model' (for L/14 on small-memory chips)
 
+  c.checkpoint_dir = ""  # where checkpoints go ("" = <workdir>/checkpoints); another folder or gs://bucket/path
   c.init_from = placeholder(str)  # another run's workdir: step 0 starts from its trained prompts/fusion (fine-tuning)
   c.init_from_checkpoint = "best"  # which checkpoint of init_from: best | latest | a step
   c.num_splits = 1  # >1 runs the protocol: splits 0..N-1, each trained and evaluated, median reported

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import re
 import shutil
@@ -34,9 +35,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import traverse_util
 
-from mcpf_jax import clip, pretrained, runs
+from mcpf_jax import clip, pretrained, rundir, runs
 from mcpf_jax.clip import hub
 from mcpf_jax.clip.config import HUB_IDS
 from mcpf_jax.scoring import Scorer
@@ -168,8 +170,8 @@ def _copy_backbone(source: str, loaded_from: pathlib.Path | None, target: pathli
   return copied
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
-  return json.loads(path.read_text()) if path.is_file() else None
+def _read_json(path: epath.Path) -> dict[str, Any] | None:
+  return rundir.read_json(path)
 
 
 def _contract(scorer: Scorer) -> dict[str, Any]:
@@ -224,7 +226,7 @@ def _onnx_model(scorer: Scorer) -> tuple[bytes, dict[str, Any]]:
   return model.SerializeToString(), info
 
 
-def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoint: str | int = "best",
+def export(workdir: str | os.PathLike[str], output: str | pathlib.Path, *, checkpoint: str | int = "best",
            include_backbone: bool = False, clip_name: str | None = None, overwrite: bool = False,
            with_stablehlo: bool = False, with_onnx: bool = False) -> dict[str, Any]:
   """Writes the inference folder of a training run's checkpoint; returns {"output", "step", "files", "bytes"}.
@@ -241,7 +243,7 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoin
     raise FileExistsError(f"{output}: exists and is not empty; choose a new --output (or --overwrite)")
   workdir, checkpoint = runs.locate(workdir, checkpoint)
   scorer = Scorer.from_checkpoint(workdir, checkpoint, clip_name=clip_name, num_workers=0)
-  step_dir = pathlib.Path(scorer.info["checkpoint"])
+  step_dir = rundir.path(scorer.info["checkpoint"])
   meta = runs.read_meta(step_dir)
   config = runs.run_config(workdir, meta)
   trained = set(runs.read_params(step_dir))
@@ -250,8 +252,8 @@ def export(workdir: str | pathlib.Path, output: str | pathlib.Path, *, checkpoin
   own = {k: v for k, v in flat.items() if not k.startswith("clip/") or k in trained}
 
   run = runs.read_run(workdir) or {}
-  eval_json = _read_json(workdir / "eval.json")
-  summary = _read_json(workdir / "train_summary.json")
+  eval_json = _read_json(workdir / rundir.EVAL_FILE)
+  summary = _read_json(workdir / rundir.SUMMARY_FILE)
   score_map = scorer.score_map
   # from_checkpoint checked that the backbone loaded (info["backbone"]) has the fingerprint the run trained on.
   source = scorer.info["backbone"]

@@ -5,7 +5,8 @@ exporter restore a trained model from a workdir with this module alone. The trai
 (`mcpf_jax.train.checkpoints`) writes the layout described here and takes its item names and retention policy
 from here, so the two cannot drift apart.
 
-Checkpoint layout (LAYOUT = 2), `<workdir>/checkpoints/<step>/`:
+Checkpoint layout (LAYOUT = 2), `<checkpoint_dir>/<step>/` (`<workdir>/checkpoints` unless config.checkpoint_dir
+says otherwise; the run folder's own layout is `mcpf_jax.rundir`'s):
   params   the trainable parameters alone (orbax StandardSave of the trainable subtree): all inference needs
   opt      {"opt": the optimizer state, "step"}: only a resumed training run reads it
   meta     JSON: backbone {source, fingerprint}, dataset, label_transform, split sizes, config, layout
@@ -21,23 +22,26 @@ import contextlib
 import json
 import logging
 import math
+import os
 import pathlib
+import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from mcpf_jax import clip
+from mcpf_jax import clip, rundir
 
 LAYOUT = 2
 PARAMS, OPT, META = "params", "opt", "meta"
 OLD_STATE = "state"  # layout 1: {"params", "opt", "step"} in one item
 BEST_METRIC = "val_srcc"
-RUN_FILE = "run.json"  # written by mcpf_jax.train.identity at a run's start
+RUN_FILE = rundir.RUN_FILE  # written by mcpf_jax.train.identity at a run's start
 
 
 def best_metric(metrics: Mapping[str, Any]) -> float:
@@ -103,8 +107,8 @@ def quiet_read_only() -> Iterator[None]:
 class ReadOnlyCheckpoints:
   """The checkpoints of a run, read-only: which steps there are, the best one, and one step's items."""
 
-  def __init__(self, directory: str | pathlib.Path):
-    self.directory = pathlib.Path(directory).expanduser().absolute()
+  def __init__(self, directory: str | os.PathLike[str]):
+    self.directory = rundir.absolute(directory)
     with quiet_read_only():
       self.manager = ocp.CheckpointManager(self.directory, options=manager_options(read_only=True))
 
@@ -127,14 +131,21 @@ class ReadOnlyCheckpoints:
     self.close()
 
 
-def locate(path: str | pathlib.Path, checkpoint: str | int) -> tuple[pathlib.Path, str | int]:
-  """(workdir, checkpoint) from a workdir, its checkpoints/ folder or a step folder inside it."""
-  path = pathlib.Path(path).expanduser()
-  if (path / "checkpoints").is_dir():
+def checkpoint_dir(workdir: str | os.PathLike[str]) -> epath.Path:
+  """Where the checkpoints of the run in `workdir` are: the checkpoint_dir of its run.json's config when set, else
+  <workdir>/checkpoints."""
+  run = read_run(workdir)
+  return rundir.checkpoint_dir(workdir, run["config"].get("checkpoint_dir") if run else None)
+
+
+def locate(path: str | os.PathLike[str], checkpoint: str | int) -> tuple[epath.Path, str | int]:
+  """(workdir, checkpoint) from a workdir (local or gs://), its checkpoints/ folder or a step folder inside it."""
+  path = rundir.path(path)
+  if (path / rundir.CHECKPOINTS).is_dir() or ((path / RUN_FILE).exists() and checkpoint_dir(path).is_dir()):
     return path, checkpoint
-  if path.name == "checkpoints" and path.is_dir():
+  if path.name == rundir.CHECKPOINTS and path.is_dir():
     return path.parent, checkpoint
-  if path.name.isdigit() and path.parent.name == "checkpoints" and path.is_dir():
+  if path.name.isdigit() and path.parent.name == rundir.CHECKPOINTS and path.is_dir():
     return path.parent.parent, int(path.name)
   raise FileNotFoundError(f"{path}: not a training run (expected a workdir with checkpoints/, its checkpoints/ "
                           "folder, or a checkpoints/<step> folder)")
@@ -171,22 +182,19 @@ def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def read_run(workdir: str | pathlib.Path) -> dict[str, Any] | None:
+def read_run(workdir: str | os.PathLike[str]) -> dict[str, Any] | None:
   """<workdir>/run.json (the run's resolved config, dataset identity, split protocol, backbone), or None."""
-  path = pathlib.Path(workdir) / RUN_FILE
-  if not path.exists():
+  path = rundir.path(workdir) / RUN_FILE
+  run = rundir.read_json(path)
+  if run is None:
     return None
-  try:
-    run = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged") from e
   if "config" not in run:
     raise ValueError(f"{path}: has no 'config' field")
   run["config"] = upgrade_config(run["config"])
   return run
 
 
-def run_config(workdir: str | pathlib.Path, meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def run_config(workdir: str | os.PathLike[str], meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """The config a run was trained with: its run.json (written at its start), else the one saved in the checkpoint's
   `meta` (runs of older versions). eval.py and the Scorer both take the model from here."""
   saved = read_run(workdir)
@@ -202,22 +210,55 @@ def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(upgrade_config(meta["config"]))
 
 
-def load_clip(config, workdir: str | pathlib.Path, *, name: str | None = None) -> clip.Bundle:
+def load_clip(config, workdir: str | os.PathLike[str], *, name: str | None = None) -> clip.Bundle:
   """The run's CLIP: config.clip.name (or `name`): a hub id, folder or preset.
 
-  "tiny" writes a tiny random HF-format CLIP into <workdir>/tiny_clip (idempotent: the same seed and sizes give
-  the same weights, so a resumed run or a scorer finds the backbone it was trained on).
+  "tiny" writes a tiny random HF-format CLIP into <workdir>/tiny_clip, or for a run kept in a bucket into a local
+  folder (`rundir.tiny_clip_dir`); idempotent: the same seed and sizes give the same weights, so a resumed run or a
+  scorer finds the backbone it was trained on.
   """
   name = name or config.clip.name
   if name == "tiny":
-    from mcpf_jax.smoke import backbone  # pylint: disable=g-import-not-at-top
-    name = str(backbone.write(pathlib.Path(workdir) / "tiny_clip", seed=config.clip.tiny_seed,
-                               **config.clip.tiny))
+    name = str(_tiny_clip(config, workdir))
   return clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat,
                    param_dtype=config.clip.get("param_dtype", "float32"))
 
 
-def check_backbone(meta: Mapping[str, Any], source: str, fingerprint: str, where: pathlib.Path) -> None:
+def _sync(name: str) -> None:
+  """A barrier across processes (multi-host), a no-op in one process. `name` holds no path: it must be the same
+  string on every host, wherever each mounts the run folder."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _tiny_clip(config, workdir: str | os.PathLike[str]) -> pathlib.Path:
+  """The tiny CLIP's folder, written once and whole. In a local run folder (one every process sees) process 0
+  writes it and the others wait; a run in a bucket keeps it in each host's local cache, which each process fills
+  (a temporary folder renamed into place: a process that finds it there already leaves it)."""
+  from mcpf_jax.smoke import backbone  # pylint: disable=g-import-not-at-top
+  recipe = {"seed": config.clip.tiny_seed, **config.clip.tiny}
+  folder = rundir.tiny_clip_dir(workdir, recipe)
+  shared = not rundir.is_remote(workdir)
+  if not shared or jax.process_index() == 0:
+    if folder.exists():
+      backbone.write(folder, **recipe)  # idempotent: returns at once when the folder holds this recipe
+    else:
+      folder.parent.mkdir(parents=True, exist_ok=True)
+      tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+      shutil.rmtree(tmp, ignore_errors=True)
+      backbone.write(tmp, **recipe)
+      try:
+        os.rename(tmp, folder)
+      except OSError:  # another process on this disk put its (identical) copy there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        backbone.write(folder, **recipe)
+  if shared:
+    _sync("tiny CLIP written")
+  return folder
+
+
+def check_backbone(meta: Mapping[str, Any], source: str, fingerprint: str, where: os.PathLike[str]) -> None:
   """The backbone a checkpoint was trained on must be the one loaded now (same parameter values)."""
   saved = meta.get("backbone", {})
   if saved.get("fingerprint") != fingerprint:
@@ -230,8 +271,9 @@ def check_backbone(meta: Mapping[str, Any], source: str, fingerprint: str, where
 # One checkpoint step, read without its manager.
 
 
-def layout(step_dir: pathlib.Path) -> int:
+def layout(step_dir: str | os.PathLike[str]) -> int:
   """2 for this layout, 1 for layout 1 (one `state` item); anything else is refused, naming what was found."""
+  step_dir = rundir.path(step_dir)
   if (step_dir / PARAMS).is_dir():
     return LAYOUT
   if (step_dir / OLD_STATE).is_dir():
@@ -241,7 +283,8 @@ def layout(step_dir: pathlib.Path) -> int:
                    f"{OLD_STATE!r}, layout 1, before params/opt/meta were saved apart), found {found}")
 
 
-def read_meta(step_dir: pathlib.Path) -> dict[str, Any]:
+def read_meta(step_dir: str | os.PathLike[str]) -> dict[str, Any]:
+  step_dir = rundir.path(step_dir)
   if not (step_dir / META).is_dir():
     raise FileNotFoundError(f"{step_dir}: no {META!r} item (not a checkpoint written by mcpf_jax)")
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ck:
@@ -253,11 +296,13 @@ def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
 
 
-def read_params(step_dir: pathlib.Path, sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.Array]:
+def read_params(step_dir: str | os.PathLike[str], sharding: jax.sharding.Sharding | None = None
+                ) -> dict[str, jax.Array]:
   """The trainable parameters of one checkpoint step, {"path/to/leaf": array}; no optimizer involved.
 
   The arrays are placed on `sharding` (default: this process's first device). Both layouts are read.
   """
+  step_dir = rundir.path(step_dir)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   item = PARAMS if layout(step_dir) == LAYOUT else OLD_STATE
   # The item is read with its own handler, as CheckpointManager reads an item of a step: a Checkpointer would look

@@ -351,7 +351,7 @@ class Scorer:
         layout.
     """
     workdir, checkpoint = runs.locate(workdir, checkpoint)
-    with runs.ReadOnlyCheckpoints(workdir / "checkpoints") as ckpts:
+    with runs.ReadOnlyCheckpoints(runs.checkpoint_dir(workdir)) as ckpts:
       step = runs.checkpoint_step(ckpts, checkpoint)
       step_dir = ckpts.directory / str(step)
     meta = runs.read_meta(step_dir)

@@ -3,28 +3,30 @@
 `source(name, data_dir)` opens `<data_dir>/<name>[/<config>]/<version>` with `tfds.builder_from_directory` and
 returns an `IqaSource`: `len()`, `src[i]` -> one record as a dict of Python / NumPy values, plus the per-record
 columns (`names`, `content_ids`, `mos`, `official_split`) read from the metadata, so splitting and MOS statistics
-never touch the image bytes. It pickles as its paths (grain worker processes reopen the files).
+never touch the image bytes. It pickles as its paths (grain worker processes reopen the files). `data_dir` is a local
+folder or a bucket (`gs://bucket/path`, through etils.epath; array_record reads gs:// itself).
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
+from mcpf_jax import rundir
 from mcpf_jax.data import builders, registry
 
 _TEXT_KEYS = ("name", "content_id", "official_split")
 
 
 def dataset_dir(name: str, data_dir: str | os.PathLike[str], config: str | None = None,
-                version: str | None = None) -> pathlib.Path:
+                version: str | None = None) -> epath.Path:
   """`<data_dir>/<name>[/<config>]/<version>` (the newest built version when version is None)."""
-  base = pathlib.Path(data_dir).expanduser() / name
+  base = rundir.path(data_dir) / name
   if config:
     base = base / config
   if version is None:
@@ -32,7 +34,7 @@ def dataset_dir(name: str, data_dir: str | os.PathLike[str], config: str | None 
                       key=lambda p: tuple(int(x) if x.isdigit() else 0 for x in p.name.split(".")))
     if not versions:
       what = f"{name}/{config}" if config else name
-      raise FileNotFoundError(f"dataset {what} is not built in {pathlib.Path(data_dir).expanduser()} (no "
+      raise FileNotFoundError(f"dataset {what} is not built in {rundir.path(data_dir)} (no "
                               f"{base}/<version>/dataset_info.json); build it with `python -m mcpf_jax.data.prepare "
                               f"{name} --manual_dir <release folder> --data_dir {data_dir}`")
     return versions[-1]
@@ -52,7 +54,7 @@ class IqaSource:
   """
 
   def __init__(self, path: str | os.PathLike[str], indices: Sequence[int] | np.ndarray | None = None):
-    self.path = pathlib.Path(path)
+    self.path = rundir.path(path)
     self._source = None
     with builders.quiet_tfds():
       builder = tfds.builder_from_directory(self.path)

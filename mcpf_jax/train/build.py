@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
-from mcpf_jax import clip, runs
+from mcpf_jax import clip, rundir, runs
 from mcpf_jax import model as iqa
 from mcpf_jax.model import freeze
 from mcpf_jax.train import data_setup, optim
@@ -23,7 +24,7 @@ from mcpf_jax.train import step as step_lib
 class Run:
   """Everything a run builds from its config (shared by training, evaluation and scoring)."""
   config: Any
-  workdir: pathlib.Path
+  workdir: epath.Path  # a local folder or gs://bucket/path (mcpf_jax.rundir)
   mesh: Any
   bundle: clip.Bundle
   model: iqa.IQAModel
@@ -45,10 +46,11 @@ class Run:
     }
 
 
-def build_run(config, workdir: str | pathlib.Path, *, dataset: str | None = None) -> Run:
+def build_run(config, workdir: str | os.PathLike[str], *, dataset: str | None = None) -> Run:
   """The run of `config` in `workdir` (created); `dataset`: another dataset to read (cross-dataset evaluation)."""
-  workdir = pathlib.Path(workdir).expanduser()
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = rundir.path(workdir)
+  if not rundir.is_remote(workdir):  # a bucket has no folders to create: an object's name makes its "folder"
+    workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.model)
   bundle = runs.load_clip(config, workdir)
   data = data_setup.load(config, workdir, dataset=dataset)

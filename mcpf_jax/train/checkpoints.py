@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: the trainable parameters and the optimizer state as SEPARATE items, so inference
 restores the parameters alone (`mcpf_jax.runs.read_params`) without building an optimizer.
 
-Layout (`mcpf_jax.runs` describes it): <workdir>/checkpoints/<step>/{params, opt, meta} (and optionally `data`,
+Layout (`mcpf_jax.runs` describes it): <checkpoint_dir>/<step>/{params, opt, meta} (checkpoint_dir: a local folder
+or gs://, by default <workdir>/checkpoints: `mcpf_jax.rundir.checkpoint_dir`) (and optionally `data`,
 a grain iterator's state; the trainer needs none: its input stream is a function of the step). The frozen CLIP
 backbone is never copied into a checkpoint: `meta` names it (source + fingerprint) and `check_backbone` refuses
 to resume on other weights. Kept: the last `keep` checkpoints and the best one by validation SRCC.
@@ -12,7 +13,8 @@ restored, for a resumed run as for inference.
 
 from __future__ import annotations
 
-import pathlib
+import contextlib
+import os
 from typing import Any
 
 import grain
@@ -20,7 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from mcpf_jax import runs
+from mcpf_jax import rundir, runs
 from mcpf_jax.train import optim
 
 
@@ -32,9 +34,11 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
   """A thin wrapper over `ocp.CheckpointManager` with this project's items (the step queries are the read-only
   view's, `runs.ReadOnlyCheckpoints`)."""
 
-  def __init__(self, directory: str | pathlib.Path, keep: int = 3, *, read_only: bool = False):
-    self.directory = pathlib.Path(directory).expanduser().absolute()
-    self.manager = ocp.CheckpointManager(self.directory, options=runs.manager_options(keep, read_only=read_only))
+  def __init__(self, directory: str | os.PathLike[str], keep: int = 3, *, read_only: bool = False):
+    self.directory = rundir.absolute(directory)
+    # A read-only manager: without orbax's notice that it is read-only (what was asked for), as runs' reader.
+    with runs.quiet_read_only() if read_only else contextlib.nullcontext():
+      self.manager = ocp.CheckpointManager(self.directory, options=runs.manager_options(keep, read_only=read_only))
 
   def save(self, step: int, state: dict[str, Any], mask: Any, iterator: Any | None, meta: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:

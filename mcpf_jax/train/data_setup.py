@@ -8,15 +8,17 @@ built yet and `data.manual_dir` is set, it is built from that release folder fir
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 from typing import Any
 
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from mcpf_jax import data as datasets
-from mcpf_jax import scores
+from mcpf_jax import rundir, scores
 from mcpf_jax.data import splits
 from mcpf_jax.smoke import data as smoke
 from mcpf_jax.train import mesh as mesh_lib
@@ -43,12 +45,24 @@ class RunData:
     return self.source.names
 
 
-def data_dir(config, workdir: pathlib.Path) -> pathlib.Path:
-  """config.data.data_dir, or <workdir>/data when it is empty (self-contained runs such as smoke)."""
-  return pathlib.Path(config.data.data_dir).expanduser() if config.data.data_dir else workdir / "data"
+def data_dir(config, workdir: str | os.PathLike[str]) -> epath.Path:
+  """config.data.data_dir (a local folder or gs://bucket/path), or when it is empty <workdir>/data (self-contained
+  runs such as smoke); for a run kept in a bucket, the local cache's data/ (`rundir.data_dir`)."""
+  return rundir.data_dir(workdir, config.data.data_dir)
 
 
-def _build(name: str, root: pathlib.Path, manual_dir: pathlib.Path, **kwargs: Any) -> None:
+def _local(name: str, root: epath.Path) -> pathlib.Path:
+  """`root` as the local folder dataset `name` is built into; a bucket is refused (datasets are read from one)."""
+  if rundir.is_remote(root):
+    raise FileNotFoundError(f"data.data_dir={root}: dataset {name} is not built there, and datasets are built into a "
+                            "local folder (python -m mcpf_jax.data.prepare ... --data_dir LOCAL_DIR); copy the built "
+                            f"folder to the bucket (gcloud storage cp -r LOCAL_DIR/{name} {root}/) or point "
+                            "data.data_dir at the local one")
+  return pathlib.Path(os.fspath(root))
+
+
+def _build(name: str, root: epath.Path, manual_dir: pathlib.Path, **kwargs: Any) -> None:
+  root = _local(name, root)
   # Only process 0 writes; the others wait for it (multi-host runs share data_dir).
   if jax.process_index() == 0:
     datasets.builder(name, data_dir=root, **kwargs).download_and_prepare(
@@ -56,14 +70,14 @@ def _build(name: str, root: pathlib.Path, manual_dir: pathlib.Path, **kwargs: An
   mesh_lib.sync(f"built {name}")
 
 
-def open_source(config, name: str, workdir: pathlib.Path) -> datasets.IqaSource:
+def open_source(config, name: str, workdir: str | os.PathLike[str]) -> datasets.IqaSource:
   """The built dataset `name`, building it first where it can (smoke; or a dataset with data.manual_dir)."""
   root = data_dir(config, workdir)
   if name == SMOKE:
     try:
       return datasets.source("csv", root, config=SMOKE)
     except FileNotFoundError:
-      raw = root / "smoke_release"
+      raw = _local("csv", root) / "smoke_release"
       if jax.process_index() == 0:
         smoke.write_smoke_dataset(raw)
       _build("csv", root, raw, config_name=SMOKE, **smoke.CSV_CONFIG)
@@ -87,7 +101,7 @@ def check_stored_size(src: datasets.IqaSource, config, name: str) -> None:
                      f"{config.data.resize})")
 
 
-def load(config, workdir: pathlib.Path, *, dataset: str | None = None) -> RunData:
+def load(config, workdir: str | os.PathLike[str], *, dataset: str | None = None) -> RunData:
   """The configured dataset and its split; `dataset` (cross-dataset evaluation) is used whole, as "all"."""
   name = dataset or config.data.name
   src = open_source(config, name, workdir)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pathlib
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mcpf_jax import metrics, runs, scores
+from mcpf_jax import metrics, rundir, runs, scores
 from mcpf_jax.data import pipeline
 from mcpf_jax.train import checkpoints as ckpt_lib
 from mcpf_jax.train import identity, optim, preemption, reports, restore
@@ -153,7 +153,7 @@ def eval_config(saved: Mapping[str, Any], config=None, explicit: Mapping[str, An
   return cfg
 
 
-def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | None = None,
+def evaluate(config, workdir: str | os.PathLike[str], *, checkpoint: str | int | None = None,
              dataset: str | None = None, part: str | None = None,
              explicit: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Restores a checkpoint and evaluates it; writes eval.json, eval_predictions.csv and eval_scatter.png.
@@ -171,12 +171,14 @@ def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | Non
     part: which part of the run's split of the training dataset ("test" by default).
     explicit: the config fields set on the command line (refused unless evaluation fields; `eval_config`).
   """
-  workdir = pathlib.Path(workdir).expanduser()
-  directory = workdir / "checkpoints"
+  workdir = rundir.path(workdir)
+  saved = identity.read(workdir)
+  # The checkpoints are where the run put them (its run.json's checkpoint_dir), unless the command line moves them.
+  configured = (explicit or {}).get("checkpoint_dir") or (saved[0]["config"].get("checkpoint_dir") if saved else None)
+  directory = rundir.checkpoint_dir(workdir, configured)
   if not directory.is_dir():
     raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train first with train.py --workdir {workdir}")
   ckpts = ckpt_lib.Checkpoints(directory, read_only=True)
-  saved = identity.read(workdir)
   latest = ckpts.latest_step()
   if latest is None:
     raise FileNotFoundError(f"{directory}: no checkpoint; train first with the same --workdir")
@@ -209,8 +211,8 @@ def evaluate(config, workdir: str | pathlib.Path, *, checkpoint: str | int | Non
     raise
   result.update(checkpoint_step=int(step), trained_on=meta["dataset"])
   if jax.process_index() == 0:
-    (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    reports.write_predictions(workdir / "eval_predictions.csv", rows)
-    reports.scatter(workdir / "eval_scatter.png", rows, result)
+    rundir.write_json_atomic(workdir / rundir.EVAL_FILE, result, indent=2)
+    reports.write_predictions(workdir / rundir.EVAL_PREDICTIONS_FILE, rows)
+    reports.scatter(workdir / rundir.EVAL_SCATTER_FILE, rows, result)
   ckpts.close()
   return result

@@ -18,16 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-from mcpf_jax import runs
+from mcpf_jax import rundir, runs
 
-RUN_FILE = runs.RUN_FILE
-SPLIT_FILE = "split.json"
+RUN_FILE = rundir.RUN_FILE
+SPLIT_FILE = rundir.SPLIT_FILE
 FORMAT = 1
 
 # Fields that may differ between the start of a run and a restart (how a run is observed, stored, or where it
@@ -37,6 +36,7 @@ OBSERVE = (
     "train.checkpoint_every",  # checkpoint cadence
     "train.checkpoint_minutes",  # time-based checkpoint cadence
     "train.keep",  # checkpoint retention
+    "checkpoint_dir",  # where the checkpoints are stored (moved with the run)
     "eval.batch_size",  # images per eval batch: padding rows carry weight 0, the scores do not depend on it
     "eval.checkpoint",  # which checkpoint eval.py restores
     "eval.dataset",  # cross-dataset evaluation target of eval.py
@@ -119,7 +119,7 @@ def compare(saved: Mapping[str, Any], new: Any, where: str | os.PathLike[str]) -
     raise RunMismatchError(
         f"{where}: this workdir holds a run started with another config; {len(refused)} field(s) that change what "
         f"is computed differ:\n{lines}\nNothing was changed. Use a new --workdir for the new config, or start a new "
-        f"run from this one's trained weights with --config.init_from={pathlib.Path(where)}")
+        f"run from this one's trained weights with --config.init_from={rundir.path(where)}")
   return [d for d in diffs if is_free(d[0])]
 
 
@@ -140,7 +140,7 @@ def dataset_identity(source: Any, name: str) -> dict[str, Any]:
   for n, c in zip(names, contents):
     h.update(n.encode("utf-8") + b"\0" + c.encode("utf-8") + b"\n")
   h.update(np.ascontiguousarray(np.asarray(source.mos, np.float32)).tobytes())
-  path = pathlib.Path(getattr(source, "path", ""))
+  path = rundir.path(getattr(source, "path", ""))
   stored = (getattr(source, "metadata", None) or {}).get("resize")
   return {"name": name, "version": path.name if path.name else None, "path": str(path), "num_records": len(names),
           "fingerprint": h.hexdigest(), "stored_short_side": stored}
@@ -187,36 +187,29 @@ def indices_from_split(record: Mapping[str, Any], names: np.ndarray, where: str 
 # The files.
 
 
-def write_json_atomic(path: pathlib.Path, value: Any) -> None:
-  """Writes `path` whole or not at all (a temporary file in the same folder, then os.replace)."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+def write_json_atomic(path: str | os.PathLike[str], value: Any) -> None:
+  """Writes `path` (local or gs://) whole or not at all (`rundir.write_atomic`)."""
+  rundir.write_json_atomic(path, value, indent=1)
 
 
 def read(workdir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]] | None:
   """(run.json, split.json) of a workdir, or None when the run has none (not started, or an older version)."""
-  workdir = pathlib.Path(workdir)
+  workdir = rundir.path(workdir)
   try:
     run = runs.read_run(workdir)
   except ValueError as e:  # damaged run.json: the same message, as this module's error
     raise RunMismatchError(str(e)) from e
   if run is None:
     return None
-  split_path = workdir / SPLIT_FILE
   try:
-    split = json.loads(split_path.read_text()) if split_path.exists() else None
-  except json.JSONDecodeError as e:
-    raise RunMismatchError(f"{split_path}: not valid JSON ({e}); the file is damaged") from e
+    split = rundir.read_json(workdir / SPLIT_FILE)
+  except ValueError as e:
+    raise RunMismatchError(str(e)) from e
   return run, split
 
 
-def write(workdir: pathlib.Path, run: Mapping[str, Any], split: Mapping[str, Any]) -> None:
+def write(workdir: str | os.PathLike[str], run: Mapping[str, Any], split: Mapping[str, Any]) -> None:
   """split.json, then run.json (its presence marks a complete identity), each atomically."""
+  workdir = rundir.path(workdir)
   write_json_atomic(workdir / SPLIT_FILE, split)
   write_json_atomic(workdir / RUN_FILE, run)

@@ -46,6 +46,8 @@ def quiet_library_info(packages: Sequence[str] = QUIET_PACKAGES) -> BelowWarning
   # jax's own INFO lines (e.g. "Unable to initialize backend 'tpu'" on every machine without one) go through its
   # module loggers, not absl's.
   logging.getLogger("jax").setLevel(logging.WARNING)
+  # fsspec (under gcsfs, for a gs:// run folder): an INFO line for every file read.
+  logging.getLogger("fsspec").setLevel(logging.WARNING)
   return quiet
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import pathlib
+import os
 from typing import Any
 
+import jax
 import numpy as np
 
+from mcpf_jax import rundir
 from mcpf_jax.train import identity, trainer
+from mcpf_jax.train import mesh as mesh_lib
 
 log = logging.getLogger("mcpf_jax")
 _KEYS = ("srcc", "plcc", "plcc_logistic", "krcc", "rmse")
@@ -26,19 +28,21 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
-def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
+def run(config, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """Trains split s in <workdir>/split_<s> for s in 0..config.num_splits-1 (each resumable), then summarizes.
 
   Writes <workdir>/protocol.json: the summary, each split's test metrics ("per_split"), and each split's seed,
-  workdir and split file ("runs").
+  workdir and split file ("runs"); process 0 writes it, whole, and the others wait for it.
   """
-  workdir = pathlib.Path(workdir).expanduser()
+  workdir = rundir.path(workdir)
   results, runs = [], []
   for s in range(config.num_splits):
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.num_splits = 1
       cfg.data.split_seed = s
+      if cfg.get("checkpoint_dir"):  # each split's checkpoints apart, as its run folder
+        cfg.checkpoint_dir = str(rundir.path(cfg.checkpoint_dir) / f"split_{s}")
     summary = trainer.train_and_evaluate(cfg, workdir / f"split_{s}")
     results.append(summary["test"])
     runs.append({"split": s, "split_seed": s, "workdir": f"split_{s}",
@@ -50,8 +54,11 @@ def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
          # Each split's seed and where its train/val/test images are listed by name (audit: eval.py --workdir
          # <workdir>/split_<s> evaluates exactly those test images).
          "runs": runs}
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "protocol.json").write_text(json.dumps(out, indent=2) + "\n")
+  if jax.process_index() == 0:
+    if not rundir.is_remote(workdir):
+      workdir.mkdir(parents=True, exist_ok=True)
+    rundir.write_json_atomic(workdir / rundir.PROTOCOL_FILE, out, indent=2)
+  mesh_lib.sync("protocol summary written")
   s = out["summary"]
   log.info("%d splits of %s: median SRCC %.4f (IQR %.4f-%.4f), median PLCC %.4f", config.num_splits, config.data.name,
            s["srcc"]["median"], s["srcc"]["q25"], s["srcc"]["q75"], s["plcc"]["median"])

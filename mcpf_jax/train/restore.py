@@ -7,13 +7,12 @@ parameters) lives in `mcpf_jax.runs`, outside train/, and is re-exported here.
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import jax
 import ml_collections
 
-from mcpf_jax import clip
+from mcpf_jax import clip, rundir, runs
 from mcpf_jax.model import freeze
 from mcpf_jax.runs import check_backbone, checkpoint_step, config_from_meta
 from mcpf_jax.train import checkpoints as ckpt_lib
@@ -41,8 +40,9 @@ def restore_params(config, ckpts: ckpt_lib.Checkpoints, step: int, params: Any, 
 
 
 def _init_from_checkpoints(config) -> tuple[ckpt_lib.Checkpoints, int]:
-  where = pathlib.Path(config.init_from).expanduser()
-  directory = where / "checkpoints" if (where / "checkpoints").is_dir() else where
+  where = rundir.path(config.init_from)
+  directory = runs.checkpoint_dir(where)  # its run.json's checkpoint_dir, or <init_from>/checkpoints
+  directory = directory if directory.is_dir() else where  # init_from may be the checkpoints folder itself
   if not directory.is_dir():
     raise FileNotFoundError(f"init_from={config.init_from!r}: no run there (expected a training run's workdir "
                             "with checkpoints/)")
@@ -59,7 +59,7 @@ def init_from_source(config) -> dict[str, Any]:
   """Where `config.init_from` points: {"workdir", "checkpoint", "step"} (the step "best"/"latest" resolve to)."""
   ckpts, step = _init_from_checkpoints(config)
   ckpts.close()
-  return {"workdir": str(pathlib.Path(config.init_from).expanduser().absolute()), "step": int(step),
+  return {"workdir": str(rundir.absolute(config.init_from)), "step": int(step),
           "checkpoint": str(ckpts.directory / str(step))}
 
 

@@ -10,9 +10,8 @@ before anything is saved, so the last checkpoint on disk is the last good one, a
 
 from __future__ import annotations
 
-import json
 import logging
-import pathlib
+import os
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ import jax
 import numpy as np
 import tqdm
 
-from mcpf_jax import runs
+from mcpf_jax import rundir, runs
 from mcpf_jax.data import pipeline
 from mcpf_jax.model import freeze
 from mcpf_jax.train import checkpoints as ckpt_lib
@@ -42,11 +41,22 @@ def _last_good(ckpts: ckpt_lib.Checkpoints) -> str:
   return f"{where} (lower optim.lr or check the data)."
 
 
-def _saved_identity(workdir: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
-  """(run.json, split.json) of a run that has checkpoints; for a run of an older version without run.json, the
-  config saved in its latest checkpoint. None when nothing was trained in `workdir` yet (a fresh start)."""
-  directory = workdir / "checkpoints"
-  if not directory.is_dir():
+def _saved_identity(workdir: os.PathLike[str], directory: os.PathLike[str]
+                    ) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+  """(run.json, split.json) of a run that has checkpoints (in `directory`); for a run of an older version without
+  run.json, the config saved in its latest checkpoint. None when nothing was trained in `workdir` yet (a fresh
+  start).
+
+  Raises:
+    identity.RunMismatchError: `directory` holds no checkpoint but the run's own checkpoint_dir (run.json) does: a
+      restart that forgot --config.checkpoint_dir would otherwise start the run again from step 0.
+  """
+  if not directory.is_dir() or not _has_steps(directory):
+    own = runs.checkpoint_dir(workdir)
+    if str(own) != str(directory) and own.is_dir() and _has_steps(own):
+      raise identity.RunMismatchError(
+          f"{workdir}: this run's checkpoints are in {own} (its run.json), not in {directory}; nothing was changed. "
+          f"Resume with --config.checkpoint_dir={own}, or use a new --workdir for a new run")
     return None
   ckpts = ckpt_lib.Checkpoints(directory, read_only=True)
   try:
@@ -60,6 +70,11 @@ def _saved_identity(workdir: pathlib.Path) -> tuple[dict[str, Any], dict[str, An
     return {"config": runs.config_from_meta(meta).to_dict(), "from": f"checkpoint {directory / str(step)}"}, None
   finally:
     ckpts.close()
+
+
+def _has_steps(directory: os.PathLike[str]) -> bool:
+  """Whether a checkpoint folder holds a checkpoint step (a folder named by its step number)."""
+  return any(p.name.isdigit() for p in directory.iterdir())
 
 
 def _check_identity(run: Run, saved: tuple[dict[str, Any], dict[str, Any] | None] | None) -> dict[str, Any]:
@@ -85,22 +100,24 @@ def _check_identity(run: Run, saved: tuple[dict[str, Any], dict[str, Any] | None
     record["init_from"] = restore.init_from_source(run.config)
   if jax.process_index() == 0:
     identity.write(run.workdir, record, split)
-  mesh_lib.sync(f"identity of {run.workdir}")
+  mesh_lib.sync("run identity written")  # no path in the name: each host may mount the run folder elsewhere
   return record
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """Trains (resuming from the workdir's latest checkpoint if any), then evaluates the test split.
 
   A restart must use the config the run started with, up to the fields that do not change what is computed
   (identity.OBSERVE): anything else is refused (identity.RunMismatchError) before the workdir is touched.
-  Returns the final summary (also written to <workdir>/train_summary.json).
+  `workdir`: a local folder or gs://bucket/path (`mcpf_jax.rundir`); the checkpoints go to config.checkpoint_dir
+  when set. Returns the final summary (also written to <workdir>/train_summary.json).
   """
-  workdir = pathlib.Path(workdir).expanduser()
+  workdir = rundir.path(workdir)
   # Batch sizes fitted to the mesh before anything else: the run's config (and run.json) holds the batch it trains
   # with, so a restart on a mesh that would round it differently is refused like any other change of the batch.
   config = mesh_lib.fit_batches(config)
-  saved = _saved_identity(workdir)
+  checkpoint_dir = rundir.checkpoint_dir(workdir, config.get("checkpoint_dir"))
+  saved = _saved_identity(workdir, checkpoint_dir)
   if saved is not None:
     for key, old, new in identity.compare(saved[0]["config"], config, workdir):
       log.info("restart with %s changed: %s -> %s (does not change what is computed)", key, old, new)
@@ -121,7 +138,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   shard = mesh_lib.data_shard(b_sh)
   state = jax.device_put(state, s_sh)
 
-  ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=cfg.train.keep)
+  ckpts = ckpt_lib.Checkpoints(checkpoint_dir, keep=cfg.train.keep)
   meta = run.meta()
   start = 0
   if ckpts.latest_step() is not None:
@@ -150,7 +167,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   writer = None
   if jax.process_index() == 0:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    writer = SummaryWriter(str(workdir / "tensorboard"))
+    # tensorboardX writes gs:// itself (google-cloud-storage, each flush uploads the event file whole).
+    writer = SummaryWriter(str(workdir / rundir.TENSORBOARD))
   schedule = optim.learning_rate_schedule(ocfg)
   bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
                   dynamic_ncols=True)
@@ -241,8 +259,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
              "processes": jax.process_count(), "mesh": dict(run.mesh.shape), "checkpoints": ckpts.all_steps(),
              "best_step": ckpts.best_step()}
   if jax.process_index() == 0:
-    (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    reports.write_predictions(workdir / "test_predictions.csv", rows)
+    rundir.write_json_atomic(workdir / rundir.SUMMARY_FILE, summary, indent=2)
+    reports.write_predictions(workdir / rundir.TEST_PREDICTIONS_FILE, rows)
     if writer is not None:
       writer.add_scalar("test/srcc", test["srcc"], total)
       writer.close()
