@@ -40,12 +40,12 @@ def main(argv):
   except launch.LaunchError as e:  # refused before anything is written
     print(f"eval.py: {e}", file=sys.stderr)
     sys.exit(2)
-  from mcpf_jax.train import evaluation, identity, preemption  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import evaluation, hosts, identity, preemption  # pylint: disable=g-import-not-at-top
   explicit = config_flags.get_override_values(flags.FLAGS["config"]) if _CONFIG.value is not None else {}
   try:
     result = evaluation.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, dataset=_DATASET.value,
                               explicit=explicit)
-  except identity.RunMismatchError as e:
+  except (identity.RunMismatchError, hosts.HostsError) as e:
     sys.exit(f"eval.py: {e}")
   except preemption.Stopped as e:  # SIGTERM / SIGINT: nothing written
     print(f"eval.py: {e}", file=sys.stderr)

@@ -39,13 +39,13 @@ def main(argv):
   except launch.LaunchError as e:  # refused before anything is written
     print(f"train.py: {e}", file=sys.stderr)
     sys.exit(2)
-  from mcpf_jax.train import identity, preemption, protocol, trainer  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import hosts, identity, preemption, protocol, trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if not rundir.supported(config.get("checkpoint_dir") or ""):
     sys.exit(f"train.py: checkpoint_dir={config.checkpoint_dir!r}: expected {rundir.WHERE}")
   try:
     _train(config, protocol, trainer)
-  except identity.RunMismatchError as e:  # a refused restart: nothing in the workdir was changed
+  except (identity.RunMismatchError, hosts.HostsError) as e:  # a refused restart: nothing in the workdir was changed
     sys.exit(f"train.py: {e}")
   except preemption.Stopped as e:  # SIGTERM / SIGINT: the step reached is saved; the same command resumes
     print(f"train.py: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ from mcpf_jax import data as datasets
 from mcpf_jax import rundir, scores
 from mcpf_jax.data import splits
 from mcpf_jax.smoke import data as smoke
+from mcpf_jax.train import hosts, identity
 from mcpf_jax.train import mesh as mesh_lib
 
 SMOKE = "smoke"
@@ -61,34 +63,61 @@ def _local(name: str, root: epath.Path) -> pathlib.Path:
   return pathlib.Path(os.fspath(root))
 
 
-def _build(name: str, root: epath.Path, manual_dir: pathlib.Path, **kwargs: Any) -> None:
+# What identifies a dataset build across hosts (identity.dataset_identity's fields, its path aside).
+SAME_BUILD = ("name", "version", "num_records", "fingerprint", "stored_short_side")
+
+
+def _source(builder: str, root: epath.Path, **kwargs: Any) -> datasets.IqaSource | None:
+  try:
+    return datasets.source(builder, root, **kwargs)
+  except FileNotFoundError:
+    return None
+
+
+def _build(name: str, root: epath.Path, manual_dir: pathlib.Path, missing: bool,
+           write_release: Callable[[], None] | None = None, **kwargs: Any) -> None:
+  """Builds dataset `name` into `root`: in a multi-host job once per distinct folder (the lowest process that sees
+  it builds; hosts with their own disks each build their own copy), the others waiting. `missing`: whether this
+  process's copy is missing (a copy already there is kept)."""
   root = _local(name, root)
-  # Only process 0 writes; the others wait for it (multi-host runs share data_dir).
-  if jax.process_index() == 0:
+  group = hosts.leaders(root, "data_dir")
+  if group[jax.process_index()] == jax.process_index() and missing:
+    if write_release is not None:
+      write_release()
     datasets.builder(name, data_dir=root, **kwargs).download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
   mesh_lib.sync(f"built {name}")
 
 
 def open_source(config, name: str, workdir: str | os.PathLike[str]) -> datasets.IqaSource:
-  """The built dataset `name`, building it first where it can (smoke; or a dataset with data.manual_dir)."""
+  """The built dataset `name`, building it first where it can (smoke; or a dataset with data.manual_dir).
+
+  Multi-host: each process reads the copy in its own data_dir (one shared folder, a bucket, or each host's own
+  disk); a copy missing on any host is built there (once per folder), and the processes must read the same build
+  (hosts.check_same on its identity)."""
   root = data_dir(config, workdir)
-  if name == SMOKE:
-    try:
-      return datasets.source("csv", root, config=SMOKE)
-    except FileNotFoundError:
+  smoke_data = name == SMOKE
+  builder, kwargs = ("csv", {"config": SMOKE}) if smoke_data else (name, {})
+  src = _source(builder, root, **kwargs)
+  missing_on = [i for i, m in enumerate(hosts.allgather_json(src is None)) if m]
+  if missing_on:
+    if smoke_data:
       raw = _local("csv", root) / "smoke_release"
-      if jax.process_index() == 0:
-        smoke.write_smoke_dataset(raw)
-      _build("csv", root, raw, config_name=SMOKE, **smoke.CSV_CONFIG)
-      return datasets.source("csv", root, config=SMOKE)
-  try:
-    return datasets.source(name, root)
-  except FileNotFoundError:
-    if not config.data.manual_dir:
-      raise
-    _build(name, root, pathlib.Path(config.data.manual_dir).expanduser())
-    return datasets.source(name, root)
+      _build("csv", root, raw, src is None, lambda: smoke.write_smoke_dataset(raw), config_name=SMOKE,
+             **smoke.CSV_CONFIG)
+    elif config.data.manual_dir:
+      _build(name, root, pathlib.Path(config.data.manual_dir).expanduser(), src is None)
+    elif jax.process_count() == 1:
+      datasets.source(builder, root, **kwargs)  # raises its own FileNotFoundError, naming what is missing
+    else:
+      raise FileNotFoundError(f"data.data_dir={root}: dataset {name} is not built there on process(es) "
+                              f"{', '.join(map(str, missing_on))}, and data.manual_dir is not set to build it; "
+                              "build it on each host (python -m mcpf_jax.data.prepare ...) or point data.data_dir at "
+                              "a folder or bucket every host reads")
+    src = datasets.source(builder, root, **kwargs)
+  if jax.process_count() > 1:
+    hosts.check_same(identity.dataset_identity(src, name), SAME_BUILD, f"dataset {name}")
+  return src
 
 
 def check_stored_size(src: datasets.IqaSource, config, name: str) -> None:

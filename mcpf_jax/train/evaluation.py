@@ -19,7 +19,7 @@ import numpy as np
 from mcpf_jax import metrics, rundir, runs, scores
 from mcpf_jax.data import pipeline
 from mcpf_jax.train import checkpoints as ckpt_lib
-from mcpf_jax.train import identity, optim, preemption, reports, restore
+from mcpf_jax.train import hosts, identity, optim, preemption, reports, restore
 from mcpf_jax.train import mesh as mesh_lib
 from mcpf_jax.train import step as step_lib
 from mcpf_jax.train.build import Run, build_run, jit_steps
@@ -172,10 +172,22 @@ def evaluate(config, workdir: str | os.PathLike[str], *, checkpoint: str | int |
     explicit: the config fields set on the command line (refused unless evaluation fields; `eval_config`).
   """
   workdir = rundir.path(workdir)
-  saved = identity.read(workdir)
+  # Process 0 reads the run's identity; the others receive it (hosts.from_process_0), after the check that every
+  # process sees the run folder and its checkpoints.
+  def there() -> None:
+    if not rundir.is_remote(workdir) and not workdir.is_dir():
+      raise FileNotFoundError(f"{workdir}: no such run folder; train first with train.py --workdir {workdir}")
+
+  hosts.from_process_0(there)
+  hosts.check_shared(workdir, "the run folder (--workdir)", "Give every process the same folder: a shared file "
+                     "system mounted on every host, or the run's bucket (--workdir gs://bucket/run)")
+  saved = hosts.from_process_0(lambda: identity.read(workdir), (identity.RunMismatchError, ValueError))
   # The checkpoints are where the run put them (its run.json's checkpoint_dir), unless the command line moves them.
   configured = (explicit or {}).get("checkpoint_dir") or (saved[0]["config"].get("checkpoint_dir") if saved else None)
   directory = rundir.checkpoint_dir(workdir, configured)
+  apart = not str(directory).startswith(str(rundir.absolute(workdir)).rstrip("/") + "/")
+  if apart and hosts.from_process_0(lambda: rundir.is_remote(directory) or directory.is_dir()):
+    hosts.check_shared(directory, "the checkpoint folder (checkpoint_dir)", "Give every process the same folder")
   if not directory.is_dir():
     raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train first with train.py --workdir {workdir}")
   ckpts = ckpt_lib.Checkpoints(directory, read_only=True)

@@ -23,7 +23,7 @@ from mcpf_jax import rundir, runs
 from mcpf_jax.data import pipeline
 from mcpf_jax.model import freeze
 from mcpf_jax.train import checkpoints as ckpt_lib
-from mcpf_jax.train import identity, launch, optim, preemption, reports, restore
+from mcpf_jax.train import hosts, identity, launch, optim, preemption, reports, restore
 from mcpf_jax.train import mesh as mesh_lib
 from mcpf_jax.train import step as step_lib
 from mcpf_jax.train.build import Run, build_run, jit_steps
@@ -77,6 +77,16 @@ def _has_steps(directory: os.PathLike[str]) -> bool:
   return any(p.name.isdigit() for p in directory.iterdir())
 
 
+def check_shared(workdir: os.PathLike[str], checkpoint_dir: os.PathLike[str]) -> None:
+  """Multi-host: the run folder, and the checkpoint folder when apart from it, must be one folder for every process
+  (hosts.HostsError otherwise, before anything of the run is written)."""
+  fix = ("Give every process the same folder: a shared file system mounted on every host, or a bucket "
+         "(--workdir gs://bucket/run)")
+  hosts.check_shared(workdir, "the run folder (--workdir)", fix)
+  if not str(checkpoint_dir).startswith(str(rundir.absolute(workdir)).rstrip("/") + "/"):
+    hosts.check_shared(checkpoint_dir, "the checkpoint folder (checkpoint_dir)", fix)
+
+
 def _check_identity(run: Run, saved: tuple[dict[str, Any], dict[str, Any] | None] | None) -> dict[str, Any]:
   """Checks the dataset and the split against the saved identity (refusing a changed one), and writes run.json and
   split.json at a fresh start (process 0). Returns the run's identity record."""
@@ -117,7 +127,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
   # with, so a restart on a mesh that would round it differently is refused like any other change of the batch.
   config = mesh_lib.fit_batches(config)
   checkpoint_dir = rundir.checkpoint_dir(workdir, config.get("checkpoint_dir"))
-  saved = _saved_identity(workdir, checkpoint_dir)
+  check_shared(workdir, checkpoint_dir)
+  # Read by process 0 alone and broadcast: the others never read the run's files from a disk of their own.
+  saved = hosts.from_process_0(lambda: _saved_identity(workdir, checkpoint_dir),
+                               (identity.RunMismatchError, ValueError, FileNotFoundError))
   if saved is not None:
     for key, old, new in identity.compare(saved[0]["config"], config, workdir):
       log.info("restart with %s changed: %s -> %s (does not change what is computed)", key, old, new)
