@@ -2,7 +2,8 @@
 
 `test_data`: tests/data, the real label files and the 55-image LIVE Challenge miniature the tests read (each source
 with its README and licence; tests/data/README.md). `smoke_run`: one trained and evaluated smoke run per session,
-for the tests that need a trained run but no particular config. `gcs_server` / `gcs_bucket`: a real GCS-protocol
+for the tests that need a trained run but no particular config. `e2e_shared`: the smoke dataset and the plain
+1-device train.py / eval.py run that the end-to-end modules share. `gcs_server` / `gcs_bucket`: a real GCS-protocol
 server on localhost (fake-gcs-server, in memory) that orbax, tensorstore, gcsfs and google-cloud-storage all reach,
 and a fresh bucket on it per test.
 """
@@ -10,7 +11,6 @@ and a fresh bucket on it per test.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import pathlib
@@ -22,6 +22,7 @@ import time
 import urllib.request
 import uuid
 
+import e2e_support as e2e
 import ml_collections
 import pytest
 
@@ -53,11 +54,10 @@ class SmokeRun:
 
 
 def smoke_run_config():
-  """The smoke config cut to one epoch, with a checkpoint every 2 steps (and at the end)."""
+  """The smoke config cut to one epoch, with a checkpoint every 2 steps (and at the end): e2e.SMOKE_RUN."""
   from configs import smoke  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
-  config.train.num_epochs = 1
-  config.train.checkpoint_every = 2
+  config.update_from_flattened_dict(e2e.SMOKE_RUN)
   return config
 
 
@@ -67,21 +67,30 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
 
   The pytest-xdist workers of one session share it: it lives beside their own temporary folders (the parent of a
   worker's basetemp is the session's), and the first worker to take the lock trains it while the others wait.
+  Shared: never modify its folder (copy it to tmp_path first, as test_export and test_compiled do).
   """
   from mcpf_jax.train import evaluation, trainer  # pylint: disable=g-import-not-at-top
-  base = tmp_path_factory.getbasetemp()
-  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-  workdir, done = root / "smoke_run", root / "smoke_run.done"
+  workdir = e2e.session_root(tmp_path_factory) / "smoke_run"
   config = smoke_run_config()
-  with open(root / "smoke_run.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-    if not done.exists():
-      shutil.rmtree(workdir, ignore_errors=True)  # what a worker that failed half-way left
-      trainer.train_and_evaluate(config, workdir)
-      evaluation.evaluate(None, workdir)
-      done.touch()
+
+  def make():
+    shutil.rmtree(workdir, ignore_errors=True)  # what a worker that failed half-way left
+    trainer.train_and_evaluate(config, workdir)
+    evaluation.evaluate(None, workdir)
+
+  e2e.once(workdir, make)
   return SmokeRun(workdir, config, json.loads((workdir / "train_summary.json").read_text()),
                   json.loads((workdir / "eval.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def e2e_shared(tmp_path_factory) -> e2e.SharedRuns:
+  """The smoke dataset and the plain 1-device run ("one", "one:eval") of the end-to-end modules (test_train_e2e,
+  test_multiprocess, test_cluster), made once per session by whichever worker asks first (e2e_support.SharedRuns).
+  Shared: never modify them (copy the run folder to restart it or change it)."""
+  root = e2e.session_root(tmp_path_factory) / "e2e_shared"
+  root.mkdir(exist_ok=True)
+  return e2e.SharedRuns(root)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Running train.py / eval.py as subprocesses the way people run them, for the end-to-end tests.
 
 `Commands` builds the command lines (the smoke config cut short, a shared dataset and XLA compilation cache);
-`Lane`s run jobs one after another in background threads and `Runs` waits for any of them by name.
+`Lane`s run jobs one after another in background threads and `Runs` waits for any of them by name. `SharedRuns`:
+the smoke dataset and the plain 1-device run that several modules need alike, made once per pytest session.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +32,8 @@ SHORT = {
     "train.num_epochs": 1, "train.batch_size": 16, "eval.batch_size": 16, "train.checkpoint_every": 3,
     "train.keep": 2, "train.log_every": 3, "optim.warmup_steps": 2,
 }
+# conftest's `smoke_run`: the smoke config cut to one epoch (4 steps of 32 images), a checkpoint every 2 steps.
+SMOKE_RUN = {"train.num_epochs": 1, "train.checkpoint_every": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,12 +60,17 @@ class Run:
 
 
 class Commands:
-  """Builds and runs train.py / eval.py command lines against a shared dataset and compilation cache."""
+  """Builds and runs train.py / eval.py command lines against a shared dataset and compilation cache.
+
+  The cache is the session's (conftest's JAX_COMPILATION_CACHE_DIR, which every module's commands and the xdist
+  workers share: the same 1-device programs are compiled once per session, not once per module), or
+  `root`/jax_cache outside pytest.
+  """
 
   def __init__(self, root: pathlib.Path, data_dir: pathlib.Path):
     self.root = root
     self.data_dir = data_dir
-    self.cache = root / "jax_cache"
+    self.cache = pathlib.Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or root / "jax_cache")
     self.timings: dict[str, tuple[float, float]] = {}  # name: (wall seconds, CPU seconds)
 
   def env(self, devices: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -249,6 +259,73 @@ class Runs:
 
   def __getitem__(self, name: str) -> Run:
     return self.futures[name].result(timeout=3 * TIMEOUT_S)
+
+
+def session_root(tmp_path_factory) -> pathlib.Path:
+  """The folder every pytest-xdist worker of this session shares (the parent of a worker's basetemp; without
+  xdist, the basetemp itself)."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def once(key: pathlib.Path, make: Callable[[], None]) -> None:
+  """Calls `make()` unless `key`.done exists, under the file lock `key`.lock: the first caller of the session (any
+  xdist worker, any thread) makes the thing while the others wait, and nobody makes it twice. A `make` that raised
+  leaves no .done: the next caller makes it again (`make` must clear what a failed try left)."""
+  done = key.parent / f"{key.name}.done"
+  with open(key.parent / f"{key.name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # per open file: excludes this process's other threads too; released on close
+    if not done.exists():
+      make()
+      done.touch()
+
+
+class SharedRuns:
+  """What test_train_e2e, test_multiprocess and test_cluster need alike, made once per pytest session (by the
+  first xdist worker that asks, the others waiting) under `root`: the smoke dataset, and "one" (train.py on 1
+  device, the SHORT config) with "one:eval" (eval.py of it), the uninterrupted run the other runs are compared to.
+
+  The run folder is shared: read it, never write to it (copy it to restart or change it).
+  """
+
+  def __init__(self, root: pathlib.Path):
+    self.root = root
+    self.commands = Commands(root, root / "data")
+    self.one_dir = root / "one"
+
+  def data(self) -> pathlib.Path:
+    """The smoke dataset's data_dir, built on first use."""
+    data_dir = self.commands.data_dir
+
+    def make():
+      shutil.rmtree(data_dir, ignore_errors=True)
+      build_smoke_data(data_dir)
+
+    once(data_dir, make)
+    return data_dir
+
+  def _run(self, name: str, script: str, clear: bool) -> Run:
+    saved = self.root / f"{name}.run.json"
+
+    def make():
+      if clear:
+        shutil.rmtree(self.one_dir, ignore_errors=True)
+      run = self.commands.run(name, script, self.one_dir)
+      saved.write_text(json.dumps({**dataclasses.asdict(run), "workdir": str(run.workdir)}))
+
+    once(saved, make)
+    fields = json.loads(saved.read_text())
+    return Run(**{**fields, "workdir": pathlib.Path(fields["workdir"])})
+
+  def one(self) -> Run:
+    """train.py on 1 device, the SHORT config: a finished run (check() it)."""
+    self.data()
+    return self._run("one", "train.py", clear=True)
+
+  def one_eval(self) -> Run:
+    """eval.py of `one` (its default, best checkpoint), which writes eval.json and eval_predictions.csv there."""
+    self.one()
+    return self._run("one:eval", "eval.py", clear=False)
 
 
 def build_smoke_data(data_dir: pathlib.Path) -> None:

@@ -32,10 +32,8 @@ DETECTED = "cluster environment: SLURM job step (SLURM_NTASKS=2), detected by ja
 
 
 @pytest.fixture(scope="module")
-def commands(tmp_path_factory) -> e2e.Commands:
-  root = tmp_path_factory.mktemp("cluster")
-  e2e.build_smoke_data(root / "data")
-  return e2e.Commands(root, root / "data")
+def commands(tmp_path_factory, e2e_shared) -> e2e.Commands:
+  return e2e.Commands(tmp_path_factory.mktemp("cluster"), e2e_shared.data())
 
 
 def _job_id() -> int:

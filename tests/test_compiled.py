@@ -1,6 +1,10 @@
 """The compiled scorer: `python -m mcpf_jax.export --stablehlo` writes model.stablehlo (jax.export, symbolic batch,
 CPU + CUDA + TPU), and `mcpf_jax.compiled` scores with it in a process that imports none of the model code, giving
-the Scorer's scores on the 55 images of the CLIVE miniature."""
+the Scorer's scores on the 55 images of the CLIVE miniature; `--onnx` writes model.onnx, which ONNX Runtime runs
+without jax to the same scores.
+
+Cost: one export of conftest's `smoke_run` writes both (`--stablehlo --onnx`), and the Scorer's reference scores
+of the 55 images are computed once (module fixtures), for every test of the file."""
 
 from __future__ import annotations
 
@@ -33,13 +37,20 @@ def folder(tmp_path_factory, smoke_run):
   root = tmp_path_factory.mktemp("compiled")
   workdir = root / "run"
   shutil.copytree(smoke_run.workdir, workdir)
-  # The backbone is included for the Scorer that gives the reference scores; the artifact itself needs none.
+  # The backbone is included for the Scorer that gives the reference scores; the artifacts themselves need none.
   proc = subprocess.run([sys.executable, "-m", "mcpf_jax.export", "--workdir", str(workdir), "--output",
-                         str(root / "out"), "--stablehlo", "--include_backbone"], cwd=REPO, capture_output=True,
-                        text=True, timeout=600)
+                         str(root / "out"), "--stablehlo", "--onnx", "--include_backbone"], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  assert "model.stablehlo" in json.loads(proc.stdout.strip().splitlines()[-1])["files"]
+  files = json.loads(proc.stdout.strip().splitlines()[-1])["files"]
+  assert "model.stablehlo" in files and "model.onnx" in files, files
   return root / "out"
+
+
+@pytest.fixture(scope="module")
+def reference(folder, test_data) -> dict[str, float]:
+  """{path: score} of the Scorer (the model code) on the 55 CLIVE images, from the exported folder."""
+  return {r.path: r.score for r in Scorer.from_pretrained(folder, batch_size=8).score(_clive(test_data))}
 
 
 def test_config_says_the_contract(folder):
@@ -57,7 +68,7 @@ def _clive(test_data) -> list[str]:
   return sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".bmp"))
 
 
-def test_compiled_scores_equal_the_scorer_without_the_model_code(folder, test_data, tmp_path):
+def test_compiled_scores_equal_the_scorer_without_the_model_code(folder, reference, test_data, tmp_path):
   images = _clive(test_data)
   assert len(images) == 55
   broken = tmp_path / "broken.jpg"
@@ -71,7 +82,6 @@ def test_compiled_scores_equal_the_scorer_without_the_model_code(folder, test_da
   assert out["flax"] is False
   results = {path: (score, error) for path, score, error in out["results"]}
   assert results[str(broken)][0] is None and "cannot decode image" in results[str(broken)][1]
-  reference = {r.path: r.score for r in Scorer.from_pretrained(folder, batch_size=8).score(images)}
   ours = np.array([results[p][0] for p in images])
   theirs = np.array([reference[p] for p in images])
   rel = np.max(np.abs(ours - theirs) / np.abs(theirs))
@@ -113,15 +123,7 @@ print(json.dumps({"scores": score.tolist(), "inputs": [(i.name, i.type, i.shape)
 """
 
 
-def test_onnx_scores_equal_the_scorer_in_onnxruntime(tmp_path_factory, smoke_run, test_data):
-  root = tmp_path_factory.mktemp("onnx")
-  workdir = root / "run"
-  shutil.copytree(smoke_run.workdir, workdir)
-  proc = subprocess.run([sys.executable, "-m", "mcpf_jax.export", "--workdir", str(workdir), "--output",
-                         str(root / "out"), "--onnx", "--include_backbone"], cwd=REPO, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  folder = root / "out"
+def test_onnx_scores_equal_the_scorer_in_onnxruntime(folder, reference, test_data):
   config = json.loads((folder / "config.json").read_text())
   assert config["onnx"]["file"] == "model.onnx" and config["onnx"]["input"]["name"] == "crops"
   images = _clive(test_data)
@@ -132,7 +134,6 @@ def test_onnx_scores_equal_the_scorer_in_onnxruntime(tmp_path_factory, smoke_run
   out = json.loads(proc.stdout)
   assert out["jax"] is False
   assert out["inputs"] == [["crops", "tensor(uint8)", ["batch", config["preprocessing"]["num_crops"], 64, 64, 3]]]
-  reference = {r.path: r.score for r in Scorer.from_pretrained(folder, batch_size=8).score(images)}
   ours, theirs = np.array(out["scores"]), np.array([reference[p] for p in images])
   rel = np.max(np.abs(ours - theirs) / np.abs(theirs))
   size = (folder / "model.onnx").stat().st_size

@@ -179,7 +179,8 @@ def test_score_fn_equals_the_scorer_and_its_pixel_gradient_matches_finite_differ
   x = preprocess.normalize(crops[:2])  # normalised float pixels, the differentiable input
   np.testing.assert_allclose(np.asarray(scorer.score_fn(x)), per_crop[:2], rtol=1e-6)
   loss = jax.jit(lambda x: jnp.sum(scorer.score_fn(x)))
-  grad = np.asarray(jax.grad(lambda x: jnp.sum(scorer.score_fn(x)))(x), np.float64)
+  # Jitted: the same gradient (9e-7 relative to the op-by-op one), 3 s instead of 9 s on 2 CPU cores.
+  grad = np.asarray(jax.jit(jax.grad(lambda x: jnp.sum(scorer.score_fn(x))))(x), np.float64)
   assert np.abs(grad).max() > 0
   rng = np.random.default_rng(0)
   for _ in range(3):  # directional derivatives: central differences against <grad, direction>

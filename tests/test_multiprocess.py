@@ -18,7 +18,8 @@ cluster launches it (`--coordinator_address 127.0.0.1:PORT --num_processes 2 --p
 - a host maintenance event (TERMINATE_ON_HOST_MAINTENANCE) announced mid-run by a fake GCE metadata server
   (tests/metadata_server.py, GCE_METADATA_HOST) to 2 processes: both save the same step and exit 143, saying
   which event stopped them; the same command (the server back at NONE) gives the uninterrupted 2-process scores.
-Two lanes of subprocesses (the 1-process runs, the 2-process runs) share a smoke dataset and a compilation cache.
+Two lanes of subprocesses (the 1-process runs, the 2-process runs) share the session's smoke dataset, the
+session's compilation cache and its 1-process run with its eval.py (conftest `e2e_shared`; read, never written).
 """
 
 from __future__ import annotations
@@ -43,18 +44,18 @@ DATA_AXIS = {"mesh.data": 2, "mesh.model": 1, "eval.batch_size": 5}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> e2e.Runs:
+def runs(tmp_path_factory, e2e_shared) -> e2e.Runs:
   root = tmp_path_factory.mktemp("mp")
   start = time.perf_counter()
-  e2e.build_smoke_data(root / "data")
-  c = e2e.Commands(root, root / "data")
-  c.timings["build smoke data"] = (time.perf_counter() - start, math.nan)
+  c = e2e.Commands(root, e2e_shared.data())
+  c.timings["smoke data (shared)"] = (time.perf_counter() - start, math.nan)
   term = signal.SIGTERM
   metadata = MetadataServer().start()
   on_gce = lambda i: {"GCE_METADATA_HOST": metadata.host}
   lane1 = e2e.Lane([
-      ("one", lambda: c.run("one", "train.py", root / "one")),
-      ("one:eval", lambda: c.run("one:eval", "eval.py", root / "one")),
+      # The session's 1-process run and its eval.py (test_train_e2e's too; whichever module asks first makes them).
+      ("one", e2e_shared.one),
+      ("one:eval", e2e_shared.one_eval),
       ("term", lambda: _listed(c.run("term", "train.py", root / "term", signal_after_step=term))),
       ("term:again", lambda: c.run("term:again", "train.py", root / "term")),
       # The model axis across the processes (one device each), then eval.py with the data axis across them.

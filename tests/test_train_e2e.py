@@ -10,8 +10,10 @@ split's own test images (with and without --config), and init_from starts from a
 Cost: every run is the smoke run cut to one epoch (9 steps of 16 images, a checkpoint every 3 steps). The runs
 go in two lanes of subprocesses started once per module (module fixture `runs`): lane 1 runs the 1-device run,
 its evaluation, the killed and resumed run and the protocol; lane 2 the 8-device run and the non-finite run.
-They share one smoke dataset (built once, in this process) and one JAX persistent compilation cache, so identical
-programs (the 1-device train and eval steps of the plain, resumed and protocol runs) are compiled once. Measured
+The 1-device run and its evaluation are the session's (conftest `e2e_shared`, also test_multiprocess's baseline,
+made by whichever module asks first); the restarts that must be refused go to a copy of it. All share one smoke
+dataset and the session's JAX persistent compilation cache, so identical programs (the 1-device train and eval
+steps of the plain, resumed and protocol runs) are compiled once. Measured
 on 2 shared cores (load ~5): ~215 s wall, ~235 s CPU in all before the identity runs (~360 s wall with them:
 each refused start ~5 s CPU, init_from ~36 s); the 1-device run ~48 s CPU (half of it compiling
 the train step), the 8-device run ~62 s, the non-finite run ~30 s (lr is a compile-time constant). The module's
@@ -24,6 +26,7 @@ import json
 import math
 import pathlib
 import re
+import shutil
 import signal
 import struct
 import time
@@ -42,12 +45,11 @@ ORBAX_INFO = re.compile(r"I\d{4} [\d:.]+ +\d+ (checkpoint_manager|async_checkpoi
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> e2e.Runs:
+def runs(tmp_path_factory, e2e_shared) -> e2e.Runs:
   root = tmp_path_factory.mktemp("e2e")
   start = time.perf_counter()
-  e2e.build_smoke_data(root / "data")
-  commands = e2e.Commands(root, root / "data")
-  commands.timings["build smoke data"] = (time.perf_counter() - start, math.nan)
+  commands = e2e.Commands(root, e2e_shared.data())
+  commands.timings["smoke data (shared)"] = (time.perf_counter() - start, math.nan)
 
   def train(name, **kw):
     return lambda: commands.run(name, "train.py", root / name.split(":")[0], **kw)
@@ -57,9 +59,11 @@ def runs(tmp_path_factory) -> e2e.Runs:
 
   split_1 = root / "protocol" / "split_1"
   lane1 = e2e.Lane([
-      ("one", train("one")),
-      ("one:eval", evaluate("one:eval")),
-      ("one:refused", lambda: _refused_restarts(commands, root / "one", root / "data_rebuilt")),
+      # The session's shared run (test_multiprocess compares to it too): read only; the restarts go to a copy.
+      ("one", e2e_shared.one),
+      ("one:eval", e2e_shared.one_eval),
+      ("one:refused", lambda: _refused_restarts(commands, e2e_shared.one_dir, root / "one_copy",
+                                                root / "data_rebuilt")),
       ("resumed:killed", train("resumed:killed", kill_after_checkpoint=True)),
       # An allowed change on restart (how often to log) resumes.
       ("resumed", train("resumed", overrides={"train.log_every": 1})),
@@ -77,7 +81,8 @@ def runs(tmp_path_factory) -> e2e.Runs:
       # A new run from "one"'s trained weights; lr 0 keeps them, so its checkpoint holds what step 0 started from.
       ("init", lambda: (lane1.futures["one"].result(timeout=3 * e2e.TIMEOUT_S),
                         commands.run("init", "train.py", root / "init",
-                                     {"init_from": root / "one", "init_from_checkpoint": "latest", "optim.lr": 0.0,
+                                     {"init_from": e2e_shared.one_dir, "init_from_checkpoint": "latest",
+                                      "optim.lr": 0.0,
                                       "train.num_epochs": 1, "optim.total_steps": 3}))[1]),
   ])
   yield e2e.Runs(commands, [lane1, lane2])
@@ -98,8 +103,6 @@ REFUSED = (
 
 def _rebuilt_smoke_data(original: pathlib.Path, out: pathlib.Path) -> None:
   """The smoke dataset rebuilt from its release folder with other rows: one image's MOS changed."""
-  import shutil  # pylint: disable=g-import-not-at-top
-
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   from mcpf_jax import data  # pylint: disable=g-import-not-at-top
@@ -116,8 +119,11 @@ def _rebuilt_smoke_data(original: pathlib.Path, out: pathlib.Path) -> None:
       download_config=tfds.download.DownloadConfig(manual_dir=str(release)))
 
 
-def _refused_restarts(commands: e2e.Commands, workdir: pathlib.Path, rebuilt: pathlib.Path) -> dict:
-  """Restarts the finished run in `workdir` with each REFUSED change and with a rebuilt dataset (train and eval)."""
+def _refused_restarts(commands: e2e.Commands, finished: pathlib.Path, workdir: pathlib.Path,
+                      rebuilt: pathlib.Path) -> dict:
+  """Restarts a copy (`workdir`) of the finished run `finished` with each REFUSED change and with a rebuilt
+  dataset (train and eval)."""
+  shutil.copytree(finished, workdir)
   before = e2e.tree_digest(workdir)
   out = {name: commands.run(f"one:refused-{name}", "train.py", workdir, overrides)
          for name, overrides, *_ in REFUSED}
