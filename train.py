@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mcpf_jax import rundir
+from mcpf_jax import rundir, runs
 from mcpf_jax.train import launch
 
 flags.adopt_module_key_flags(launch)  # the multi-host launch flags, listed by --help
@@ -46,6 +46,8 @@ def main(argv):
   try:
     _train(config, protocol, trainer)
   except identity.RunMismatchError as e:  # a refused restart: nothing in the workdir was changed
+    sys.exit(f"train.py: {e}")
+  except runs.DamagedCheckpointError as e:  # no checkpoint step of the run reads (each is named)
     sys.exit(f"train.py: {e}")
   except preemption.Stopped as e:  # SIGTERM / SIGINT: the step reached is saved; the same command resumes
     print(f"train.py: {e}", file=sys.stderr)

@@ -1,0 +1,119 @@
+"""Faults a user hits with real files: a damaged checkpoint step, a hand-edited run.json (issue 26).
+
+Every case works on a copy of the session's trained smoke run (`smoke_run`: steps 2 and 4 kept). A damaged step 4
+(a 0-byte params file, a garbled or a missing meta file) is reported in one line, moved aside to
+checkpoints.damaged/4, and the run resumes from step 2 to the same test metrics as an undamaged run resumed from
+step 2. eval.py's restore (and the Scorer's, which score.py and export share) names the damaged file and the steps
+that read, and "best" falls back. A run.json edited by hand (with the matching --config) is refused naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import shutil
+
+import pytest
+
+from mcpf_jax import runs, scoring
+from mcpf_jax.train import evaluation, identity, trainer
+
+
+def _zero_params_file(step: pathlib.Path) -> pathlib.Path:
+  f = max((step / "params" / "d").iterdir(), key=lambda p: p.stat().st_size)
+  f.write_bytes(b"")
+  return f
+
+
+def _garble_meta(step: pathlib.Path) -> pathlib.Path:
+  f = step / "meta" / "metadata"
+  f.write_bytes(bytes(range(128, 256)))
+  return f
+
+
+def _remove_meta(step: pathlib.Path) -> pathlib.Path:
+  f = step / "meta" / "metadata"
+  f.unlink()
+  return f
+
+
+DAMAGE = {"zero_params": _zero_params_file, "garbled_meta": _garble_meta, "missing_meta": _remove_meta}
+
+
+def _copy(smoke_run, to: pathlib.Path) -> pathlib.Path:
+  shutil.copytree(smoke_run.workdir, to, symlinks=True)
+  assert runs.ReadOnlyCheckpoints(to / "checkpoints").all_steps() == [2, 4]
+  return to
+
+
+@pytest.fixture(scope="module")
+def resumed_from_2(smoke_run, tmp_path_factory) -> dict:
+  """The undamaged run resumed from step 2 (step 4 removed): the metrics every damaged case must reach."""
+  workdir = _copy(smoke_run, tmp_path_factory.mktemp("faults") / "undamaged")
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  return trainer.train_and_evaluate(smoke_run.config, workdir)
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_a_damaged_step_is_reported_in_one_line_moved_aside_and_the_run_resumes_from_the_previous_one(
+    kind, smoke_run, resumed_from_2, tmp_path, caplog):
+  workdir = _copy(smoke_run, tmp_path / "run")
+  damaged_file = DAMAGE[kind](workdir / "checkpoints" / "4")
+  caplog.set_level(logging.WARNING, logger="mcpf_jax")
+  summary = trainer.train_and_evaluate(smoke_run.config, workdir)
+  reports = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert len(reports) == 1, reports
+  line = reports[0]
+  assert "\n" not in line and len(line) < 800, line
+  assert line.startswith("checkpoint step 4 is damaged: ")
+  assert str(damaged_file) in line, line
+  assert "resuming from step 2" in line and str(workdir / "checkpoints.damaged" / "4") in line
+  # Moved aside whole, the damage included; the run saved its step 4 again and finished as the undamaged one.
+  aside = workdir / "checkpoints.damaged" / "4"
+  assert (aside / damaged_file.relative_to(workdir / "checkpoints" / "4")).exists() != (kind == "missing_meta")
+  assert summary["checkpoints"] == [2, 4]
+  assert summary["test"] == resumed_from_2["test"]
+
+
+@pytest.fixture(scope="module")
+def damaged_best(smoke_run, tmp_path_factory) -> tuple[pathlib.Path, int, pathlib.Path]:
+  """A copy of the run whose best step has a 0-byte params file: (workdir, that step, the file)."""
+  workdir = _copy(smoke_run, tmp_path_factory.mktemp("faults") / "damaged_best")
+  best = smoke_run.summary["best_step"]
+  return workdir, best, _zero_params_file(workdir / "checkpoints" / str(best))
+
+
+def test_eval_names_the_damaged_file_and_the_good_steps_and_best_falls_back(damaged_best, caplog):
+  workdir, best, damaged_file = damaged_best
+  other = ({2, 4} - {best}).pop()
+  with pytest.raises(runs.DamagedCheckpointError) as e:
+    evaluation.evaluate(None, workdir, checkpoint=best)
+  assert str(damaged_file) in str(e.value) and f"the steps that read: [{other}]" in str(e.value)
+  assert "\n" not in str(e.value)
+  # score.py and `python -m mcpf_jax.export` restore through the Scorer: the same message (a ValueError they print).
+  with pytest.raises(runs.DamagedCheckpointError, match=f"checkpoint step {best} is damaged: {damaged_file}"):
+    scoring.Scorer.from_checkpoint(workdir, best)
+  caplog.set_level(logging.WARNING, logger="mcpf_jax")
+  result = evaluation.evaluate(None, workdir, checkpoint="best")
+  assert result["checkpoint_step"] == other
+  assert sum("is damaged" in r.getMessage() for r in caplog.records) == 1
+  assert (workdir / "checkpoints" / str(best)).is_dir()  # a reader moves nothing
+
+
+@pytest.mark.parametrize("field,value", [("optim.lr", 1e-3), ("model.fusion_width", 64)])
+def test_a_hand_edited_run_json_is_refused_naming_the_field(field, value, smoke_run, tmp_path):
+  workdir = _copy(smoke_run, tmp_path / "run")
+  run = json.loads((workdir / "run.json").read_text())
+  section, leaf = field.split(".")
+  before = run["config"][section][leaf]
+  run["config"][section][leaf] = value
+  (workdir / "run.json").write_text(json.dumps(run))
+  config = smoke_run.config.copy_and_resolve_references()
+  with config.unlocked():
+    config[section][leaf] = value
+  with pytest.raises(identity.RunMismatchError) as e:
+    trainer.train_and_evaluate(config, workdir)
+  assert f"{field}: checkpoint {json.dumps(before)}, run.json {json.dumps(value)}" in str(e.value)
+  with pytest.raises(identity.RunMismatchError, match=field):
+    evaluation.evaluate(None, workdir)
