@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
+import e2e_support as e2e
 import pytest
 
 from mcpf_jax import runs, scoring
-from mcpf_jax.train import evaluation, identity, trainer
+from mcpf_jax.train import evaluation, identity, runlock, trainer
 
 
 def _zero_params_file(step: pathlib.Path) -> pathlib.Path:
@@ -117,3 +123,65 @@ def test_a_hand_edited_run_json_is_refused_naming_the_field(field, value, smoke_
   assert f"{field}: checkpoint {json.dumps(before)}, run.json {json.dumps(value)}" in str(e.value)
   with pytest.raises(identity.RunMismatchError, match=field):
     evaluation.evaluate(None, workdir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One writer per run.
+
+
+def test_two_train_py_on_one_run_exactly_one_trains_the_other_names_the_holder(smoke_run, resumed_from_2, tmp_path):
+  workdir = _copy(smoke_run, tmp_path / "run")
+  shutil.rmtree(workdir / "checkpoints" / "4")  # the first start resumes from step 2, as `resumed_from_2`
+  argv = [sys.executable, "train.py", "--config", e2e.SMOKE, "--workdir", str(workdir),
+          "--config.train.num_epochs=1", "--config.train.checkpoint_every=2"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  first = subprocess.Popen(argv, cwd=e2e.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  lock = workdir / runlock.LOCK_FILE
+  deadline = time.monotonic() + 120
+  while not lock.exists():
+    assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+    time.sleep(0.05)
+  holder = json.loads(lock.read_text())
+  second = subprocess.run(argv, cwd=e2e.REPO, env=env, capture_output=True, text=True, timeout=120)
+  out, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err[-3000:]
+  assert second.returncode != 0
+  assert holder["pid"] == first.pid
+  assert (f"another train.py is writing this run (host {holder['host']} pid {first.pid} since {holder['since']}"
+          in second.stderr), second.stderr[-2000:]
+  assert "resumed from" not in second.stderr  # refused before it read or wrote anything of the run
+  assert not lock.exists()  # released at the end
+  assert json.loads(out.strip().splitlines()[-1])["test_srcc"] == resumed_from_2["test"]["srcc"]
+
+
+def _dead_pid() -> int:
+  proc = subprocess.Popen(["true"])
+  proc.wait()
+  return proc.pid
+
+
+def test_a_stale_lock_is_taken_over_and_another_hosts_only_with_force(tmp_path, caplog):
+  lock = tmp_path / runlock.LOCK_FILE
+  lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "since": "2026-01-01T00:00:00"}))
+  caplog.set_level(logging.WARNING, logger="mcpf_jax")
+  held = runlock.acquire(tmp_path)
+  assert "that process is gone" in caplog.text and json.loads(lock.read_text()) == held
+  runlock.release(tmp_path, held)
+  assert not lock.exists()
+  other = {"host": "elsewhere", "pid": os.getpid(), "since": "2026-01-01T00:00:00"}
+  lock.write_text(json.dumps(other))
+  with pytest.raises(runlock.RunLockedError, match="host elsewhere pid .* since 2026-01-01T00:00:00"):
+    runlock.acquire(tmp_path)
+  assert json.loads(lock.read_text()) == other  # refused: the lock is left as it was
+  with runlock.hold(tmp_path, force=True):
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+  assert not lock.exists()
+
+
+def test_the_lock_in_a_bucket_is_created_only_if_absent(gcs_bucket):
+  workdir = f"gs://{gcs_bucket}/run"
+  held = runlock.acquire(workdir)
+  with pytest.raises(runlock.RunLockedError, match=f"pid {os.getpid()}"):
+    runlock.acquire(workdir)  # same host, live pid: refused
+  runlock.release(workdir, held)
+  runlock.release(workdir, runlock.acquire(workdir))
