@@ -79,7 +79,7 @@ def open_source(config, name: str, workdir: str | os.PathLike[str]) -> datasets.
     except FileNotFoundError:
       raw = _local("csv", root) / "smoke_release"
       if jax.process_index() == 0:
-        smoke.write_smoke_dataset(raw)
+        smoke.write_smoke_release(raw)  # whole or not at all: a concurrent start never reads half of it
       _build("csv", root, raw, config_name=SMOKE, **smoke.CSV_CONFIG)
       return datasets.source("csv", root, config=SMOKE)
   try:
