@@ -45,7 +45,7 @@ def main(argv):
     sys.exit(2)
   import jax  # pylint: disable=g-import-not-at-top
 
-  from mcpf_jax.train import identity, preemption, protocol, runlock, trainer  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import checkpoints, identity, preemption, protocol, runlock, trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if not rundir.supported(config.get("checkpoint_dir") or ""):
     sys.exit(f"train.py: checkpoint_dir={config.checkpoint_dir!r}: expected {rundir.WHERE}")
@@ -58,6 +58,8 @@ def main(argv):
   except identity.RunMismatchError as e:  # a refused restart: nothing in the workdir was changed
     sys.exit(f"train.py: {e}")
   except runs.DamagedCheckpointError as e:  # no checkpoint step of the run reads (each is named)
+    sys.exit(f"train.py: {e}")
+  except checkpoints.CheckpointSaveError as e:  # no space, no permission: one line (the traceback: debug log)
     sys.exit(f"train.py: {e}")
   except preemption.Stopped as e:  # SIGTERM / SIGINT: the step reached is saved; the same command resumes
     print(f"train.py: {e}", file=sys.stderr)

@@ -106,11 +106,11 @@ class DamagedCheckpointError(ValueError):
     self.step = int(step_dir.name)
     self.step_dir = step_dir
     self.file = _named_file(step_dir, error, reading)
-    self.error = _one_line(error)
+    self.error = one_line(error)
     super().__init__(f"checkpoint step {self.step} is damaged: {self.file}: {self.error}")
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
   """The error's type and message on one line, without TensorStore's spec dump or a decoder's byte dump."""
   if isinstance(error, UnicodeDecodeError):
     msg = f"not UTF-8 text ({error.reason} at byte {error.start})"

@@ -185,3 +185,39 @@ def test_the_lock_in_a_bucket_is_created_only_if_absent(gcs_bucket):
     runlock.acquire(workdir)  # same host, live pid: refused
   runlock.release(workdir, held)
   runlock.release(workdir, runlock.acquire(workdir))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A full disk during a save.
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path) -> pathlib.Path:
+  """A 2 MiB tmpfs (room for one smoke checkpoint step, not two). Mounting needs root (CAP_SYS_ADMIN): where it is
+  refused the test FAILS naming why, so a full-disk check that did not run never reads as passed."""
+  where = tmp_path / "small"
+  where.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True,
+                           text=True)
+  if mounted.returncode != 0:
+    pytest.fail(f"cannot mount a tmpfs to fill (needs root): {mounted.stderr.strip()}")
+  yield where
+  subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_disk_during_a_save_ends_in_one_line_and_a_restart_resumes(smoke_run, small_tmpfs, tmp_path):
+  argv = [sys.executable, "train.py", "--config", e2e.SMOKE, "--workdir", str(tmp_path / "run"),
+          "--config.train.num_epochs=1", "--config.train.checkpoint_every=2",
+          f"--config.data.data_dir={smoke_run.workdir / 'data'}", f"--config.checkpoint_dir={small_tmpfs / 'ck'}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  full = subprocess.run(argv, cwd=e2e.REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert full.returncode == 1, full.stderr[-3000:]
+  last = full.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"train.py: saving checkpoint step 4 to {small_tmpfs / 'ck'} failed: "), full.stderr[-3000:]
+  assert "No space left on device" in last and "the last good step is 2" in last, last
+  assert "Traceback" not in full.stderr, full.stderr[-6000:]  # orbax's tracebacks go to the debug log
+  assert not (tmp_path / "run" / runlock.LOCK_FILE).exists()  # released on the way out
+  subprocess.run(["mount", "-o", "remount,size=16m", str(small_tmpfs)], check=True)  # space freed
+  again = subprocess.run(argv, cwd=e2e.REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resumed from {small_tmpfs / 'ck'}/2" in again.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,10 @@ log = logging.getLogger("mcpf_jax")
 
 def _abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint save that failed (no space, no permission, an object-store error), in one line."""
 
 
 class Checkpoints(runs.ReadOnlyCheckpoints):
@@ -56,10 +61,37 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
     }
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(step, e) from e
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(None, e) from e
+
+  def _save_failed(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    """A failed save as one line: what failed (the step), where, why (the innermost error) and the last step on
+    disk; the traceback goes to the log at debug level."""
+    log.debug("saving a checkpoint to %s failed", self.directory, exc_info=error)
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    try:
+      on_disk = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+    except Exception:  # pylint: disable=broad-except
+      on_disk = []
+    # An async save fails at the next save or wait: the step that failed is the one in the temporary folder named.
+    failed = re.search(r"[/\\](\d+)\.orbax-checkpoint-tmp", str(cause)) or re.search(
+        r"[/\\](\d+)\.orbax-checkpoint-tmp", str(error))
+    step = int(failed.group(1)) if failed else step
+    what = f"saving checkpoint step {step}" if step is not None else "saving a checkpoint"
+    last = f"the last good step is {on_disk[-1]}" if on_disk else "no step was saved yet"
+    why = runs.one_line(cause) if cause is error else f"{runs.one_line(cause)} ({runs.one_line(error)})"
+    return CheckpointSaveError(f"{what} to {self.directory} failed: {why}; {last} (free space or fix the "
+                               "permissions, then run the same command again to resume from it)")
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
