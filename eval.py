@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mcpf_jax import rundir
+from mcpf_jax import rundir, runs
 from mcpf_jax.train import launch
 
 flags.adopt_module_key_flags(launch)  # the multi-host launch flags, listed by --help
@@ -45,7 +45,7 @@ def main(argv):
   try:
     result = evaluation.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, dataset=_DATASET.value,
                               explicit=explicit)
-  except (identity.RunMismatchError, hosts.HostsError) as e:
+  except (identity.RunMismatchError, runs.DamagedCheckpointError, hosts.HostsError) as e:  # refused / a damaged step
     sys.exit(f"eval.py: {e}")
   except preemption.Stopped as e:  # SIGTERM / SIGINT: nothing written
     print(f"eval.py: {e}", file=sys.stderr)

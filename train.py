@@ -11,7 +11,9 @@ Job is detected and jax.distributed started (--nodistributed: never; elsewhere -
 SIGTERM / SIGINT, or a GCE / TPU VM maintenance event (TERMINATE_ON_HOST_MAINTENANCE on the metadata server): the
 run finishes its step, saves it and exits with status 143 (SIGTERM, a maintenance event; any stop under
 jax.distributed) or 130 (SIGINT); the same command resumes.
-orbax's INFO lines (dozens per checkpoint) are hidden unless --verbosity is given (e.g. --verbosity=0).
+One train.py writes a run at a time (<workdir>/train.lock; --force_unlock); a damaged checkpoint step is moved
+to <checkpoint_dir>.damaged/ and the run resumes from the previous one. orbax's INFO lines (dozens per checkpoint)
+are hidden unless --verbosity is given (e.g. --verbosity=0).
 """
 
 import json
@@ -20,13 +22,15 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mcpf_jax import rundir
+from mcpf_jax import rundir, runs
 from mcpf_jax.train import launch
 
 flags.adopt_module_key_flags(launch)  # the multi-host launch flags, listed by --help
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and results go: " + rundir.WHERE)
+_FORCE_UNLOCK = flags.DEFINE_bool("force_unlock", False, "take the run's lock (<workdir>/train.lock) even if another "
+                                  "host's train.py holds it: only when that one is known to be gone")
 flags.mark_flags_as_required(["config", "workdir"])
 flags.register_validator("workdir", lambda v: v is None or rundir.supported(v), f"expected {rundir.WHERE}")
 
@@ -39,13 +43,23 @@ def main(argv):
   except launch.LaunchError as e:  # refused before anything is written
     print(f"train.py: {e}", file=sys.stderr)
     sys.exit(2)
-  from mcpf_jax.train import hosts, identity, preemption, protocol, trainer  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from mcpf_jax.train import checkpoints, hosts, identity, preemption, protocol, runlock, trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if not rundir.supported(config.get("checkpoint_dir") or ""):
     sys.exit(f"train.py: checkpoint_dir={config.checkpoint_dir!r}: expected {rundir.WHERE}")
   try:
-    _train(config, protocol, trainer)
+    # One writer per run: process 0 holds <workdir>/train.lock until train.py ends, whichever way it ends.
+    with runlock.hold(_WORKDIR.value, force=_FORCE_UNLOCK.value, enabled=jax.process_index() == 0):
+      _train(config, protocol, trainer)
+  except runlock.RunLockedError as e:  # another train.py writes this run: nothing was changed
+    sys.exit(f"train.py: {e}")
   except (identity.RunMismatchError, hosts.HostsError) as e:  # a refused restart: nothing in the workdir was changed
+    sys.exit(f"train.py: {e}")
+  except runs.DamagedCheckpointError as e:  # no checkpoint step of the run reads (each is named)
+    sys.exit(f"train.py: {e}")
+  except checkpoints.CheckpointSaveError as e:  # no space, no permission: one line (the traceback: debug log)
     sys.exit(f"train.py: {e}")
   except preemption.Stopped as e:  # SIGTERM / SIGINT: the step reached is saved; the same command resumes
     print(f"train.py: {e}", file=sys.stderr)

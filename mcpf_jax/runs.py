@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -36,6 +37,8 @@ from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from mcpf_jax import clip, rundir
+
+log = logging.getLogger("mcpf_jax")
 
 LAYOUT = 2
 PARAMS, OPT, META = "params", "opt", "meta"
@@ -84,6 +87,133 @@ def checkpoint_step(ckpts: Any, which: str | int) -> int:
     raise FileNotFoundError(f"{ckpts.directory}: no checkpoint {which!r} (found steps {ckpts.all_steps()}); "
                             "train first with the same --workdir")
   return step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged checkpoint steps: a step whose files fail to read (truncated, garbled, missing) is named in one line.
+
+DAMAGED_SUFFIX = ".damaged"  # <checkpoint_dir>.damaged/<step>: where training moves a damaged step (kept, not deleted)
+# A restore that fails because the model asks for other shapes than the stored ones: the config differs, the
+# files are fine (reported as a config mismatch, never as damage).
+SHAPE_MISMATCH = "Requested shape"
+
+
+class DamagedCheckpointError(ValueError):
+  """A checkpoint step that fails to read: `step`, `file` (the damaged file, or the item being read) and `error`."""
+
+  def __init__(self, step_dir: str | os.PathLike[str], error: BaseException, reading: str | os.PathLike[str]):
+    step_dir = rundir.path(step_dir)
+    self.step = int(step_dir.name)
+    self.step_dir = step_dir
+    self.file = _named_file(step_dir, error, reading)
+    self.error = one_line(error)
+    super().__init__(f"checkpoint step {self.step} is damaged: {self.file}: {self.error}")
+
+
+def one_line(error: BaseException) -> str:
+  """The error's type and message on one line, without TensorStore's spec dump or a decoder's byte dump."""
+  if isinstance(error, UnicodeDecodeError):
+    msg = f"not UTF-8 text ({error.reason} at byte {error.start})"
+  else:
+    msg = str(error).split(" [tensorstore_spec=", 1)[0]
+  msg = " ".join(msg.split())
+  return f"{type(error).__name__}: {msg[:400]}"
+
+
+def _named_file(step_dir: epath.Path, error: BaseException, reading: str | os.PathLike[str]) -> str:
+  """The file of `step_dir` an error names (the deepest one), else `reading` (what was being read)."""
+  if getattr(error, "filename", None):
+    return str(error.filename)
+  root = str(step_dir)
+  found = [m.rstrip(".,:;") for m in re.findall(r"[^\s\"']+", str(error)) if root in m]
+  found = [f[f.index(root):] for f in found]
+  return max(found, key=len) if found else str(reading)
+
+
+def damage(step_dir: str | os.PathLike[str], error: BaseException, reading: str | os.PathLike[str]
+           ) -> DamagedCheckpointError | None:
+  """`error` (raised while reading `reading` of checkpoint `step_dir`) as a DamagedCheckpointError; None when it
+  is not damage: a shape mismatch (another config) or an interruption."""
+  if not isinstance(error, Exception) or SHAPE_MISMATCH in str(error):
+    return None
+  if isinstance(error, DamagedCheckpointError):
+    return error
+  return DamagedCheckpointError(step_dir, error, reading)
+
+
+def check_step(step_dir: str | os.PathLike[str]) -> None:
+  """Reads checkpoint `step_dir`'s meta and trainable parameters (on this process's first device), as inference
+  does; raises DamagedCheckpointError when they fail to read."""
+  step_dir = rundir.path(step_dir)
+  for reading, read in ((step_dir / META / "metadata", read_meta), (step_dir / PARAMS, read_params)):
+    try:
+      read(step_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      d = damage(step_dir, e, reading)
+      if d is None:
+        raise
+      raise d from e
+
+
+def step_metric(step_dir: str | os.PathLike[str]) -> float | None:
+  """The validation SRCC orbax ranks step `step_dir` by (its `metrics` item), or None (none, or unreadable)."""
+  try:
+    value = rundir.read_json(rundir.path(step_dir) / "metrics" / "metrics")
+    return best_metric(value) if value and BEST_METRIC in value else None
+  except (ValueError, OSError):
+    return None
+
+
+def readable_step(ckpts: Any, which: str | int, check=check_step) -> int:
+  """`checkpoint_step(ckpts, which)`, checked to read (`check(step_dir)`). "best" falls back, one warning line per
+  damaged step, to the next best step that reads (by validation SRCC, then the latest ones), as a resumed run falls
+  back to the previous good step. "latest" or a step number that fails to read is an error naming the file and the
+  steps that do read.
+
+  Raises:
+    DamagedCheckpointError: the step asked for (or, for "best", every step) fails to read.
+  """
+  step = checkpoint_step(ckpts, which)
+  if which != "best":
+    try:
+      check(ckpts.directory / str(step))
+    except Exception as e:  # pylint: disable=broad-except
+      d = damage(ckpts.directory / str(step), e, ckpts.directory / str(step))
+      if d is None:
+        raise
+      good = [s for s in sorted(ckpts.all_steps()) if s != step and _reads(ckpts.directory / str(s), check)]
+      raise _suggest(d, good) from e
+    return step
+  metric = {s: step_metric(ckpts.directory / str(s)) for s in ckpts.all_steps()}
+  order = [step] + sorted((s for s in ckpts.all_steps() if s != step),
+                          key=lambda s: (metric[s] is not None, metric[s] or 0.0, s), reverse=True)
+  for s in order:
+    try:
+      check(ckpts.directory / str(s))
+      return s
+    except Exception as e:  # pylint: disable=broad-except
+      d = damage(ckpts.directory / str(s), e, ckpts.directory / str(s))
+      if d is None:
+        raise
+      log.warning("%s; trying the next best step", d)
+  raise DamagedCheckpointError(ckpts.directory / str(step), RuntimeError(
+      f"every checkpoint step of {ckpts.directory} fails to read ({order})"), ckpts.directory)
+
+
+def _reads(step_dir: epath.Path, check) -> bool:
+  try:
+    check(step_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    if damage(step_dir, e, step_dir) is None:
+      raise
+    return False
+  return True
+
+
+def _suggest(d: DamagedCheckpointError, good: list[int]) -> DamagedCheckpointError:
+  d.args = (f"{d}; the steps that read: {good or 'none'}"
+            + (f" (e.g. --checkpoint {good[-1]})" if good else ""),)
+  return d
 
 
 class _DropReadOnlyNotice(logging.Filter):

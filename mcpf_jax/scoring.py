@@ -352,7 +352,7 @@ class Scorer:
     """
     workdir, checkpoint = runs.locate(workdir, checkpoint)
     with runs.ReadOnlyCheckpoints(runs.checkpoint_dir(workdir)) as ckpts:
-      step = runs.checkpoint_step(ckpts, checkpoint)
+      step = runs.readable_step(ckpts, checkpoint)  # "best" skips a damaged step; others name it
       step_dir = ckpts.directory / str(step)
     meta = runs.read_meta(step_dir)
     config = runs.run_config(workdir, meta)

@@ -24,7 +24,9 @@ files. Writing takes a few seconds.
 """
 
 import csv
+import os
 import pathlib
+import shutil
 import zlib
 from collections.abc import Callable
 
@@ -153,3 +155,23 @@ def write_smoke_dataset(folder: str | pathlib.Path, *, short_side: int = 256,
     for rel, mos, content_id, distortion, level in rows:
       writer.writerow((rel, f"{mos:.4f}", content_id, distortion, level))
   return csv_path
+
+
+def write_smoke_release(folder: str | pathlib.Path) -> pathlib.Path:
+  """`write_smoke_dataset(folder)` whole or not at all: written into a temporary sibling folder and renamed into
+  place, so a concurrent builder never reads a half-written image; a folder already there (with its CSV, written
+  last) is kept, as the images are a function of the code alone. Returns the CSV path."""
+  folder = pathlib.Path(folder)
+  if (folder / CSV_NAME).exists():
+    return folder / CSV_NAME
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  write_smoke_dataset(tmp)
+  try:
+    if folder.exists() and not (folder / CSV_NAME).exists():  # half written in place by an older version
+      shutil.rmtree(folder)
+    os.rename(tmp, folder)
+  except OSError:  # another process put its (identical) copy there first
+    shutil.rmtree(tmp, ignore_errors=True)
+  return folder / CSV_NAME

@@ -14,7 +14,11 @@ restored, for a resumed run as for inference.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -23,11 +27,18 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from mcpf_jax import rundir, runs
+from mcpf_jax.train import mesh as mesh_lib
 from mcpf_jax.train import optim
+
+log = logging.getLogger("mcpf_jax")
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint save that failed (no space, no permission, an object-store error), in one line."""
 
 
 class Checkpoints(runs.ReadOnlyCheckpoints):
@@ -50,10 +61,37 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
     }
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(step, e) from e
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(None, e) from e
+
+  def _save_failed(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    """A failed save as one line: what failed (the step), where, why (the innermost error) and the last step on
+    disk; the traceback goes to the log at debug level."""
+    log.debug("saving a checkpoint to %s failed", self.directory, exc_info=error)
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    try:
+      on_disk = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+    except Exception:  # pylint: disable=broad-except
+      on_disk = []
+    # An async save fails at the next save or wait: the step that failed is the one in the temporary folder named.
+    failed = re.search(r"[/\\](\d+)\.orbax-checkpoint-tmp", str(cause)) or re.search(
+        r"[/\\](\d+)\.orbax-checkpoint-tmp", str(error))
+    step = int(failed.group(1)) if failed else step
+    what = f"saving checkpoint step {step}" if step is not None else "saving a checkpoint"
+    last = f"the last good step is {on_disk[-1]}" if on_disk else "no step was saved yet"
+    why = runs.one_line(cause) if cause is error else f"{runs.one_line(cause)} ({runs.one_line(error)})"
+    return CheckpointSaveError(f"{what} to {self.directory} failed: {why}; {last} (free space or fix the "
+                               "permissions, then run the same command again to resume from it)")
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -112,3 +150,59 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
       params, opt = restored[runs.PARAMS], restored[runs.OPT]
     params = optim.merge(traverse_util.flatten_dict(params, sep="/"), frozen)
     return {"params": params, "opt": opt["opt"], "step": opt["step"]}
+
+  def restore_good(self, state: dict[str, Any], mask: Any, shardings: dict[str, Any] | None,
+                   check_meta: Callable[[int, dict[str, Any]], None]) -> tuple[int | None, dict[str, Any]]:
+    """(step, state) of the latest step that restores; (None, `state`) when there is no checkpoint.
+
+    A newer step that fails to read (a truncated, garbled or missing file) is reported in one line (step, file,
+    error) and moved aside (`move_aside`), so the run continues from the previous good step and saves its steps
+    again. `check_meta(step, meta)` checks each candidate's meta before its arrays are read (backbone, config):
+    what it raises is not damage and stops the start.
+
+    Raises:
+      runs.DamagedCheckpointError: every step fails to read (nothing is moved).
+    """
+    damaged: list[runs.DamagedCheckpointError] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      step_dir = self.directory / str(step)
+      try:
+        meta = self.restore_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        damaged.append(_damage(step_dir, e, step_dir / runs.META / "metadata"))
+        continue
+      check_meta(step, meta)
+      try:
+        restored = self.restore(step, state, mask, shardings)
+      except Exception as e:  # pylint: disable=broad-except
+        damaged.append(_damage(step_dir, e, step_dir))
+        continue
+      for d in damaged:
+        log.warning("%s; moved to %s; resuming from step %d", d, self.move_aside(d.step), step)
+      if damaged:
+        self.manager.reload()
+      return step, restored
+    if damaged:
+      raise runs.DamagedCheckpointError(self.directory / str(damaged[0].step), RuntimeError(
+          "no checkpoint step of this run reads: " + "; ".join(str(d) for d in damaged)), self.directory)
+    return None, state
+
+  def move_aside(self, step: int) -> str:
+    """Moves step `step` out of the managed folder, to <checkpoint_dir>.damaged/<step> (a new name if taken), so
+    orbax neither lists it nor collides with a new save of the step; nothing is deleted. Process 0 moves."""
+    aside = self.directory.parent / (self.directory.name + runs.DAMAGED_SUFFIX)
+    target = aside / str(step)
+    if target.exists():
+      target = aside / f"{step}-{int(time.time())}"
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    mesh_lib.sync("damaged checkpoint moved aside")
+    return str(target)
+
+
+def _damage(step_dir: Any, error: Exception, reading: Any) -> runs.DamagedCheckpointError:
+  d = runs.damage(step_dir, error, reading)
+  if d is None:
+    raise error
+  return d

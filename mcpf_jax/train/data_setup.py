@@ -103,7 +103,7 @@ def open_source(config, name: str, workdir: str | os.PathLike[str]) -> datasets.
   if missing_on:
     if smoke_data:
       raw = _local("csv", root) / "smoke_release"
-      _build("csv", root, raw, src is None, lambda: smoke.write_smoke_dataset(raw), config_name=SMOKE,
+      _build("csv", root, raw, src is None, lambda: smoke.write_smoke_release(raw), config_name=SMOKE,
              **smoke.CSV_CONFIG)
     elif config.data.manual_dir:
       _build(name, root, pathlib.Path(config.data.manual_dir).expanduser(), src is None)

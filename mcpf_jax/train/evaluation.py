@@ -197,8 +197,13 @@ def evaluate(config, workdir: str | os.PathLike[str], *, checkpoint: str | int |
   run_cfg = (saved[0]["config"] if saved is not None else
              runs.config_from_meta(ckpts.restore_meta(latest)).to_dict())
   cfg = eval_config(run_cfg, config, explicit)
-  step = runs.checkpoint_step(ckpts, checkpoint if checkpoint is not None else cfg.eval.checkpoint)
+  # A damaged step: "best" falls back to the next best that reads; "latest" or a step number names the damaged file
+  # and the steps that read (nothing is moved: a reader changes nothing in the run).
+  step = runs.readable_step(ckpts, checkpoint if checkpoint is not None else cfg.eval.checkpoint)
   meta = ckpts.restore_meta(step)
+  if saved is not None and "config" in meta:
+    identity.check_checkpoint_config(meta["config"], saved[0]["config"], ckpts.directory / str(step),
+                                     workdir / identity.RUN_FILE)
   dataset = dataset or cfg.eval.dataset
   cross = dataset is not None and dataset != meta["dataset"]
   run = build_run(cfg, workdir, dataset=dataset if cross else None)

@@ -123,6 +123,27 @@ def compare(saved: Mapping[str, Any], new: Any, where: str | os.PathLike[str]) -
   return [d for d in diffs if is_free(d[0])]
 
 
+def check_checkpoint_config(stored: Mapping[str, Any], config: Any, where: str | os.PathLike[str],
+                            run_file: str | os.PathLike[str]) -> None:
+  """The config saved inside checkpoint `where` must agree with the run's config (`config`, from run.json) in every
+  field that changes what is computed: a hand-edited run.json (with the matching --config) is refused, naming each
+  field with both values. Fields the checkpoint does not record (written by an older version) are not compared.
+
+  Raises:
+    RunMismatchError: naming each differing field, its value in the checkpoint and in run.json.
+  """
+  stored = runs.upgrade_config(config_dict(stored))
+  refused = [(k, a, b) for k, a, b in differences(stored, config) if not is_free(k) and a != _MISSING]
+  if refused:
+    lines = "\n".join(f"  {k}: checkpoint {json.dumps(a)}, {rundir.path(run_file).name} {json.dumps(b)}"
+                      for k, a, b in refused)
+    raise RunMismatchError(
+        f"{where}: the config saved with this checkpoint differs from {run_file} in {len(refused)} field(s) that "
+        f"change what is computed (was {rundir.path(run_file).name} edited?):\n{lines}\nNothing was changed. Restore "
+        f"{run_file} to the checkpoint's values, or start a new run from it (new --workdir, "
+        f"--config.init_from={rundir.path(run_file).parent})")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The dataset and the split.
 

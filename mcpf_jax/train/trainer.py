@@ -87,6 +87,24 @@ def check_shared(workdir: os.PathLike[str], checkpoint_dir: os.PathLike[str]) ->
     hosts.check_shared(checkpoint_dir, "the checkpoint folder (checkpoint_dir)", fix)
 
 
+def _check_checkpoint_config(directory: os.PathLike[str], config, workdir: os.PathLike[str]) -> None:
+  """Before anything is built: the config saved with the latest readable checkpoint must agree with `config` (which
+  agrees with run.json): a hand-edited run.json is refused naming the field (`identity.check_checkpoint_config`).
+  A step whose meta fails to read is skipped here; `_resume` reports it and moves it aside."""
+  with ckpt_lib.Checkpoints(directory, read_only=True) as ckpts:
+    for step in sorted(ckpts.all_steps(), reverse=True):
+      try:
+        meta = ckpts.restore_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        if runs.damage(ckpts.directory / str(step), e, ckpts.directory) is None:
+          raise
+        continue
+      if "config" in meta:
+        identity.check_checkpoint_config(meta["config"], config, ckpts.directory / str(step),
+                                         rundir.path(workdir) / identity.RUN_FILE)
+      return
+
+
 def _check_identity(run: Run, saved: tuple[dict[str, Any], dict[str, Any] | None] | None) -> dict[str, Any]:
   """Checks the dataset and the split against the saved identity (refusing a changed one), and writes run.json and
   split.json at a fresh start (process 0). Returns the run's identity record."""
@@ -114,6 +132,27 @@ def _check_identity(run: Run, saved: tuple[dict[str, Any], dict[str, Any] | None
   return record
 
 
+def _resume(run: Run, ckpts: ckpt_lib.Checkpoints, state: dict[str, Any], shardings: dict[str, Any]
+            ) -> tuple[int, dict[str, Any]]:
+  """The latest step that restores, and the state restored from it (a damaged newer step is moved aside:
+  `Checkpoints.restore_good`). Each candidate's meta must name this run's backbone and config (run.json)."""
+  def check_meta(step: int, meta: dict[str, Any]) -> None:
+    where = ckpts.directory / str(step)
+    runs.check_backbone(meta, run.bundle.source, run.bundle.fingerprint, where)
+    if "config" in meta:
+      identity.check_checkpoint_config(meta["config"], run.config, where, run.workdir / identity.RUN_FILE)
+
+  try:
+    return ckpts.restore_good(state, run.mask, shardings, check_meta)
+  except ValueError as e:
+    if runs.SHAPE_MISMATCH not in str(e) or isinstance(e, runs.DamagedCheckpointError):
+      raise
+    raise identity.RunMismatchError(
+        f"{ckpts.directory}: the checkpoint's parameters do not fit the model of {run.workdir / identity.RUN_FILE} "
+        f"(a config mismatch: a model field differs from the one the run was trained with): "
+        f"{' '.join(str(e).split(' [tensorstore_spec=')[0].split())[:300]}") from e
+
+
 def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """Trains (resuming from the workdir's latest checkpoint if any), then evaluates the test split.
 
@@ -134,6 +173,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
   if saved is not None:
     for key, old, new in identity.compare(saved[0]["config"], config, workdir):
       log.info("restart with %s changed: %s -> %s (does not change what is computed)", key, old, new)
+    _check_checkpoint_config(checkpoint_dir, config, workdir)
   run = build_run(config, workdir)
   cfg, workdir = run.config, run.workdir
   _check_identity(run, saved)
@@ -155,9 +195,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
   meta = run.meta()
   start = 0
   if ckpts.latest_step() is not None:
-    start = ckpts.latest_step()
-    runs.check_backbone(ckpts.restore_meta(start), run.bundle.source, run.bundle.fingerprint, ckpts.directory)
-    state = ckpts.restore(start, state, run.mask, s_sh)
+    start, state = _resume(run, ckpts, state, s_sh)
     log.info("resumed from %s/%d", ckpts.directory, start)
   elif cfg.init_from:
     params, where = restore.init_from(cfg, run.bundle, run.params, run.mask, run.mesh)
