@@ -25,9 +25,9 @@ define install_aot_libtpu
 	  "$$($(PY) -c 'from mcpf_jax.aot import libtpu_requirement; print(libtpu_requirement())')"
 endef
 
-$(VENV)/.test: requirements-test.txt $(VENV)/.runtime
+$(VENV)/.test: requirements-test.txt requirements-demo.txt $(VENV)/.runtime
 	$(PY) -m pip install -q -r requirements-test.txt
-	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0 jax2onnx==0.17.1
+	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0 jax2onnx==0.17.1 gradio==6.31.0
 	$(install_aot_libtpu)
 	touch $@
 

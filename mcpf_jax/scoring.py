@@ -4,6 +4,7 @@
   for r in scorer.score(["photo.jpg", "scans/a.png"]):     # or scorer.iter_score(...) to stream
     print(r.path, r.score, r.error)
   scorer.score_range, scorer.higher_is_better, scorer.scale   # what a score means
+  dict(zip(scorer.level_names, r.levels))                     # the quality levels' probabilities of one image
 
 A trained model's score is on the MOS scale of the dataset it was trained on (e.g. [1, 100] for LIVE Challenge;
 a DMOS dataset keeps its lower-is-better direction: `higher_is_better` is False); a zero-shot score is
@@ -74,6 +75,9 @@ class Result:
     note: remarks on a scored image (e.g. a large upscale), None if there are none.
     refused: when a limit refused the image (`max_upscale`, `max_pixels`), its facts (`images.LimitError`:
       `option`, `limit`, `needed`); `error` is its message, which advises the Python argument.
+    levels: the probabilities of the model's quality classes (`Scorer.level_names`, worst to best), the mean
+      over the image's crops (they sum to 1; the score is their expected level, mapped to the scale); None when
+      `error` is set.
   """
   path: str
   score: float | None
@@ -82,6 +86,7 @@ class Result:
   height: int | None = None
   note: str | None = None
   refused: images.LimitError | None = dataclasses.field(default=None, compare=False)
+  levels: tuple[float, ...] | None = dataclasses.field(default=None, compare=False)
 
   @property
   def ok(self) -> bool:
@@ -166,6 +171,8 @@ class Scorer:
     higher_is_better: False for a DMOS scale (LIVE, CSIQ, ...): there a lower score is a better image.
     scale: what a score is, in words (e.g. "MOS of livec").
     dataset: the dataset the model was trained on (None zero-shot).
+    level_names: the model's quality classes, worst to best (("bad", "poor", "fair", "good", "perfect"); zero-shot
+      ("Bad photo.", "Good photo.")): the order of each `Result.levels`.
     info: all of the above and where the model came from (JSON-serialisable): "scale", "score_range",
       "higher_is_better", "dataset", "model", "backbone", and for trained models "step", "trained_on" and
       "checkpoint" or "pretrained".
@@ -197,13 +204,15 @@ class Scorer:
     self.info = dict(info, scale=self.scale, score_range=list(self.score_range),
                      higher_is_better=self.higher_is_better, dataset=dataset, num_crops=preprocessing.num_crops,
                      resize=preprocessing.resize, image_size=preprocessing.image_size)
+    self.level_names = tuple(model.spec.quality_classes)
     self._model = model
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.params = jax.device_put(params, replicated)
     self._batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
 
-    def eval_step(params, batch):  # uint8 [B, crops, S, S, 3] -> the mean over crops of score01, [B]
-      return jnp.mean(_score01(model, params, batch["image"]), axis=-1)
+    def eval_step(params, batch):  # uint8 [B, crops, S, S, 3] -> the means over crops of score01 [B], levels [B, L]
+      score01, levels = _quality(model, params, batch["image"])
+      return jnp.mean(score01, axis=-1), jnp.mean(levels, axis=-2)
 
     self._eval_step = jax.jit(eval_step, in_shardings=(replicated, self._batch_sharding), out_shardings=replicated)
 
@@ -451,9 +460,10 @@ class Scorer:
       batch = np.zeros((self.batch_size, self.preprocessing.num_crops, s, s, 3), np.uint8)
       for k, p in enumerate(ready):
         batch[k] = p.crops
-      score01 = np.asarray(self._eval_step(self.params, {"image": jax.device_put(batch, self._batch_sharding)}))
-      values = np.asarray(self.score_map.to_mos(score01[:len(ready)].astype(np.float64)), np.float64)
+      score01, levels = self._eval_step(self.params, {"image": jax.device_put(batch, self._batch_sharding)})
+      values = np.asarray(self.score_map.to_mos(np.asarray(score01)[:len(ready)].astype(np.float64)), np.float64)
       scores = {id(p): float(v) for p, v in zip(ready, values)}
+      probs = {id(p): tuple(float(v) for v in row) for p, row in zip(ready, np.asarray(levels))}
     for p in pending:
       if p.crops is None:
         yield Result(p.path, None, p.error, p.width, p.height, refused=p.refused)
@@ -461,7 +471,7 @@ class Scorer:
         yield Result(p.path, None, f"{p.path}: the model's score is not finite ({scores[id(p)]})", p.width,
                      p.height, p.note)
       else:
-        yield Result(p.path, scores[id(p)], None, p.width, p.height, p.note)
+        yield Result(p.path, scores[id(p)], None, p.width, p.height, p.note, levels=probs[id(p)])
 
 
 def _local_mesh() -> jax.sharding.Mesh:
@@ -472,13 +482,25 @@ def _local_mesh() -> jax.sharding.Mesh:
 
 def _score01(model: iqa.IQAModel, params: Any, pixels: jax.Array, image_size: int | None = None) -> jax.Array:
   """The model's score01 of crops: uint8 (normalised here) or normalised float [..., S, S, 3] -> float32 [...]."""
+  out, lead = _outputs(model, params, pixels, image_size)
+  return out["score01"].reshape(lead)
+
+
+def _quality(model: iqa.IQAModel, params: Any, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`_score01` of crops, and their quality classes' probabilities (float32 [..., L])."""
+  out, lead = _outputs(model, params, pixels)
+  probs = jax.nn.softmax(out["quality_logits"], axis=-1)
+  return out["score01"].reshape(lead), probs.reshape(lead + probs.shape[-1:])
+
+
+def _outputs(model: iqa.IQAModel, params: Any, pixels: jax.Array, image_size: int | None = None
+             ) -> tuple[dict[str, jax.Array], tuple[int, ...]]:
+  """The model's outputs on crops [..., S, S, 3] (flattened to one batch), and the leading shape `...`."""
   pixels = jnp.asarray(pixels)
   if pixels.ndim < 3 or pixels.shape[-1] != 3 or (image_size and pixels.shape[-3:-1] != (image_size, image_size)):
     raise ValueError(f"expected crops of [..., {image_size or 'S'}, {image_size or 'S'}, 3], got {list(pixels.shape)}")
   x = preprocess.normalize(pixels) if pixels.dtype == jnp.uint8 else pixels
-  lead = x.shape[:-3]
-  out = model.apply({"params": params}, x.reshape((-1,) + x.shape[-3:]))
-  return out["score01"].reshape(lead)
+  return model.apply({"params": params}, x.reshape((-1,) + x.shape[-3:])), x.shape[:-3]
 
 
 def _build(model_config: Any, bundle: clip.Bundle, seed: int, own: dict[str, Any], where: pathlib.Path, *,

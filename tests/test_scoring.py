@@ -123,6 +123,24 @@ def test_score_does_not_depend_on_the_batch(scorer, run, tmp_path):
   assert len(scores) == 10 and np.ptp(scores) > 1e-4  # the images really differ
 
 
+def test_level_probabilities_give_the_score(scorer, zero_shot, run, tmp_path):
+  """Result.levels: the quality classes' probabilities (mean over crops), whose expected level is the score."""
+  release = run[0] / "data" / "smoke_release" / "images"
+  paths = [str(p) for p in sorted(release.iterdir())[:3]] + [str(tmp_path / "missing.jpg")]
+  results = scorer.score(paths)
+  assert scorer.level_names == ("bad", "poor", "fair", "good", "perfect")
+  assert results[-1].levels is None and not results[-1].ok
+  for r in results[:-1]:
+    p = np.array(r.levels)
+    assert p.shape == (5,) and np.all(p >= 0) and abs(p.sum() - 1) < 1e-5
+    score01 = (p @ np.arange(1, 6) - 1) / 4
+    assert float(scorer.score_map.to_mos(score01)) == pytest.approx(r.score, abs=1e-4), (r.levels, r.score)
+  assert len({r.levels for r in results[:-1]}) == 3
+  (r,) = zero_shot.score(_photo(60, 80, 3))
+  assert zero_shot.level_names == ("Bad photo.", "Good photo.")
+  assert r.levels[1] == pytest.approx(r.score, abs=1e-6)  # zero-shot: the score is p("Good photo.")
+
+
 def test_checkpoint_errors(run, tiny_clip, tmp_path):
   steps = run[2]["checkpoints"]
   assert len(steps) >= 2
