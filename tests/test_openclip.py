@@ -232,3 +232,39 @@ def test_other_normalisation_and_hf_format_precedence(tmp_path):
   assert not openclip.is_openclip_folder(tmp_path)
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
     checkpoint.load_folder(tmp_path)
+
+
+def test_iqa_model_runs_on_an_openclip_backbone(tmp_path):
+  """The IQA model on OpenCLIP towers: its zero-depth quality logits are open_clip's own zero-shot logits on the
+  class prompts, and one MCPF training step (text and visual prompts, cross-modal fusion) updates the prompts
+  and leaves the backbone as it was."""
+  from mcpf_jax import model as iqa  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.clip import preprocess  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.model import freeze  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import step as train_step_lib  # pylint: disable=g-import-not-at-top
+  from tests.batches import iqa_batch  # pylint: disable=g-import-not-at-top
+
+  theirs_model = _write(tmp_path, _model_cfg(False, "argmax"), seed=8)
+  bundle = clip.load(tmp_path)
+  base = dict(prompt_depth=1, num_text_prompts=4, num_vision_prompts=4, text_prompt_init="a photo of a",
+              fusion_width=16, fusion_heads=2, query_heads=2, aux=())
+  model, params = iqa.build({**base, "name": "mcpf", "fusion": "none", "text_depth": 0, "vision_depth": 0}, bundle,
+                            jax.random.key(0))
+  ids = iqa.class_token_ids(model.spec, bundle.tokenizer)["quality"]
+  pixels = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  ours = np.asarray(_jit(model.apply)({"params": params}, pixels)["quality_logits"])
+  assert _rel(ours, _theirs(theirs_model, pixels, ids)["logits"]) < 1e-5
+
+  model, params = iqa.build({**base, "name": "mcpf"}, bundle, jax.random.key(0))
+  mask = freeze.mask(params, "prompts")
+  tx = optim.make_optimizer(types.SimpleNamespace(lr=1e-2, warmup_steps=0, total_steps=10, final_lr_fraction=0.0,
+                                                  weight_decay=0.0, b1=0.9, b2=0.999, grad_clip_norm=0.0), mask)
+  step = _jit(train_step_lib.make_train_step(model, mask, tx, {"rank": 1.0, "l1": 1.0, "cls": 0.5, "aux": 0.0}))
+  state, metrics = step(train_step_lib.init_state(params, tx), iqa_batch(4, 32))
+  assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+  new = state["params"]
+  assert np.any(np.asarray(new["text_prompts_all"]) != np.asarray(params["text_prompts_all"]))
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), new["clip"], params["clip"])
+  assert all(jax.tree.leaves(same))
+  assert preprocess.CLIP_MEAN == openclip.OPENAI_MEAN and preprocess.CLIP_STD == openclip.OPENAI_STD
