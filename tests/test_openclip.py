@@ -163,7 +163,6 @@ def test_bfloat16_and_weights_round_trip(tmp_path):
   model_cfg = _model_cfg(True, "argmax")
   theirs_model = _write(tmp_path, model_cfg, seed=7)
   bundle = clip.load(tmp_path, dtype="bfloat16")
-  assert bundle.fingerprint == clip.load(tmp_path).fingerprint
   pixels, ids = _inputs(seed=2, tokenizer=bundle.tokenizer)
   truth, low = _theirs(theirs_model, pixels, ids), _ours(bundle.model, bundle.params, pixels, ids)
   for key in ("image", "text"):
@@ -268,3 +267,15 @@ def test_iqa_model_runs_on_an_openclip_backbone(tmp_path):
   same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), new["clip"], params["clip"])
   assert all(jax.tree.leaves(same))
   assert preprocess.CLIP_MEAN == openclip.OPENAI_MEAN and preprocess.CLIP_STD == openclip.OPENAI_STD
+
+
+def test_export_copies_an_openclip_backbone(tmp_path):
+  """The export's backbone folder of an OpenCLIP backbone: its weights and open_clip_config.json, loading to the same
+  fingerprint."""
+  from mcpf_jax import export  # pylint: disable=g-import-not-at-top
+
+  _write(tmp_path / "oc", _model_cfg(), seed=9)
+  bundle = clip.load(tmp_path / "oc")
+  copied = export._copy_backbone(bundle.source, tmp_path / "oc", tmp_path / "out")  # pylint: disable=protected-access
+  assert sorted(copied) == sorted([openclip.SAFETENSORS, openclip.CONFIG])
+  assert clip.load(tmp_path / "out").fingerprint == bundle.fingerprint
