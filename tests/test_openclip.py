@@ -215,7 +215,8 @@ def _refused(change, match: str) -> None:
     ("text_cfg", "context_length", 64), ("text_cfg", "tokenizer_kwargs", {"clean": "canonicalize"}),
     ("text_cfg", "act_kwargs", {"approximate": "none", "x": 1}), ("vision_cfg", "norm_kwargs", {"bias": False}),
     ("text_cfg", "unknown_field", 1), (None, "custom_text", True), (None, "init_logit_bias", -10),
-    (None, "multimodal_cfg", {}), ("vision_cfg", "layers", [3, 4, 6, 3]),
+    (None, "multimodal_cfg", {}), ("vision_cfg", "layers", [3, 4, 6, 3]), ("text_cfg", "vocab_size", 32000),
+    ("vision_cfg", "image_size", [32, 48]),
 ])
 def test_unsupported_fields_are_refused_by_name(section, key, value):
   def change(raw):
@@ -269,13 +270,23 @@ def test_iqa_model_runs_on_an_openclip_backbone(tmp_path):
   assert preprocess.CLIP_MEAN == openclip.OPENAI_MEAN and preprocess.CLIP_STD == openclip.OPENAI_STD
 
 
-def test_export_copies_an_openclip_backbone(tmp_path):
-  """The export's backbone folder of an OpenCLIP backbone: its weights and open_clip_config.json, loading to the same
+def test_hub_cache_and_export_of_an_openclip_backbone(tmp_path, monkeypatch):
+  """A hub repo with only the OpenCLIP files, laid out as huggingface_hub caches it, loads offline by its id (in
+  open_clip's `hf-hub:` spelling); the export copies its weights and open_clip_config.json, which load to the same
   fingerprint."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+
   from mcpf_jax import export  # pylint: disable=g-import-not-at-top
 
-  _write(tmp_path / "oc", _model_cfg(), seed=9)
-  bundle = clip.load(tmp_path / "oc")
-  copied = export._copy_backbone(bundle.source, tmp_path / "oc", tmp_path / "out")  # pylint: disable=protected-access
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  repo = tmp_path / "cache" / "models--laion--tiny-openclip"
+  _write(repo / "snapshots" / commit, _model_cfg(), seed=9)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text(commit)
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+  bundle = clip.load("hf-hub:laion/tiny-openclip")
+  assert bundle.source == f"hf://laion/tiny-openclip@{commit}/{openclip.SAFETENSORS}"
+  copied = export._copy_backbone(bundle.source, None, tmp_path / "out")  # pylint: disable=protected-access
   assert sorted(copied) == sorted([openclip.SAFETENSORS, openclip.CONFIG])
   assert clip.load(tmp_path / "out").fingerprint == bundle.fingerprint

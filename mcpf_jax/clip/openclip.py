@@ -182,11 +182,16 @@ def config_from_openclip(raw: Any, *, dtype: str = "float32", remat: bool = Fals
                      "BPE with its default cleanup: none, or {'clean': 'lower'})")
   _check_preprocess(raw.get("preprocess_cfg"), source)
   quick = bool(top["quick_gelu"])
-  try:
-    image_size = _square(vis["image_size"], "image_size")
-    patch_size = _square(vis["patch_size"], "patch_size")
-  except ValueError as e:
-    raise ValueError(f"{source}: model_cfg.{e}") from e
+  sizes = {}
+  for key in ("image_size", "patch_size"):
+    try:
+      sizes[key] = _square(vis[key], key)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{source}: model_cfg.vision_cfg.{key} = {vis[key]!r} is not supported (an int or a square "
+                       "pair)") from e
+  if txt["vocab_size"] < EOT_ID + 1:
+    raise ValueError(f"{source}: model_cfg.text_cfg.vocab_size = {txt['vocab_size']!r} is smaller than CLIP's BPE "
+                     f"vocabulary ({EOT_ID + 1} ids), the only tokenizer supported")
   if vis["width"] % vis["head_width"]:
     raise ValueError(f"{source}: model_cfg.vision_cfg.width {vis['width']} is not a multiple of head_width "
                      f"{vis['head_width']}")
@@ -202,7 +207,7 @@ def config_from_openclip(raw: Any, *, dtype: str = "float32", remat: bool = Fals
     vision = CLIPVisionConfig(
         hidden_size=int(vis["width"]), intermediate_size=int(vis["width"] * vis["mlp_ratio"]),
         num_hidden_layers=int(vis["layers"]), num_attention_heads=int(vis["width"] // vis["head_width"]),
-        image_size=image_size, patch_size=patch_size,
+        image_size=sizes["image_size"], patch_size=sizes["patch_size"],
         hidden_act=_activation(quick, vis["act_kwargs"], "model_cfg.vision_cfg", source),
         layer_norm_eps=_eps(vis["norm_kwargs"], "model_cfg.vision_cfg", source))
     return CLIPConfig(text=text, vision=vision, projection_dim=int(top["embed_dim"]),
