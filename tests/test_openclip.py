@@ -178,7 +178,9 @@ def test_bfloat16_and_weights_round_trip(tmp_path):
 def test_tokenizer_is_open_clips(tmp_path):
   """open_clip's SimpleTokenizer (what open_clip tokenizes these models with): the same ids, padding 0."""
   _write(tmp_path, _model_cfg(), seed=3)
-  ours = clip.load(tmp_path).tokenizer
+  bundle = clip.load(tmp_path)
+  assert clip.config.from_name(str(tmp_path)) == bundle.config  # (what pre-flight and summaries read, no weights)
+  ours = bundle.tokenizer
   theirs = sys.modules["open_clip_reference.tokenizer"].SimpleTokenizer(context_length=77)
   texts = TEXTS + ["Hello,   World! 123", "&amp; caf\u00e9 \u201cquoted\u201d", ""]
   np.testing.assert_array_equal(ours(texts), theirs(texts).numpy())
