@@ -85,7 +85,8 @@ class Bundle:
   Attributes:
     model: the Linen module (`model.apply({"params": params}, ...)`).
     params: float32 parameter tree (HF Flax layout), on the default device.
-    tokenizer: `mcpf_jax.clip.tokenizer.Tokenizer` from the folder's tokenizer files, or None without them.
+    tokenizer: `mcpf_jax.clip.tokenizer.Tokenizer` from the folder's tokenizer files, or None without them (an
+      OpenCLIP folder: open_clip's tokenizer, CLIP's BPE padded with 0, whatever files it has).
     config: the model's configuration (with the requested compute dtype).
     source: where the weights came from: "<folder>/<file>" or "hf://<repo>@<commit>/<file>".
     fingerprint: short hash of the parameter values (see `fingerprint`).
