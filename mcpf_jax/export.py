@@ -49,6 +49,9 @@ _HF_SOURCE = re.compile(r"^hf://(?P<repo>[^@]+)@(?P<commit>[^/]+)/(?P<file>.+)$"
 _HUB_CACHE_FOLDER = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
 # Files of a Hugging Face CLIP folder that the backbone needs besides its weights.
 _BACKBONE_FILES = ("config.json", "preprocessor_config.json") + clip.checkpoint.TOKENIZER_FILES
+# An OpenCLIP backbone (mcpf_jax.clip.openclip): its config beside its weights, nothing else (its tokenizer is ours).
+_OPENCLIP_WEIGHTS = clip.openclip.WEIGHT_FILES
+_WEIGHT_FILES = clip.checkpoint.WEIGHT_FILES + _OPENCLIP_WEIGHTS
 STABLEHLO_FILE = "model.stablehlo"
 ONNX_FILE = "model.onnx"
 ONNX_OPSET = 23
@@ -94,7 +97,7 @@ def backbone_reference(config, source: str, fingerprint: str, *,
   if m:
     return dict(ref, hub_id=m["repo"], revision=m["commit"], weights=m["file"])
   if folder is not None:
-    ref["weights"] = next((w for w in clip.checkpoint.WEIGHT_FILES if (folder / w).is_file()), None)
+    ref["weights"] = next((w for w in _WEIGHT_FILES if (folder / w).is_file()), None)
     cached = _hub_cache_reference(folder)
     if cached:
       return dict(ref, hub_id=cached[0], revision=cached[1])
@@ -108,11 +111,12 @@ def _backbone_folder(source: str, loaded_from: pathlib.Path | None) -> tuple[pat
   """The folder the backbone was loaded from and the weight file's name."""
   m = _HF_SOURCE.match(source)
   if m:
-    folder = hub.snapshot(m["repo"], revision=m["commit"], allow_patterns=("config.json", m["file"]),
+    config = clip.openclip.CONFIG if m["file"] in _OPENCLIP_WEIGHTS else "config.json"
+    folder = hub.snapshot(m["repo"], revision=m["commit"], allow_patterns=(config, m["file"]),
                           local_files_only=True)  # the files it was loaded from: in the cache, or gone
     return folder, m["file"]
   if loaded_from is not None:  # the folder as given: a hub cache's snapshot links its files to blobs/<hash>
-    return loaded_from, next(w for w in clip.checkpoint.WEIGHT_FILES if (loaded_from / w).is_file())
+    return loaded_from, next(w for w in _WEIGHT_FILES if (loaded_from / w).is_file())
   weights = pathlib.Path(source)
   return weights.parent, weights.name
 
@@ -156,7 +160,7 @@ def _copy_backbone(source: str, loaded_from: pathlib.Path | None, target: pathli
   folder, weights = _backbone_folder(source, loaded_from)
   target.mkdir(parents=True)
   copied = []
-  for name in (weights,) + _BACKBONE_FILES:
+  for name in (weights,) + ((clip.openclip.CONFIG,) if weights in _OPENCLIP_WEIGHTS else _BACKBONE_FILES):
     if not (folder / name).is_file():
       continue
     data = (folder / name).read_bytes()  # follows the hub cache's symlinks to their blobs

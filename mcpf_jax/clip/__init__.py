@@ -4,6 +4,7 @@
   layers.py      the transformer layers both towers are built of (attention, MLP, block, f32-accumulating dense)
   model.py       the CLIP module: text and vision towers with prompt hooks, projections, logits
   siglip.py      SigLIP / SigLIP 2 (fixed resolution): MAP-pooled vision tower, last-token text head, logit bias
+  openclip.py    OpenCLIP checkpoints (open_clip_config.json + weights) mapped onto the CLIP towers
   tuning.py      per-target speed choices (attention implementation, image-chunk size)
   init.py        parameter trees without a checkpoint (shapes, transformers' random initialisation)
   checkpoint.py  loading and saving the Hugging Face weight formats (CLIPModel and SiglipModel folders)

@@ -15,6 +15,10 @@ is loaded from the same folder when its files are there.
 Every tensor of the model must be in the file with the expected shape, and the file must hold nothing else
 (except the `position_ids` buffers older PyTorch checkpoints carry); otherwise the error names the tensors
 and the file.
+
+A folder with OpenCLIP's `open_clip_config.json` and no config.json is an OpenCLIP checkpoint
+(`mcpf_jax.clip.openclip`: its weights on our CLIP towers); a hub repo is read in the Hugging Face format when it
+has it (LAION's repos carry both), else in OpenCLIP's. open_clip's `hf-hub:` prefix is accepted.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
-from mcpf_jax.clip import hub, siglip
+from mcpf_jax.clip import hub, openclip, siglip
 from mcpf_jax.clip.config import HUB_IDS, CLIPConfig
 from mcpf_jax.clip.init import param_shapes as clip_param_shapes
 from mcpf_jax.clip.model import CLIP
@@ -81,7 +85,8 @@ class Bundle:
   Attributes:
     model: the Linen module (`model.apply({"params": params}, ...)`).
     params: float32 parameter tree (HF Flax layout), on the default device.
-    tokenizer: `mcpf_jax.clip.tokenizer.Tokenizer` from the folder's tokenizer files, or None without them.
+    tokenizer: `mcpf_jax.clip.tokenizer.Tokenizer` from the folder's tokenizer files, or None without them (an
+      OpenCLIP folder: open_clip's tokenizer, CLIP's BPE padded with 0, whatever files it has).
     config: the model's configuration (with the requested compute dtype).
     source: where the weights came from: "<folder>/<file>" or "hf://<repo>@<commit>/<file>".
     fingerprint: short hash of the parameter values (see `fingerprint`).
@@ -271,14 +276,21 @@ def load_folder(folder: str | os.PathLike[str], *, dtype: str = "float32", remat
   the float32 values in the file, so a run's backbone check does not depend on it.
   """
   folder = pathlib.Path(folder).expanduser()
-  config = read_config(folder, dtype=dtype, remat=remat)
-  params, weights = read_params(folder, config)
+  is_openclip = openclip.is_openclip_folder(folder)
+  if is_openclip:
+    config = openclip.read_config(folder, dtype=dtype, remat=remat)
+    params, weights = openclip.read_params(folder, config)
+  else:
+    config = read_config(folder, dtype=dtype, remat=remat)
+    params, weights = read_params(folder, config)
   digest = fingerprint(params)
   if param_dtype != "float32":
     params = cast_params(params, param_dtype)
   if isinstance(config, SiglipConfig):
     # SigLIP's tokenizers (SentencePiece; SigLIP 2: Gemma's tokenizer.json) are not CLIP's BPE: not loaded yet.
     model, tokenizer = SigLIP(config), None
+  elif is_openclip:
+    model, tokenizer = CLIP(config), openclip.tokenizer()
   else:
     model, tokenizer = CLIP(config), _tokenizer(folder)
   return Bundle(model=model, params=jax.device_put(params), tokenizer=tokenizer, config=config,
@@ -297,10 +309,22 @@ def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> 
     if (folder / weights).is_file():
       break
   else:
-    raise FileNotFoundError(f"{where}: has none of {list(WEIGHT_FILES)} (in {folder})")
+    return _openclip_snapshot(repo_id, revision, cache_dir, where, folder)
   if not (folder / "config.json").is_file():
     raise FileNotFoundError(f"{where}: has no config.json (in {folder})")
   return folder, weights
+
+
+def _openclip_snapshot(repo_id: str, revision: str | None, cache_dir: str | None, where: str,
+                       hf_folder: pathlib.Path) -> tuple[pathlib.Path, str]:
+  """open_clip_config.json and one OpenCLIP weight file of a hub repo without Hugging Face weights."""
+  for weights in openclip.WEIGHT_FILES:
+    folder = hub.snapshot(repo_id, revision=revision, cache_dir=cache_dir,
+                          allow_patterns=(openclip.CONFIG, weights))
+    if (folder / weights).is_file() and (folder / openclip.CONFIG).is_file():
+      return folder, weights
+  raise FileNotFoundError(f"{where}: has none of {list(WEIGHT_FILES)} with config.json, nor OpenCLIP's "
+                          f"{openclip.CONFIG} with one of {list(openclip.WEIGHT_FILES)} (in {hf_folder})")
 
 
 def load(name_or_path: str | os.PathLike[str], *, dtype: str = "float32", revision: str | None = None,
@@ -308,8 +332,9 @@ def load(name_or_path: str | os.PathLike[str], *, dtype: str = "float32", revisi
   """Loads a CLIP from a local folder, a hub id ("openai/clip-vit-base-patch16") or a preset name.
 
   Args:
-    name_or_path: a folder with config.json + weights; a Hugging Face hub repo id; or one of the presets
-      "vit-b-32", "vit-b-16", "vit-l-14", "vit-l-14-336" (their OpenAI hub repos).
+    name_or_path: a folder with config.json + weights (or an OpenCLIP folder: open_clip_config.json + weights); a
+      Hugging Face hub repo id (also as "hf-hub:<repo>"); or one of the presets "vit-b-32", "vit-b-16", "vit-l-14",
+      "vit-l-14-336" (their OpenAI hub repos).
     dtype: compute dtype, "float32" or "bfloat16" (bf16 inputs, float32-accumulating matmuls).
     revision: hub branch, tag or commit (hub ids only).
     param_dtype: the weights' dtype in memory: "float32" or "bfloat16" (a frozen backbone's half-size copy).
@@ -325,7 +350,7 @@ def load(name_or_path: str | os.PathLike[str], *, dtype: str = "float32", revisi
       raise ValueError(f"revision={revision!r} given for the local folder {path}")
     return load_folder(path, dtype=dtype, remat=remat, param_dtype=param_dtype)
   name = str(name_or_path)
-  repo_id = HUB_IDS.get(name, name)
+  repo_id = HUB_IDS.get(name, name.removeprefix("hf-hub:"))  # open_clip's spelling of a hub id
   if path.exists() or not _REPO_ID.match(repo_id):
     raise FileNotFoundError(f"{name}: not a model folder, a hub repo id or a preset ({sorted(HUB_IDS)})")
   folder, weights = _hub_snapshot(repo_id, revision, cache_dir)

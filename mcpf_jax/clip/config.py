@@ -17,6 +17,8 @@ from typing import Any
 # Activations of `transformers.activations.ACT2FN` we implement (the CLIP family uses the first two).
 SUPPORTED_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
+# How the text tower pools its states (`CLIPTextConfig.pooling`); None is transformers' rule (see `pool_rule`).
+TEXT_POOLINGS = ("eos", "argmax", "first", "last")
 # Platforms a model can be compiled for; the platform picks the attention path and the image-chunk default.
 PLATFORMS = ("cpu", "gpu", "tpu")
 
@@ -63,14 +65,27 @@ class CLIPTextConfig:
   bos_token_id: int = 49406
   eos_token_id: int = 49407
   pad_token_id: int = 1
+  # Not a transformers field (OpenCLIP's `text_pool_type`, `mcpf_jax.clip.openclip`): None is transformers' rule.
+  pooling: str | None = None
 
   def __post_init__(self):
     _check_tower(self, "text_config")
+    if self.pooling is not None and self.pooling not in TEXT_POOLINGS:
+      raise ValueError(f"text_config.pooling {self.pooling!r} is not one of {TEXT_POOLINGS} (or None)")
 
   @property
   def legacy_eos_pooling(self) -> bool:
     """Configs written before transformers PR #24773 say eos_token_id == 2: pool at argmax(ids) instead."""
-    return self.eos_token_id == 2
+    return self.pooling is None and self.eos_token_id == 2
+
+  @property
+  def pool_rule(self) -> str:
+    """Which state is the text feature: "eos" (the first `eos_token_id`), "argmax" (the largest id: OpenAI CLIP's
+    end-of-text token), "first" or "last" (a fixed position). `pooling`, or transformers' rule when it is None
+    (argmax for the legacy configs with eos_token_id 2, else eos)."""
+    if self.pooling is not None:
+      return self.pooling
+    return "argmax" if self.legacy_eos_pooling else "eos"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +130,7 @@ class CLIPConfig:
     vision: the vision tower.
     projection_dim: size of the joint image-text embedding (`embed_dim`).
     logit_scale_init_value: initial log temperature (only used by `init_random`; loaded weights carry theirs).
+    text_projection_bias: the text projection has a bias (OpenCLIP's `proj_bias`; transformers' CLIP has none).
     dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
     remat: wrap every transformer block in `jax.checkpoint` (saves activation memory when training prompts).
     platform: the platform the model is compiled FOR ("cpu" | "gpu" | "tpu"), which picks the CPU-tuned or the
@@ -125,6 +141,7 @@ class CLIPConfig:
   vision: CLIPVisionConfig = dataclasses.field(default_factory=CLIPVisionConfig)
   projection_dim: int = 512
   logit_scale_init_value: float = 2.6592
+  text_projection_bias: bool = False
   dtype: str = "float32"
   remat: bool = False
   platform: str | None = None
@@ -188,14 +205,23 @@ class CLIPConfig:
       top["projection_dim"] = int(config["projection_dim"])
     if config.get("logit_scale_init_value") is not None:
       top["logit_scale_init_value"] = float(config["logit_scale_init_value"])
+    if config.get("text_projection_bias") is not None:  # ours (see `to_hf`)
+      top["text_projection_bias"] = bool(config["text_projection_bias"])
     return cls(text=towers["text"], vision=towers["vision"], dtype=dtype, remat=remat, **top)
 
   def to_hf(self) -> dict[str, Any]:
-    """The Hugging Face `config.json` dict (`transformers.CLIPModel` loads it)."""
+    """The Hugging Face `config.json` dict (`transformers.CLIPModel` loads it).
+
+    The two fields transformers' CLIP does not have (`text_config.pooling`, `text_projection_bias`, set for
+    OpenCLIP checkpoints) are written only when set: such a folder loads here, not as a transformers CLIPModel.
+    """
     text = dataclasses.asdict(self.text)
+    if text["pooling"] is None:
+      del text["pooling"]
     text.update(model_type="clip_text_model", projection_dim=self.projection_dim)
     vision = dataclasses.asdict(self.vision)
     vision.update(model_type="clip_vision_model", projection_dim=self.projection_dim)
+    extra = {"text_projection_bias": True} if self.text_projection_bias else {}
     return {
         "architectures": ["CLIPModel"],
         "model_type": "clip",
@@ -205,6 +231,7 @@ class CLIPConfig:
         "logit_scale_init_value": self.logit_scale_init_value,
         "initializer_factor": 1.0,
         "dtype": "float32",
+        **extra,
     }
 
 
@@ -245,5 +272,8 @@ def from_name(name: str) -> CLIPConfig:
   path = pathlib.Path(name).expanduser() / "config.json"
   if path.exists():
     return CLIPConfig.from_hf(json.loads(path.read_text()), source=str(path))
+  if (path.parent / "open_clip_config.json").exists():
+    from mcpf_jax.clip import openclip  # pylint: disable=g-import-not-at-top  (it imports this module)
+    return openclip.read_config(path.parent)
   raise ValueError(f"clip.name={name!r}: not a preset {sorted(PRESETS)}, an OpenAI hub id, or a folder "
-                   "with config.json")
+                   "with config.json (or OpenCLIP's open_clip_config.json)")

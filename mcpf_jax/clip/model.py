@@ -2,8 +2,11 @@
 
 Numerically this is transformers' PyTorch `CLIPModel` (pre-LayerNorm blocks, `pre_layrnorm` and
 `post_layernorm` on the CLS token in the vision tower, causal attention and end-of-text pooling in the text
-tower, bias-free projections, logits = exp(logit_scale) * cosine). Parameter names are those of the Hugging
-Face Flax CLIP checkpoints (`flax_model.msgpack`), so those load without renaming:
+tower, bias-free projections, logits = exp(logit_scale) * cosine). OpenCLIP checkpoints (`mcpf_jax.clip.openclip`)
+run on the same towers, with two config fields transformers' CLIP lacks: the text pooling rule
+(`CLIPTextConfig.pooling`: end-of-text id, largest id, first or last position) and a text-projection bias.
+Parameter names are those of the Hugging Face Flax CLIP checkpoints (`flax_model.msgpack`), so those load without
+renaming:
 
   text_model/embeddings/{token_embedding,position_embedding}/embedding
   text_model/encoder/layers/{i}/{self_attn/{q,k,v,out}_proj,mlp/fc1,mlp/fc2}/{kernel,bias}
@@ -82,8 +85,13 @@ class TextTransformer(nn.Module):
     x = Encoder(cfg, True, "after_first", self.dtype, self.remat, self.attention, name="encoder")(
         x, tuple(prompts[1:]))
     x = layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
-    if cfg.legacy_eos_pooling:
-      # Old configs (eos_token_id == 2): the end-of-text token is the largest id in the sequence.
+    rule = cfg.pool_rule
+    if rule == "first":
+      return x[:, 0], x
+    if rule == "last":
+      return x[:, -1], x
+    if rule == "argmax":
+      # Old configs (eos_token_id == 2) and OpenCLIP: the end-of-text token is the largest id in the sequence.
       eos = jnp.argmax(ids, axis=-1)
     else:
       # First end-of-text token (padding may repeat it).
@@ -98,10 +106,15 @@ def end_of_text_span(ids: np.ndarray | Sequence[Sequence[int]], config: CLIPText
   token: `ids[:, :span]` gives the same features as `ids` (class prompts fill a small part of the 77 positions,
   so a fixed set of prompts needs only that part of the text tower). The rule is applied in numpy, to static ids.
   When a row has no end-of-text token (ids not from the tokenizer), nothing is dropped: the span is all the
-  positions.
+  positions. Pooling at the first position needs 1 position, at the last one all of them (`pool_rule`).
   """
   ids = np.asarray(ids)
-  if config.legacy_eos_pooling:
+  rule = config.pool_rule
+  if rule == "first":  # position 0 sees nothing after it
+    return 1
+  if rule == "last":  # the last position is the pooled one: nothing can be dropped
+    return ids.shape[-1]
+  if rule == "argmax":
     eos = np.argmax(ids, axis=-1)
   else:
     is_eos = ids == config.eos_token_id
@@ -232,7 +245,7 @@ class CLIP(nn.Module):
     self.text_model = TextTransformer(cfg.text, dtype, cfg.remat, attention)
     self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat, attention)
     self.visual_projection = dense(cfg.projection_dim, dtype, "visual_projection", use_bias=False)
-    self.text_projection = dense(cfg.projection_dim, dtype, "text_projection", use_bias=False)
+    self.text_projection = dense(cfg.projection_dim, dtype, "text_projection", use_bias=cfg.text_projection_bias)
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.logit_scale_init_value), (),
                                   jnp.float32)
 
