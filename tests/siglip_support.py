@@ -38,3 +38,28 @@ def write_gemma_tokenizer(folder: str | pathlib.Path, vocab_size: int = 400) -> 
                 eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>", model_max_length=64)
   (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
   return folder
+
+
+def write_tiny_siglip(folder: str | pathlib.Path, seed: int = 0, image_size: int = 32):
+  """A tiny random `transformers.SiglipModel` written by transformers (config.json + model.safetensors, the real
+  format), with the tokenizer above (64 text positions, as SigLIP 2); returns the torch model (eval mode).
+
+  Weights are perturbed far from the initialisation, so the probe, biases and logit bias are all non-trivial."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  config = transformers.SiglipConfig(
+      text_config=dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=64, projection_size=48),
+      vision_config=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+                         image_size=image_size, patch_size=8))
+  torch.manual_seed(seed)
+  model = transformers.SiglipModel(config).eval()
+  gen = torch.Generator().manual_seed(seed)
+  model.load_state_dict({k: (v + 0.2 * torch.randn(v.shape, generator=gen) if v.dtype.is_floating_point else v)
+                         for k, v in model.state_dict().items()})
+  with torch.no_grad():
+    model.logit_bias.fill_(-2.5)  # a real SigLIP's is large and negative (about -10 at initialisation)
+  model.save_pretrained(folder)
+  write_gemma_tokenizer(folder)
+  return model
