@@ -55,7 +55,7 @@ def test_siglip_backbone_trains_resumes_evaluates_exports_and_scores(tmp_path):
   # Export with the backbone (weights, config, tokenizer files) and score offline from the folder.
   out = export(workdir, tmp_path / "exported", checkpoint="latest", include_backbone=True)
   scorer = Scorer.from_pretrained(out["output"], num_workers=0, num_crops=2)
-  image = np.random.default_rng(0).integers(0, 256, size=(80, 96, 3), dtype=np.uint8)
+  image = np.random.default_rng(0).integers(0, 256, size=(256, 300, 3), dtype=np.uint8)  # the smoke resize: 256
   results = scorer.score([image])
-  assert len(results) == 1 and np.isfinite(results[0].score), results
+  assert len(results) == 1 and results[0].error is None and np.isfinite(results[0].score), results
   assert summary is not None
