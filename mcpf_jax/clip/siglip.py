@@ -142,6 +142,13 @@ class SiglipConfig:
       raise ValueError(f"{source}: {e}") from e
 
 
+# Hub ids whose configs are known without a download (for config checks and pre-flight; the weights still load from
+# the hub): google/siglip2-base-patch16-224 is transformers' SigLIP B/16 defaults with Gemma's 256k-id vocabulary.
+HUB_CONFIGS = {
+    "google/siglip2-base-patch16-224": SiglipConfig(text=SiglipTextConfig(vocab_size=256000)),
+}
+
+
 class _TorchMultiheadAttention(nn.Module):
   """torch `nn.MultiheadAttention(batch_first=True)` for queries that differ from the keys/values."""
   num_heads: int
