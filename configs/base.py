@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.query_heads = 8  # MP-IQE text-query cross-attention heads
   c.model.image_chunk = placeholder(int)  # images per vision-tower pass (speed only); None: 8 on CPU (towers >= 256
   # wide), the whole batch on GPU/TPU; 0: the whole batch
+  c.model.class_probs = "softmax"  # how class logits become the score's p: softmax over the classes, or "sigmoid"
+  # (SigLIP's per-pair reading, normalised; its logit bias counts); see mcpf_jax/model/iqa.py
+  c.model.pool_visual_prompts = False  # SigLIP only: the MAP head pools the visual prompts too (default: patches only)
   c.model.trainable = "prompts"  # prompts | all | none, or a tuple of regexes of trainable parameter paths
 
   c.loss = ml_collections.ConfigDict()

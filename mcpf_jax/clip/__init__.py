@@ -9,7 +9,8 @@
   init.py        parameter trees without a checkpoint (shapes, transformers' random initialisation)
   checkpoint.py  loading and saving the Hugging Face weight formats (CLIPModel and SiglipModel folders)
   hub.py         the one way to the Hugging Face Hub (snapshots in its cache, HF_HUB_OFFLINE honoured)
-  tokenizer.py   the CLIP BPE tokenizer; preprocess.py the pixel normalisation; tiny.py tiny random CLIP folders
+  tokenizer.py   the CLIP BPE tokenizer; siglip_tokenizer.py SigLIP 2's (Gemma's tokenizer.json, 64 ids)
+  preprocess.py  the pixel normalisation; tiny.py tiny random CLIP folders
 """
 
 from mcpf_jax.clip.checkpoint import Bundle, fingerprint, load, save_pretrained

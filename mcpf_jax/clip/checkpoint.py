@@ -257,6 +257,20 @@ def _tokenizer(folder: pathlib.Path) -> Any:
   return tokenizer_lib.Tokenizer.from_pretrained(folder)
 
 
+def _siglip_tokenizer(folder: pathlib.Path, config: SiglipConfig) -> Any:
+  """SigLIP 2's tokenizer (Gemma's tokenizer.json), padding to the text tower's positions; None without one, or for
+  SigLIP 1's SentencePiece file (refused by name where a tokenizer is needed; the towers still load)."""
+  from mcpf_jax.clip import siglip_tokenizer  # pylint: disable=g-import-not-at-top
+  if not (folder / siglip_tokenizer.TOKENIZER_JSON).is_file():
+    return None
+  try:
+    return siglip_tokenizer.SiglipTokenizer.from_pretrained(folder, config.text.max_position_embeddings)
+  except ValueError as e:
+    if "SigLIP 1" in str(e):
+      return None
+    raise
+
+
 PARAM_DTYPES = ("float32", "bfloat16")
 
 
@@ -287,8 +301,7 @@ def load_folder(folder: str | os.PathLike[str], *, dtype: str = "float32", remat
   if param_dtype != "float32":
     params = cast_params(params, param_dtype)
   if isinstance(config, SiglipConfig):
-    # SigLIP's tokenizers (SentencePiece; SigLIP 2: Gemma's tokenizer.json) are not CLIP's BPE: not loaded yet.
-    model, tokenizer = SigLIP(config), None
+    model, tokenizer = SigLIP(config), _siglip_tokenizer(folder, config)
   elif is_openclip:
     model, tokenizer = CLIP(config), openclip.tokenizer()
   else:

@@ -269,11 +269,18 @@ def from_name(name: str) -> CLIPConfig:
   by_hub = {v: k for k, v in HUB_IDS.items()}
   if name in by_hub:
     return PRESETS[by_hub[name]]
+  from mcpf_jax.clip import siglip  # pylint: disable=import-outside-toplevel  (siglip imports this module)
+  if name in siglip.HUB_CONFIGS:
+    return siglip.HUB_CONFIGS[name]
   path = pathlib.Path(name).expanduser() / "config.json"
   if path.exists():
-    return CLIPConfig.from_hf(json.loads(path.read_text()), source=str(path))
+    raw = json.loads(path.read_text())
+    if isinstance(raw, dict) and raw.get("model_type") in ("siglip", "siglip2"):
+      return siglip.SiglipConfig.from_hf(raw, source=str(path))
+    return CLIPConfig.from_hf(raw, source=str(path))
   if (path.parent / "open_clip_config.json").exists():
     from mcpf_jax.clip import openclip  # pylint: disable=g-import-not-at-top  (it imports this module)
     return openclip.read_config(path.parent)
-  raise ValueError(f"clip.name={name!r}: not a preset {sorted(PRESETS)}, an OpenAI hub id, or a folder "
-                   "with config.json (or OpenCLIP's open_clip_config.json)")
+  raise ValueError(f"clip.name={name!r}: not a preset {sorted(PRESETS)}, an OpenAI or SigLIP 2 hub id "
+                   f"({sorted(siglip.HUB_CONFIGS)}), or a folder with config.json (or OpenCLIP's "
+                   "open_clip_config.json)")

@@ -188,6 +188,11 @@ def replace_after_first(x: Array, prompt: Array) -> Array:
   return jnp.concatenate([x[:, :1], prompt, x[:, 1 + n:]], axis=1)
 
 
+def replace_first(x: Array, prompt: Array) -> Array:
+  """Hidden positions 0..n-1 of [batch, tokens, width] <- prompt [batch, n, width] (a text with no start token)."""
+  return jnp.concatenate([prompt, x[:, prompt.shape[1]:]], axis=1)
+
+
 def replace_last(x: Array, prompt: Array) -> Array:
   """The last n positions of [batch, tokens, width] <- prompt [batch, n, width]."""
   return jnp.concatenate([x[:, :x.shape[1] - prompt.shape[1]], prompt], axis=1)
@@ -197,7 +202,8 @@ class LayerStack(nn.Module):
   """The blocks, named "0".."L-1" as in HF Flax (`encoder/layers/{i}`), with deep prompts between them.
 
   Attributes:
-    prompt_slot: "after_first" (text: positions 1..n) or "last" (vision: the appended tokens).
+    prompt_slot: "after_first" (CLIP text: positions 1..n), "first" (SigLIP text, no start token: positions 0..n-1)
+      or "last" (vision: the appended tokens).
   """
   config: CLIPTextConfig | CLIPVisionConfig
   causal: bool
@@ -214,7 +220,7 @@ class LayerStack(nn.Module):
     output is [batch, k, width].
     """
     block = nn.remat(EncoderLayer) if self.remat else EncoderLayer
-    replace = replace_after_first if self.prompt_slot == "after_first" else replace_last
+    replace = {"after_first": replace_after_first, "first": replace_first, "last": replace_last}[self.prompt_slot]
     layers = self.config.num_hidden_layers
     for i in range(layers):
       if 1 <= i <= len(deep_prompts):

@@ -41,7 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcpf_jax.clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-from mcpf_jax.clip.layers import Encoder, batched, dense, f32_accumulating, layer_norm, replace_after_first
+from mcpf_jax.clip.layers import (
+  Encoder,
+  batched,
+  dense,
+  f32_accumulating,
+  layer_norm,
+  replace_after_first,
+  replace_first,
+)
 from mcpf_jax.clip.tuning import attention_for, chunking
 
 Array = jax.Array
@@ -128,6 +136,7 @@ class TextEmbeddings(nn.Module):
   """Token + position embeddings, with the first prompt written over the token embeddings at 1..n."""
   config: CLIPTextConfig
   dtype: Any = jnp.float32
+  prompt_slot: str = "after_first"  # SigLIP: "first" (its tokenizers put no start token first)
 
   @nn.compact
   def __call__(self, ids: Array, prompt: Array | None) -> Array:
@@ -137,7 +146,8 @@ class TextEmbeddings(nn.Module):
     x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, embedding_init=init,
                  name="token_embedding")(ids)
     if prompt is not None:
-      x = replace_after_first(x, batched(prompt, x.shape[0], x.dtype))
+      replace = replace_first if self.prompt_slot == "first" else replace_after_first
+      x = replace(x, batched(prompt, x.shape[0], x.dtype))
     positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype, embedding_init=init,
                          name="position_embedding")(jnp.arange(ids.shape[1]))
     return x + positions[None]

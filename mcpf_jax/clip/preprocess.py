@@ -23,3 +23,15 @@ def normalize(pixels: jax.Array | np.ndarray, mean: Sequence[float] = CLIP_MEAN,
   """uint8 (or 0..255 float) [..., height, width, 3] -> float32 (pixels / 255 - mean) / std. Jittable."""
   x = jnp.asarray(pixels).astype(jnp.float32) / 255.0
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+# SigLIP and SigLIP 2 (their preprocessor_config.json): pixels / 255 mapped to [-1, 1].
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def renormalize(pixels: jax.Array, mean: Sequence[float], std: Sequence[float], from_mean: Sequence[float] = CLIP_MEAN,
+                from_std: Sequence[float] = CLIP_STD) -> jax.Array:
+  """Pixels normalised with (from_mean, from_std) -> the same pixels normalised with (mean, std), exactly (affine)."""
+  x = jnp.asarray(pixels, jnp.float32) * jnp.asarray(from_std, jnp.float32) + jnp.asarray(from_mean, jnp.float32)
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

@@ -31,7 +31,7 @@ LayerNorm `weight` as `scale`, Embedding `weight` as `embedding`; `mcpf_jax.clip
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from mcpf_jax.clip.config import PLATFORMS, SUPPORTED_DTYPES, CLIPVisionConfig, _check_tower, _square, resolve_platform
-from mcpf_jax.clip.layers import MLP, Encoder, _attention, dense, f32_accumulating, layer_norm
-from mcpf_jax.clip.model import TextEmbeddings
+from mcpf_jax.clip.layers import MLP, Encoder, _attention, batched, dense, f32_accumulating, layer_norm
+from mcpf_jax.clip.model import TextEmbeddings, _check_prompts
 from mcpf_jax.clip.tuning import attention_for
 
 Array = jax.Array
@@ -142,6 +142,13 @@ class SiglipConfig:
       raise ValueError(f"{source}: {e}") from e
 
 
+# Hub ids whose configs are known without a download (for config checks and pre-flight; the weights still load from
+# the hub): google/siglip2-base-patch16-224 is transformers' SigLIP B/16 defaults with Gemma's 256k-id vocabulary.
+HUB_CONFIGS = {
+    "google/siglip2-base-patch16-224": SiglipConfig(text=SiglipTextConfig(vocab_size=256000)),
+}
+
+
 class _TorchMultiheadAttention(nn.Module):
   """torch `nn.MultiheadAttention(batch_first=True)` for queries that differ from the keys/values."""
   num_heads: int
@@ -214,35 +221,60 @@ class _VisionEmbeddings(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """transformers' `SiglipVisionModel`: (MAP-pooled feature [batch, width], post-LayerNorm states)."""
+  """transformers' `SiglipVisionModel`: (MAP-pooled feature [batch, width], post-LayerNorm states).
+
+  Prompts as CLIP's (`mcpf_jax.clip.model`): prompts[0] is appended after the patch tokens (after the position
+  embedding), prompts[j], j >= 1, replaces them at the input of block j. There is no class token: the MAP head pools
+  the patch tokens only, the prompts dropped before it (they act through attention in the blocks, as CLIP's prompts
+  reach its class token), unless `pool_prompts`, where the head's probe attends over them too.
+  """
   config: SiglipVisionConfig
   dtype: Any = jnp.float32
   remat: bool = False
   attention: str = "fused"
+  pool_prompts: bool = False
 
   @nn.compact
-  def __call__(self, pixels: Array) -> tuple[Array, Array]:
+  def __call__(self, pixels: Array, prompts: Sequence[Array] = ()) -> tuple[Array, Array]:
     cfg = self.config
+    batch = pixels.shape[0]
+    _check_prompts(prompts, batch, cfg.hidden_size, cfg.num_hidden_layers, "vision")
+    if any(jnp.shape(p)[-2] != jnp.shape(prompts[0])[-2] for p in prompts[1:]):
+      raise ValueError("vision prompts: every layer must have as many tokens as prompts[0] (they replace "
+                       f"the appended ones); got {[jnp.shape(p)[-2] for p in prompts]}")
     x = _VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels)
-    x = Encoder(cfg, False, "last", self.dtype, self.remat, self.attention, name="encoder")(x)
+    if prompts:
+      x = jnp.concatenate([x, batched(prompts[0], batch, self.dtype)], axis=1)
+    x = Encoder(cfg, False, "last", self.dtype, self.remat, self.attention, name="encoder")(x, tuple(prompts[1:]))
     x = layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x)
-    return MAPHead(cfg, self.dtype, self.attention, name="head")(x), x
+    pooled_tokens = x if self.pool_prompts else x[:, :cfg.num_patches]
+    return MAPHead(cfg, self.dtype, self.attention, name="head")(pooled_tokens), x
 
 
 class TextTransformer(nn.Module):
-  """transformers' `SiglipTextModel`: (head(last position's state) [batch, projection], final states)."""
+  """transformers' `SiglipTextModel`: (head(last position's state) [batch, projection], final states).
+
+  Prompts: prompts[0] replaces the token embeddings at positions 0..n-1 (SigLIP's tokenizers put no start token
+  first; `mcpf_jax.clip.siglip_tokenizer`), prompts[j], j >= 1, those hidden positions at the input of block j.
+  The pooled state stays the last position's (the row is padded to the full length, as SigLIP was trained).
+  """
   config: SiglipTextConfig
   dtype: Any = jnp.float32
   remat: bool = False
   attention: str = "fused"
 
   @nn.compact
-  def __call__(self, ids: Array) -> tuple[Array, Array]:
+  def __call__(self, ids: Array, prompts: Sequence[Array] = ()) -> tuple[Array, Array]:
     cfg = self.config
-    if ids.shape[1] > cfg.max_position_embeddings:
-      raise ValueError(f"text ids have {ids.shape[1]} positions; the model has {cfg.max_position_embeddings}")
-    x = TextEmbeddings(cfg, self.dtype, name="embeddings")(ids, None)  # CLIP's: token + position
-    x = Encoder(cfg, False, "after_first", self.dtype, self.remat, self.attention, name="encoder")(x)
+    batch, tokens = ids.shape
+    if tokens > cfg.max_position_embeddings:
+      raise ValueError(f"text ids have {tokens} positions; the model has {cfg.max_position_embeddings}")
+    _check_prompts(prompts, batch, cfg.hidden_size, cfg.num_hidden_layers, "text")
+    for j, p in enumerate(prompts):
+      if jnp.shape(p)[-2] + 1 > tokens:
+        raise ValueError(f"text prompts[{j}] has {jnp.shape(p)[-2]} tokens; only {tokens - 1} fit before <eos>")
+    x = TextEmbeddings(cfg, self.dtype, "first", name="embeddings")(ids, prompts[0] if prompts else None)
+    x = Encoder(cfg, False, "first", self.dtype, self.remat, self.attention, name="encoder")(x, tuple(prompts[1:]))
     x = layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
     return dense(cfg.projection_size, self.dtype, "head")(x[:, -1]), x
 
@@ -250,32 +282,45 @@ class TextTransformer(nn.Module):
 class SigLIP(nn.Module):
   """The whole SigLIP. Methods (through `model.apply(variables, ..., method=...)`):
 
-  - `encode_image(pixels)`: the MAP-pooled image features, float32 [batch, width] (not normalised);
-  - `encode_text(ids)`: the text features, float32 [batch, width] (not normalised); ids padded to the full
-    `max_position_embeddings` as SigLIP was trained (the pooled state is the last position's);
-  - `__call__(pixels, ids)`: logits_per_image float32 [n_img, n_txt] = exp(logit_scale) * cosine + logit_bias.
+  - `encode_image(pixels, prompts=None, return_tokens=False)`: the MAP-pooled image features, float32
+    [batch, width] (not normalised); with `return_tokens` also the post-LayerNorm states [batch, patches + n, width]
+    (no projection exists: the states have the joint width);
+  - `encode_text(ids, prompts=None, return_tokens=False)`: the text features, float32 [batch, width] (not
+    normalised); ids padded to the full `max_position_embeddings` as SigLIP was trained (the pooled state is the
+    last position's);
+  - `__call__(pixels, ids, image_prompts=None, text_prompts=None)`: logits_per_image float32 [n_img, n_txt] =
+    exp(logit_scale) * cosine + logit_bias.
+  Prompts: see `VisionTransformer` and `TextTransformer` (the same contract as `mcpf_jax.clip.model.CLIP`'s).
+
+  Attributes:
+    pool_prompts: the MAP head pools the appended visual prompts too (default: the patch tokens only).
   """
   config: SiglipConfig
+  pool_prompts: bool = False
 
   def setup(self):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     attention = attention_for(cfg.target_platform())
     self.text_model = TextTransformer(cfg.text, dtype, cfg.remat, attention)
-    self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat, attention)
+    self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat, attention, self.pool_prompts)
     self.logit_scale = self.param("logit_scale", nn.initializers.zeros, (1,), jnp.float32)
     self.logit_bias = self.param("logit_bias", nn.initializers.zeros, (1,), jnp.float32)
 
-  def encode_image(self, pixels: Array, return_tokens: bool = False) -> Array | tuple[Array, Array]:
-    pooled, tokens = self.vision_model(pixels)
+  def encode_image(self, pixels: Array, prompts: Sequence[Array] | None = None,
+                   return_tokens: bool = False) -> Array | tuple[Array, Array]:
+    pooled, tokens = self.vision_model(pixels, tuple(prompts or ()))
     return (pooled.astype(jnp.float32), tokens) if return_tokens else pooled.astype(jnp.float32)
 
-  def encode_text(self, ids: Array, return_tokens: bool = False) -> Array | tuple[Array, Array]:
-    pooled, tokens = self.text_model(jnp.asarray(ids, jnp.int32))
+  def encode_text(self, ids: Array, prompts: Sequence[Array] | None = None,
+                  return_tokens: bool = False) -> Array | tuple[Array, Array]:
+    pooled, tokens = self.text_model(jnp.asarray(ids, jnp.int32), tuple(prompts or ()))
     return (pooled.astype(jnp.float32), tokens) if return_tokens else pooled.astype(jnp.float32)
 
-  def __call__(self, pixels: Array, ids: Array) -> Array:
-    return logits(self.encode_image(pixels), self.encode_text(ids), self.logit_scale, self.logit_bias)
+  def __call__(self, pixels: Array, ids: Array, image_prompts: Sequence[Array] | None = None,
+               text_prompts: Sequence[Array] | None = None) -> Array:
+    return logits(self.encode_image(pixels, image_prompts), self.encode_text(ids, text_prompts), self.logit_scale,
+                  self.logit_bias)
 
 
 def logits(image_features: Array, text_features: Array, logit_scale: Array, logit_bias: Array) -> Array:

@@ -28,6 +28,10 @@ def build(model_config, bundle, rng: jax.Array) -> tuple[IQAModel, dict[str, Any
   config = bundle.config
   spec = ModelSpec.from_config(model_config, num_layers=min(config.text.num_hidden_layers,
                                                             config.vision.num_hidden_layers))
+  if bundle.tokenizer is None:
+    raise ValueError(f"{bundle.source}: the backbone came without a usable tokenizer, which the class prompts need "
+                     "(CLIP: tokenizer.json or vocab.json + merges.txt; SigLIP 2: Gemma's tokenizer.json; SigLIP 1's "
+                     "SentencePiece spiece.model is not supported)")
   ids = class_token_ids(spec, bundle.tokenizer)
   model = IQAModel(config, spec, tuple((k, tuple(tuple(int(t) for t in row) for row in v)) for k, v in ids.items()))
   size = config.vision.image_size

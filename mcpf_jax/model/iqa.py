@@ -12,6 +12,25 @@ One module serves every variant the README lists; `ModelSpec.from_config` fills 
 Quality: p = softmax(logit_scale * cos(image, text_k)) over the L quality classes; score = sum_k p_k (k + 1), i.e.
 the expected level on [1, L]; score01 = (score - 1) / (L - 1) on [0, 1]. Auxiliary label sets (scene, distortion)
 have their own class prompts and logits.
+
+Backbones: OpenAI-format CLIP (`mcpf_jax.clip.model.CLIP`) and SigLIP / SigLIP 2 at fixed resolution
+(`mcpf_jax.clip.siglip.SigLIP`), under the same prompts, fusion and heads. Where SigLIP changes a piece's meaning:
+  - logits: SigLIP's are exp(logit_scale) * cos + logit_bias, the backbone's own; every class logit here carries the
+    bias. `model.class_probs` reads them: "softmax" (default) over the classes, as for CLIP (the bias cancels; the
+    five-level expectation, the cross-entropies and zero-shot CLIP-IQA's two-way softmax keep their meaning), or
+    "sigmoid", SigLIP's own per-pair reading, p_k = sigmoid(l_k) / sum_j sigmoid(l_j) (the bias counts: a pair's
+    match probability as SigLIP was trained to give it, normalised into a distribution). Both are defensible, hence
+    the field; the losses are those of the logits either way (softmax cross-entropies; only the score's p changes).
+  - pooling: SigLIP has no class token; its MAP head pools the patch tokens. The visual prompts are dropped before
+    it by default (they act through attention in the blocks, as on CLIP, where they are never pooled either);
+    `model.pool_visual_prompts` lets the head's probe attend over them too.
+  - text prompts: SigLIP's tokenizers put no start token first, so the n context tokens are positions 0..n-1 (CLIP:
+    1..n after SOS); the text row keeps its full 64 positions (bidirectional attention, last-position pooling), so
+    the class prompts' text span is not cut as CLIP's is.
+  - pixels: the model takes CLIP-normalised crops from every caller (the train step, the Scorer, the exports) and
+    maps them, exactly, to SigLIP's normalisation (mean = std = 0.5) inside.
+  - MP-IQE's text-query head: SigLIP's token states already have the joint width and there is no projection to
+    apply; the head's LayerNorm alone brings them to the queries (CLIP: LayerNorm, then the frozen visual projection).
 """
 
 from __future__ import annotations
@@ -26,8 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcpf_jax import classes
+from mcpf_jax.clip import preprocess
 from mcpf_jax.clip.config import CLIPConfig
 from mcpf_jax.clip.model import CLIP, end_of_text_span
+from mcpf_jax.clip.siglip import SigLIP, SiglipConfig
 from mcpf_jax.model.fusion import PromptFusion
 
 PROMPT_INIT = nn.initializers.normal(0.02)  # every prompt's draw (the phrase init overwrites the first ones)
@@ -64,6 +85,8 @@ class ModelSpec:
   distortion_template: str = "{} artifacts."
   query_heads: int = 8
   image_chunk: int | None = None
+  class_probs: str = "softmax"
+  pool_visual_prompts: bool = False
 
   @classmethod
   def from_config(cls, model_config: Mapping[str, Any], num_layers: int) -> ModelSpec:
@@ -102,6 +125,8 @@ class ModelSpec:
                        f"{self.text_depth}, vision_depth={self.vision_depth})")
     if self.head == "text_query" and not self.aux:
       raise ValueError("model.head='text_query' (MP-IQE) needs auxiliary label sets (model.aux) as queries")
+    if self.class_probs not in ("softmax", "sigmoid"):
+      raise ValueError(f"model.class_probs={self.class_probs!r}: expected 'softmax' or 'sigmoid'")
     for a in self.aux:
       if a not in ("scene", "distortion"):
         raise ValueError(f"model.aux entry {a!r}: expected 'scene' or 'distortion'")
@@ -167,13 +192,19 @@ class IQAModel(nn.Module):
     spec: the variant and its switches.
     text_ids: {class_set: int32 [classes, 77]} from `class_token_ids`, as nested tuples (hashable).
   """
-  clip_config: CLIPConfig
+  clip_config: CLIPConfig | SiglipConfig
   spec: ModelSpec
   text_ids: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...]
 
   def setup(self):
     s, c = self.spec, self.clip_config
-    self.clip = CLIP(c, image_chunk=s.image_chunk)
+    if isinstance(c, SiglipConfig):
+      self.clip = SigLIP(c, pool_prompts=s.pool_visual_prompts)
+    else:
+      if s.pool_visual_prompts:
+        raise ValueError("model.pool_visual_prompts is for SigLIP backbones (MAP-head pooling); CLIP pools its "
+                         "class token")
+      self.clip = CLIP(c, image_chunk=s.image_chunk)
     dtype = jnp.dtype(c.dtype)
     groups = ("all",) if s.shared_text_prompts else s.class_sets
     if s.text_depth > 0:
@@ -198,6 +229,8 @@ class IQAModel(nn.Module):
     `clip.model.end_of_text_span`); dropping it makes the text tower's cost that of the span, not of 77
     positions. Never shorter than SOS + the text prompts + EOS, where the prompts are written.
     """
+    if isinstance(self.clip_config, SiglipConfig):  # bidirectional, last-position pooling: every position counts
+      return len(self.text_ids[0][1][0])
     span = end_of_text_span(np.concatenate([np.asarray(rows, np.int32) for _, rows in self.text_ids]),
                             self.clip_config.text)
     return max(span, self.spec.num_text_prompts + 2 if self.spec.text_depth > 0 else 1)
@@ -235,35 +268,44 @@ class IQAModel(nn.Module):
     return out
 
   def __call__(self, pixels: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    """pixels float32 [B, H, W, 3], CLIP-normalised -> dict of per-image outputs.
+    """pixels float32 [B, H, W, 3], CLIP-normalised (for every backbone) -> dict of per-image outputs.
 
     Returns: "score" [B] expected quality level on [1, L]; "score01" [B] on [0, 1]; "quality_logits" [B, L];
     "scene_logits" [B, 9] / "distortion_logits" [B, 11] when model.aux has them.
     """
     del train  # the same computation in training and evaluation: the model has no dropout or batch statistics
+    if isinstance(self.clip_config, SiglipConfig):  # SigLIP's own normalisation, from CLIP's (exact, affine)
+      pixels = preprocess.renormalize(pixels, preprocess.SIGLIP_MEAN, preprocess.SIGLIP_STD)
     text_prompts, vision_prompts = self.prompts()
     class_features = self.encode_classes(text_prompts)
-    scale = jnp.exp(self.clip.logit_scale.astype(jnp.float32))
+    scale = jnp.exp(jnp.reshape(self.clip.logit_scale, ()).astype(jnp.float32))
+    siglip = isinstance(self.clip_config, SiglipConfig)
+    bias = jnp.reshape(self.clip.logit_bias, ()).astype(jnp.float32) if siglip else 0.0
     out = {}
     if self.spec.head == "text_query":
       image, tokens = self.clip.encode_image(pixels, vision_prompts, return_tokens=True)
       # Into the joint space through CLIP's own (frozen) projection, after a LayerNorm of the head's.
-      tokens = self.clip.visual_projection(self.token_norm(tokens)).astype(jnp.float32)
+      tokens = self.token_norm(tokens)
+      tokens = (tokens if siglip else self.clip.visual_projection(tokens)).astype(jnp.float32)
       queries = jnp.concatenate([class_features[a] for a in self.spec.aux], axis=0)
       evidence, quality_feat = self.query_head(queries, tokens, image)
       evidence = _normalize(evidence)
       start = 0
       for a in self.spec.aux:
         k = class_features[a].shape[0]
-        out[f"{a}_logits"] = scale * jnp.sum(evidence[:, start:start + k] * class_features[a][None], axis=-1)
+        out[f"{a}_logits"] = scale * jnp.sum(evidence[:, start:start + k] * class_features[a][None], axis=-1) + bias
         start += k
       image = _normalize(quality_feat)
     else:
       image = _normalize(self.clip.encode_image(pixels, vision_prompts))
       for a in self.spec.aux:
-        out[f"{a}_logits"] = scale * image @ class_features[a].T
-    logits = scale * image @ class_features["quality"].T
-    probs = jax.nn.softmax(logits, axis=-1)
+        out[f"{a}_logits"] = scale * image @ class_features[a].T + bias
+    logits = scale * image @ class_features["quality"].T + bias
+    if self.spec.class_probs == "sigmoid":
+      match = jax.nn.sigmoid(logits)
+      probs = match / jnp.sum(match, axis=-1, keepdims=True)
+    else:
+      probs = jax.nn.softmax(logits, axis=-1)
     levels = jnp.arange(1, logits.shape[-1] + 1, dtype=jnp.float32)
     out["quality_logits"] = logits
     out["score"] = probs @ levels

@@ -38,7 +38,8 @@ class Run:
 
   def meta(self) -> dict[str, Any]:
     return {
-        "backbone": {"source": self.bundle.source, "fingerprint": self.bundle.fingerprint},
+        "backbone": {"source": self.bundle.source, "fingerprint": self.bundle.fingerprint,
+                     "family": getattr(self.bundle.config, "family", "clip")},
         "dataset": self.data.name,
         "label_transform": dataclasses.asdict(self.data.score_map),
         "split": {k: len(v) for k, v in self.data.indices.items()},

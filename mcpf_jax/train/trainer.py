@@ -122,7 +122,8 @@ def _check_identity(run: Run, saved: tuple[dict[str, Any], dict[str, Any] | None
   record = {"format": identity.FORMAT, "config": identity.config_dict(run.config), "dataset": ds,
             "split": {k: split[k] for k in ("protocol", "split_seed", "train_fraction", "val_fraction")} |
                      {f"num_{k}": len(split[k]) for k in ("train", "val", "test")},
-            "backbone": {"source": run.bundle.source, "fingerprint": run.bundle.fingerprint},
+            "backbone": {"source": run.bundle.source, "fingerprint": run.bundle.fingerprint,
+                         "family": getattr(run.bundle.config, "family", "clip")},
             "init_from": None}
   if run.config.init_from:
     record["init_from"] = restore.init_from_source(run.config)
