@@ -17,6 +17,7 @@ are hidden unless --verbosity is given (e.g. --verbosity=0).
 """
 
 import json
+import os
 import sys
 
 from absl import app, flags
@@ -60,7 +61,12 @@ def main(argv):
   except runs.DamagedCheckpointError as e:  # no checkpoint step of the run reads (each is named)
     sys.exit(f"train.py: {e}")
   except checkpoints.CheckpointSaveError as e:  # no space, no permission: one line (the traceback: debug log)
-    sys.exit(f"train.py: {e}")
+    print(f"train.py: {e}", file=sys.stderr, flush=True)
+    # orbax's abandoned background writes are collected at interpreter exit, each printing "Exception ignored"
+    # tracebacks after the line that matters: the rest of this process's stderr goes nowhere.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stderr.fileno())
+    sys.exit(1)
   except preemption.Stopped as e:  # SIGTERM / SIGINT: the step reached is saved; the same command resumes
     print(f"train.py: {e}", file=sys.stderr)
     sys.exit(e.status)

@@ -151,7 +151,7 @@ def check_shared(folder: os.PathLike[str], what: str, fix: str) -> None:
   if created:
     try:
       folder.rmdir()
-    except OSError:
+    except (OSError, ValueError):  # not empty after all (epath says so with a ValueError)
       pass
   apart = [i for i, g in enumerate(group) if g != 0]
   raise HostsError(f"{folder}: {what} is not one folder for all {len(group)} processes: process(es) "

@@ -188,8 +188,5 @@ def hold(workdir: rundir.PathLike, *, force: bool = False, enabled: bool = True)
     yield
   finally:
     release(workdir, held)
-    if created:  # a start refused before the run wrote anything leaves no empty run folder behind
-      try:
-        folder.rmdir()
-      except OSError:  # not empty: the run's own files
-        pass
+    if created and folder.is_dir() and not any(folder.iterdir()):  # a start refused before the run wrote anything
+      folder.rmdir()  # leaves no empty run folder behind
