@@ -117,7 +117,9 @@ def one_line(error: BaseException) -> str:
   else:
     msg = str(error).split(" [tensorstore_spec=", 1)[0]
   msg = " ".join(msg.split())
-  return f"{type(error).__name__}: {msg[:400]}"
+  if len(msg) > 400:  # the start says what failed, the end why (an OS error such as "No space left on device")
+    msg = f"{msg[:220]} ... {msg[-170:]}"
+  return f"{type(error).__name__}: {msg}"
 
 
 def _named_file(step_dir: epath.Path, error: BaseException, reading: str | os.PathLike[str]) -> str:

@@ -63,7 +63,9 @@ def _saved_identity(workdir: os.PathLike[str], directory: os.PathLike[str]
     step = ckpts.latest_step()
     if step is None:
       return None
-    saved = identity.read(workdir)
+    # Process 0 reads run.json / split.json; the others receive them (the listing and the orbax calls around this
+    # are collective: every process makes them).
+    saved = hosts.from_process_0(lambda: identity.read(workdir), (identity.RunMismatchError, ValueError))
     if saved is not None:
       return saved
     meta = ckpts.restore_meta(step)
@@ -168,9 +170,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
   config = mesh_lib.fit_batches(config)
   checkpoint_dir = rundir.checkpoint_dir(workdir, config.get("checkpoint_dir"))
   check_shared(workdir, checkpoint_dir)
-  # Read by process 0 alone and broadcast: the others never read the run's files from a disk of their own.
-  saved = hosts.from_process_0(lambda: _saved_identity(workdir, checkpoint_dir),
-                               (identity.RunMismatchError, ValueError, FileNotFoundError))
+  saved = _saved_identity(workdir, checkpoint_dir)
   if saved is not None:
     for key, old, new in identity.compare(saved[0]["config"], config, workdir):
       log.info("restart with %s changed: %s -> %s (does not change what is computed)", key, old, new)
