@@ -179,15 +179,12 @@ def evaluate(config, workdir: str | os.PathLike[str], *, checkpoint: str | int |
       raise FileNotFoundError(f"{workdir}: no such run folder; train first with train.py --workdir {workdir}")
 
   hosts.from_process_0(there)
-  hosts.check_shared(workdir, "the run folder (--workdir)", "Give every process the same folder: a shared file "
-                     "system mounted on every host, or the run's bucket (--workdir gs://bucket/run)")
+  hosts.check_run_folder(workdir)
   saved = hosts.from_process_0(lambda: identity.read(workdir), (identity.RunMismatchError, ValueError))
   # The checkpoints are where the run put them (its run.json's checkpoint_dir), unless the command line moves them.
   configured = (explicit or {}).get("checkpoint_dir") or (saved[0]["config"].get("checkpoint_dir") if saved else None)
   directory = rundir.checkpoint_dir(workdir, configured)
-  apart = not str(directory).startswith(str(rundir.absolute(workdir)).rstrip("/") + "/")
-  if apart and hosts.from_process_0(lambda: rundir.is_remote(directory) or directory.is_dir()):
-    hosts.check_shared(directory, "the checkpoint folder (checkpoint_dir)", "Give every process the same folder")
+  hosts.check_checkpoint_folder(workdir, directory, existing_only=True)
   if not directory.is_dir():
     raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train first with train.py --workdir {workdir}")
   ckpts = ckpt_lib.Checkpoints(directory, read_only=True)

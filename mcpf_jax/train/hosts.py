@@ -179,3 +179,24 @@ def check_same(record: Mapping[str, Any], keys: Sequence[str], what: str) -> Non
                    f"one than process 0 ({first['where']} on process 0, {everyone[i]['where']} on process {i}): "
                    f"{diff}. Every host must read the same build (copy process 0's folder to the others, or point "
                    "data.data_dir at one folder or bucket every host reads); the run was not started")
+
+
+FIX = ("Give every process the same folder: a shared file system mounted on every host, or a bucket "
+       "(--workdir gs://bucket/run)")
+
+
+def check_run_folder(workdir: os.PathLike[str]) -> None:
+  """`check_shared` for a run folder (train.py, eval.py)."""
+  check_shared(workdir, "the run folder (--workdir)", FIX)
+
+
+def check_checkpoint_folder(workdir: os.PathLike[str], checkpoint_dir: os.PathLike[str], *,
+                            existing_only: bool = False) -> None:
+  """`check_shared` for a run's checkpoint folder when it is apart from the run folder (inside it, the run folder's
+  check covers it). existing_only: only where process 0 finds it (a reader never creates it)."""
+  if not _multi() or str(checkpoint_dir).startswith(str(rundir.absolute(workdir)).rstrip("/") + "/"):
+    return
+  if existing_only and not from_process_0(lambda: rundir.is_remote(checkpoint_dir)
+                                          or rundir.path(checkpoint_dir).is_dir()):
+    return
+  check_shared(checkpoint_dir, "the checkpoint folder (checkpoint_dir)", FIX)

@@ -79,16 +79,6 @@ def _has_steps(directory: os.PathLike[str]) -> bool:
   return any(p.name.isdigit() for p in directory.iterdir())
 
 
-def check_shared(workdir: os.PathLike[str], checkpoint_dir: os.PathLike[str]) -> None:
-  """Multi-host: the run folder, and the checkpoint folder when apart from it, must be one folder for every process
-  (hosts.HostsError otherwise, before anything of the run is written)."""
-  fix = ("Give every process the same folder: a shared file system mounted on every host, or a bucket "
-         "(--workdir gs://bucket/run)")
-  hosts.check_shared(workdir, "the run folder (--workdir)", fix)
-  if not str(checkpoint_dir).startswith(str(rundir.absolute(workdir)).rstrip("/") + "/"):
-    hosts.check_shared(checkpoint_dir, "the checkpoint folder (checkpoint_dir)", fix)
-
-
 def _check_checkpoint_config(directory: os.PathLike[str], config, workdir: os.PathLike[str]) -> None:
   """Before anything is built: the config saved with the latest readable checkpoint must agree with `config` (which
   agrees with run.json): a hand-edited run.json is refused naming the field (`identity.check_checkpoint_config`).
@@ -169,7 +159,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
   # with, so a restart on a mesh that would round it differently is refused like any other change of the batch.
   config = mesh_lib.fit_batches(config)
   checkpoint_dir = rundir.checkpoint_dir(workdir, config.get("checkpoint_dir"))
-  check_shared(workdir, checkpoint_dir)
+  hosts.check_run_folder(workdir)  # multi-host: one folder for every process, or refused before anything is written
+  hosts.check_checkpoint_folder(workdir, checkpoint_dir)
   saved = _saved_identity(workdir, checkpoint_dir)
   if saved is not None:
     for key, old, new in identity.compare(saved[0]["config"], config, workdir):
