@@ -74,7 +74,7 @@ def main(argv):
 
 def _train(config, protocol, trainer):
   if config.num_splits > 1:
-    out = protocol.run(config, _WORKDIR.value)
+    out = protocol.train_splits(config, _WORKDIR.value)
     print(json.dumps({"num_splits": out["num_splits"], "srcc_median": out["summary"]["srcc"]["median"],
                       "plcc_median": out["summary"]["plcc"]["median"]}))
   else:

@@ -205,8 +205,19 @@ def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
   outside = outside_paths(root, listing.rows)
   if outside and not allow_outside_paths:
     _refuse_outside(layout, root, outside)
+  rows, case_fixes = _match_files(listing, root, log)
+  _report_unlabelled(listing, root, rows, log)
+  if decode_check != "none" and rows:
+    rows = _decode_check(rows, root, log, decode_check, num_threads)
+  examples, liqe_meta = _join_liqe(layout, root, rows, liqe_dir, liqe_folder)
+  metadata = _metadata(layout, root, listing, examples, log, liqe_meta, case_fixes=case_fixes,
+                       decode_check=decode_check, allow_outside_paths=allow_outside_paths, outside=len(outside))
+  return Collected(examples, log, metadata)
 
-  # Duplicates, then files on disk (case-insensitive fallback).
+
+def _match_files(listing: readers.Listing, root: pathlib.Path,
+                 log: problems.ProblemLog) -> tuple[list[readers.Row], int]:
+  """The rows whose image file exists (its name's case fixed to the file's), less duplicates (reported)."""
   index = _CaseIndex(root)
   by_name: dict[str, list[readers.Row]] = {}
   for r in listing.rows:
@@ -237,8 +248,12 @@ def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
       case_fixes += 1
       r = dataclasses.replace(r, name=found)
     rows.append(r)
+  return rows, case_fixes
 
-  # Image files in the release's own folders that no label row names.
+
+def _report_unlabelled(listing: readers.Listing, root: pathlib.Path, rows: list[readers.Row],
+                       log: problems.ProblemLog) -> None:
+  """Reports image files in the release's own folders that no label row names."""
   labelled = {r.name.lower() for r in listing.rows} | {n.lower() for n in listing.not_rated}
   labelled |= {r.name.lower() for r in rows} | {p.name.lower() for p in log.problems}  # skipped rows are labelled
   for folder, recursive in listing.owned_dirs:
@@ -247,20 +262,26 @@ def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
         log.add(problems.UNLABELLED_IMAGE, rel, None, rel,
                 f"image file {rel} is in {folder or '.'}/ but no row of {', '.join(listing.label_files)} names it")
 
-  # Decode check (threads: PIL decodes without the GIL).
-  if decode_check != "none" and rows:
-    workers = num_threads or min(8, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      errors = list(pool.map(lambda r: decode_error(root / r.name, r.name, decode_check), rows))
-    kept = []
-    for r, err in zip(rows, errors):
-      if err is None:
-        kept.append(r)
-      else:
-        log.add(problems.UNDECODABLE, r.file, r.row, r.name, f"image file {r.name} does not decode: {err}")
-    rows = kept
 
-  # LIQE scene/distortion labels, joined by relative path.
+def _decode_check(rows: list[readers.Row], root: pathlib.Path, log: problems.ProblemLog, decode_check: str,
+                  num_threads: int | None) -> list[readers.Row]:
+  """The rows whose image decodes (in threads: PIL decodes without the GIL); the others are reported."""
+  workers = num_threads or min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    errors = list(pool.map(lambda r: decode_error(root / r.name, r.name, decode_check), rows))
+  kept = []
+  for r, err in zip(rows, errors):
+    if err is None:
+      kept.append(r)
+    else:
+      log.add(problems.UNDECODABLE, r.file, r.row, r.name, f"image file {r.name} does not decode: {err}")
+  return kept
+
+
+def _join_liqe(layout: readers.Layout, root: pathlib.Path, rows: list[readers.Row],
+               liqe_dir: str | os.PathLike[str] | None,
+               liqe_folder: str | None) -> tuple[list[Example], dict[str, Any]]:
+  """The examples, with LIQE's scene/distortion labels joined by relative path, and what the join found."""
   liqe_labels: dict[str, liqe.LiqeLabel] = {}
   liqe_meta: dict[str, Any] = {"dir": None}
   folder = liqe_folder or liqe.LIQE_FOLDERS.get(layout.name)
@@ -290,7 +311,13 @@ def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
         has_distortion=lab is not None))
   if liqe_dir is not None and folder is not None:
     liqe_meta.update(matched=matched, unmatched_liqe_paths=len(liqe_labels) - matched)
+  return examples, liqe_meta
 
+
+def _metadata(layout: readers.Layout, root: pathlib.Path, listing: readers.Listing, examples: list[Example],
+              log: problems.ProblemLog, liqe_meta: dict[str, Any], *, case_fixes: int, decode_check: str,
+              allow_outside_paths: bool, outside: int) -> dict[str, Any]:
+  """The dataset-level metadata, with per-record index columns."""
   mos = np.array([e.mos for e in examples], np.float64)
   splits: dict[str, int] = {}
   for e in examples:
@@ -318,7 +345,7 @@ def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
       "name_case_fixes": case_fixes,
       "decode_check": decode_check,
       "allow_outside_paths": allow_outside_paths,
-      "outside_paths": len(outside),
+      "outside_paths": outside,
       "liqe": liqe_meta,
       "has_scene": sum(e.has_scene for e in examples),
       "has_distortion": sum(e.has_distortion for e in examples),
@@ -332,4 +359,4 @@ def collect(layout: readers.Layout, root: pathlib.Path, *, skip_bad: bool = Fals
           "official_split": [e.official_split for e in examples],
       },
   }
-  return Collected(examples, log, metadata)
+  return metadata

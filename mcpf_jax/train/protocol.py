@@ -28,14 +28,14 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
-def run(config, workdir: str | os.PathLike[str]) -> dict[str, Any]:
+def train_splits(config, workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """Trains split s in <workdir>/split_<s> for s in 0..config.num_splits-1 (each resumable), then summarizes.
 
   Writes <workdir>/protocol.json: the summary, each split's test metrics ("per_split"), and each split's seed,
   workdir and split file ("runs"); process 0 writes it, whole, and the others wait for it.
   """
   workdir = rundir.path(workdir)
-  results, runs = [], []
+  results, split_runs = [], []
   for s in range(config.num_splits):
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
@@ -45,7 +45,7 @@ def run(config, workdir: str | os.PathLike[str]) -> dict[str, Any]:
         cfg.checkpoint_dir = str(rundir.path(cfg.checkpoint_dir) / f"split_{s}")
     summary = trainer.train_and_evaluate(cfg, workdir / f"split_{s}")
     results.append(summary["test"])
-    runs.append({"split": s, "split_seed": s, "workdir": f"split_{s}",
+    split_runs.append({"split": s, "split_seed": s, "workdir": f"split_{s}",
                  "split_file": f"split_{s}/{identity.SPLIT_FILE}", "run_file": f"split_{s}/{identity.RUN_FILE}",
                  "num_test": summary["test"]["num_images"]})
     log.info("split %d: test SRCC %.4f PLCC %.4f", s, summary["test"]["srcc"], summary["test"]["plcc"])
@@ -53,7 +53,7 @@ def run(config, workdir: str | os.PathLike[str]) -> dict[str, Any]:
          "summary": summarize(results), "per_split": results,
          # Each split's seed and where its train/val/test images are listed by name (audit: eval.py --workdir
          # <workdir>/split_<s> evaluates exactly those test images).
-         "runs": runs}
+         "runs": split_runs}
   if jax.process_index() == 0:
     if not rundir.is_remote(workdir):
       workdir.mkdir(parents=True, exist_ok=True)
