@@ -1,6 +1,7 @@
 """The defaults of the method as the README describes it, and what each dataset changes (`DATASETS`).
 
-`get_config()` gives the defaults; `get_config("koniq10k")` the defaults with a dataset's fields, which is what
+`get_config()` gives the defaults (data.name "livec" at the default resize 512, as before: runs started from
+configs/base.py keep resuming); `get_config("koniq10k")` the defaults with a dataset's fields, which is what
 configs/koniq10k.py returns. From the command line the dataset is the config's argument (ml_collections'
 `path:argument`), so one loop runs them all:
   for d in livec koniq10k spaq; do python train.py --config configs/base.py:$d --workdir runs/$d; done
@@ -26,8 +27,7 @@ DATASETS = {
     # checkpoint.
     "koniq10k": {"resize": 512, "split_protocol": "seed"},
     # SPAQ: 11125 smartphone photos of several megapixels, MOS 0-100, split by image, with scene labels. Resized to a
-    # 512 short side (the usual practice); decoding them is the input pipeline's bottleneck: raise data.num_workers
-    # where there are cores to spare.
+    # 512 short side (the usual practice); decoding them is the input pipeline's bottleneck (data.num_workers).
     "spaq": {"resize": 512},
     # LIVE IQA (release 2): 779 distorted images of 29 references (mostly 768x512), DMOS (lower is better), split by
     # reference image. 512: the short side of most LIVE images.
