@@ -1,4 +1,12 @@
-"""The defaults of the method as the README describes it. Every dataset config imports this and overrides a few fields.
+"""The defaults of the method as the README describes it, and what each dataset changes (`DATASETS`).
+
+`get_config()` gives the defaults (data.name "livec" at the default resize 512, as before: runs started from
+configs/base.py keep resuming); `get_config("koniq10k")` the defaults with a dataset's fields, which is what
+configs/koniq10k.py returns. From the command line the dataset is the config's argument (ml_collections'
+`path:argument`), so one loop runs them all:
+  for d in livec koniq10k spaq; do python train.py --config configs/base.py:$d --workdir runs/$d; done
+A dataset is prepared first with `python -m mcpf_jax.data.prepare NAME --manual_dir <release folder> --data_dir
+~/tensorflow_datasets`, or built on first use with data.manual_dir set.
 
 Override anything on the command line: `python train.py --config configs/livec.py --config.optim.lr=5e-4`.
 """
@@ -6,8 +14,41 @@ Override anything on the command line: `python train.py --config configs/livec.p
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+# What each dataset's config sets over the defaults (fields of `data`). data.resize, the short side before cropping,
+# keeps the crops at or near the images' native resolution.
+DATASETS = {
+    # LIVE In the Wild Challenge (CLIVE): 1162 authentic photos (500x500), MOS 0-100, split by image. 500: crops at
+    # native resolution, no resampling.
+    "livec": {"resize": 500},
+    # KonIQ-10k: 10073 authentic photos (1024x768 -> 683x512; 384 would match the official 512x384 release), MOS
+    # 0-100, split by image. data.split_protocol "seed" (the default) is the papers' 80/20 random splits by content
+    # (--config.num_splits=10 for all ten); "official" is KonIQ's own 7058 / 1000 / 2015 training / validation /
+    # test split (the `set` column of koniq10k_distributions_sets.csv), its validation set picking the best
+    # checkpoint.
+    "koniq10k": {"resize": 512, "split_protocol": "seed"},
+    # SPAQ: 11125 smartphone photos of several megapixels, MOS 0-100, split by image, with scene labels. Resized to a
+    # 512 short side (the usual practice); decoding them is the input pipeline's bottleneck (data.num_workers).
+    "spaq": {"resize": 512},
+    # LIVE IQA (release 2): 779 distorted images of 29 references (mostly 768x512), DMOS (lower is better), split by
+    # reference image. 512: the short side of most LIVE images.
+    "live": {"resize": 512},
+    # CSIQ: 866 distorted images of 30 references (512x512), DMOS 0-1 (lower is better), split by reference.
+    "csiq": {"resize": 512},
+    # TID2013: 3000 distorted images of 25 references (512x384), MOS 0-9, split by reference. 384: no upscaling.
+    "tid2013": {"resize": 384},
+    # KADID-10k: 10125 distorted images of 81 references (512x384), MOS 1-5, split by reference. 384: no upscaling.
+    "kadid10k": {"resize": 384},
+    # AGIQA-3K: 2982 AI-generated images (512 px or larger, by generator), quality MOS, split by prompt so no prompt's
+    # images are on both sides.
+    "agiqa3k": {"resize": 512},
+}
 
-def get_config() -> ml_collections.ConfigDict:
+
+def get_config(dataset: str | None = None) -> ml_collections.ConfigDict:
+  """The defaults; with `dataset` (a key of DATASETS, e.g. from `--config configs/base.py:spaq`), that dataset's."""
+  if dataset is not None and dataset not in DATASETS:
+    raise ValueError(f"configs/base.py: no dataset {dataset!r} (from the config argument, `base.py:{dataset}`); "
+                     f"expected one of {', '.join(DATASETS)}")
   c = ml_collections.ConfigDict()
   c.seed = 0  # parameter init and data order; the split seed is data.split_seed
 
@@ -99,4 +140,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_from = placeholder(str)  # another run's workdir: step 0 starts from its trained prompts/fusion (fine-tuning)
   c.init_from_checkpoint = "best"  # which checkpoint of init_from: best | latest | a step
   c.num_splits = 1  # >1 runs the protocol: splits 0..N-1, each trained and evaluated, median reported
+
+  if dataset is not None:
+    c.data.name = dataset
+    c.data.update(DATASETS[dataset])
   return c

@@ -7,10 +7,10 @@ follows the checkpoint's image_size); the NaFlex variants are not supported. How
 are read: mcpf_jax/model/iqa.py (`model.class_probs`, `model.pool_visual_prompts`).
 """
 
-from configs import livec
+from configs import base
 
 
 def get_config():
-  c = livec.get_config()
+  c = base.get_config("livec")
   c.clip.name = "google/siglip2-base-patch16-224"
   return c

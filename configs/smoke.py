@@ -19,12 +19,8 @@ def get_config():
   # tiny model.
   c.clip.tiny = dict(**backbone.SIZES, logit_scale=10.0, vision_weights="smoke")
 
-  c.model.prompt_depth = 3
-  c.model.num_text_prompts = 4
-  c.model.num_vision_prompts = 4
-  c.model.fusion_width = 32
-  c.model.fusion_heads = 2
-  c.model.query_heads = 2
+  c.model.update(prompt_depth=3, num_text_prompts=4, num_vision_prompts=4, fusion_width=32, fusion_heads=2,
+                 query_heads=2)
 
   c.data.name = "smoke"
   c.data.data_dir = ""  # built inside the workdir: the run is self-contained
@@ -33,18 +29,10 @@ def get_config():
 
   # Ranking + L1, no level cross-entropy (it added nothing on the default split: BENCHMARKS.md, "The smoke run's
   # tiny CLIP"); no auxiliary labels in the smoke data.
-  c.loss.l1 = 1.0
-  c.loss.cls = 0.0
-  c.loss.aux = 0.0
+  c.loss.update(l1=1.0, cls=0.0, aux=0.0)
 
-  c.train.batch_size = 32
-  c.train.num_epochs = 60
-  c.train.log_every = 10
-  c.train.checkpoint_every = 80
-  c.train.keep = 2
-
-  c.optim.lr = 3e-3
-  c.optim.warmup_steps = 20
+  c.train.update(batch_size=32, num_epochs=60, log_every=10, checkpoint_every=80, keep=2)
+  c.optim.update(lr=3e-3, warmup_steps=20)
 
   c.eval.num_crops = 9  # a 3 x 3 grid of 64-px crops: the tiny model sees a small part of a 256-px photo per crop
   c.eval.batch_size = 16

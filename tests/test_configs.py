@@ -1,14 +1,17 @@
-"""Every config in configs/ loads the way train.py loads it, builds a valid model spec and optimizer, and has every
-field the training code reads (found by reading that code)."""
+"""Every config in configs/ loads the way train.py loads it, matches the config schema (mcpf_jax/config_schema.py)
+and builds a valid model spec and optimizer; every config field the code reads is declared in the schema (found by
+parsing the source of the package, the commands and the benchmarks)."""
 
-import inspect
+import ast
+import collections
 import pathlib
-import re
 
 import pytest
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
+from configs import base
+from mcpf_jax import config_schema
 from mcpf_jax import data as datasets
 from mcpf_jax.clip import tiny
 from mcpf_jax.clip.config import from_name
@@ -27,16 +30,12 @@ CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.s
 # Kept by hand, not derived from data.NAMES: it is the promise that these datasets have a training config (agiqa1k,
 # aigciqa2023 and csv have none); test_a_config_per_dataset checks each is a known dataset with its config file.
 DATASETS = ("livec", "koniq10k", "spaq", "live", "csiq", "tid2013", "kadid10k", "agiqa3k")
-# Where the training, evaluation and protocol code reads the config.
-READERS = ("train/trainer.py", "train/build.py", "train/evaluation.py", "train/data_setup.py", "train/protocol.py",
-           "train/restore.py", "runs.py")  # runs.py: the run's CLIP (clip.*), read for training and inference alike
-# Read only for clip.name == "tiny" (the smoke config's random CLIP).
-TINY_ONLY = {"clip.tiny", "clip.tiny_seed"}
 
 
-def _load(name: str, *overrides: str):
-  """The config as train.py gets it: --config=configs/<name>.py plus --config.a.b=v overrides."""
-  argv = ["train.py", f"--config={REPO / 'configs' / (name + '.py')}", *overrides]
+def _load(spec: str, *overrides: str):
+  """The config as train.py gets it: --config=configs/<spec> (`name.py` or `name.py:argument`) plus --config.a.b=v
+  overrides."""
+  argv = ["train.py", f"--config={REPO / 'configs' / spec}", *overrides]
   fv = flags.FlagValues()
   # sys_argv: the overrides are read from this argv (by default config_flags reads sys.argv).
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
@@ -44,30 +43,79 @@ def _load(name: str, *overrides: str):
   return fv.config
 
 
-def _fields_read() -> set[str]:
-  """Dotted config fields the training code reads: `config.block.field` / `cfg.block.field` in READERS, the
-  `optim` block's fields read by optim.py (`config.lr`, ...), and the loss weights the trainer collects."""
-  blocks = {k for k, v in _load("base").items() if hasattr(v, "keys")}
-  top = {k for k, v in _load("base").items() if not hasattr(v, "keys")}
-  fields = set()
-  for name in READERS:
-    text = (REPO / "mcpf_jax" / name).read_text()
-    for block, field in re.findall(r"\b(?:cfg|config)\.([a-z_]+)\.([a-z_]+)\b", text):
-      if block in blocks and not hasattr(ConfigDict, field):  # not a method (copy_and_resolve_references)
-        fields.add(f"{block}.{field}")
-    fields.update(k for k in re.findall(r"\b(?:cfg|config)\.([a-z_]+)\b(?!\.)", text) if k in top)
-  # The functions of optim.py that take the `optim` block as `config`.
-  optim_text = inspect.getsource(optim.learning_rate_schedule) + inspect.getsource(optim.make_optimizer)
-  fields.update(f"optim.{f}" for f in re.findall(r"\bconfig\.([a-z_0-9]+)\b", optim_text))
-  fields.update(f"loss.{k}" for k in ("rank", "l1", "cls", "aux"))
-  return fields - TINY_ONLY
+# What the code reads: `config.block.field` / `cfg.block.field` (also `self.config...`, `run.config...`). A name
+# `config` is the run's config in a function where one of its reads is a block or top-level field of the schema
+# (CLIP's configs, also called `config`, have none); it is one block (optim.py's functions take `config.optim` as
+# `config`) where most of its reads are that block's fields. Everything else it reads there must be declared.
+ROOTS = ("config", "cfg")
+SOURCES = ("mcpf_jax", "benchmarks", "train.py", "eval.py", "score.py")
+_METHODS = frozenset(dir(ConfigDict))
+_DECLARED = (*config_schema.FIELDS, *config_schema.OPTIONAL)
+_TOP = {k for k in _DECLARED if "." not in k}
+_BLOCK_FIELDS = collections.defaultdict(set)
+for _k in _DECLARED:
+  if "." in _k:
+    _BLOCK_FIELDS[_k.split(".")[0]].add(_k.split(".", 1)[1])
 
 
-def _get(config, dotted: str):
-  value = config
-  for part in dotted.split("."):
-    value = value[part]  # KeyError names the missing field
-  return value
+def _chain(node: ast.Attribute) -> tuple[str, list[str]] | None:
+  """`config.a.b` -> ("config", ["a", "b"]), `self.config.a` -> ("self.config", ["a"]); None for other chains."""
+  names = []
+  while isinstance(node, ast.Attribute):
+    names.append(node.attr)
+    node = node.value
+    if isinstance(node, ast.Name) and node.id in ROOTS:
+      return node.id, names[::-1]
+    if isinstance(node, ast.Attribute) and node.attr in ROOTS:
+      return ast.unparse(node), names[::-1]
+  return None
+
+
+def config_reads(source: str, where: str) -> dict[str, set[str]]:
+  """{dotted config field: {"file:line", ...}} for every read of the run config (or one of its blocks) in `source`."""
+  by_scope = collections.defaultdict(list)  # (function node, root) -> [(line, names)]
+
+  def visit(node, scope):
+    for child in ast.iter_child_nodes(node):
+      inner = child if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) else scope
+      if isinstance(child, ast.Attribute) and not isinstance(node, ast.Attribute):  # the outermost of a chain
+        found = _chain(child)
+        if found:
+          by_scope[(id(inner), found[0])].append((child.lineno, found[1]))
+      visit(child, inner)
+
+  visit(ast.parse(source, where), None)
+  reads = collections.defaultdict(set)
+  for chains in by_scope.values():
+    firsts = {names[0] for _, names in chains if names[0] not in _METHODS}
+    if firsts & (set(_BLOCK_FIELDS) | _TOP):  # the run's config
+      for line, names in chains:
+        if names[0] in _METHODS:
+          continue
+        field = names[0] if names[0] in _TOP or len(names) == 1 or names[1] in _METHODS else ".".join(names[:2])
+        reads[field].add(f"{where}:{line}")
+      continue
+    for block, fields in _BLOCK_FIELDS.items():  # one block of it
+      if len(firsts & fields) * 2 > len(firsts):
+        for line, names in chains:
+          if names[0] not in _METHODS:
+            reads[f"{block}.{names[0]}"].add(f"{where}:{line}")
+  return reads
+
+
+def _undeclared(reads: dict[str, set[str]]) -> dict[str, list[str]]:
+  """The fields of `reads` the schema does not declare (a whole block, `config.data`, is declared), with where."""
+  return {f: sorted(p)[:3] for f, p in reads.items() if not (config_schema.declared(f) or f in _BLOCK_FIELDS)}
+
+
+def _tree_reads() -> dict[str, set[str]]:
+  reads = collections.defaultdict(set)
+  for top in SOURCES:
+    path = REPO / top
+    for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+      for field, places in config_reads(file.read_text(), str(file.relative_to(REPO))).items():
+        reads[field] |= places
+  return reads
 
 
 def test_a_config_per_dataset():
@@ -76,20 +124,64 @@ def test_a_config_per_dataset():
   assert {"base", "smoke"} <= set(CONFIGS)
 
 
-def test_the_fields_read_are_found():
-  """The scan finds what it should (so a config missing any of these would fail below)."""
-  fields = _fields_read()
-  for f in ("train.batch_size", "train.checkpoint_every", "train.keep", "data.resize", "data.split_protocol",
-            "eval.num_crops", "mesh.data", "optim.lr", "optim.warmup_steps", "optim.grad_clip_norm", "clip.name",
-            "model.trainable", "seed", "num_splits"):
-    assert f in fields, f
+def test_the_scan_finds_reads_of_the_config_and_its_blocks():
+  """The scan on code shaped like the package's: the run config read by name, through self/run, and one block taken
+  as `config` (optim.py); a CLIP config called `config` or `cfg` is not the run's."""
+  source = """
+def train(config, run):
+  cfg = config.copy_and_resolve_references()
+  n = cfg.train.batch_size + config.trian.keep + run.config.seed + cfg.data.get("resize")
+  with cfg.unlocked():
+    cfg.model.image_chunk = config.mesh.data
+  return config.optim.copy_and_resolve_references(), config.num_splts, lambda: cfg.eval.numcrops
+
+def schedule(config):
+  return config.lr * config.warmup_steps + config.final_lr
+
+def clip_tower(config, cfg):
+  return config.vision.hidden_size, cfg.text.num_hidden_layers, cfg.dtype
+"""
+  reads = config_reads(source, "x.py")
+  assert {f: sorted(p) for f, p in reads.items()} == {
+      "train.batch_size": ["x.py:4"], "trian.keep": ["x.py:4"], "seed": ["x.py:4"], "data": ["x.py:4"],
+      "model.image_chunk": ["x.py:6"], "mesh.data": ["x.py:6"], "optim": ["x.py:7"], "num_splts": ["x.py:7"],
+      "eval.numcrops": ["x.py:7"], "optim.lr": ["x.py:10"], "optim.warmup_steps": ["x.py:10"],
+      "optim.final_lr": ["x.py:10"]}
+  assert set(_undeclared(reads)) == {"trian.keep", "num_splts", "eval.numcrops", "optim.final_lr"}
+
+
+def test_every_config_field_the_code_reads_is_in_the_schema():
+  reads = _tree_reads()
+  assert len(reads) > 30, sorted(reads)  # the scan sees the code (about 60 fields today)
+  unknown = _undeclared(reads)
+  assert not unknown, f"fields read but not in mcpf_jax/config_schema.py: {unknown}"
+
+
+def test_the_schema_matches_the_defaults_and_its_names_are_readable_as_attributes():
+  config_schema.validate(base.get_config(), "configs/base.py")
+  assert not {part for k in _DECLARED for part in k.split(".")} & _METHODS  # config.x.get would be the method
+
+
+def test_the_schema_names_each_wrong_field():
+  config = base.get_config()
+  config.clip.dtype = "fp16"
+  with config.unlocked():
+    config.train.bogus = 1
+    del config.mesh["data"]
+    config.model.quality_classes = ("bad", 2)
+  with pytest.raises(ValueError) as e:
+    config_schema.validate(config, "configs/x.py")
+  assert str(e.value).splitlines() == [
+      "configs/x.py does not match the config schema:", "  mesh.data: missing (expected int)",
+      "  clip.dtype: 'fp16' is not 'float32' | 'bfloat16'",
+      "  model.quality_classes: ('bad', 2) is not a tuple of str",
+      "  train.bogus: not a config field (the fields are those of mcpf_jax/config_schema.py)"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_builds(name):
-  config = _load(name)
-  for field in sorted(_fields_read()):
-    _get(config, field)
+  config = _load(name + ".py")
+  config_schema.validate(config, f"configs/{name}.py")
   if name in DATASETS:
     assert config.data.name == name
   assert config.data.name in datasets.NAMES or config.data.name == "smoke"
@@ -114,11 +206,21 @@ def test_config_builds(name):
 
 
 def test_koniq_official_split_from_the_command_line():
-  config = _load("koniq10k", "--config.data.split_protocol=official", "--config.num_splits=10")
+  config = _load("koniq10k.py", "--config.data.split_protocol=official", "--config.num_splits=10")
   assert config.data.split_protocol == "official" and config.num_splits == 10
   assert set(datasets.info("koniq10k")["official_split_names"]) == {"training", "validation", "test"}
 
 
 def test_unknown_override_is_refused():
   with pytest.raises(Exception, match="no_such_field"):
-    _load("livec", "--config.data.no_such_field=1")
+    _load("livec.py", "--config.data.no_such_field=1")
+
+
+def test_a_dataset_is_the_argument_of_the_base_config():
+  """`--config configs/base.py:spaq` (the sweep's form) is configs/spaq.py, overrides included; a name that is not a
+  dataset is refused with the known ones."""
+  swept = _load("base.py:spaq", "--config.optim.lr=5e-4")
+  assert swept.to_dict() == _load("spaq.py", "--config.optim.lr=5e-4").to_dict()
+  assert swept.data.name == "spaq" and swept.optim.lr == 5e-4
+  with pytest.raises(Exception, match="no dataset 'spaqq'.*expected one of livec, koniq10k"):
+    _load("base.py:spaqq")
