@@ -283,18 +283,14 @@ def clip_config_for(config, platform: str):
 
 def build(config, platform: str):
   """(model, param shapes, mask, tx, state shapes) of `config`, for `platform`, without computing anything."""
-  from mcpf_jax.clip.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from mcpf_jax import model as iqa  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.clip.tokenizer import Tokenizer
   from mcpf_jax.model import freeze
-  from mcpf_jax.model.iqa import IQAModel, ModelSpec, class_token_ids  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import optim, restore  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import optim, restore
   from mcpf_jax.train import step as step_lib
-  cc = clip_config_for(config, platform)
-  spec = ModelSpec.from_config(config.model, num_layers=min(cc.text.num_hidden_layers, cc.vision.num_hidden_layers))
-  ids = class_token_ids(spec, Tokenizer.from_bpe_file())  # OpenAI's BPE: every CLIP preset's tokenizer
-  model = IQAModel(cc, spec, tuple((k, tuple(tuple(int(t) for t in row) for row in v)) for k, v in ids.items()))
-  size = cc.vision.image_size
-  params = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3),
-                                                                              jnp.float32))["params"]
+  model = iqa.module(config.model, clip_config_for(config, platform),
+                     Tokenizer.from_bpe_file())  # OpenAI's BPE: every CLIP preset's tokenizer
+  params = iqa.abstract_params(model)
   # The frozen backbone as train.py stores it (clip.param_dtype): bf16 storage halves its bytes.
   store = jnp.dtype(config.clip.get("param_dtype", "float32"))
   params = dict(params, clip=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, store), params["clip"]))
@@ -437,8 +433,9 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
 
   steps: which programs to compile ("train", "eval"); `fits` covers those compiled.
   """
-  from mcpf_jax.model import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from mcpf_jax import resolve  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.model import flops as flops_lib
+  from mcpf_jax.train import mesh as mesh_lib
   from mcpf_jax.train import step as step_lib
   n = len(target.devices)
   try:
@@ -446,18 +443,17 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
   except ValueError as e:
     raise PreflightError(f"--config.mesh.data={config.mesh.data} / --config.mesh.model={config.mesh.model} on "
                          f"{target.name}: {e}") from e
-  data = mesh.shape["data"]
-  acc, crops = int(config.train.accumulate_steps), int(config.eval.num_crops)
-  # The batch sizes the real run uses on this mesh (rounded up where the data axis does not divide them).
+  # The config the real run resolves on this mesh (batch sizes rounded up where the data axis does not divide them).
   try:
-    batch = mesh_lib.fit_batch("train.batch_size", int(config.train.batch_size), data, acc)
-    eval_batch = mesh_lib.fit_batch("eval.batch_size", int(config.eval.batch_size), data)
+    config = resolve.resolve(config, n)
   except ValueError as e:
     raise PreflightError(f"--config.{e} (on {target.name})") from e
+  acc, crops = int(config.train.accumulate_steps), int(config.eval.num_crops)
+  batch, eval_batch = int(config.train.batch_size), int(config.eval.batch_size)
 
   model, params, mask, tx, state = build(config, target.platform)
   cc, spec = model.clip_config, model.spec
-  image_size = config.data.image_size or cc.vision.image_size
+  image_size = resolve.image_size(config, cc)
   train_step, eval_step, s_sh, p_sh, b_sh = step_lib.jit_steps(config, model, mask, tx, params, state, mesh)
   train_args = (_with_sharding(state, s_sh), _with_sharding(train_batch_shapes(batch, image_size),
                                                             {k: b_sh for k in train_batch_shapes(1, 1)}))

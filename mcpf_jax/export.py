@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from etils import epath
 from flax import traverse_util
 
-from mcpf_jax import clip, pretrained, rundir, runs
+from mcpf_jax import clip, pretrained, resolve, rundir, runs
 from mcpf_jax.clip import hub
 from mcpf_jax.clip.config import HUB_IDS
 from mcpf_jax.scoring import Scorer
@@ -249,13 +249,13 @@ def export(workdir: str | os.PathLike[str], output: str | pathlib.Path, *, check
   scorer = Scorer.from_checkpoint(workdir, checkpoint, clip_name=clip_name, num_workers=0)
   step_dir = rundir.path(scorer.info["checkpoint"])
   meta = runs.read_meta(step_dir)
-  config = runs.run_config(workdir, meta)
+  run = runs.read_run(workdir) or {}
+  config = resolve.saved_config(run or None, meta)
   trained = set(runs.read_params(step_dir))
   flat = traverse_util.flatten_dict(scorer.params, sep="/")
   # The model's own leaves (trained or drawn from the seed at build) and any trained backbone leaf.
   own = {k: v for k, v in flat.items() if not k.startswith("clip/") or k in trained}
 
-  run = runs.read_run(workdir) or {}
   eval_json = _read_json(workdir / rundir.EVAL_FILE)
   summary = _read_json(workdir / rundir.SUMMARY_FILE)
   score_map = scorer.score_map

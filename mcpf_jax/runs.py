@@ -326,15 +326,6 @@ def read_run(workdir: str | os.PathLike[str]) -> dict[str, Any] | None:
   return run
 
 
-def run_config(workdir: str | os.PathLike[str], meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """The config a run was trained with: its run.json (written at its start), else the one saved in the checkpoint's
-  `meta` (runs of older versions). eval.py and the Scorer both take the model from here."""
-  saved = read_run(workdir)
-  if saved is not None:
-    return ml_collections.ConfigDict(saved["config"])
-  return config_from_meta(meta)
-
-
 def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """The training config saved in a checkpoint's `meta` item (JSON: tuples come back as lists)."""
   if "config" not in meta:

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mcpf_jax import clip, images, pretrained, runs, scores
+from mcpf_jax import clip, images, pretrained, resolve, runs, scores
 from mcpf_jax import model as iqa
 from mcpf_jax.clip import checkpoint as clip_checkpoint
 from mcpf_jax.clip import hub, preprocess
@@ -364,7 +364,7 @@ class Scorer:
       step = runs.readable_step(ckpts, checkpoint)  # "best" skips a damaged step; others name it
       step_dir = ckpts.directory / str(step)
     meta = runs.read_meta(step_dir)
-    config = runs.run_config(workdir, meta)
+    config = resolve.saved_config(runs.read_run(workdir), meta)
     with config.unlocked():
       config.clip.dtype = dtype or config.clip.dtype
       config.clip.param_dtype = param_dtype or config.clip.get("param_dtype", "float32")
@@ -373,7 +373,7 @@ class Scorer:
     model, params = _build(config.model, bundle, config.seed, runs.read_params(step_dir), step_dir, complete=False)
     score_map = scores.ScoreMap(**meta["label_transform"])
     preprocessing = Preprocessing(
-        resize=int(config.data.resize), image_size=int(config.data.image_size or bundle.config.vision.image_size),
+        resize=int(config.data.resize), image_size=resolve.image_size(config, bundle.config),
         num_crops=int(num_crops or config.eval.num_crops), max_upscale=max_upscale, max_pixels=max_pixels)
     info = {"model": config.model.name, "checkpoint": str(step_dir), "step": int(step),
             "trained_on": meta.get("dataset"), "backbone": bundle.source}

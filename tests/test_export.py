@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from mcpf_jax import images, pretrained, runs
+from mcpf_jax import images, pretrained, resolve, runs
 from mcpf_jax.scoring import Scorer
 from mcpf_jax.smoke import backbone
 
@@ -213,7 +213,7 @@ def test_checkpoint_written_before_this_change_restores_to_its_scores(tmp_path, 
   from mcpf_jax.train import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mcpf_jax.train import optim, restore
   from mcpf_jax.train import step as step_lib
-  config = runs.run_config(work, {})
+  config = resolve.saved_config(runs.read_run(work), {})
   _, params = iqa.build(config.model, runs.load_clip(config, work), jax.random.key(config.seed))
   mask = freeze.mask(params, config.model.trainable)
   state = step_lib.init_state(params, optim.make_optimizer(restore.optim_config(config, 9), mask))

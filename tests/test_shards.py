@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mcpf_jax import images, scores
+from mcpf_jax import images, resolve, scores
 from mcpf_jax.data import pipeline
 from mcpf_jax.train import evaluation
 from mcpf_jax.train import mesh as mesh_lib
@@ -139,7 +139,7 @@ def _join(shard_batches, shards):
 def test_processes_loading_their_data_shards_build_the_one_process_batches(records, score_map, shape):
   processes, _, data, _ = shape
   layout = _layout(*shape)
-  batch = mesh_lib.fit_batch("train.batch_size", 3, data)
+  batch = resolve.fit_batch("train.batch_size", 3, data)
   args = dict(batch_size=batch, image_size=S, resize=20, seed=1, score_map=score_map, num_epochs=1,
               max_upscale=None)
   reference = list(pipeline.train_loader(records, range(len(records)), **args))
@@ -155,31 +155,31 @@ def test_processes_loading_their_data_shards_build_the_one_process_batches(recor
 
 def test_batch_sizes_are_rounded_up_to_a_multiple_of_the_data_axis(caplog):
   with caplog.at_level(logging.INFO, logger="mcpf_jax"):
-    assert mesh_lib.fit_batch("eval.batch_size", 16, 32) == 32
+    assert resolve.fit_batch("eval.batch_size", 16, 32) == 32
   assert [r.getMessage() for r in caplog.records] == [
       "eval.batch_size=16 -> 32: rounded up to a multiple of the mesh's data axis (32 devices)"]
   caplog.clear()
   with caplog.at_level(logging.INFO, logger="mcpf_jax"):
-    assert mesh_lib.fit_batch("train.batch_size", 32, 8) == 32  # divides already: unchanged, nothing logged
-    assert mesh_lib.fit_batch("train.batch_size", 32, 1) == 32
-    assert mesh_lib.fit_batch("train.batch_size", 32, 8, accumulate_steps=4) == 32
+    assert resolve.fit_batch("train.batch_size", 32, 8) == 32  # divides already: unchanged, nothing logged
+    assert resolve.fit_batch("train.batch_size", 32, 1) == 32
+    assert resolve.fit_batch("train.batch_size", 32, 8, accumulate_steps=4) == 32
   assert not caplog.records
   with caplog.at_level(logging.INFO, logger="mcpf_jax"):
-    assert mesh_lib.fit_batch("train.batch_size", 32, 64) == 64
-    assert mesh_lib.fit_batch("train.batch_size", 48, 32, accumulate_steps=3) == 96
+    assert resolve.fit_batch("train.batch_size", 32, 64) == 64
+    assert resolve.fit_batch("train.batch_size", 48, 32, accumulate_steps=3) == 96
   assert "x train.accumulate_steps (3)" in caplog.records[-1].getMessage()
   with pytest.raises(ValueError, match=r"train.batch_size=32 must be divisible by train.accumulate_steps \(5\)"):
-    mesh_lib.fit_batch("train.batch_size", 32, 8, accumulate_steps=5)
+    resolve.fit_batch("train.batch_size", 32, 8, accumulate_steps=5)
   with pytest.raises(ValueError, match="eval.batch_size=0 must be at least 1"):
-    mesh_lib.fit_batch("eval.batch_size", 0, 8)
+    resolve.fit_batch("eval.batch_size", 0, 8)
 
 
-def test_fit_batches_returns_a_fitted_copy():
+def test_resolve_returns_a_copy_with_fitted_batches():
   config = ml_collections.ConfigDict({"mesh": {"data": -1, "model": 1},
                                       "train": {"batch_size": 6, "accumulate_steps": 2},
                                       "eval": {"batch_size": 5}})
   data = jax.device_count()
-  fitted = mesh_lib.fit_batches(config)
+  fitted = resolve.resolve(config)
   assert fitted is not config and (config.train.batch_size, config.eval.batch_size) == (6, 5)
   assert fitted.train.batch_size == -(-6 // (2 * data)) * 2 * data
   assert fitted.eval.batch_size == -(-5 // data) * data
@@ -187,7 +187,7 @@ def test_fit_batches_returns_a_fitted_copy():
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
 def test_eval_padding_is_never_scored_and_every_image_is_scored_once(records, score_map, count):
-  batch = mesh_lib.fit_batch("eval.batch_size", 3, count)  # one device per shard
+  batch = resolve.fit_batch("eval.batch_size", 3, count)  # one device per shard
   local = mesh_lib.DataShard(0, count).local_size("eval.batch_size", batch)
   indices = np.array([10, 0, 3, 7, 1, 9, 2, 8, 4, 6, 5])
   streams = [list(pipeline.eval_batches(records, indices, batch_size=local, image_size=S, resize=20, num_crops=2,
@@ -221,16 +221,15 @@ def test_score_table_refuses_missing_repeated_and_unknown_images():
 
 
 def test_predict_scores_every_image_once_through_a_padded_last_batch(records, score_map):
-  """evaluation.predict end to end on this process's devices, with a batch that the images do not fill: the score
+  """Evaluator.predict end to end on this process's devices, with a batch that the images do not fill: the score
   of each image is its crops' mean pixel, computed here from images.eval_crops."""
   mesh = mesh_lib.make_mesh()
   config = ml_collections.ConfigDict({"eval": {"batch_size": 4, "num_crops": 2},
                                       "data": {"resize": 20, "num_workers": 0}})
   data = type("RunData", (), {"source": records, "score_map": score_map})()
-  run = type("FakeRun", (), {"config": config, "data": data, "image_size": S})()
   eval_fn = jax.jit(lambda params, batch: batch["image"].astype(np.float32).mean(axis=(1, 2, 3, 4)) + params)
   indices = np.array([9, 2, 5, 0, 7, 3, 10])  # 7 images, batches of 4: one padding row
-  got = evaluation.predict(run, 0.0, indices, eval_fn, mesh_lib.batch_sharding(mesh))
+  got = evaluation.Evaluator(config, data, S, eval_fn, mesh_lib.batch_sharding(mesh)).predict(0.0, indices)
   expected = [images.eval_crops(records[i]["image"], records[i]["name"], resize=20, image_size=S, num_crops=2,
                                 max_upscale=None)[0].astype(np.float32).mean() for i in indices]
   np.testing.assert_allclose(got, expected, rtol=1e-6)

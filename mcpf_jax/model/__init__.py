@@ -12,7 +12,32 @@ import numpy as np
 from mcpf_jax.model import losses
 from mcpf_jax.model.iqa import IQAModel, ModelSpec, class_token_ids
 
-__all__ = ["IQAModel", "ModelSpec", "build", "class_token_ids", "losses"]
+__all__ = ["IQAModel", "ModelSpec", "abstract_params", "build", "class_token_ids", "losses", "module"]
+
+
+def module(model_config, clip_config, tokenizer=None) -> IQAModel:
+  """The IQA model of `model_config` on a CLIP of `clip_config`: the one place an IQAModel is made (training,
+  scoring, the pre-flight and the parameter counts all come here).
+
+  `tokenizer`: the backbone's, for the class prompts' token ids. None gives placeholder ids of the same shape, for
+  what needs the parameter shapes only (they do not depend on the ids).
+  """
+  spec = ModelSpec.from_config(model_config, num_layers=min(clip_config.text.num_hidden_layers,
+                                                            clip_config.vision.num_hidden_layers))
+  if tokenizer is None:
+    ids = tuple((s, ((0,) * clip_config.text.max_position_embeddings,) * len(spec.class_phrases(s)))
+                for s in spec.class_sets)
+  else:
+    ids = tuple((k, tuple(tuple(int(t) for t in row) for row in v))
+                for k, v in class_token_ids(spec, tokenizer).items())
+  return IQAModel(clip_config, spec, ids)
+
+
+def abstract_params(model: IQAModel) -> dict[str, Any]:
+  """The shapes of `model`'s parameters (`jax.ShapeDtypeStruct`s, float32 as initialised); nothing is computed."""
+  size = model.clip_config.vision.image_size
+  return jax.eval_shape(model.init, jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"]
 
 
 def build(model_config, bundle, rng: jax.Array) -> tuple[IQAModel, dict[str, Any]]:
@@ -25,17 +50,13 @@ def build(model_config, bundle, rng: jax.Array) -> tuple[IQAModel, dict[str, Any
   Returns:
     (model, params) with params = {"clip": ..., "text_prompts_*": ..., "vision_prompts": ..., "fusion": ...}.
   """
-  config = bundle.config
-  spec = ModelSpec.from_config(model_config, num_layers=min(config.text.num_hidden_layers,
-                                                            config.vision.num_hidden_layers))
   if bundle.tokenizer is None:
     raise ValueError(f"{bundle.source}: the backbone came without a usable tokenizer, which the class prompts need "
                      "(CLIP: tokenizer.json or vocab.json + merges.txt; SigLIP 2: Gemma's tokenizer.json; SigLIP 1's "
                      "SentencePiece spiece.model is not supported)")
-  ids = class_token_ids(spec, bundle.tokenizer)
-  model = IQAModel(config, spec, tuple((k, tuple(tuple(int(t) for t in row) for row in v)) for k, v in ids.items()))
-  size = config.vision.image_size
-  shapes = jax.eval_shape(model.init, rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+  model = module(model_config, bundle.config, bundle.tokenizer)
+  spec, size = model.spec, bundle.config.vision.image_size
+  shapes = abstract_params(model)
   # Initialise only what is new: the CLIP subtree comes from the checkpoint. Dropping it from the jitted output
   # lets XLA remove its 150M-parameter random draw (and the init forward pass) entirely.
   init_new = lambda r: {k: v for k, v in model.init(r, jnp.zeros((1, size, size, 3)))["params"].items()

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 
-import jax
-import jax.numpy as jnp
 from absl import app, logging
 from ml_collections import config_flags
 
+from mcpf_jax import model as iqa
 from mcpf_jax.clip import config as clip_config
 from mcpf_jax.model import freeze
-from mcpf_jax.model.iqa import IQAModel, ModelSpec
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "config file")
 
@@ -25,11 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "config f
 def count(config) -> dict[str, object]:
   """{"groups": {name: (count, trainable?)}, "trainable": n, "frozen": n, "fraction": trainable / frozen}."""
   cc = clip_config.from_name(config.clip.name)  # a preset, a hub id or a folder; no weights read
-  spec = ModelSpec.from_config(config.model, num_layers=min(cc.text.num_hidden_layers, cc.vision.num_hidden_layers))
-  ids = tuple((s, ((0,) * cc.text.max_position_embeddings,) * len(spec.class_phrases(s))) for s in spec.class_sets)
-  size = cc.vision.image_size
-  shapes = jax.eval_shape(IQAModel(cc, spec, ids).init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"]
+  shapes = iqa.abstract_params(iqa.module(config.model, cc))
   mask = freeze.mask(shapes, config.model.trainable)
   groups = {k: (freeze.count(v), freeze.count(v, mask[k]) > 0) for k, v in shapes.items()}
   trainable, frozen = freeze.count(shapes, mask), freeze.count(shapes, mask, freeze.FROZEN)

@@ -12,12 +12,11 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from mcpf_jax import clip, rundir, runs
+from mcpf_jax import clip, resolve, rundir, runs
 from mcpf_jax import model as iqa
 from mcpf_jax.model import freeze
 from mcpf_jax.train import data_setup, optim
 from mcpf_jax.train import mesh as mesh_lib
-from mcpf_jax.train import step as step_lib
 
 
 @dataclasses.dataclass
@@ -34,7 +33,7 @@ class Run:
 
   @property
   def image_size(self) -> int:
-    return self.config.data.image_size or self.bundle.config.vision.image_size
+    return resolve.image_size(self.config, self.bundle.config)
 
   def meta(self) -> dict[str, Any]:
     return {
@@ -65,7 +64,3 @@ def build_run(config, workdir: str | os.PathLike[str], *, dataset: str | None = 
                      "backbone, whose weights must then stay float32 (clip.param_dtype=float32)")
   return Run(config, workdir, mesh, bundle, model, params, mask, data)
 
-
-def jit_steps(run: Run, tx, state_shapes):
-  """step.jit_steps for this run: (train_step, eval_step, state, param and batch shardings)."""
-  return step_lib.jit_steps(run.config, run.model, run.mask, tx, run.params, state_shapes, run.mesh)

@@ -1,6 +1,6 @@
-"""Evaluation: the scores of a run's model on a part of its split (`evaluate_part`, used by the training loop for
-validation and test), and eval.py's `evaluate(config, workdir)`, which restores a checkpoint and evaluates it as the
-run was trained (`eval_config`).
+"""Evaluation: the scores of a model on a part of a dataset's split (`Evaluator`: the training loop's validation and
+test, and eval.py's `evaluate(config, workdir)`, which restores a checkpoint and evaluates it as the run was trained,
+`eval_config`, without building an optimizer).
 """
 
 from __future__ import annotations
@@ -9,20 +9,20 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from mcpf_jax import metrics, rundir, runs, scores
+from mcpf_jax import metrics, resolve, rundir, runs, scores
 from mcpf_jax.data import pipeline
 from mcpf_jax.train import checkpoints as ckpt_lib
-from mcpf_jax.train import hosts, identity, optim, preemption, reports, restore
+from mcpf_jax.train import data_setup, hosts, identity, preemption, reports, restore
 from mcpf_jax.train import mesh as mesh_lib
 from mcpf_jax.train import step as step_lib
-from mcpf_jax.train.build import Run, build_run, jit_steps
+from mcpf_jax.train.build import build_run
 
 log = logging.getLogger("mcpf_jax")
 
@@ -63,52 +63,63 @@ class ScoreTable:
     return self.scores
 
 
-def predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding,
-            stop: preemption.StopRequest | None = None) -> np.ndarray:
-  """score01 for every image in `indices` (multi-crop mean), in the order of `indices`.
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """Scores and metrics of a model on images of one dataset, as a run evaluates them: `image_size` crops of the
+  run's preprocessing (data.resize, eval.num_crops), eval.batch_size images per global batch, scores mapped to the
+  MOS scale by `data.score_map`. Validation, test, cross-dataset evaluation and eval.py are instances of it; it
+  needs parameters and the eval step (`step.jit_eval`), no optimizer."""
+  config: Any
+  data: data_setup.RunData
+  image_size: int
+  eval_fn: Callable[[Any, dict[str, jax.Array]], jax.Array]
+  batch_sharding: jax.sharding.NamedSharding
 
-  eval.batch_size images per global batch (rounded up to a multiple of the mesh's data axis: `mesh.fit_batch`),
-  the last one padded with rows that are never scored. Each data shard (`mesh.data_shard`: the processes whose
-  devices hold the same rows of a batch) decodes every count-th image of `indices`, so processes that share a shard
-  decode the same images; the global batch's scores come back with the image index of each row, so no result
-  depends on which process's devices hold which rows. `stop`: polled once per batch; a stop request raises
-  preemption.Stopped.
-  """
-  cfg = run.config
-  table = ScoreTable(indices)
-  batch_size = mesh_lib.fit_batch("eval.batch_size", cfg.eval.batch_size, batch_sharding.mesh.shape["data"])
-  shard = mesh_lib.data_shard(batch_sharding)
-  gather = mesh_lib.gather_fn(batch_sharding.mesh)
-  decoded = 0
-  batches = pipeline.eval_batches(run.data.source, indices, batch_size=shard.local_size("eval.batch_size", batch_size),
-                                  image_size=run.image_size, resize=cfg.data.resize, num_crops=cfg.eval.num_crops,
-                                  score_map=run.data.score_map, num_workers=cfg.data.num_workers,
-                                  shard_index=shard.index, shard_count=shard.count)
-  for batch in mesh_lib.checked_first(batches, shard, "evaluation input"):
-    local = {"image": batch["image"], "index": batch["index"].astype(np.int32), "weight": batch["weight"]}
-    decoded += int(batch["weight"].sum())
-    glob = mesh_lib.global_batch(local, batch_sharding, batch_size)
-    scores = eval_fn(params, {"image": glob["image"]})
-    table.add(*(mesh_lib.to_host(x) for x in gather((scores, glob["index"], glob["weight"]))))
-    if stop is not None and stop.poll():
-      raise preemption.Stopped(f"stopped {stop.reason} during evaluation", stop.status)
-  log.info("evaluated %d images; this process (%d of %d, data shard %d of %d) decoded %d of them", len(indices),
-           jax.process_index(), jax.process_count(), shard.index, shard.count, decoded)
-  return table.result()
+  def predict(self, params: Any, indices: np.ndarray, stop: preemption.StopRequest | None = None) -> np.ndarray:
+    """score01 for every image in `indices` (multi-crop mean), in the order of `indices`.
 
+    eval.batch_size images per global batch (already a multiple of the mesh's data axis: `resolve.resolve`), the
+    last one padded with rows that are never scored. Each data shard (`mesh.data_shard`: the processes whose
+    devices hold the same rows of a batch) decodes every count-th image of `indices`, so processes that share a
+    shard decode the same images; the global batch's scores come back with the image index of each row, so no
+    result depends on which process's devices hold which rows. `stop`: polled once per batch; a stop request
+    raises preemption.Stopped.
+    """
+    cfg, batch_sharding = self.config, self.batch_sharding
+    table = ScoreTable(indices)
+    batch_size = cfg.eval.batch_size
+    shard = mesh_lib.data_shard(batch_sharding)
+    gather = mesh_lib.gather_fn(batch_sharding.mesh)
+    decoded = 0
+    batches = pipeline.eval_batches(self.data.source, indices,
+                                    batch_size=shard.local_size("eval.batch_size", batch_size),
+                                    image_size=self.image_size, resize=cfg.data.resize, num_crops=cfg.eval.num_crops,
+                                    score_map=self.data.score_map, num_workers=cfg.data.num_workers,
+                                    shard_index=shard.index, shard_count=shard.count)
+    for batch in mesh_lib.checked_first(batches, shard, "evaluation input"):
+      local = {"image": batch["image"], "index": batch["index"].astype(np.int32), "weight": batch["weight"]}
+      decoded += int(batch["weight"].sum())
+      glob = mesh_lib.global_batch(local, batch_sharding, batch_size)
+      scores = self.eval_fn(params, {"image": glob["image"]})
+      table.add(*(mesh_lib.to_host(x) for x in gather((scores, glob["index"], glob["weight"]))))
+      if stop is not None and stop.poll():
+        raise preemption.Stopped(f"stopped {stop.reason} during evaluation", stop.status)
+    log.info("evaluated %d images; this process (%d of %d, data shard %d of %d) decoded %d of them", len(indices),
+             jax.process_index(), jax.process_count(), shard.index, shard.count, decoded)
+    return table.result()
 
-def evaluate_part(run: Run, params: Any, part: str, eval_fn, batch_sharding,
-                  stop: preemption.StopRequest | None = None) -> tuple[dict[str, Any], dict]:
-  """Metrics and per-image predictions (on the dataset's MOS scale) for one part ("train" | "val" | "test" |
-  "all") of the run's split."""
-  idx = run.data.indices[part]
-  score01 = predict(run, params, idx, eval_fn, batch_sharding, stop)
-  pred = run.data.score_map.to_mos(score01)
-  mos = run.data.mos[idx]
-  result = metrics.evaluate(pred, mos, higher_is_better=run.data.higher_is_better)
-  result.update(dataset=run.data.name, part=part)
-  rows = {"name": [run.data.names[i] for i in idx], "mos": mos, "score": pred}
-  return result, rows
+  def __call__(self, params: Any, part: str, stop: preemption.StopRequest | None = None
+               ) -> tuple[dict[str, Any], dict]:
+    """Metrics and per-image predictions (on the dataset's MOS scale) for one part ("train" | "val" | "test" |
+    "all") of the data's split."""
+    data = self.data
+    idx = data.indices[part]
+    pred = data.score_map.to_mos(self.predict(params, idx, stop))
+    mos = data.mos[idx]
+    result = metrics.evaluate(pred, mos, higher_is_better=data.higher_is_better)
+    result.update(dataset=data.name, part=part)
+    rows = {"name": [data.names[i] for i in idx], "mos": mos, "score": pred}
+    return result, rows
 
 
 def eval_config(saved: Mapping[str, Any], config=None, explicit: Mapping[str, Any] | None = None
@@ -191,9 +202,8 @@ def evaluate(config, workdir: str | os.PathLike[str], *, checkpoint: str | int |
   latest = ckpts.latest_step()
   if latest is None:
     raise FileNotFoundError(f"{directory}: no checkpoint; train first with the same --workdir")
-  run_cfg = (saved[0]["config"] if saved is not None else
-             runs.config_from_meta(ckpts.restore_meta(latest)).to_dict())
-  cfg = eval_config(run_cfg, config, explicit)
+  run_cfg = resolve.saved_config(saved[0] if saved is not None else None, lambda: ckpts.restore_meta(latest))
+  cfg = resolve.resolve(eval_config(run_cfg.to_dict(), config, explicit), training=False)
   # A damaged step: "best" falls back to the next best that reads; "latest" or a step number names the damaged file
   # and the steps that read (nothing is moved: a reader changes nothing in the run).
   step = runs.readable_step(ckpts, checkpoint if checkpoint is not None else cfg.eval.checkpoint)
@@ -205,21 +215,20 @@ def evaluate(config, workdir: str | os.PathLike[str], *, checkpoint: str | int |
   cross = dataset is not None and dataset != meta["dataset"]
   run = build_run(cfg, workdir, dataset=dataset if cross else None)
   runs.check_backbone(meta, run.bundle.source, run.bundle.fingerprint, ckpts.directory)
+  indices = run.data.indices
   if not cross and saved is not None:
-    run_rec, split_rec = saved
-    if "dataset" in run_rec:
-      identity.check_dataset(run_rec["dataset"], identity.dataset_identity(run.data.source, run.data.name), workdir)
-    if split_rec is not None:
-      run.data.indices.update(identity.indices_from_split(split_rec, run.data.names, workdir))
+    identity.check_saved_dataset(saved, run.data, workdir)
+    if saved[1] is not None:
+      indices = dict(indices, **identity.indices_from_split(saved[1], run.data.names, workdir))
   # Scores map to the MOS scale of the TRAINING part, as saved, whatever dataset is evaluated.
-  run.data = dataclasses.replace(run.data, score_map=scores.ScoreMap(**meta["label_transform"]))
+  data = dataclasses.replace(run.data, indices=indices, score_map=scores.ScoreMap(**meta["label_transform"]))
   part = "all" if cross else (part or "test")
-  tx = optim.make_optimizer(restore.optim_config(cfg, 1), run.mask)
-  _, eval_step, _, _, b_sh = jit_steps(run, tx, step_lib.init_state(run.params, tx))
+  eval_step, _, b_sh = step_lib.jit_eval(cfg, run.model, run.params, run.mesh)
   params = restore.restore_params(cfg, ckpts, step, run.params, run.mask, run.mesh)
+  evaluator = Evaluator(cfg, data, run.image_size, eval_step, b_sh)
   try:
     with preemption.StopRequest() as stop:
-      result, rows = evaluate_part(run, params, part, eval_step, b_sh, stop)
+      result, rows = evaluator(params, part, stop)
   except preemption.Stopped:
     ckpts.close()
     raise

@@ -179,6 +179,17 @@ def check_dataset(saved: Mapping[str, Any], current: Mapping[str, Any], where: s
         "the original build, or train a new run (new --workdir) on this one.")
 
 
+def check_saved_dataset(saved: tuple[Mapping[str, Any], Any] | None, data: Any, workdir: str | os.PathLike[str]
+                        ) -> dict[str, Any]:
+  """The identity of `data` (a RunData) now, checked against the run's saved one (`saved`: (run.json, split.json)
+  as `read` gives them; a run of an older version without them, or without a dataset record, is not checked).
+  Training (at a restart) and evaluation both check here."""
+  current = dataset_identity(data.source, data.name)
+  if saved is not None and "dataset" in saved[0]:
+    check_dataset(saved[0]["dataset"], current, workdir)
+  return current
+
+
 def split_record(config: Any, names: np.ndarray, indices: Mapping[str, np.ndarray]) -> dict[str, Any]:
   """split.json: the protocol and seed, and the image names on each side."""
   out = {"format": FORMAT, "protocol": config.data.split_protocol, "split_seed": int(config.data.split_seed),

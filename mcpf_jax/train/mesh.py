@@ -7,7 +7,7 @@ Prompts, fusion and optimizer state are tiny and replicated.
 Input: a process loads the rows of each global batch that its devices hold, which is decided by the devices'
 places on the "data" axis, not by the process index (`DataShard`, `data_shard`): with the model axis spanning
 processes, several processes hold the same rows and must load the same ones. Batch fields that the data axis must
-divide are rounded up to a multiple of it (`fit_batch`, one log line when a value changes).
+divide are rounded up to a multiple of it (`mcpf_jax.resolve.fit_batch`, one log line when a value changes).
 """
 
 from __future__ import annotations
@@ -27,24 +27,13 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mcpf_jax.resolve import mesh_shape
+
 # Backbone leaves at least this large are sharded when mesh.shard_backbone is on (smaller ones stay replicated).
 _MIN_SHARDED_SIZE = 2 ** 18
 _BACKBONE = re.compile(r"^clip/")
 
 log = logging.getLogger("mcpf_jax")
-
-
-def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
-  """(data, model) of the mesh over `num_devices` devices; one of the two may be -1 = the rest."""
-  if data == -1 and model == -1:
-    raise ValueError("mesh: at most one of mesh.data and mesh.model may be -1")
-  if data == -1:
-    data = num_devices // model
-  if model == -1:
-    model = num_devices // data
-  if data * model != num_devices or data < 1 or model < 1:
-    raise ValueError(f"mesh: data={data} x model={model} does not use the {num_devices} devices available")
-  return data, model
 
 
 def make_mesh(data: int = -1, model: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
@@ -177,39 +166,6 @@ def data_shard(sharding: NamedSharding, process: int | None = None) -> DataShard
   index_map = sharding.devices_indices_map((n,))
   positions = [(d.process_index, idx[0].start or 0) for d, idx in index_map.items()]
   return shard_of_positions(positions, n, jax.process_index() if process is None else process)
-
-
-def fit_batch(field: str, batch_size: int, data: int, accumulate_steps: int = 1) -> int:
-  """The batch size used for config field `field`: `batch_size` rounded up to a multiple of `data` (the mesh's
-  data axis) x `accumulate_steps`, so that a pod needs no per-topology batch. A changed value is logged (one line).
-
-  Unchanged wherever it divides already (the results of such runs stay what they were). Raises ValueError for a
-  batch below 1 or one that the accumulation steps do not divide (a config error on any mesh).
-  """
-  if batch_size < 1:
-    raise ValueError(f"{field}={batch_size} must be at least 1")
-  if batch_size % accumulate_steps:
-    raise ValueError(f"{field}={batch_size} must be divisible by train.accumulate_steps ({accumulate_steps})")
-  multiple = data * accumulate_steps
-  fitted = -(-batch_size // multiple) * multiple
-  if fitted != batch_size:
-    why = f"the mesh's data axis ({data} devices)" + (f" x train.accumulate_steps ({accumulate_steps})"
-                                                      if accumulate_steps > 1 else "")
-    log.info("%s=%d -> %d: rounded up to a multiple of %s", field, batch_size, fitted, why)
-  return fitted
-
-
-def fit_batches(config, fields: Sequence[str] = ("train.batch_size", "eval.batch_size")):
-  """A copy of `config` whose batch fields (`fields`) are fitted to its mesh (`fit_batch`) on this job's devices."""
-  data, _ = mesh_shape(config.mesh.data, config.mesh.model, jax.device_count())
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    if "train.batch_size" in fields:
-      config.train.batch_size = fit_batch("train.batch_size", config.train.batch_size, data,
-                                          config.train.accumulate_steps)
-    if "eval.batch_size" in fields:
-      config.eval.batch_size = fit_batch("eval.batch_size", config.eval.batch_size, data)
-  return config
 
 
 def rows_problem(shards: Sequence[int], rows: Sequence[np.ndarray]) -> str | None:

@@ -14,7 +14,8 @@ import ml_collections
 
 from mcpf_jax import clip, rundir, runs
 from mcpf_jax.model import freeze
-from mcpf_jax.runs import check_backbone, checkpoint_step, config_from_meta
+from mcpf_jax.resolve import saved_config
+from mcpf_jax.runs import check_backbone, checkpoint_step
 from mcpf_jax.train import checkpoints as ckpt_lib
 from mcpf_jax.train import mesh as mesh_lib
 
@@ -81,7 +82,7 @@ def init_from(config, bundle: clip.Bundle, params: Any, mask: Any, mesh: jax.sha
     meta = ckpts.restore_meta(step)
     where = ckpts.directory / str(step)
     check_backbone(meta, bundle.source, bundle.fingerprint, where)
-    other = config_from_meta(meta)
+    other = saved_config(None, meta)
     mine = json.loads(config.model.to_json_best_effort())
     theirs = json.loads(json.dumps(other.model.to_dict()))
     diff = sorted(k for k in set(mine) | set(theirs) if k not in _SAME_MODEL_EXCEPT and mine.get(k) != theirs.get(k))

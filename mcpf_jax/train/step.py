@@ -123,5 +123,16 @@ def jit_steps(config, model, mask: Any, tx: optax.GradientTransformation, params
   weights = {k: float(config.loss[k]) for k in ("rank", "l1", "cls", "aux")}
   train_step = jax.jit(make_train_step(model, mask, tx, weights, config.train.accumulate_steps),
                        in_shardings=(s_sh, b_sh), out_shardings=(s_sh, rep), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(p_sh, b_sh), out_shardings=rep)
+  eval_step, _, _ = jit_eval(config, model, params, mesh)
   return train_step, eval_step, s_sh, p_sh, b_sh
+
+
+def jit_eval(config, model, params: Any, mesh: jax.sharding.Mesh):
+  """The jitted eval step alone, as `jit_steps` makes it, for what evaluates without training (no optimizer).
+
+  Returns:
+    (eval_step, param_shardings, batch_sharding).
+  """
+  p_sh = mesh_lib.param_shardings(params, mesh, config.mesh.shard_backbone)
+  b_sh = mesh_lib.batch_sharding(mesh)
+  return jax.jit(make_eval_step(model), in_shardings=(p_sh, b_sh), out_shardings=mesh_lib.replicated(mesh)), p_sh, b_sh

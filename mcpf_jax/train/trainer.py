@@ -19,15 +19,15 @@ import jax
 import numpy as np
 import tqdm
 
-from mcpf_jax import rundir, runs
+from mcpf_jax import resolve, rundir, runs
 from mcpf_jax.data import pipeline
 from mcpf_jax.model import freeze
 from mcpf_jax.train import checkpoints as ckpt_lib
 from mcpf_jax.train import hosts, identity, launch, optim, preemption, reports, restore
 from mcpf_jax.train import mesh as mesh_lib
 from mcpf_jax.train import step as step_lib
-from mcpf_jax.train.build import Run, build_run, jit_steps
-from mcpf_jax.train.evaluation import NonFiniteError, evaluate_part
+from mcpf_jax.train.build import Run, build_run
+from mcpf_jax.train.evaluation import Evaluator, NonFiniteError
 
 log = logging.getLogger("mcpf_jax")
 
@@ -69,7 +69,7 @@ def _saved_identity(workdir: os.PathLike[str], directory: os.PathLike[str]
     if saved is not None:
       return saved
     meta = ckpts.restore_meta(step)
-    return {"config": runs.config_from_meta(meta).to_dict(), "from": f"checkpoint {directory / str(step)}"}, None
+    return {"config": resolve.saved_config(None, meta).to_dict(), "from": f"checkpoint {directory / str(step)}"}, None
   finally:
     ckpts.close()
 
@@ -100,12 +100,10 @@ def _check_checkpoint_config(directory: os.PathLike[str], config, workdir: os.Pa
 def _check_identity(run: Run, saved: tuple[dict[str, Any], dict[str, Any] | None] | None) -> dict[str, Any]:
   """Checks the dataset and the split against the saved identity (refusing a changed one), and writes run.json and
   split.json at a fresh start (process 0). Returns the run's identity record."""
-  ds = identity.dataset_identity(run.data.source, run.data.name)
+  ds = identity.check_saved_dataset(saved, run.data, run.workdir)
   split = identity.split_record(run.config, run.data.names, run.data.indices)
   if saved is not None:
     run_rec, split_rec = saved
-    if "dataset" in run_rec:
-      identity.check_dataset(run_rec["dataset"], ds, run.workdir)
     if split_rec is not None and any(split_rec[k] != split[k] for k in ("train", "val", "test")):
       raise identity.RunMismatchError(f"{run.workdir}: the split computed now is not the one in "
                                       f"{run.workdir / identity.SPLIT_FILE}; nothing was changed")
@@ -155,9 +153,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
   when set. Returns the final summary (also written to <workdir>/train_summary.json).
   """
   workdir = rundir.path(workdir)
-  # Batch sizes fitted to the mesh before anything else: the run's config (and run.json) holds the batch it trains
-  # with, so a restart on a mesh that would round it differently is refused like any other change of the batch.
-  config = mesh_lib.fit_batches(config)
+  config = resolve.resolve(config)  # before anything else: run.json holds the batch sizes fitted to the mesh
   checkpoint_dir = rundir.checkpoint_dir(workdir, config.get("checkpoint_dir"))
   hosts.check_run_folder(workdir)  # multi-host: one folder for every process, or refused before anything is written
   hosts.check_checkpoint_folder(workdir, checkpoint_dir)
@@ -178,7 +174,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
   total = ocfg.total_steps
   tx = optim.make_optimizer(ocfg, run.mask)
   state = step_lib.init_state(run.params, tx)
-  train_step, eval_step, s_sh, _p_sh, b_sh = jit_steps(run, tx, state)
+  train_step, eval_step, s_sh, _p_sh, b_sh = step_lib.jit_steps(cfg, run.model, run.mask, tx, run.params, state,
+                                                                run.mesh)
+  evaluate = Evaluator(cfg, run.data, run.image_size, eval_step, b_sh)  # validation and test
   # This process loads the rows its devices hold (its data shard), not the rows of its process index.
   shard = mesh_lib.data_shard(b_sh)
   state = jax.device_put(state, s_sh)
@@ -273,7 +271,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
         val_metrics = None
         if len(run.data.indices["val"]) >= 3:
           try:
-            val, _ = evaluate_part(run, state["params"], "val", eval_step, b_sh, stop)
+            val, _ = evaluate(state["params"], "val", stop)
           except NonFiniteError as e:  # finite but huge parameters: not a checkpoint worth keeping
             raise NonFiniteError(f"step {done}: validation: {e}; stopped without saving. {_last_good(ckpts)}") from e
           except preemption.Stopped:
@@ -292,7 +290,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
         last_save = time.monotonic()
     bar.close()
     ckpts.wait()
-    test, rows = evaluate_part(run, state["params"], "test", eval_step, b_sh, stop)
+    test, rows = evaluate(state["params"], "test", stop)
   except preemption.Stopped:
     ckpts.close()
     raise
