@@ -83,7 +83,7 @@ def predict(run: Run, params: Any, indices: np.ndarray, eval_fn, batch_sharding,
   batches = pipeline.eval_batches(run.data.source, indices, batch_size=shard.local_size("eval.batch_size", batch_size),
                                   image_size=run.image_size, resize=cfg.data.resize, num_crops=cfg.eval.num_crops,
                                   score_map=run.data.score_map, num_workers=cfg.data.num_workers,
-                                  shard_index=shard.index, shard_count=shard.count)
+                                  num_threads=pipeline.AUTO, shard_index=shard.index, shard_count=shard.count)
   for batch in mesh_lib.checked_first(batches, shard, "evaluation input"):
     local = {"image": batch["image"], "index": batch["index"].astype(np.int32), "weight": batch["weight"]}
     decoded += int(batch["weight"].sum())
