@@ -101,7 +101,8 @@ def get_config(dataset: str | None = None) -> ml_collections.ConfigDict:
   c.data.resize = 512  # short side before cropping
   c.data.image_size = placeholder(int)  # crop size; None = the CLIP's input size (224, or 336 for L/14-336)
   c.data.prefetch_to_device = 2  # training batches transferred to the devices ahead of the step (0 = none)
-  c.data.num_workers = 2  # decoding worker processes (0 = in the main process)
+  c.data.num_workers = -1  # decoding worker processes (0 = in the main process, with threads); -1 = from the host's
+  # cores C: 0 below 4 cores, else min(C - 1, 32) (mcpf_jax/data/pipeline.py input_sizes; README "Input")
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32  # global batch, split over the mesh's data axis (rounded up to a multiple of data x

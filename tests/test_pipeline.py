@@ -207,8 +207,9 @@ def test_start_batch_continues_the_stream_on_any_number_of_processes(score_map):
   assert _same(joined, reference[4:])
 
 
-def test_workers_give_the_same_batches_and_resume(source, score_map):
+def test_workers_and_threads_give_the_same_batches_and_resume(source, score_map):
   reference = list(_train(source, score_map, num_epochs=2))
+  assert _same(list(_train(source, score_map, num_epochs=2, num_threads=3)), reference)
   it = iter(_train(source, score_map, num_epochs=2, num_workers=2))
   try:
     head = [next(it) for _ in range(2)]
@@ -340,3 +341,20 @@ def test_score_map_errors_and_pickling():
     scores.ScoreMap.fit([0.5, 3.0], True, mos_range=(1.0, 5.0))
   lt = scores.ScoreMap.fit([1.0, 5.0], True, num_levels=3)
   assert pickle.loads(pickle.dumps(lt)) == lt
+
+
+def test_input_sizes_follow_the_host_cores():
+  # Below 4 cores: the main process decodes, one read thread per core; from 4: cores - 1 workers (at most 32).
+  assert pipeline.input_sizes(cores=2) == (0, 2)
+  assert pipeline.input_sizes(cores=1) == (0, 1)
+  assert pipeline.input_sizes(cores=4) == (3, 1)
+  assert pipeline.input_sizes(cores=224) == (32, 1)
+  assert pipeline.input_sizes(2, pipeline.AUTO, cores=16) == (2, 1)
+  assert pipeline.input_sizes(0, pipeline.AUTO, cores=16) == (0, 16)
+  assert pipeline.input_sizes(5, 3, cores=2) == (5, 3)
+  with pytest.raises(ValueError, match=r"num_workers must be >= 0, or -1 to size it from the host's cores; got -2"):
+    pipeline.input_sizes(-2)
+  # Prefetch: one batch per thread at least, else 64 MiB of batches, at most 8.
+  assert pipeline.prefetch_batches(32 * 224 * 224 * 3, 1) == 8
+  assert pipeline.prefetch_batches(16 * 15 * 224 * 224 * 3, 1) == 1
+  assert pipeline.prefetch_batches(16 * 15 * 224 * 224 * 3, 4) == 4

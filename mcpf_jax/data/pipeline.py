@@ -33,11 +33,19 @@ whose devices differ only along the model axis hold the same shard and load the 
 `train_loader(..., batch_size=GLOBAL batch, shard_index, shard_count)` and gets its shard of each global batch (one
 global order: the same batches on 1 and N processes); `eval_batches(..., shard_index, shard_count)` gives each
 shard every shard_count-th row, so each image is decoded by one shard only.
+
+Sized to the host (`num_workers=AUTO`, `num_threads=AUTO`, what train.py passes by default: `input_sizes`): with
+C = the cores this process may run on (`host_cores`), C < 4 decodes in the main process with C read threads (worker
+processes cost more than they give on 2 cores: benchmarks/decode_throughput.py), C >= 4 starts min(C - 1, 32)
+worker processes with one read thread each (one core left to the training loop). Each process prefetches
+`prefetch_batches(batch bytes, threads)` batches: at least one per read thread, up to 64 MiB of decoded images
+(at most 8 batches). None of this changes the batches: they are a function of the seed and the step alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,8 +58,55 @@ from mcpf_jax import classes, images, scores
 NUM_SCENES = len(classes.SCENES)
 NUM_DISTORTIONS = len(classes.DISTORTIONS)
 
-# Batches in flight per process (after all transformations): small, since a batch of 512 px decodes is large.
-_PREFETCH_BATCHES = 2
+# num_workers / num_threads: sized from the host's cores (`input_sizes`).
+AUTO = -1
+# Worker processes start from this many cores (below it the main process decodes with threads), and at most this
+# many (each holds the source and a copy of the pipeline).
+_MIN_CORES_FOR_WORKERS = 4
+_MAX_WORKERS = 32
+# Decoded batches in flight per process: at least one per read thread (each thread decodes a whole batch), then as
+# many as fit in this many bytes, at most _MAX_PREFETCH_BATCHES.
+_PREFETCH_BYTES = 64 << 20
+_MAX_PREFETCH_BATCHES = 8
+
+
+def host_cores() -> int:
+  """The CPU cores this process may run on (its affinity mask: what a scheduler such as Slurm gave the job), or
+  `os.cpu_count()` where the platform has no affinity call."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS, Windows
+    return os.cpu_count() or 1
+
+
+def input_sizes(num_workers: int = AUTO, num_threads: int = AUTO, cores: int | None = None) -> tuple[int, int]:
+  """(worker processes, read threads per process) for the given values, AUTO ones sized from the cores.
+
+  Workers (AUTO): 0 below 4 cores, else min(cores - 1, 32). Threads (AUTO): `cores` when the main process decodes
+  (0 workers), else 1 per worker process.
+
+  Args:
+    num_workers: grain worker processes, or AUTO.
+    num_threads: read threads per process, or AUTO.
+    cores: the host's cores (default: `host_cores()`).
+
+  Raises:
+    ValueError: a value below AUTO (-1).
+  """
+  for name, value in (("num_workers", num_workers), ("num_threads", num_threads)):
+    if value < AUTO:
+      raise ValueError(f"{name} must be >= 0, or {AUTO} to size it from the host's cores; got {value}")
+  cores = host_cores() if cores is None else cores
+  if num_workers == AUTO:
+    num_workers = 0 if cores < _MIN_CORES_FOR_WORKERS else min(cores - 1, _MAX_WORKERS)
+  if num_threads == AUTO:
+    num_threads = 1 if num_workers else max(1, cores)
+  return num_workers, num_threads
+
+
+def prefetch_batches(batch_bytes: int, num_threads: int) -> int:
+  """Batches each process decodes ahead: one per read thread at least, then up to 64 MiB, at most 8."""
+  return max(num_threads, 1, min(_MAX_PREFETCH_BATCHES, _PREFETCH_BYTES // max(batch_bytes, 1)))
 
 
 
@@ -274,8 +329,8 @@ def num_eval_batches(num_rows: int, batch_size: int, shard_count: int = 1) -> in
   return -(-per_shard // batch_size)
 
 
-def _read_options(num_threads: int) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=_PREFETCH_BATCHES)
+def _read_options(num_threads: int, batch_bytes: int) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches(batch_bytes, num_threads))
 
 
 def _own_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -295,8 +350,6 @@ def _default_unparsed_grain_flag(name: str) -> None:
 
 
 def _with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
-  if num_workers < 0:
-    raise ValueError(f"num_workers must be >= 0, got {num_workers}")
   if num_workers == 0:
     return ds
   _default_unparsed_grain_flag("grain_enable_multiprocess_worker_profiling")
@@ -327,12 +380,14 @@ def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
     resize: short side after resizing, before cropping (>= image_size).
     seed: seeds the order, the crops and the flips.
     score_map: the scores.ScoreMap fitted on the training rows.
-    num_workers: grain worker processes decoding in parallel (0: in this process). Batches do not depend on it.
+    num_workers: grain worker processes decoding in parallel (0: in this process; AUTO: from the host's cores,
+      `input_sizes`). Batches do not depend on it.
     shard_index, shard_count: this process's block of every global batch (mcpf_jax.train.mesh.data_shard), not
       its process index: processes that hold the same rows pass the same shard_index.
     num_epochs: stop after this many epochs (None: repeat forever).
     start_batch: the first global batch to yield (a resumed run's step).
-    num_threads: reader threads per process (grain ReadOptions.num_threads).
+    num_threads: read threads per process (grain ReadOptions.num_threads; AUTO: `input_sizes`). Each decodes a
+      whole batch; the batches come out in order whatever the count.
     max_upscale: refuse images needing more than this upscale factor to reach `resize` (None: any).
 
   Returns:
@@ -345,6 +400,7 @@ def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
                      f"(shard_count={shard_count})")
   if start_batch < 0:
     raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+  num_workers, num_threads = input_sizes(num_workers, num_threads)
   rows = _check_rows(source, indices)
   # A seeded permutation before grain's shuffle: the order of runs of earlier versions (same batches, same numbers).
   rows = rows[np.random.default_rng([seed, 0x5EED]).permutation(rows.size)]
@@ -360,7 +416,8 @@ def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
   ds = ds.repeat(num_epochs)
   if start_batch:
     ds = ds[start_batch:]
-  return _with_workers(ds.to_iter_dataset(_read_options(num_threads)), num_workers)
+  batch_bytes = batch_size // shard_count * image_size * image_size * 3
+  return _with_workers(ds.to_iter_dataset(_read_options(num_threads, batch_bytes)), num_workers)
 
 
 def eval_batches(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size: int, image_size: int = 224,
@@ -386,6 +443,7 @@ def eval_batches(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
   _check_shard(shard_index, shard_count)
   if num_crops < 1:
     raise ValueError(f"num_crops must be at least 1, got {num_crops}")
+  num_workers, num_threads = input_sizes(num_workers, num_threads)
   all_rows = _check_rows(source, indices)
   rows = all_rows[shard_index::shard_count]
   total = num_eval_batches(all_rows.size, batch_size, shard_count) * batch_size
@@ -393,4 +451,5 @@ def eval_batches(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
   ds = grain.MapDataset.source(_Rows(source, rows))
   ds = ds.map(_EvalExample(score_map, image_size, resize, num_crops, max_upscale))
   ds = ds.batch(batch_size, drop_remainder=False)
-  return _with_workers(ds.to_iter_dataset(_read_options(num_threads)), num_workers)
+  batch_bytes = batch_size * num_crops * image_size * image_size * 3
+  return _with_workers(ds.to_iter_dataset(_read_options(num_threads, batch_bytes)), num_workers)

@@ -191,10 +191,16 @@ class IQAModel(nn.Module):
     clip_config: the backbone (see mcpf_jax.clip).
     spec: the variant and its switches.
     text_ids: {class_set: int32 [classes, 77]} from `class_token_ids`, as nested tuples (hashable).
+    text_sharding: None, or a NamedSharding whose spec's first entry names the mesh axes to spread the class-prompt
+      rows over (mcpf_jax.train.step.jit_steps sets P("data") on a mesh with a data axis of more than one device):
+      the rows are padded to a multiple of those axes' size, each device encodes its part, the features (a few KB)
+      are gathered, and the backward reduces the prompt gradients over the devices. The same numbers as None,
+      where every device encodes every row.
   """
   clip_config: CLIPConfig | SiglipConfig
   spec: ModelSpec
   text_ids: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...]
+  text_sharding: Any = None
 
   def setup(self):
     s, c = self.spec, self.clip_config
@@ -260,12 +266,35 @@ class IQAModel(nn.Module):
         prompts = [jnp.concatenate([jnp.broadcast_to(text_prompts[name][j], (len(i),) + text_prompts[name][j].shape)
                                     for name, i in zip(sets, ids)], axis=0)
                    for j in range(self.spec.text_depth)]
-    feats = _normalize(self.clip.encode_text(all_ids, prompts))
+    if self.text_sharding is None:
+      feats = _normalize(self.clip.encode_text(all_ids, prompts))
+    else:
+      feats = self._encode_sharded(all_ids, prompts)
     out, start = {}, 0
     for name, i in zip(sets, ids):
       out[name] = feats[start:start + i.shape[0]]
       start += i.shape[0]
     return out
+
+  def _encode_sharded(self, ids: jax.Array, prompts: list[jax.Array] | None) -> jax.Array:
+    """`_normalize(encode_text(ids, prompts))` with the rows spread over `text_sharding`'s first axes, gathered."""
+    sharding = self.text_sharding
+    axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+    shards = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+    rows = ids.shape[0]
+    pad = -rows % shards
+
+    def spread(x: jax.Array) -> jax.Array:  # rows padded with copies of row 0 (sliced off below), then spread
+      if pad:
+        x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])], axis=0)
+      return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+          sharding.spec[0], *([None] * (x.ndim - 1)))))
+
+    if prompts is not None and prompts and prompts[0].ndim == 3:  # per-row prompt sets
+      prompts = [spread(p) for p in prompts]
+    feats = spread(_normalize(self.clip.encode_text(spread(ids), prompts)))
+    gathered = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.lax.with_sharding_constraint(feats, gathered)[:rows]
 
   def __call__(self, pixels: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """pixels float32 [B, H, W, 3], CLIP-normalised (for every backbone) -> dict of per-image outputs.

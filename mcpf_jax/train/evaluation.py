@@ -95,7 +95,7 @@ class Evaluator:
                                     batch_size=shard.local_size("eval.batch_size", batch_size),
                                     image_size=self.image_size, resize=cfg.data.resize, num_crops=cfg.eval.num_crops,
                                     score_map=self.data.score_map, num_workers=cfg.data.num_workers,
-                                    shard_index=shard.index, shard_count=shard.count)
+                                    num_threads=pipeline.AUTO, shard_index=shard.index, shard_count=shard.count)
     for batch in mesh_lib.checked_first(batches, shard, "evaluation input"):
       local = {"image": batch["image"], "index": batch["index"].astype(np.int32), "weight": batch["weight"]}
       decoded += int(batch["weight"].sum())

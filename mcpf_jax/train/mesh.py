@@ -63,6 +63,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
+def text_rows_sharding(mesh: Mesh) -> NamedSharding:
+  """The class-prompt rows of the text tower split over "data" (model.iqa.IQAModel.text_sharding): each device
+  encodes its share of the rows once per step instead of every row."""
+  return NamedSharding(mesh, P("data"))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

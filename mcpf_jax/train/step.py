@@ -116,6 +116,8 @@ def jit_steps(config, model, mask: Any, tx: optax.GradientTransformation, params
   Returns:
     (train_step, eval_step, state_shardings, param_shardings, batch_sharding). train_step donates the state.
   """
+  if mesh.shape["data"] > 1:  # each device encodes its share of the class prompts (IQAModel.text_sharding)
+    model = model.clone(text_sharding=mesh_lib.text_rows_sharding(mesh))
   p_sh = mesh_lib.param_shardings(params, mesh, config.mesh.shard_backbone)
   s_sh = mesh_lib.state_shardings(state_shapes, p_sh, mesh)
   b_sh = mesh_lib.batch_sharding(mesh)

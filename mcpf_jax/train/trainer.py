@@ -23,6 +23,7 @@ from mcpf_jax import resolve, rundir, runs
 from mcpf_jax.data import pipeline
 from mcpf_jax.model import freeze
 from mcpf_jax.train import checkpoints as ckpt_lib
+from mcpf_jax.train import feed as feed_lib
 from mcpf_jax.train import hosts, identity, launch, optim, preemption, reports, restore
 from mcpf_jax.train import mesh as mesh_lib
 from mcpf_jax.train import step as step_lib
@@ -193,13 +194,19 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
     log.info("step 0 starts from the trainable weights of %s", where)
   # The input stream at step t is a function of t alone (one global order), so a resumed run, on any number of
   # processes or workers, continues exactly where the checkpoint is.
+  cores = pipeline.host_cores()
+  workers, threads = pipeline.input_sizes(cfg.data.num_workers, pipeline.AUTO, cores)
+  log.info("input: %d worker processes x %d read threads (data.num_workers=%s, %d cores)", workers, threads,
+           cfg.data.num_workers, cores)
   loader = pipeline.train_loader(run.data.source, train_idx, batch_size=cfg.train.batch_size,
                                  image_size=run.image_size, resize=cfg.data.resize, seed=cfg.seed,
-                                 score_map=run.data.score_map, num_workers=cfg.data.num_workers,
+                                 score_map=run.data.score_map, num_workers=workers, num_threads=threads,
                                  shard_index=shard.index, shard_count=shard.count, start_batch=start)
   # Batches reach the devices ahead of the step that needs them; the first one's rows are checked across processes.
   device_batches = mesh_lib.prefetch_to_device(mesh_lib.checked_first(loader, shard, "training input"), b_sh,
                                                size=cfg.data.prefetch_to_device, batch_size=cfg.train.batch_size)
+  # The wait for each batch against the rest of the loop: a warning when the input cannot keep up with the steps.
+  feed = feed_lib.Feed(device_batches, cfg.train.batch_size, workers, threads, cores)
   log.info("%s | %s on %s: %d train / %d val / %d test images, %d steps (%d per epoch), %d trainable of %d "
            "parameters", launch.topology(run.mesh), cfg.model.name, run.data.name, len(train_idx),
            len(run.data.indices["val"]), len(run.data.indices["test"]), total, steps_per_epoch,
@@ -247,8 +254,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
   last_save = time.monotonic()
   try:
     for step in range(start, total):
-      state, m = train_step(state, next(device_batches))
+      state, m = train_step(state, next(feed))
       done = step + 1
+      if done == start + 1:
+        feed.reset()  # the first step's wait is the input's start-up, its step the compilation
       pending.append((done, m))
       seen += cfg.train.batch_size
       bar.update(1)
@@ -266,6 +275,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
           writer.add_scalar("train/lr", float(schedule(done)), done)
           writer.add_scalar("train/images_per_second", rate, done)
         tick, seen = time.perf_counter(), 0
+        feed.check(done)
       if done % cfg.train.checkpoint_every == 0 or done == total:
         check_finite()
         val_metrics = None
@@ -284,10 +294,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
         save(done, val_metrics)
         last_save = time.monotonic()
         tick, seen = time.perf_counter(), 0
+        feed.reset()
       elif log_now and _time_to_save(last_save, cfg.train.checkpoint_minutes):
         check_finite()
         save(done, None)  # time-based: not validated (the best checkpoint must not depend on the clock)
         last_save = time.monotonic()
+        feed.reset()
     bar.close()
     ckpts.wait()
     test, rows = evaluate(state["params"], "test", stop)
