@@ -19,6 +19,8 @@ import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 F, I, L = "mcpf_jax/model/fusion.py", "mcpf_jax/model/iqa.py", "mcpf_jax/clip/layers.py"
+S = "mcpf_jax/clip/siglip.py"
+MAP = 'MAPHead(cfg, self.dtype, self.attention, name="head")(pooled_tokens)'
 T2V, V2T = 't + attn("text_from_vision")(t, v)', 'v + attn("vision_from_text")(v, t)'
 
 MUTATIONS = {
@@ -45,6 +47,11 @@ MUTATIONS = {
     "mpiqe_drop_image_residual": [(I, "quality = image + nn.Dense(", "quality = 0 * image + nn.Dense(")],
     "score_levels_from_0": [(I, "levels = jnp.arange(1, logits.shape[-1] + 1, dtype=jnp.float32)",
                              "levels = jnp.arange(0, logits.shape[-1], dtype=jnp.float32)")],
+    # SigLIP (tests/test_reference_math.py's SigLIP forward): the first token pooled instead of the MAP head (the
+    # head's parameters kept, so only the pooling differs); the backbone's logit bias dropped from the class logits.
+    "siglip_pool_first_token": [(S, f"return {MAP}, x", f"return ({MAP}, pooled_tokens[:, 0])[1], x")],
+    "siglip_drop_logit_bias": [(I, "bias = jnp.reshape(self.clip.logit_bias, ()).astype(jnp.float32) if siglip "
+                                   "else 0.0", "bias = 0.0")],
 }
 
 
