@@ -106,6 +106,14 @@ def make_eval_step(model) -> Callable[[Any, Batch], jax.Array]:
   return eval_step
 
 
+def _shard_text(model, mesh: jax.sharding.Mesh):
+  """On a data axis of more than one device, each device encodes its share of the class prompts
+  (IQAModel.text_sharding); one device keeps the plain path."""
+  if mesh.shape["data"] > 1:
+    return model.clone(text_sharding=mesh_lib.text_rows_sharding(mesh))
+  return model
+
+
 def jit_steps(config, model, mask: Any, tx: optax.GradientTransformation, params: Any, state_shapes: State,
               mesh: jax.sharding.Mesh):
   """The jitted train and eval steps of a run, with their shardings: what train.py runs, built from shapes alone.
@@ -116,8 +124,7 @@ def jit_steps(config, model, mask: Any, tx: optax.GradientTransformation, params
   Returns:
     (train_step, eval_step, state_shardings, param_shardings, batch_sharding). train_step donates the state.
   """
-  if mesh.shape["data"] > 1:  # each device encodes its share of the class prompts (IQAModel.text_sharding)
-    model = model.clone(text_sharding=mesh_lib.text_rows_sharding(mesh))
+  model = _shard_text(model, mesh)
   p_sh = mesh_lib.param_shardings(params, mesh, config.mesh.shard_backbone)
   s_sh = mesh_lib.state_shardings(state_shapes, p_sh, mesh)
   b_sh = mesh_lib.batch_sharding(mesh)
@@ -135,6 +142,7 @@ def jit_eval(config, model, params: Any, mesh: jax.sharding.Mesh):
   Returns:
     (eval_step, param_shardings, batch_sharding).
   """
+  model = _shard_text(model, mesh)
   p_sh = mesh_lib.param_shardings(params, mesh, config.mesh.shard_backbone)
   b_sh = mesh_lib.batch_sharding(mesh)
   return jax.jit(make_eval_step(model), in_shardings=(p_sh, b_sh), out_shardings=mesh_lib.replicated(mesh)), p_sh, b_sh
