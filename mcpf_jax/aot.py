@@ -17,9 +17,10 @@ body is counted once by XLA: the CLIP layer stacks are Python loops (unrolled), 
 chunk loop is off, so the only loop left is gradient accumulation (`train.accumulate_steps` > 1). Then the FLOPs
 come from a second compile of the same step on one micro-batch (accumulate_steps = 1), times accumulate_steps
 (`flops_method` says which). `model_flops_per_step` is the analytic count (`mcpf_jax.model.flops`) of the useful
-work, each image once and the class prompts' text tower once; `analytic_flops_executed` counts the text tower once
-per device and micro-batch, as data parallelism and accumulation run it, and each image once per device of the
-"model" axis: what `flops_per_step` is checked against (`flops_vs_analytic`).
+work, each image once and the class prompts' text tower once; `analytic_flops_executed` counts the text tower as
+the mesh runs it (the prompt rows padded to a multiple of the "data" axis and split over it, once per micro-batch)
+and each image and prompt row once per device of the "model" axis: what `flops_per_step` is checked against
+(`flops_vs_analytic`).
 
 TPU targets need libtpu, the TPU compiler (`find_libtpu`): on a TPU VM the one `jax[tpu]` installs; on a CPU-only
 machine the one `make aot-libtpu` keeps in <venv>/aot-libtpu, outside site-packages (importable, jax would start it
@@ -485,9 +486,12 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
                                      backbone_trains=backbone_trains, pooled_only=pooled_only)
   eval_flops = flops_lib.step_flops(cc, spec, eval_batch * crops, text_rows, model.text_span, train=False,
                                     pooled_only=pooled_only)
-  # What the devices run: the class prompts' text tower on every device (replicated), once per micro-batch, and
-  # each image on the mesh.model devices of its data shard (the batch is split over "data" only).
-  executed = model_flops["text"] * n * acc + model_flops["vision"] * mesh.shape["model"]
+  # What the devices run, once per micro-batch: the class prompts split over "data" when it has more than one
+  # device (padded to a multiple of it: step.jit_steps' text sharding), else on every device; each prompt row and
+  # each image on the mesh.model devices of its data shard (rows and batch are split over "data" only).
+  data = mesh.shape["data"]
+  rows_run = -(-text_rows // data) * data if data > 1 else text_rows
+  executed = (model_flops["text"] * rows_run / text_rows * acc + model_flops["vision"]) * mesh.shape["model"]
   chip = target.chip
   hbm = chip.get("hbm_bytes")
   fits = train["fits"] and evaluation["fits"]
@@ -572,8 +576,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"  FLOPs per step: {r['flops_per_step']:.4g} (XLA, all devices; {r['flops_per_device']:.4g} per "
                  f"device; {r['flops_method']})")
     ratio = r.get("flops_vs_analytic", float("nan"))
-    lines.append(f"    analytic: {r['model_flops_per_step']:.4g} model FLOPs, {r['analytic_flops_executed']:.4g} with "
-                 f"the replicated text tower on every device (XLA / that = {ratio:.3f})")
+    lines.append(f"    analytic: {r['model_flops_per_step']:.4g} model FLOPs, {r['analytic_flops_executed']:.4g} as "
+                 f"the mesh runs them (class prompts split over data; XLA / that = {ratio:.3f})")
   for kind, c in sorted((r.get("collectives") or {}).items()):
     lines.append(f"  collective {kind}: {c['count']} per step, {c['bytes'] / 2 ** 20:.2f} MiB per device")
   if "step_s_at_mfu" in r:

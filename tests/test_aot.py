@@ -41,7 +41,7 @@ def _aot(tmp_path, *args: str) -> tuple[int, dict | None, str]:
 
 
 def _check_flops(r: dict, tolerance: float) -> None:
-  """XLA's count of what the devices run vs the analytic count of the same work (text tower on every device)."""
+  """XLA's count of what the devices run vs the analytic count of the same work (class prompts split over data)."""
   assert r["flops_per_step"] == pytest.approx(r["flops_per_device"] * r["devices"])
   assert r["flops_per_step"] == pytest.approx(r["analytic_flops_executed"], rel=tolerance), r
   assert r["model_flops_per_step"] < r["analytic_flops_executed"]  # the useful work counts the text tower once
@@ -68,8 +68,10 @@ def test_smoke_config_compiles_for_a_v5e_slice(tmp_path):
   assert 0 < r["peak_bytes_per_device"] < r["device_memory_bytes"] == 16 * 2 ** 30
   assert r["train"]["temp_size_in_bytes"] > 0 and r["eval"]["peak_bytes"] > 0
   _check_flops(r, 0.05)
-  # Data parallelism: the prompt gradients (and metrics) are all-reduced, nothing is all-gathered.
-  assert r["collectives"]["all-reduce"]["count"] >= 1 and "all-gather" not in r["collectives"]
+  # Data parallelism: the prompt gradients (and metrics) are all-reduced; the one all-gather is the class prompts'
+  # text features (each device encodes its share of the 25 rows, padded to 32): a few KB, no weight is gathered.
+  assert r["collectives"]["all-reduce"]["count"] >= 1
+  assert r["collectives"]["all-gather"]["count"] == 1 and r["collectives"]["all-gather"]["bytes"] < 64 * 2 ** 10
   assert r["compile_s"] > 0 and r["step_s_at_mfu"] > 0
 
 
