@@ -65,9 +65,8 @@ def main() -> None:
     config = base.get_config()
     model, params = iqa.build(config.model, clip.load(weights), jax.random.key(0))
     prep = scoring.Preprocessing(resize=config.data.resize, image_size=224, num_crops=args.num_crops)
-    scorer = scoring.Scorer(model, params, preprocessing=prep,
-                            info={"model": "mcpf (random ViT-B/16)"}, batch_size=args.batch_size,
-                            num_workers=args.num_workers)
+    loaded = scoring.LoadedModel(model, params, prep, info={"model": "mcpf (random ViT-B/16)"})
+    scorer = scoring.Scorer(loaded, batch_size=args.batch_size, num_workers=args.num_workers)
   bare_step = jax.jit(step_lib.make_eval_step(model))
   size = scorer.preprocessing.image_size
   rng = np.random.default_rng(0)

@@ -296,7 +296,7 @@ def test_export_of_a_vit_b16_model_is_a_few_mb(tmp_path):
 
 
 def test_scoring_and_export_import_nothing_of_train():
-  """scoring.py depends on the model, CLIP, image and score code only (so does the exporter)."""
+  """scoring/ depends on the model, CLIP, image and score code only (so does the exporter)."""
   code = ("import sys; import mcpf_jax.scoring, mcpf_jax.export\n"
           "bad = sorted(m for m in sys.modules if m.startswith('mcpf_jax.train') or m.startswith('mcpf_jax.data'))\n"
           "print(bad); sys.exit(1 if bad else 0)\n")

@@ -89,7 +89,7 @@ def test_eval_pipeline_and_scorer_make_identical_crops(big_jpeg, test_data, tmp_
     crops, size, _ = prep.crops(pathlib.Path(path).read_bytes(), path)
     assert crops.shape == (15, 224, 224, 3)
     np.testing.assert_array_equal(batches[0]["image"][i], crops, err_msg=path)
-    prepared = scoring._prepare(i, path, prep)  # pylint: disable=protected-access  (the Scorer's own reader)
+    prepared = scoring.scorer._prepare(i, path, prep)  # pylint: disable=protected-access  (the Scorer's own reader)
     assert prepared.error is None and (prepared.height, prepared.width) == size
     np.testing.assert_array_equal(prepared.crops, crops)
 
