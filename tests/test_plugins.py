@@ -113,7 +113,7 @@ def test_a_registered_dataset_is_written_and_built_once(tmp_path, monkeypatch):
   with config.unlocked():
     config.data.data_dir = ""  # <workdir>/data
   src = data_setup.open_source(config, "mini", tmp_path)
-  assert (tmp_path / "data" / "csv" / "mini_release" / "mos.csv").is_file()
+  assert (tmp_path / "data" / "mini_release" / "mos.csv").is_file()  # the raw release, beside the build
   assert str(src.path).startswith(str(tmp_path / "data" / "csv" / "mini" / ""))
   assert sorted(src.names) == names and sorted(src.mos.tolist()) == [1.0, 1.5, 2.0, 2.5, 3.0, 3.5]
 
