@@ -51,6 +51,9 @@ def get_config(dataset: str | None = None) -> ml_collections.ConfigDict:
                      f"expected one of {', '.join(DATASETS)}")
   c = ml_collections.ConfigDict()
   c.seed = 0  # parameter init and data order; the split seed is data.split_seed
+  # Modules imported before clip.name and data.name are looked up: each registers generated backbones and datasets
+  # under names of its own (configs/smoke.py: "mcpf_jax.smoke", the tiny CLIP "tiny" and the data "smoke").
+  c.plugins = ()
 
   c.clip = ml_collections.ConfigDict()
   c.clip.name = "openai/clip-vit-base-patch16"  # hub id, local HF folder, or preset (vit-b-32/-b-16/-l-14/-l-14-336)

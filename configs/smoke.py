@@ -11,6 +11,7 @@ from mcpf_jax.smoke import backbone
 
 def get_config():
   c = base.get_config()
+  c.plugins = ("mcpf_jax.smoke",)  # registers the backbone "tiny" and the dataset "smoke" used below
   c.clip.name = "tiny"  # a tiny CLIP written into <workdir>/tiny_clip in the Hugging Face format
   c.clip.tiny_seed = backbone.SEED
   # Random text tower; the vision tower is the bundled one pre-trained on procedural dead-leaves images (never on

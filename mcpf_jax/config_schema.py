@@ -17,6 +17,7 @@ Dtype = Literal["float32", "bfloat16"]
 # Every config has these.
 FIELDS: dict[str, Any] = {
     "seed": int,
+    "plugins": tuple[str, ...],  # modules registering generated backbones / datasets (resolve.load_plugins)
     "clip.name": str,
     "clip.revision": str | None,
     "clip.dtype": Dtype,
@@ -86,7 +87,7 @@ FIELDS: dict[str, Any] = {
     "num_splits": int,
 }
 
-# Only some configs have these: the smoke config's tiny CLIP (read when clip.name == "tiny").
+# Only some configs have these: the smoke config's tiny CLIP (read by its recipe, mcpf_jax.smoke.backbone).
 OPTIONAL: dict[str, Any] = {
     "clip.tiny": dict,  # the tiny CLIP's sizes, for mcpf_jax.clip.tiny.config_of (a ConfigDict in a config)
     "clip.tiny_seed": int,

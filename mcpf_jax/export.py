@@ -72,7 +72,7 @@ def stablehlo(scorer: Scorer, platforms: Sequence[str] = PORTABLE_PLATFORMS) -> 
 
 
 def _is_local_name(name: str) -> bool:
-  """A clip.name that names a folder on this machine (rather than a hub id, a preset or "tiny")."""
+  """A clip.name that names a folder on this machine (rather than a hub id, a preset or a generated backbone)."""
   path = pathlib.Path(name).expanduser()
   return path.is_absolute() or name.startswith((".", "~")) or path.exists()
 
@@ -90,7 +90,8 @@ def backbone_reference(config, source: str, fingerprint: str, *,
   The hub id and the exact commit come from the loaded weights' source (hf://repo@commit/file); else from the
   local `folder` it was loaded from when that is a snapshot in a Hugging Face cache; else from a hub id or preset
   in clip.name (with clip.revision: the run trained on it, and the weights given instead have its fingerprint).
-  A backbone with none of these (a local folder, the smoke run's tiny CLIP) has no hub id: only its fingerprint.
+  A backbone with none of these (a local folder, a generated backbone such as the smoke run's tiny CLIP) has no hub
+  id: only its fingerprint.
   """
   ref = {"hub_id": None, "revision": None, "weights": None, "fingerprint": fingerprint}
   m = _HF_SOURCE.match(source)
@@ -102,7 +103,7 @@ def backbone_reference(config, source: str, fingerprint: str, *,
     if cached:
       return dict(ref, hub_id=cached[0], revision=cached[1])
   name = str(config.clip.name)
-  if name != "tiny" and not _is_local_name(name):
+  if name not in runs.BACKBONES and not _is_local_name(name):
     ref.update(hub_id=HUB_IDS.get(name, name), revision=config.clip.revision)
   return ref
 
@@ -262,7 +263,7 @@ def export(workdir: str | os.PathLike[str], output: str | pathlib.Path, *, check
   # from_checkpoint checked that the backbone loaded (info["backbone"]) has the fingerprint the run trained on.
   source = scorer.info["backbone"]
   name = str(clip_name or config.clip.name)  # what the backbone was loaded from (runs.load_clip)
-  loaded_from = (pathlib.Path(source).parent if name == "tiny" else
+  loaded_from = (pathlib.Path(source).parent if name in runs.BACKBONES else
                  pathlib.Path(name).expanduser() if pathlib.Path(name).expanduser().is_dir() else None)
   backbone = dict(backbone_reference(config, source, meta["backbone"]["fingerprint"], folder=loaded_from),
                   included=include_backbone, path=pretrained.BACKBONE_DIR if include_backbone else None)

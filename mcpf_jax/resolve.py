@@ -1,10 +1,12 @@
-"""What a config means on this job, derived in one place: the mesh's shape, the batch sizes fitted to it, the
-model's input size, and a saved run's config. Training, evaluation, the pre-flight (aot), scoring and export take
-these from here instead of deriving them again."""
+"""What a config means on this job, derived in one place: its plugins imported, the mesh's shape, the batch sizes
+fitted to it, the model's input size, and a saved run's config. Training, evaluation, the pre-flight (aot), scoring
+and export take these from here instead of deriving them again."""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,6 +16,23 @@ import ml_collections
 from mcpf_jax import runs
 
 log = logging.getLogger("mcpf_jax")
+
+
+_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def load_plugins(config) -> None:
+  """Imports the modules of config.plugins, which register generated backbones (`runs.register_backbone`) and
+  datasets (`mcpf_jax.data.register_generated`) under the names clip.name and data.name use; e.g. "mcpf_jax.smoke"
+  (configs/smoke.py). Importing one twice does nothing."""
+  for module in config.get("plugins", ()):
+    if not isinstance(module, str) or not _MODULE.match(module):
+      raise ValueError(f"plugins: {module!r} is not a module name (expected a dotted name such as 'mcpf_jax.smoke')")
+    try:
+      importlib.import_module(module)
+    except ModuleNotFoundError as e:
+      raise ValueError(f"plugins: cannot import {module!r} ({e}); config.plugins lists the modules that register "
+                       "generated backbones and datasets") from e
 
 
 def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
@@ -53,7 +72,8 @@ def resolve(config, num_devices: int | None = None, *, training: bool = True) ->
   """The config a job runs with on `num_devices` devices (default: this job's): a copy whose eval.batch_size and,
   when `training`, train.batch_size are fitted to the mesh's data axis (`fit_batch`). A run's config (run.json)
   holds the batch it trains with, so a restart on a mesh that would round it differently is refused like any other
-  change; an evaluation keeps the run's train.batch_size as it is."""
+  change; an evaluation keeps the run's train.batch_size as it is. Imports config.plugins (`load_plugins`)."""
+  load_plugins(config)
   data, _ = mesh_shape(config.mesh.data, config.mesh.model,
                        jax.device_count() if num_devices is None else num_devices)
   config = config.copy_and_resolve_references()
@@ -73,7 +93,11 @@ def image_size(config, clip_config) -> int:
 def saved_config(run: Mapping[str, Any] | None,
                  meta: Mapping[str, Any] | Callable[[], Mapping[str, Any]]) -> ml_collections.ConfigDict:
   """The config a run was trained with: its run.json's (`run`, as `runs.read_run` gives it), else, for runs of
-  older versions without run.json, the one saved in a checkpoint's `meta` (or a function that reads it)."""
+  older versions without run.json, the one saved in a checkpoint's `meta` (or a function that reads it). Its plugins
+  are imported (`load_plugins`)."""
   if run is not None:
-    return ml_collections.ConfigDict(runs.upgrade_config(run["config"]))
-  return runs.config_from_meta(meta() if callable(meta) else meta)
+    config = ml_collections.ConfigDict(runs.upgrade_config(run["config"]))
+  else:
+    config = runs.config_from_meta(meta() if callable(meta) else meta)
+  load_plugins(config)
+  return config

@@ -13,7 +13,8 @@ Layout of `<workdir>` (the names are this module's constants; every writer and r
   train_summary.json, test_predictions.csv        written at the end of training
   eval.json, eval_predictions.csv, eval_scatter.png   written by eval.py
   protocol.json, split_<s>/                        the N-split protocol: its summary and each split's run folder
-  tiny_clip/             the smoke run's tiny CLIP (a local run folder only: see `tiny_clip_dir`)
+  <name>_clip/           a backbone generated on first use, e.g. the smoke run's tiny_clip/ (a local run folder
+                         only: see `generated_backbone_dir`)
   data/                  the dataset when data.data_dir is "" (a local run folder only: see `local_cache`)
 A dataset may be read from a bucket too (data.data_dir=gs://...; built locally, then copied there).
 Exports (`python -m mcpf_jax.export --output DIR`) are written to a local folder outside the run folder.
@@ -42,13 +43,13 @@ EVAL_FILE = "eval.json"
 EVAL_PREDICTIONS_FILE = "eval_predictions.csv"
 EVAL_SCATTER_FILE = "eval_scatter.png"
 PROTOCOL_FILE = "protocol.json"
-TINY_CLIP = "tiny_clip"
+GENERATED_CLIP = "{name}_clip"  # a generated backbone's folder: "tiny" -> tiny_clip
 DATA = "data"
 
 # Object stores a run folder may live in (tested against a local GCS-protocol server; orbax and tensorstore write
 # gs:// natively, gcsfs serves etils.epath).
 REMOTE_SCHEMES = ("gs",)
-# Where a run kept in a bucket puts what must be a local file (the tiny CLIP, a smoke dataset built for it).
+# Where a run kept in a bucket puts what must be a local file (a generated backbone, a dataset built for it).
 CACHE_ENV = "MCPF_JAX_CACHE"
 DEFAULT_CACHE = "~/.cache/mcpf_jax"
 
@@ -155,14 +156,15 @@ def local_cache(*parts: str) -> pathlib.Path:
   return pathlib.Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().joinpath(*parts)
 
 
-def tiny_clip_dir(workdir: PathLike, recipe: dict[str, Any]) -> pathlib.Path:
-  """Where the tiny CLIP of a run goes: <workdir>/tiny_clip for a local run folder; for a run in a bucket a local
-  folder named by its recipe (`recipe`: seed and sizes), since the CLIP loader reads local files. The weights are a
-  function of the recipe alone, and the run's checkpoints check the backbone's fingerprint, so any copy is it."""
+def generated_backbone_dir(workdir: PathLike, name: str, recipe: dict[str, Any]) -> pathlib.Path:
+  """Where a run's generated backbone `name` goes (`runs.GeneratedBackbone`): <workdir>/<name>_clip for a local run
+  folder; for a run in a bucket a local folder named by its recipe (`recipe`: what its weights are a function of),
+  since the CLIP loader reads local files. The run's checkpoints check the backbone's fingerprint, so any copy is it."""
+  folder = GENERATED_CLIP.format(name=name)
   if not is_remote(workdir):
-    return pathlib.Path(os.fspath(path(workdir))) / TINY_CLIP
+    return pathlib.Path(os.fspath(path(workdir))) / folder
   digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
-  return local_cache(TINY_CLIP, digest)
+  return local_cache(folder, digest)
 
 
 def data_dir(workdir: PathLike, configured: str | None) -> epath.Path:

@@ -19,6 +19,7 @@ alongside, it is prompt-sized, and dropped), so no optimizer is built to read it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ import os
 import pathlib
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -287,10 +288,14 @@ def locate(path: str | os.PathLike[str], checkpoint: str | int) -> tuple[epath.P
 # `upgrade_config`, so runs written before a rename still resume, evaluate, score and export.
 RENAMED_FIELDS = {"splits": "num_splits", "data.split": "data.split_protocol"}
 RETIRED_FIELDS = ("train.eval_every",)  # never read by any version
+# Names that were built in before `plugins` (the modules registering generated backbones and datasets) existed, and
+# the module that registers them now: a saved config without `plugins` that uses one gets that module.
+BUILT_IN_BEFORE_PLUGINS = {("clip.name", "tiny"): "mcpf_jax.smoke", ("data.name", "smoke"): "mcpf_jax.smoke"}
 
 
 def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
-  """A saved config (JSON data) with the fields of RENAMED_FIELDS under their current names, RETIRED_FIELDS gone."""
+  """A saved config (JSON data) with the fields of RENAMED_FIELDS under their current names, RETIRED_FIELDS gone,
+  and for one from before `plugins` the plugins of the names it uses (BUILT_IN_BEFORE_PLUGINS)."""
   out = json.loads(json.dumps(config))
 
   def parent(dotted: str) -> tuple[dict[str, Any] | None, str]:
@@ -311,6 +316,14 @@ def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
     node, leaf = parent(gone)
     if node is not None:
       node.pop(leaf, None)
+  if "plugins" not in out:
+    plugins = []
+    for (field, value), module in BUILT_IN_BEFORE_PLUGINS.items():
+      node, leaf = parent(field)
+      if node is not None and node.get(leaf) == value and module not in plugins:
+        plugins.append(module)
+    if plugins:
+      out["plugins"] = plugins
   return out
 
 
@@ -333,18 +346,48 @@ def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(upgrade_config(meta["config"]))
 
 
-def load_clip(config, workdir: str | os.PathLike[str], *, name: str | None = None) -> clip.Bundle:
-  """The run's CLIP: config.clip.name (or `name`): a hub id, folder or preset.
+@dataclasses.dataclass(frozen=True)
+class GeneratedBackbone:
+  """A backbone written by code on first use instead of downloaded, registered under a clip.name by a plugin (a
+  module of config.plugins).
 
-  "tiny" writes a tiny random HF-format CLIP into <workdir>/tiny_clip, or for a run kept in a bucket into a local
-  folder (`rundir.tiny_clip_dir`); idempotent: the same seed and sizes give the same weights, so a resumed run or a
-  scorer finds the backbone it was trained on.
+  recipe(config) -> the JSON-able fields its weights are a function of; write(folder, **recipe) writes it as a
+  Hugging Face folder (idempotent: a folder holding this recipe is left as it is); clip_config(recipe) -> its
+  CLIPConfig without writing anything (the pre-flight compiles without weights).
+  """
+  recipe: Callable[[Any], dict[str, Any]]
+  write: Callable[..., Any]
+  clip_config: Callable[[dict[str, Any]], clip.CLIPConfig]
+
+
+BACKBONES: dict[str, GeneratedBackbone] = {}
+
+
+def register_backbone(name: str, backbone: GeneratedBackbone) -> None:
+  """Makes clip.name=`name` the generated backbone `backbone` (`load_clip` writes it into the run folder)."""
+  BACKBONES[name] = backbone
+
+
+def load_clip(config, workdir: str | os.PathLike[str], *, name: str | None = None) -> clip.Bundle:
+  """The run's CLIP: config.clip.name (or `name`): a hub id, folder, preset or registered generated backbone.
+
+  A generated backbone (BACKBONES) is written into <workdir>/<name>_clip, or for a run kept in a bucket into a local
+  folder (`rundir.generated_backbone_dir`); the same recipe gives the same weights, so a resumed run or a scorer
+  finds the backbone it was trained on.
   """
   name = name or config.clip.name
-  if name == "tiny":
-    name = str(_tiny_clip(config, workdir))
-  return clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat,
-                   param_dtype=config.clip.get("param_dtype", "float32"))
+  generated = BACKBONES.get(name)
+  if generated is not None:
+    name = str(_generated_backbone(name, generated, config, workdir))
+  try:
+    return clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat,
+                     param_dtype=config.clip.get("param_dtype", "float32"))
+  except FileNotFoundError as e:
+    if generated is not None or pathlib.Path(name).expanduser().exists():
+      raise
+    raise FileNotFoundError(f"{e}; nor is {name!r} a generated backbone (registered: {sorted(BACKBONES)}; "
+                            f"config.plugins={list(config.get('plugins', ()))} lists the modules that register "
+                            "them)") from e
 
 
 def _sync(name: str) -> None:
@@ -355,13 +398,13 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _tiny_clip(config, workdir: str | os.PathLike[str]) -> pathlib.Path:
-  """The tiny CLIP's folder, written once and whole. In a local run folder (one every process sees) process 0
-  writes it and the others wait; a run in a bucket keeps it in each host's local cache, which each process fills
-  (a temporary folder renamed into place: a process that finds it there already leaves it)."""
-  from mcpf_jax.smoke import backbone  # pylint: disable=g-import-not-at-top
-  recipe = {"seed": config.clip.tiny_seed, **config.clip.tiny}
-  folder = rundir.tiny_clip_dir(workdir, recipe)
+def _generated_backbone(name: str, backbone: GeneratedBackbone, config,
+                        workdir: str | os.PathLike[str]) -> pathlib.Path:
+  """The generated backbone's folder, written once and whole. In a local run folder (one every process sees)
+  process 0 writes it and the others wait; a run in a bucket keeps it in each host's local cache, which each
+  process fills (a temporary folder renamed into place: a process that finds it there already leaves it)."""
+  recipe = backbone.recipe(config)
+  folder = rundir.generated_backbone_dir(workdir, name, recipe)
   shared = not rundir.is_remote(workdir)
   if not shared or jax.process_index() == 0:
     if folder.exists():
@@ -377,7 +420,7 @@ def _tiny_clip(config, workdir: str | os.PathLike[str]) -> pathlib.Path:
         shutil.rmtree(tmp, ignore_errors=True)
         backbone.write(folder, **recipe)
   if shared:
-    _sync("tiny CLIP written")
+    _sync(f"backbone {name} written")
   return folder
 
 

@@ -335,7 +335,7 @@ def build_smoke_data(data_dir: pathlib.Path) -> None:
   config = smoke.get_config()
   with config.unlocked():
     config.data.data_dir = str(data_dir)
-  data_setup.open_source(config, data_setup.SMOKE, data_dir)
+  data_setup.open_source(config, config.data.name, data_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------

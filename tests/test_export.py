@@ -443,7 +443,7 @@ def test_a_folder_without_its_backbone_names_the_fingerprint_and_the_command(pub
   proc = _score_cli(["--pretrained", str(small), published["imgs"][0]], env)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
-  assert f"fingerprint {fingerprint}" in proc.stderr and "tiny CLIP" in proc.stderr
+  assert f"fingerprint {fingerprint}" in proc.stderr and "generated backbone 'tiny': the tiny_clip/" in proc.stderr
   assert f"python score.py --pretrained {small} --clip CLIP_FOLDER" in proc.stderr
   assert "--include_backbone" in proc.stderr
   # The command it names works, and the backbone given is checked against the recorded fingerprint.

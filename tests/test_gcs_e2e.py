@@ -153,10 +153,10 @@ def test_a_dataset_in_a_bucket_reads_as_its_local_copy(gcs_bucket, smoke_run):
   config = smoke_run.config.copy_and_resolve_references()
   with config.unlocked():
     config.data.data_dir = f"gs://{gcs_bucket}/datasets"
-  remote = data_setup.open_source(config, data_setup.SMOKE, smoke_run.workdir)
+  remote = data_setup.open_source(config, config.data.name, smoke_run.workdir)
   with config.unlocked():
     config.data.data_dir = str(local_dir)
-  local = data_setup.open_source(config, data_setup.SMOKE, smoke_run.workdir)
+  local = data_setup.open_source(config, config.data.name, smoke_run.workdir)
   assert str(remote.path).startswith(f"gs://{gcs_bucket}/datasets/csv/smoke/")
   assert len(remote) == len(local) and list(remote.names) == list(local.names)
   for i in (0, len(local) // 2, len(local) - 1):
@@ -169,7 +169,7 @@ def test_a_dataset_in_a_bucket_reads_as_its_local_copy(gcs_bucket, smoke_run):
     config.data.data_dir = f"gs://{gcs_bucket}/elsewhere"
   with pytest.raises(FileNotFoundError, match=r"data.data_dir=gs://.*/elsewhere: dataset csv is not built there, and "
                                               r"datasets are built into a local folder"):
-    data_setup.open_source(config, data_setup.SMOKE, smoke_run.workdir)
+    data_setup.open_source(config, config.data.name, smoke_run.workdir)
 
 
 def test_checkpoints_kept_apart_from_the_run_folder(gcs_bucket, smoke_run, tmp_path):

@@ -59,7 +59,7 @@ def test_the_layout_names():
   # What every run folder holds, under the names the README, eval.py and the tests have always used.
   assert (rundir.RUN_FILE, rundir.SPLIT_FILE, rundir.CHECKPOINTS, rundir.TENSORBOARD, rundir.SUMMARY_FILE,
           rundir.TEST_PREDICTIONS_FILE, rundir.EVAL_FILE, rundir.EVAL_PREDICTIONS_FILE, rundir.EVAL_SCATTER_FILE,
-          rundir.PROTOCOL_FILE, rundir.TINY_CLIP, rundir.DATA) == (
+          rundir.PROTOCOL_FILE, rundir.GENERATED_CLIP.format(name="tiny"), rundir.DATA) == (
               "run.json", "split.json", "checkpoints", "tensorboard", "train_summary.json", "test_predictions.csv",
               "eval.json", "eval_predictions.csv", "eval_scatter.png", "protocol.json", "tiny_clip", "data")
   assert identity.RUN_FILE == runs.RUN_FILE == rundir.RUN_FILE and identity.SPLIT_FILE == rundir.SPLIT_FILE
@@ -104,10 +104,11 @@ def test_a_bucket_url_never_becomes_a_local_folder(gcs_bucket, tmp_path, monkeyp
   assert not pathlib.Path("gs:").exists()
 
 
-def test_the_tiny_clip_of_a_run_in_a_bucket_is_a_local_folder_named_by_its_recipe(monkeypatch, tmp_path):
+def test_a_generated_backbone_of_a_run_in_a_bucket_is_a_local_folder_named_by_its_recipe(monkeypatch, tmp_path):
   monkeypatch.setenv(rundir.CACHE_ENV, str(tmp_path / "cache"))
-  a = rundir.tiny_clip_dir("gs://b/run", {"seed": 1, "width": 8})
+  a = rundir.generated_backbone_dir("gs://b/run", "tiny", {"seed": 1, "width": 8})
   assert a.parent == tmp_path / "cache" / "tiny_clip"
-  assert a == rundir.tiny_clip_dir("gs://other/run2", {"width": 8, "seed": 1})
-  assert a != rundir.tiny_clip_dir("gs://b/run", {"seed": 2, "width": 8})
-  assert rundir.tiny_clip_dir(tmp_path / "run", {"seed": 1}) == tmp_path / "run" / "tiny_clip"
+  assert a == rundir.generated_backbone_dir("gs://other/run2", "tiny", {"width": 8, "seed": 1})
+  assert a != rundir.generated_backbone_dir("gs://b/run", "tiny", {"seed": 2, "width": 8})
+  assert rundir.generated_backbone_dir("gs://b/run", "other", {"seed": 1, "width": 8}).parent.name == "other_clip"
+  assert rundir.generated_backbone_dir(tmp_path / "run", "tiny", {"seed": 1}) == tmp_path / "run" / "tiny_clip"

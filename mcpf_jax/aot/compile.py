@@ -12,11 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from mcpf_jax import model as iqa
-from mcpf_jax import resolve
+from mcpf_jax import resolve, runs
 from mcpf_jax.aot import report as report_lib
 from mcpf_jax.aot.targets import PreflightError, Target
 from mcpf_jax.clip import config as clip_config
-from mcpf_jax.clip import tiny
 from mcpf_jax.clip.tokenizer import Tokenizer
 from mcpf_jax.clip.tuning import attention_for, chunking
 from mcpf_jax.model import flops as flops_lib
@@ -28,8 +27,9 @@ from mcpf_jax.train import step as step_lib
 
 def clip_config_for(config, platform: str):
   """The run's CLIPConfig (no weights read), with the compute options of config.clip and the target platform."""
-  if config.clip.name == "tiny":
-    cc = tiny.config_of(config.clip.tiny)
+  generated = runs.BACKBONES.get(config.clip.name)  # registered by config.plugins (resolve.load_plugins)
+  if generated is not None:
+    cc = generated.clip_config(generated.recipe(config))
   else:
     try:
       cc = clip_config.from_name(config.clip.name)

@@ -8,7 +8,8 @@ Read (no TensorFlow, random access; picklable for grain workers):
   train, test = mcpf_jax.data.splits.split_indices(src.content_ids, seed=0)
 
 Files, one job each:
-  registry.py    the dataset names (NAMES): the ten release layouts + "csv"; builders and prepare derive from it
+  registry.py    the dataset names (NAMES): the ten release layouts + "csv"; builders and prepare derive from it;
+                 GENERATED: the datasets plugins write on first use (register_generated)
   readers.py     Row / Listing / Layout, the csv / xlsx / MATLAB readers, shared row checks, and TableLayout: the
                  one reader of table-shaped releases, declared as a `Table` (file, columns, folder)
   layouts.py     the ten benchmarks' release layouts (KADID-10k, AGIQA-1K, AGIQA-3K declared as tables)
@@ -22,7 +23,8 @@ Files, one job each:
 from mcpf_jax.data import splits
 from mcpf_jax.data.builders import CsvConfig
 from mcpf_jax.data.problems import DatasetError
-from mcpf_jax.data.registry import NAMES
+from mcpf_jax.data.registry import CSV, GENERATED, NAMES, Generated, register_generated
 from mcpf_jax.data.sources import IqaSource, builder, dataset_dir, info, source
 
-__all__ = ["NAMES", "CsvConfig", "DatasetError", "IqaSource", "builder", "dataset_dir", "info", "source", "splits"]
+__all__ = ["CSV", "GENERATED", "NAMES", "CsvConfig", "DatasetError", "Generated", "IqaSource", "builder",
+           "dataset_dir", "info", "register_generated", "source", "splits"]

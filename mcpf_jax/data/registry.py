@@ -2,14 +2,17 @@
 
 `LAYOUTS` maps each benchmark's name to its release layout (layouts.py), in the order the README lists them; `CSV`
 is the user's own csv dataset (csv_layout.py), which has no fixed release. `NAMES` is both. The TFDS builders
-(builders.BUILDERS), prepare's dataset argument and `mcpf_jax.data.NAMES` are derived from these.
+(builders.BUILDERS), prepare's dataset argument and `mcpf_jax.data.NAMES` are derived from these. `GENERATED` holds
+the datasets a plugin writes on first use (the smoke data: mcpf_jax.smoke), built as csv datasets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from mcpf_jax.data import layouts, problems
 from mcpf_jax.data.readers import Layout, listing
@@ -20,6 +23,25 @@ LAYOUTS: dict[str, type[Layout]] = {
                               layouts.Aigciqa2023)}
 CSV = "csv"
 NAMES: tuple[str, ...] = (*LAYOUTS, CSV)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated:
+  """A dataset written by code on first use, registered under a data.name by a plugin (a module of config.plugins):
+  `write_release(folder)` writes its raw release (images and a csv) into `folder`, which the csv builder builds
+  with `csv` (the CsvConfig fields) as the csv config named after the dataset."""
+  csv: Mapping[str, Any]
+  write_release: Callable[[pathlib.Path], Any]
+
+
+GENERATED: dict[str, Generated] = {}
+
+
+def register_generated(name: str, dataset: Generated) -> None:
+  """Makes data.name=`name` the generated dataset `dataset` (built on first use by the training run)."""
+  if name in NAMES:
+    raise ValueError(f"generated dataset {name!r}: the name is one of the built-in datasets {list(NAMES)}")
+  GENERATED[name] = dataset
 
 
 def wrong_folder_error(layout: Layout, root: pathlib.Path) -> problems.DatasetError:

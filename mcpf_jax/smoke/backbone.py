@@ -1,8 +1,9 @@
 """The smoke config's tiny CLIP: its sizes, its seed and its bundled pre-trained vision tower.
 
 configs/smoke.py sets `clip.name = "tiny"`, `clip.tiny = dict(**SIZES, ..., vision_weights="smoke")` and
-`clip.tiny_seed = SEED`; `write` turns that into a Hugging Face folder through `mcpf_jax.clip.tiny.write_tiny_clip`,
-resolving a bundled tower's name (TOWERS) to its file. The tower in assets/ is made for exactly these sizes
+`clip.tiny_seed = SEED`; `recipe` reads them, `write` turns the recipe into a Hugging Face folder through
+`mcpf_jax.clip.tiny.write_tiny_clip`, resolving a bundled tower's name (TOWERS) to its file (the generated backbone
+"tiny" that mcpf_jax.smoke registers). The tower in assets/ is made for exactly these sizes
 (`python -m mcpf_jax.smoke.pretrain` rebuilds it).
 """
 
@@ -23,6 +24,16 @@ TOWERS = {"smoke": ASSETS / "tiny_smoke_vision.safetensors"}  # bundled vision t
 
 def config() -> CLIPConfig:
   return tiny.tiny_config(**SIZES)
+
+
+def recipe(run_config) -> dict[str, Any]:
+  """What the run's tiny CLIP is a function of: clip.tiny_seed and the clip.tiny options (`write`'s arguments)."""
+  return {"seed": run_config.clip.tiny_seed, **run_config.clip.tiny}
+
+
+def clip_config(options: dict[str, Any]) -> CLIPConfig:
+  """The CLIPConfig `write(folder, **options)` writes, without writing anything."""
+  return tiny.config_of(options)
 
 
 def tower_path(vision_weights: str) -> pathlib.Path:

@@ -1,8 +1,8 @@
 """From the config to a dataset source, its train/val/test split and its score map (scores.ScoreMap).
 
-`data.name = "smoke"` is the built-in smoke data (scikit-image photos with synthetic distortions), written and
-built through the generic csv builder on first use. Other datasets are read from `data.data_dir`; if one is not
-built yet and `data.manual_dir` is set, it is built from that release folder first.
+A generated dataset (`mcpf_jax.data.GENERATED`, registered by a module of config.plugins) is written and built
+through the generic csv builder on first use. Other datasets are read from `data.data_dir`; if one
+is not built yet and `data.manual_dir` is set, it is built from that release folder first.
 """
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ from etils import epath
 from mcpf_jax import data as datasets
 from mcpf_jax import rundir, scores
 from mcpf_jax.data import splits
-from mcpf_jax.smoke import data as smoke
 from mcpf_jax.train import hosts, identity
 from mcpf_jax.train import mesh as mesh_lib
-
-SMOKE = "smoke"
 
 
 @dataclasses.dataclass
@@ -90,21 +87,25 @@ def _build(name: str, root: epath.Path, manual_dir: pathlib.Path, missing: bool,
 
 
 def open_source(config, name: str, workdir: str | os.PathLike[str]) -> datasets.IqaSource:
-  """The built dataset `name`, building it first where it can (smoke; or a dataset with data.manual_dir).
+  """The built dataset `name`, building it first where it can (a generated one; or one with data.manual_dir).
 
   Multi-host: each process reads the copy in its own data_dir (one shared folder, a bucket, or each host's own
   disk); a copy missing on any host is built there (once per folder), and the processes must read the same build
   (hosts.check_same on its identity)."""
   root = data_dir(config, workdir)
-  smoke_data = name == SMOKE
-  builder, kwargs = ("csv", {"config": SMOKE}) if smoke_data else (name, {})
+  generated = datasets.GENERATED.get(name)
+  if generated is None and name not in datasets.NAMES:
+    raise ValueError(f"data.name={name!r}: not a dataset of mcpf_jax.data {list(datasets.NAMES)} nor a generated one "
+                     f"(registered: {sorted(datasets.GENERATED)}; config.plugins="
+                     f"{list(config.get('plugins', ()))} lists the modules that register them)")
+  builder, kwargs = (datasets.CSV, {"config": name}) if generated else (name, {})
   src = _source(builder, root, **kwargs)
   missing_on = [i for i, m in enumerate(hosts.allgather_json(src is None)) if m]
   if missing_on:
-    if smoke_data:
-      raw = _local("csv", root) / "smoke_release"
-      _build("csv", root, raw, src is None, lambda: smoke.write_smoke_release(raw), config_name=SMOKE,
-             **smoke.CSV_CONFIG)
+    if generated is not None:
+      raw = _local(builder, root) / f"{name}_release"
+      _build(builder, root, raw, src is None, lambda: generated.write_release(raw), config_name=name,
+             **generated.csv)
     elif config.data.manual_dir:
       _build(name, root, pathlib.Path(config.data.manual_dir).expanduser(), src is None)
     elif jax.process_count() == 1:

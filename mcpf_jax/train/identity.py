@@ -47,8 +47,9 @@ OBSERVE = (
     "data.prefetch_to_device",  # batches sent to the devices ahead of the step: same batches, same order
     "num_splits",  # the protocol's number of splits (each split's own run has num_splits=1)
 )
-# Where the backbone and the dataset are read from: may move, their fingerprints are checked instead.
-IDENTITY_BY_FINGERPRINT = ("clip.name", "clip.revision", "data.data_dir", "data.manual_dir")
+# Where the backbone and the dataset are read from (and the plugins that register generated ones): may move, their
+# fingerprints are checked instead.
+IDENTITY_BY_FINGERPRINT = ("clip.name", "clip.revision", "data.data_dir", "data.manual_dir", "plugins")
 # The fields eval.py takes from the command line; everything else comes from the run it evaluates.
 EVAL_FIELDS = ("eval.",)
 
