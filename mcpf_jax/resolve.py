@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from mcpf_jax import runs
+from mcpf_jax import config_schema, runs
 
 log = logging.getLogger("mcpf_jax")
 
@@ -72,7 +72,12 @@ def resolve(config, num_devices: int | None = None, *, training: bool = True) ->
   """The config a job runs with on `num_devices` devices (default: this job's): a copy whose eval.batch_size and,
   when `training`, train.batch_size are fitted to the mesh's data axis (`fit_batch`). A run's config (run.json)
   holds the batch it trains with, so a restart on a mesh that would round it differently is refused like any other
-  change; an evaluation keeps the run's train.batch_size as it is. Imports config.plugins (`load_plugins`)."""
+  change; an evaluation keeps the run's train.batch_size as it is. Imports config.plugins (`load_plugins`).
+
+  A config to train with is checked against the schema first (`config_schema.validate`: every missing, unknown or
+  mistyped field named before anything runs); an evaluation's is a saved run's, which may predate fields."""
+  if training:
+    config_schema.validate(config)
   load_plugins(config)
   data, _ = mesh_shape(config.mesh.data, config.mesh.model,
                        jax.device_count() if num_devices is None else num_devices)

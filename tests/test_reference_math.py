@@ -135,6 +135,21 @@ def _np_gelu_tanh(x):
   return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
+def _np_vision_blocks(layers, x, prompts, batch, heads, eps, *gelu):
+  """The vision blocks with deep prompts: block i >= 1 replaces the last n tokens by prompts[i] (if given).
+
+  Returns the last block's output and each block's input.
+  """
+  inputs = []
+  for i in range(len(layers)):
+    if 1 <= i < len(prompts):
+      n = prompts[i].shape[-2]
+      x = np.concatenate([x[:, :-n], _per_row(prompts[i], batch)], axis=1)
+    inputs.append(x)
+    x = _np_clip_block(layers[str(i)], x, heads, False, eps, *gelu)
+  return x, inputs
+
+
 def _np_clip_block(p, x, heads, causal, eps, act=_np_quick_gelu):
   """Pre-LayerNorm CLIP block: x + SelfAttn(LN1 x), then + MLP(LN2 x) (`act`: CLIP's quick_gelu, SigLIP's tanh
   GELU), scale head_dim ** -0.5."""
@@ -200,13 +215,7 @@ def _np_vision_tower(p, pixels, prompts, heads, eps, patch):
   if prompts:
     x = np.concatenate([x, _per_row(prompts[0], batch)], axis=1)
   x = _np_layer_norm(x, vm["pre_layrnorm"], eps)
-  inputs = []
-  for i in range(len(vm["encoder"]["layers"])):
-    if 1 <= i < len(prompts):
-      n = prompts[i].shape[-2]
-      x = np.concatenate([x[:, :-n], _per_row(prompts[i], batch)], axis=1)
-    inputs.append(x)
-    x = _np_clip_block(vm["encoder"]["layers"][str(i)], x, heads, False, eps)
+  x, inputs = _np_vision_blocks(vm["encoder"]["layers"], x, prompts, batch, heads, eps)
   pooled = _np_layer_norm(x[:, 0], vm["post_layernorm"], eps)
   return pooled @ p["visual_projection"]["kernel"], x, inputs
 
@@ -266,13 +275,7 @@ def _np_siglip_vision_tower(p, pixels, prompts, heads, eps, patch):
   x = x + vm["embeddings"]["position_embedding"]["embedding"][None]
   if prompts:
     x = np.concatenate([x, _per_row(prompts[0], batch)], axis=1)
-  inputs = []
-  for i in range(len(vm["encoder"]["layers"])):
-    if 1 <= i < len(prompts):
-      n = prompts[i].shape[-2]
-      x = np.concatenate([x[:, :-n], _per_row(prompts[i], batch)], axis=1)
-    inputs.append(x)
-    x = _np_clip_block(vm["encoder"]["layers"][str(i)], x, heads, False, eps, _np_gelu_tanh)
+  x, inputs = _np_vision_blocks(vm["encoder"]["layers"], x, prompts, batch, heads, eps, _np_gelu_tanh)
   x = _np_layer_norm(x, vm["post_layernorm"], eps)
   return _np_map_head(vm["head"], x[:, :gh * gw], heads, eps), x, inputs
 
