@@ -171,14 +171,15 @@ def test_score_fn_equals_the_scorer_and_its_pixel_gradient_matches_finite_differ
   scorer = Scorer.from_pretrained(exported["full"], batch_size=2)
   img = images.load(str(sorted(clive.glob("*.JPG"))[3]))
   crops = scorer.preprocessing.crops(img, "test")[0]  # uint8 [9, 64, 64, 3]: the Scorer's own crops
-  per_crop = np.asarray(jax.jit(scorer.score_fn)(crops))
+  score_fn = jax.jit(scorer.score_fn)  # one program per input type (uint8 crops, float pixels), not op by op
+  per_crop = np.asarray(score_fn(crops))
   assert per_crop.shape == (9,) and np.ptp(per_crop) > 0
   (result,) = scorer.score(img)
   assert per_crop.mean() == pytest.approx(result.score, rel=1e-6, abs=1e-6)
   from mcpf_jax.clip import preprocess  # pylint: disable=g-import-not-at-top
   x = preprocess.normalize(crops[:2])  # normalised float pixels, the differentiable input
-  np.testing.assert_allclose(np.asarray(scorer.score_fn(x)), per_crop[:2], rtol=1e-6)
-  loss = jax.jit(lambda x: jnp.sum(scorer.score_fn(x)))
+  np.testing.assert_allclose(np.asarray(score_fn(x)), per_crop[:2], rtol=1e-6)
+  loss = lambda x: float(np.sum(np.asarray(score_fn(x), np.float64)))  # the float program compiled just above
   # Jitted: the same gradient (9e-7 relative to the op-by-op one), 3 s instead of 9 s on 2 CPU cores.
   grad = np.asarray(jax.jit(jax.grad(lambda x: jnp.sum(scorer.score_fn(x))))(x), np.float64)
   assert np.abs(grad).max() > 0
@@ -187,7 +188,7 @@ def test_score_fn_equals_the_scorer_and_its_pixel_gradient_matches_finite_differ
     d = rng.standard_normal(x.shape).astype(np.float32)
     d /= np.linalg.norm(d)
     eps = 1e-2
-    fd = (float(loss(x + eps * d)) - float(loss(x - eps * d))) / (2 * eps)
+    fd = (loss(x + eps * d) - loss(x - eps * d)) / (2 * eps)
     analytic = float(np.sum(grad * d))
     assert fd == pytest.approx(analytic, rel=2e-2, abs=1e-4), (fd, analytic)
   with pytest.raises(ValueError, match=r"expected crops of \[\.\.\., 64, 64, 3\]"):
