@@ -29,6 +29,7 @@ RESULTS = REPO / "benchmarks" / "results" / "aot_table.json"
 
 B16, L14, L336 = "openai/clip-vit-base-patch16", "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14-336"
 SHORT = {B16: "B/16", L14: "L/14", L336: "L/14-336"}
+SCAN = "--config.clip.scan_layers=True"
 METHODS = {"mcpf": [], "maple": ["--config.model.name=maple"], "full": ["--config.model.trainable=all"]}
 
 # (key, clip, method, topology, global batch, extra flags). The order is the priority: the rows that answer the
@@ -57,6 +58,10 @@ ROWS: list[tuple[str, str, str, str, int, list[str]]] = [
     ("l14-full-v5e-8-256-remat", L14, "full", "v5e-8", 256, ["--config.clip.remat=True"]),
     ("l14-full-v5e-8-256-shard", L14, "full", "v5e-8", 256, ["--config.mesh.model=2",
                                                             "--config.mesh.shard_backbone=True"]),
+    # clip.scan_layers: the table's scan column of the row without the "-scan" suffix (not rows of their own).
+    ("l14-mcpf-v5e-8-256-scan", L14, "mcpf", "v5e-8", 256, [SCAN]),
+    ("b16-mcpf-v5e-8-32-scan", B16, "mcpf", "v5e-8", 32, [SCAN]),
+    ("l14-full-v5e-8-256-scan", L14, "full", "v5e-8", 256, [SCAN]),
 ]
 
 
@@ -176,12 +181,15 @@ def table(results: dict) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--only", default="", help="run the rows whose key contains this")
+  parser.add_argument("--keys", default="", help="run exactly these rows (comma-separated keys), in this order")
   parser.add_argument("--redo", action="store_true", help="recompute rows already stored")
   parser.add_argument("--table", action="store_true", help="only print the table of the stored rows")
   args = parser.parse_args()
   results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
   if not args.table:
-    for row in ROWS:
+    keys = [k for k in args.keys.split(",") if k]
+    rows = [next(row for row in ROWS if row[0] == k) for k in keys] if keys else ROWS
+    for row in rows:
       if args.only not in row[0] or (row[0] in results and not args.redo):
         continue
       results[row[0]] = run_row(row)

@@ -279,7 +279,8 @@ def clip_config_for(config, platform: str):
       cc = clip_config.from_name(config.clip.name)
     except ValueError as e:
       raise PreflightError(f"--config.clip.name: {e}") from e
-  return cc.replace(dtype=config.clip.dtype, remat=bool(config.clip.remat), platform=platform)
+  return cc.replace(dtype=config.clip.dtype, remat=bool(config.clip.remat),
+                    scan_layers=bool(config.clip.get("scan_layers", False)), platform=platform)
 
 
 def build(config, platform: str):
@@ -502,7 +503,7 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
       "topology": target.name, "platform": target.platform, "device_kind": target.device_kind, "devices": n,
       "hosts": target.hosts, "slices": target.num_slices, "mesh": dict(mesh.shape),
       "model": config.model.name, "clip": config.clip.name, "trainable": str(config.model.trainable),
-      "dtype": cc.dtype, "remat": cc.remat, "shard_backbone": bool(config.mesh.shard_backbone),
+      "dtype": cc.dtype, "remat": cc.remat, "scan_layers": cc.scan_layers, "shard_backbone": bool(config.mesh.shard_backbone),
       "attention": _attention_path(cc), "vision_chunk": _vision_chunk(cc, spec, batch), "global_batch": batch,
       "accumulate_steps": acc,
       "peak_bytes_per_device": train.get("peak_bytes"), "device_memory_bytes": hbm, "fits": fits,

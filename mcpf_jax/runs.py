@@ -343,8 +343,9 @@ def load_clip(config, workdir: str | os.PathLike[str], *, name: str | None = Non
   name = name or config.clip.name
   if name == "tiny":
     name = str(_tiny_clip(config, workdir))
-  return clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat,
-                   param_dtype=config.clip.get("param_dtype", "float32"))
+  bundle = clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat,
+                     param_dtype=config.clip.get("param_dtype", "float32"))
+  return bundle.with_compute(scan_layers=bool(config.clip.get("scan_layers", False)))
 
 
 def _sync(name: str) -> None:
