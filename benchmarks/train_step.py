@@ -240,7 +240,8 @@ def main() -> None:
   _common.write("train_step", {
       "machine": _common.machine(), "load_average_start": load_start, "load_average_end": _common.load_average(),
       "settings": {"model": "MCPF (configs/base.py model) on random ViT-B/16 weights", "weights": str(folder),
-                   "dtype": args.dtype, "remat": args.remat, "scan_layers": args.scan_layers, "repeats": args.repeats, "peak_calls": args.peak_calls,
+                   "dtype": args.dtype, "remat": args.remat, "scan_layers": args.scan_layers, "repeats": args.repeats,
+                   "peak_calls": args.peak_calls,
                    "matmul_peak": f"jit(jnp.matmul) float32 n x n @ n x n, n in {MATMUL_SIZES}: the best median",
                    "image_chunk": getattr(model.spec, "image_chunk", "absent"),
                    "text_rows": text_rows, "text_tokens_computed": text_tokens,

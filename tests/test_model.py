@@ -90,6 +90,41 @@ def test_train_step_updates_only_trainable(bundle, variant):
   assert opt_size <= 2 * n_trainable + 8
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS) + ["clipiqa"])
+def test_scanned_layers_give_the_same_scores_and_grads(bundle, variant):
+  """clip.scan_layers: the same parameter tree, and outputs (scores, logits) within 1e-5 and gradients of every
+  trainable leaf within float32 rounding of the unrolled towers', for every variant."""
+  mc = {**BASE_MODEL, **VARIANTS[variant]} if variant in VARIANTS else {"name": variant}
+  model, params = iqa.build(mc, bundle, jax.random.key(0))
+  scanned, scanned_params = iqa.build(mc, bundle.with_compute(scan_layers=True), jax.random.key(0))
+  assert jax.tree.structure(scanned_params) == jax.tree.structure(params)  # the same (HF) layout
+  mask = freeze.mask(params, mc.get("trainable", "prompts"))
+  weights = {"rank": 1.0, "l1": 1.0, "cls": 0.5, "aux": 0.1}
+  batch = iqa_batch(4, IMAGE, seed=1)
+  images = preprocess.normalize(batch["image"])
+
+  @jax.jit
+  def both(params):
+    trainable, frozen = optim.partition(params, mask)
+    out = {}
+    for name, m in (("unrolled", model), ("scanned", scanned)):
+      loss = lambda tr, m=m: losses.batch_loss(m.apply({"params": optim.merge(tr, frozen)}, images), batch,
+                                               weights)[0]
+      out[name] = (m.apply({"params": params}, images), jax.grad(loss)(trainable) if trainable else {})
+    return out
+
+  out = jax.device_get(both(params))
+  (ref, ref_grads), (got, got_grads) = out["unrolled"], out["scanned"]
+  assert set(got) == set(ref) and "score" in ref
+  for k in ref:
+    scale = max(float(np.max(np.abs(ref[k]))), 1e-6)
+    assert float(np.max(np.abs(got[k] - ref[k]))) / scale <= 1e-5, k
+  assert set(got_grads) == set(ref_grads) == set(optim.partition(params, mask)[0])
+  for k in ref_grads:
+    np.testing.assert_allclose(got_grads[k], ref_grads[k], rtol=1e-4, atol=1e-6 * np.max(np.abs(ref_grads[k])),
+                               err_msg=k)
+
+
 def test_clipiqa_has_nothing_to_train(bundle):
   model, params = iqa.build({"name": "clipiqa"}, bundle, jax.random.key(0))
   assert set(params) == {"clip"}

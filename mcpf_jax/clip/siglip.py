@@ -248,7 +248,8 @@ class VisionTransformer(nn.Module):
     x = _VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels)
     if prompts:
       x = jnp.concatenate([x, batched(prompts[0], batch, self.dtype)], axis=1)
-    x = Encoder(cfg, False, "last", self.dtype, self.remat, self.attention, self.scan, name="encoder")(x, tuple(prompts[1:]))
+    x = Encoder(cfg, False, "last", self.dtype, self.remat, self.attention, self.scan, name="encoder")(
+        x, tuple(prompts[1:]))
     x = layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x)
     pooled_tokens = x if self.pool_prompts else x[:, :cfg.num_patches]
     return MAPHead(cfg, self.dtype, self.attention, name="head")(pooled_tokens), x
@@ -278,7 +279,8 @@ class TextTransformer(nn.Module):
       if jnp.shape(p)[-2] + 1 > tokens:
         raise ValueError(f"text prompts[{j}] has {jnp.shape(p)[-2]} tokens; only {tokens - 1} fit before <eos>")
     x = TextEmbeddings(cfg, self.dtype, "first", name="embeddings")(ids, prompts[0] if prompts else None)
-    x = Encoder(cfg, False, "first", self.dtype, self.remat, self.attention, self.scan, name="encoder")(x, tuple(prompts[1:]))
+    x = Encoder(cfg, False, "first", self.dtype, self.remat, self.attention, self.scan, name="encoder")(
+        x, tuple(prompts[1:]))
     x = layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
     return dense(cfg.projection_size, self.dtype, "head")(x[:, -1]), x
 
@@ -307,7 +309,8 @@ class SigLIP(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     attention = attention_for(cfg.target_platform())
     self.text_model = TextTransformer(cfg.text, dtype, cfg.remat, attention, scan=cfg.scan_layers)
-    self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat, attention, self.pool_prompts, scan=cfg.scan_layers)
+    self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat, attention, self.pool_prompts,
+                                          scan=cfg.scan_layers)
     self.logit_scale = self.param("logit_scale", nn.initializers.zeros, (1,), jnp.float32)
     self.logit_bias = self.param("logit_bias", nn.initializers.zeros, (1,), jnp.float32)
 
