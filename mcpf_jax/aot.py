@@ -13,8 +13,9 @@ both steps fit in the target's per-device memory, 2 when one does not (the compi
 and reported, JSON included), 1 on bad input (a message naming the flag).
 
 FLOPs: XLA's `cost_analysis()` of the partitioned (per-device) program; `flops_per_step` = that x devices. A loop
-body is counted once by XLA: the CLIP layer stacks are Python loops (unrolled), and for a TPU/GPU target the image
-chunk loop is off, so the only loop left is gradient accumulation (`train.accumulate_steps` > 1). Then the FLOPs
+body is counted once by XLA: the CLIP layer stacks are Python loops (unrolled; with `clip.scan_layers` they are
+loops, and no XLA count is reported), and for a TPU/GPU target the image chunk loop is off, so the only loop left is
+gradient accumulation (`train.accumulate_steps` > 1). Then the FLOPs
 come from a second compile of the same step on one micro-batch (accumulate_steps = 1), times accumulate_steps
 (`flops_method` says which). `model_flops_per_step` is the analytic count (`mcpf_jax.model.flops`) of the useful
 work, each image once and the class prompts' text tower once; `analytic_flops_executed` counts the text tower as
@@ -467,7 +468,9 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
 
   flops_method = "cost_analysis"
   per_device = train.get("flops_per_device")
-  if acc > 1 and train["fits"] and "train" in steps:
+  if cc.scan_layers:  # XLA counts each scanned run of blocks once: not the step's FLOPs, so not reported as such
+    per_device, flops_method = None, "none: clip.scan_layers (XLA counts a scanned block once; analytic count only)"
+  if acc > 1 and train["fits"] and "train" in steps and not cc.scan_layers:
     # The accumulation loop's body is counted once: compile one micro-batch's step and scale it.
     micro_config = config.copy_and_resolve_references()
     with micro_config.unlocked():
@@ -517,7 +520,7 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
   }
   if report["flops_per_step"] is not None:
     report["flops_vs_analytic"] = report["flops_per_step"] / executed
-  elif train.get("fits") and "train" in steps:
+  elif train.get("fits") and "train" in steps and not cc.scan_layers:
     report["flops_method"] = f"none: the {target.platform} compiler gives no cost analysis here (analytic count only)"
   if chip.get("peak_flops"):
     step_s = model_flops["total"] / (n * chip["peak_flops"] * mfu)

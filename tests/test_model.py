@@ -1,6 +1,7 @@
 """The IQA model: variants, fusion, prompt-only training, losses (against numpy/scipy), zero-shot parity."""
 
 
+import functools
 import json
 import os
 import pathlib
@@ -90,10 +91,11 @@ def test_train_step_updates_only_trainable(bundle, variant):
   assert opt_size <= 2 * n_trainable + 8
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS) + ["clipiqa"])
+@pytest.mark.parametrize("variant", ["mcpf", "maple", "coop", "mpiqe", "mcpf-all", "clipiqa"])
 def test_scanned_layers_give_the_same_scores_and_grads(bundle, variant):
   """clip.scan_layers: the same parameter tree, and outputs (scores, logits) within 1e-5 and gradients of every
-  trainable leaf within float32 rounding of the unrolled towers', for every variant."""
+  trainable leaf within float32 rounding of the unrolled towers', for every variant (mcpf's fusion options change
+  no backbone call: mcpf stands for them)."""
   mc = {**BASE_MODEL, **VARIANTS[variant]} if variant in VARIANTS else {"name": variant}
   model, params = iqa.build(mc, bundle, jax.random.key(0))
   scanned, scanned_params = iqa.build(mc, bundle.with_compute(scan_layers=True), jax.random.key(0))
@@ -103,7 +105,8 @@ def test_scanned_layers_give_the_same_scores_and_grads(bundle, variant):
   batch = iqa_batch(4, IMAGE, seed=1)
   images = preprocess.normalize(batch["image"])
 
-  @jax.jit
+  # LLVM's optimisations off: ~3x faster compiles of these tiny graphs, the same computation.
+  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
   def both(params):
     trainable, frozen = optim.partition(params, mask)
     out = {}
@@ -120,9 +123,10 @@ def test_scanned_layers_give_the_same_scores_and_grads(bundle, variant):
     scale = max(float(np.max(np.abs(ref[k]))), 1e-6)
     assert float(np.max(np.abs(got[k] - ref[k]))) / scale <= 1e-5, k
   assert set(got_grads) == set(ref_grads) == set(optim.partition(params, mask)[0])
+  # Some gradients are zero but for rounding (a key bias under softmax): the tolerance is on the largest gradient.
+  scale = max((float(np.max(np.abs(g))) for g in ref_grads.values()), default=0.0)
   for k in ref_grads:
-    np.testing.assert_allclose(got_grads[k], ref_grads[k], rtol=1e-4, atol=1e-6 * np.max(np.abs(ref_grads[k])),
-                               err_msg=k)
+    np.testing.assert_allclose(got_grads[k], ref_grads[k], rtol=1e-4, atol=1e-6 * scale, err_msg=k)
 
 
 def test_clipiqa_has_nothing_to_train(bundle):

@@ -248,8 +248,10 @@ class LayerStack(nn.Module):
       layer = EncoderLayer(self.config, self.causal, self.dtype, queries, self.attention, parent=None)
       return layer.apply({"params": p}, h)
 
-    if self.remat:
-      apply_block = jax.checkpoint(apply_block, static_argnums=(2,), prevent_cse=False)
+    # What the backward keeps of each scanned block: with remat, its input only; without, the outputs of its dense
+    # layers (`SCAN_SAVED`), the rest recomputed (see SCAN_SAVED).
+    policy = None if self.remat else SCAN_SAVED
+    apply_block = jax.checkpoint(apply_block, static_argnums=(2,), prevent_cse=False, policy=policy)
 
     def run(h: Array, lo: int, hi: int, prompts: Array | None = None) -> Array:
       if hi <= lo:
@@ -282,6 +284,12 @@ class LayerStack(nn.Module):
 
 
 _REPLACE = {"after_first": replace_after_first, "first": replace_first, "last": replace_last}
+# The residuals a scanned block keeps for the backward when remat is off: the outputs of its dense layers (q, k, v,
+# out, fc1, fc2); LayerNorm, the activation and the attention matmuls (batched over heads) are recomputed. Saving
+# everything JAX's autodiff asks for instead (elementwise intermediates included, which XLA's rematerialisation
+# drops in the unrolled stack) needs 25.3 GiB per v5e chip for L/14 MCPF at 32 images (unrolled: 13.3; this: 11.0;
+# BENCHMARKS.md "A scanned layer stack").
+SCAN_SAVED = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 class Encoder(nn.Module):
