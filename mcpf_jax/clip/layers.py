@@ -1,7 +1,8 @@
 """The transformer layers both CLIP towers are built of, in Flax Linen: dense, LayerNorm, attention, MLP, the block.
 
-The pre-LayerNorm block is transformers' `CLIPEncoderLayer`; `LayerStack` chains the blocks and writes the deep
-prompts over a slot of the hidden states between them (`mcpf_jax.clip.model` describes the prompts). Module names
+The pre-LayerNorm block is transformers' `CLIPEncoderLayer`; `LayerStack` chains the blocks (a Python loop, or with
+`scan` lax.scans over the same per-layer weights) and writes the deep prompts over a slot of the hidden states between
+them (`mcpf_jax.clip.model` describes the prompts). Module names
 are those of the Hugging Face Flax CLIP checkpoints (`self_attn/{q,k,v,out}_proj`, `mlp/fc1`, `layer_norm1`, ...).
 
 Attention has two implementations with the same numbers: "fused" (`jax.nn.dot_product_attention`) and
