@@ -2,8 +2,8 @@
 
 The pre-LayerNorm block is transformers' `CLIPEncoderLayer`; `LayerStack` chains the blocks (a Python loop, or with
 `scan` lax.scans over the same per-layer weights) and writes the deep prompts over a slot of the hidden states between
-them (`mcpf_jax.clip.model` describes the prompts). Module names
-are those of the Hugging Face Flax CLIP checkpoints (`self_attn/{q,k,v,out}_proj`, `mlp/fc1`, `layer_norm1`, ...).
+them (`mcpf_jax.clip.model` describes the prompts). Module names are those of the Hugging Face Flax CLIP
+checkpoints (`self_attn/{q,k,v,out}_proj`, `mlp/fc1`, `layer_norm1`, ...).
 
 Attention has two implementations with the same numbers: "fused" (`jax.nn.dot_product_attention`) and
 "per_head" (`_attention`, the form XLA's CPU backend runs fastest); `mcpf_jax.clip.tuning` picks one per target.
