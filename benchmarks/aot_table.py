@@ -29,6 +29,7 @@ RESULTS = REPO / "benchmarks" / "results" / "aot_table.json"
 
 B16, L14, L336 = "openai/clip-vit-base-patch16", "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14-336"
 SHORT = {B16: "B/16", L14: "L/14", L336: "L/14-336"}
+SCAN, SCAN_SUFFIX = "--config.clip.scan_layers=True", "-scan"
 METHODS = {"mcpf": [], "maple": ["--config.model.name=maple"], "full": ["--config.model.trainable=all"]}
 
 # (key, clip, method, topology, global batch, extra flags). The order is the priority: the rows that answer the
@@ -57,6 +58,10 @@ ROWS: list[tuple[str, str, str, str, int, list[str]]] = [
     ("l14-full-v5e-8-256-remat", L14, "full", "v5e-8", 256, ["--config.clip.remat=True"]),
     ("l14-full-v5e-8-256-shard", L14, "full", "v5e-8", 256, ["--config.mesh.model=2",
                                                             "--config.mesh.shard_backbone=True"]),
+    # clip.scan_layers: the table's scan column of the row without the "-scan" suffix (not rows of their own).
+    ("l14-mcpf-v5e-8-256-scan", L14, "mcpf", "v5e-8", 256, [SCAN]),
+    ("b16-mcpf-v5e-8-32-scan", B16, "mcpf", "v5e-8", 32, [SCAN]),
+    ("l14-full-v5e-8-256-scan", L14, "full", "v5e-8", 256, [SCAN]),
 ]
 
 
@@ -146,11 +151,11 @@ def _collectives(c: dict | None) -> str:
 def table(results: dict) -> str:
   head = ("| backbone | method | options | topology (chips, hosts) | global batch | peak HBM / chip | fits | "
           "max batch / device | collectives per step (per device) | XLA FLOPs / model FLOPs | step at 40% MFU | "
-          "images/s per host |")
+          "images/s per host | compile s | with clip.scan_layers: compile s, peak HBM / chip |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for key, *_ in ROWS:
     res = results.get(key)
-    if res is None:
+    if res is None or key.endswith(SCAN_SUFFIX):  # a scan row is the scan column of the row it extends
       continue
     r = res.get("report")
     _, clip, method, topology, batch, extra = next(row for row in ROWS if row[0] == key)
@@ -158,7 +163,7 @@ def table(results: dict) -> str:
                        for x in extra) or "-"
     if r is None:
       lines.append(f"| {SHORT[clip]} | {method} | {options} | {topology} | {batch} | - | did not compile: "
-                   f"{res.get('error', '')} | | | | | |")
+                   f"{res.get('error', '')} | | | | | | | |")
       continue
     peak = r["peak_bytes_per_device"]
     peak_s = f"{peak / 2 ** 30:.2f} GiB" if peak else "?"
@@ -169,19 +174,39 @@ def table(results: dict) -> str:
     ratio = f"{r['flops_per_step'] / r['model_flops_per_step']:.3f}" if r.get("flops_per_step") else "-"
     lines.append(f"| {SHORT[clip]} | {method} | {options} | {topology} ({r['devices']}, {r['hosts']}) | {batch} | "
                  f"{peak_s}{hbm} | {'yes' if r['fits'] else '**no**'} | {mb} | "
-                 f"{_collectives(r.get('collectives'))} | {ratio} | {step} | {rate} |")
+                 f"{_collectives(r.get('collectives'))} | {ratio} | {step} | {rate} | {_compile_s(r)} | "
+                 f"{_scan_column(results.get(key + SCAN_SUFFIX))} |")
   return "\n".join(lines)
+
+
+def _compile_s(r: dict) -> str:
+  s = r.get("train", {}).get("compile_s")
+  return "-" if s is None else f"{s:.0f}"
+
+
+def _scan_column(res: dict | None) -> str:
+  """The same row compiled with clip.scan_layers=True (its "-scan" row): train compile seconds, peak HBM."""
+  if res is None:
+    return "-"
+  r = res.get("report")
+  if r is None:
+    return f"did not compile: {res.get('error', '')}"
+  peak = r["peak_bytes_per_device"]
+  return f"{_compile_s(r)} s, {peak / 2 ** 30:.2f} GiB" if peak else f"{_compile_s(r)} s, ?"
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--only", default="", help="run the rows whose key contains this")
+  parser.add_argument("--keys", default="", help="run exactly these rows (comma-separated keys), in this order")
   parser.add_argument("--redo", action="store_true", help="recompute rows already stored")
   parser.add_argument("--table", action="store_true", help="only print the table of the stored rows")
   args = parser.parse_args()
   results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
   if not args.table:
-    for row in ROWS:
+    keys = [k for k in args.keys.split(",") if k]
+    rows = [next(row for row in ROWS if row[0] == k) for k in keys] if keys else ROWS
+    for row in rows:
       if args.only not in row[0] or (row[0] in results and not args.redo):
         continue
       results[row[0]] = run_row(row)

@@ -135,6 +135,7 @@ def main() -> None:
   parser.add_argument("--peak_calls", type=int, default=3, help="matmul calls before every measured step")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--remat", action="store_true", help="config.clip.remat = True")
+  parser.add_argument("--scan_layers", action="store_true", help="config.clip.scan_layers = True")
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args()
 
@@ -151,7 +152,7 @@ def main() -> None:
   folder = _common.random_vit_b16()
   config = base.get_config()
   rss_before = _common.current_rss_mib()
-  bundle = clip.load(folder, dtype=args.dtype, remat=args.remat)
+  bundle = clip.load(folder, dtype=args.dtype, remat=args.remat).with_compute(scan_layers=args.scan_layers)
   model, params = iqa.build(config.model, bundle, jax.random.key(0))
   mask = freeze.mask(params, config.model.trainable)
   tx = optim.make_optimizer(restore.optim_config(config, 100), mask)
@@ -207,7 +208,7 @@ def main() -> None:
     peak_flops = max(matmul_gflops.values()) * 1e9
     model_flops = analytic_flops(bundle.config, model.spec, batch_size, text_rows, text_tokens)
     row = {
-        "batch": batch_size, "dtype": args.dtype, "remat": args.remat,
+        "batch": batch_size, "dtype": args.dtype, "remat": args.remat, "scan_layers": args.scan_layers,
         "images_per_vision_pass": _vision_pass(batch_size, model.spec),
         "images_per_s": batch_size / step_s, "step_s": step_s, "step_times_s": [round(t, 3) for t in step_times],
         "lower_s": lower_s, "compile_s": compile_s, "first_step_s": warm_s,
@@ -239,7 +240,8 @@ def main() -> None:
   _common.write("train_step", {
       "machine": _common.machine(), "load_average_start": load_start, "load_average_end": _common.load_average(),
       "settings": {"model": "MCPF (configs/base.py model) on random ViT-B/16 weights", "weights": str(folder),
-                   "dtype": args.dtype, "remat": args.remat, "repeats": args.repeats, "peak_calls": args.peak_calls,
+                   "dtype": args.dtype, "remat": args.remat, "scan_layers": args.scan_layers, "repeats": args.repeats,
+                   "peak_calls": args.peak_calls,
                    "matmul_peak": f"jit(jnp.matmul) float32 n x n @ n x n, n in {MATMUL_SIZES}: the best median",
                    "image_chunk": getattr(model.spec, "image_chunk", "absent"),
                    "text_rows": text_rows, "text_tokens_computed": text_tokens,

@@ -61,6 +61,7 @@ def get_config(dataset: str | None = None) -> ml_collections.ConfigDict:
   c.clip.dtype = "float32"  # compute dtype: float32 | bfloat16 (bf16 inputs, float32-accumulating matmuls)
   c.clip.param_dtype = "float32"  # the frozen backbone's weights in memory: float32 | bfloat16 (half the memory)
   c.clip.remat = False  # rematerialise each transformer block in the backward pass (memory for compute)
+  c.clip.scan_layers = False  # each tower's blocks as one lax.scan: one compiled block, same weights and numbers
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "mcpf"  # mcpf | maple | coop | mpiqe | clipiqa

@@ -23,6 +23,7 @@ FIELDS: dict[str, Any] = {
     "clip.dtype": Dtype,
     "clip.param_dtype": Dtype,
     "clip.remat": bool,
+    "clip.scan_layers": bool,
     "model.name": Literal["mcpf", "maple", "coop", "mpiqe", "clipiqa"],
     "model.prompt_depth": int,
     "model.text_depth": int | None,

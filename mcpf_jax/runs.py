@@ -380,14 +380,15 @@ def load_clip(config, workdir: str | os.PathLike[str], *, name: str | None = Non
   if generated is not None:
     name = str(_generated_backbone(name, generated, config, workdir))
   try:
-    return clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat,
-                     param_dtype=config.clip.get("param_dtype", "float32"))
+    bundle = clip.load(name, dtype=config.clip.dtype, revision=config.clip.revision, remat=config.clip.remat,
+                       param_dtype=config.clip.get("param_dtype", "float32"))
   except FileNotFoundError as e:
     if generated is not None or pathlib.Path(name).expanduser().exists():
       raise
     raise FileNotFoundError(f"{e}; nor is {name!r} a generated backbone (registered: {sorted(BACKBONES)}; "
                             f"config.plugins={list(config.get('plugins', ()))} lists the modules that register "
                             "them)") from e
+  return bundle.with_compute(scan_layers=bool(config.clip.get("scan_layers", False)))
 
 
 def _sync(name: str) -> None:

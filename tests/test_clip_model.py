@@ -138,14 +138,14 @@ def tiny(tmp_path_factory):
 # --- Parity with transformers -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("hidden_act,eos_token_id", [("quick_gelu", 2), ("quick_gelu", 500), ("gelu", 2),
-                                                     ("gelu", 500)])
-def test_matches_transformers(tmp_path, hidden_act, eos_token_id):
+@pytest.mark.parametrize("hidden_act,eos_token_id,scan", [("quick_gelu", 2, False), ("quick_gelu", 500, True),
+                                                          ("gelu", 2, False), ("gelu", 500, False)])
+def test_matches_transformers(tmp_path, hidden_act, eos_token_id, scan):
   # Other weights than the `tiny` fixture's, same sizes (so compiled functions are shared between tests).
   hf_model = _perturbed(_hf_config(hidden_act, eos_token_id), seed=11)
   hf_model.save_pretrained(tmp_path)
   assert (tmp_path / "model.safetensors").is_file()
-  bundle = clip.load(tmp_path)
+  bundle = clip.load(tmp_path).with_compute(scan_layers=scan)  # scan: the same weights, the blocks as lax.scans
   assert bundle.config.text.hidden_act == hidden_act and bundle.config.text.eos_token_id == eos_token_id
   pixels, ids = _inputs(seed=5, eos=eos_token_id, legacy=eos_token_id == 2)
   ref = _torch_outputs(hf_model, pixels, ids)
@@ -293,9 +293,10 @@ def _prompts(rng, batch: int, n: int, width: int, count: int) -> list[np.ndarray
           for j in range(count)]
 
 
-@pytest.mark.parametrize("count", [1, 2])
-def test_text_prompts_match_manual_transformers(tiny, count):
+@pytest.mark.parametrize("count,scan", [(1, False), (2, False), (2, True)])
+def test_text_prompts_match_manual_transformers(tiny, count, scan):
   hf_model, _, bundle = tiny
+  bundle = bundle.with_compute(scan_layers=scan)
   _, ids = _inputs(seed=8, eos=500)
   prompts = _prompts(np.random.default_rng(count), ids.shape[0], n=4, width=32, count=count)
   ref, ref_tokens = _torch_text_with_prompts(hf_model, ids, prompts)
@@ -307,9 +308,10 @@ def test_text_prompts_match_manual_transformers(tiny, count):
   assert np.max(np.abs(np.asarray(plain) - ref)) > 1e-3  # the prompts did change something
 
 
-@pytest.mark.parametrize("count", [1, 3])
-def test_vision_prompts_match_manual_transformers(tiny, count):
+@pytest.mark.parametrize("count,scan", [(1, False), (3, False), (3, True)])
+def test_vision_prompts_match_manual_transformers(tiny, count, scan):
   hf_model, _, bundle = tiny
+  bundle = bundle.with_compute(scan_layers=scan)
   pixels, _ = _inputs(seed=9, eos=500)
   prompts = _prompts(np.random.default_rng(10 + count), pixels.shape[0], n=3, width=48, count=count)
   ref, ref_tokens = _torch_vision_with_prompts(hf_model, pixels, prompts)
@@ -361,15 +363,41 @@ def test_prompts_jit_and_grad(tiny):
     np.testing.assert_allclose(numeric, norm, rtol=0.02)
 
 
-def test_remat_gives_same_values_and_grads(tiny):
+@pytest.mark.parametrize("remat,scan", [(True, False), (False, True), (True, True)])
+def test_remat_and_scan_give_same_values_and_grads(tiny, remat, scan):
   _, _, bundle = tiny
   prompts, pixels, ids = _grad_case(bundle)
-  remat = clip.CLIP(bundle.config.replace(remat=True))
+  # Scanned: inside the image-chunk scan too (3 images in chunks of 2), as a CPU batch larger than a chunk runs.
+  remat = clip.CLIP(bundle.config.replace(remat=remat, scan_layers=scan), image_chunk=2 if scan else None)
   v0, g0 = _prompt_loss_and_grad(bundle.model, bundle.params, prompts, pixels, ids)
   v1, g1 = _prompt_loss_and_grad(remat, bundle.params, prompts, pixels, ids)
   np.testing.assert_allclose(v1, v0, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_stack_matches_the_loop():
+  """LayerStack.scan against the Python loop over the same per-layer weights: prompts in every slot, prompts whose
+  token counts differ between layers (those blocks then run one at a time), the CLS-only last block, and a
+  parameter tree that is the same, layer by layer, as the loop's (what checkpoints and export see)."""
+  cfg = config_lib.CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=2)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 9, 16)), jnp.float32)
+  loop = layers_lib.Encoder(cfg, False, "last")
+  params = loop.init(jax.random.key(0), x)
+  scanned = loop.clone(scan=True)
+  assert jax.tree.structure(scanned.init(jax.random.key(0), x)) == jax.tree.structure(params)
+  assert sorted(params["params"]["layers"]) == ["0", "1", "2", "3", "4"]
+  same = [jnp.asarray(rng.normal(size=(3, 16)), jnp.float32) for _ in range(3)]
+  mixed = [same[0], jnp.broadcast_to(same[1], (2, 3, 16)), jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)]
+  run = _jit(lambda m, p, prompts, queries: m.apply({"params": p}, x, prompts, queries), static_argnums=(0, 3))
+  cases = [("after_first", (), None), ("after_first", same, None), ("after_first", mixed[:2], None),
+           ("after_first", mixed, None), ("first", same, None), ("last", same, 1), ("last", same[:1] * 4, 1)]
+  for slot, prompts, queries in cases:
+    want = run(loop.clone(prompt_slot=slot), params["params"], prompts, queries)
+    for remat in (False, True):
+      got = run(scanned.clone(prompt_slot=slot, remat=remat), params["params"], prompts, queries)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{slot} {len(prompts)} {queries}")
 
 
 def test_prompt_shape_errors(tiny):

@@ -1,6 +1,7 @@
 """The IQA model: variants, fusion, prompt-only training, losses (against numpy/scipy), zero-shot parity."""
 
 
+import functools
 import json
 import os
 import pathlib
@@ -88,6 +89,44 @@ def test_train_step_updates_only_trainable(bundle, variant):
   opt_size = sum(int(np.size(x)) for x in jax.tree.leaves(new_state["opt"]))
   n_trainable = freeze.count(params, mask)
   assert opt_size <= 2 * n_trainable + 8
+
+
+@pytest.mark.parametrize("variant", ["mcpf", "maple", "coop", "mpiqe", "mcpf-all", "clipiqa"])
+def test_scanned_layers_give_the_same_scores_and_grads(bundle, variant):
+  """clip.scan_layers: the same parameter tree, and outputs (scores, logits) within 1e-5 and gradients of every
+  trainable leaf within float32 rounding of the unrolled towers', for every variant (mcpf's fusion options change
+  no backbone call: mcpf stands for them)."""
+  mc = {**BASE_MODEL, **VARIANTS[variant]} if variant in VARIANTS else {"name": variant}
+  model, params = iqa.build(mc, bundle, jax.random.key(0))
+  scanned, scanned_params = iqa.build(mc, bundle.with_compute(scan_layers=True), jax.random.key(0))
+  assert jax.tree.structure(scanned_params) == jax.tree.structure(params)  # the same (HF) layout
+  mask = freeze.mask(params, mc.get("trainable", "prompts"))
+  weights = {"rank": 1.0, "l1": 1.0, "cls": 0.5, "aux": 0.1}
+  batch = iqa_batch(4, IMAGE, seed=1)
+  images = preprocess.normalize(batch["image"])
+
+  # LLVM's optimisations off: ~3x faster compiles of these tiny graphs, the same computation.
+  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+  def both(params):
+    trainable, frozen = optim.partition(params, mask)
+    out = {}
+    for name, m in (("unrolled", model), ("scanned", scanned)):
+      loss = lambda tr, m=m: losses.batch_loss(m.apply({"params": optim.merge(tr, frozen)}, images), batch,
+                                               weights)[0]
+      out[name] = (m.apply({"params": params}, images), jax.grad(loss)(trainable) if trainable else {})
+    return out
+
+  out = jax.device_get(both(params))
+  (ref, ref_grads), (got, got_grads) = out["unrolled"], out["scanned"]
+  assert set(got) == set(ref) and "score" in ref
+  for k in ref:
+    scale = max(float(np.max(np.abs(ref[k]))), 1e-6)
+    assert float(np.max(np.abs(got[k] - ref[k]))) / scale <= 1e-5, k
+  assert set(got_grads) == set(ref_grads) == set(optim.partition(params, mask)[0])
+  # Some gradients are zero but for rounding (a key bias under softmax): the tolerance is on the largest gradient.
+  scale = max((float(np.max(np.abs(g))) for g in ref_grads.values()), default=0.0)
+  for k in ref_grads:
+    np.testing.assert_allclose(got_grads[k], ref_grads[k], rtol=1e-4, atol=1e-6 * scale, err_msg=k)
 
 
 def test_clipiqa_has_nothing_to_train(bundle):

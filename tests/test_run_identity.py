@@ -60,7 +60,7 @@ def test_a_field_absent_on_one_side_is_a_difference():
     ("mesh.shard_backbone", True), ("clip.name", True), ("data.data_dir", True), ("clip.remat", True),
     ("train.batch_size", False), ("data.num_workers", True), ("eval.num_crops", False), ("seed", False),
     ("clip.dtype", False), ("init_from", False), ("meshy", False), ("model.image_chunk", True),
-    ("checkpoint_dir", True),
+    ("checkpoint_dir", True), ("clip.scan_layers", True),
 ])
 def test_free_fields(key, free):
   assert identity.is_free(key) is free

@@ -87,11 +87,12 @@ def tiny(tmp_path_factory):
   return folder, hf_model
 
 
-def test_matches_transformers_float32(tiny):
+@pytest.mark.parametrize("scan", [False, True])
+def test_matches_transformers_float32(tiny, scan):
   folder, hf_model = tiny
   assert (folder / "model.safetensors").is_file() and json.loads((folder / "config.json").read_text())[
       "model_type"] == "siglip"
-  bundle = clip.load(folder)
+  bundle = clip.load(folder).with_compute(scan_layers=scan)  # scan: the same weights, the blocks as lax.scans
   assert isinstance(bundle.model, siglip.SigLIP) and isinstance(bundle.config, siglip.SiglipConfig)
   assert bundle.tokenizer is None and bundle.source.endswith("model.safetensors")
   pixels, ids = _inputs(1)

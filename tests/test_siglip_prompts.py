@@ -90,3 +90,20 @@ def test_visual_prompts_act_through_attention_and_are_pooled_only_on_request(tin
       {"params": bundle.params}, pixels, prompts, method="encode_image")
   assert tokens.shape == (2, 16 + 3, 48)
   assert _rel(prompted, plain) > 1e-3 and _rel(pooled_too, prompted) > 1e-3
+
+
+def test_scanned_layers_give_the_same_mcpf_scores(tiny):
+  """clip.scan_layers on a SigLIP backbone (text prompts at positions 0..n-1, no class token): MCPF's scores and
+  logits within 1e-5 of the unrolled towers', with the same parameter tree."""
+  folder, _ = tiny
+  bundle = clip.load(folder)
+  crops = preprocess.normalize(np.random.default_rng(3).integers(0, 256, size=(2, 32, 32, 3)).astype(np.uint8))
+  outs = []
+  for scan in (False, True):
+    model, params = model_lib.build(base.get_config().model, bundle.with_compute(scan_layers=scan),
+                                    jax.random.key(0))
+    outs.append((jax.tree.structure(params), jax.device_get(_jit(model.apply)({"params": params}, crops))))
+  (tree, ref), (scanned_tree, got) = outs
+  assert scanned_tree == tree
+  for k in ref:
+    assert _rel(got[k], ref[k]) <= 1e-5, k

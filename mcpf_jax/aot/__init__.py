@@ -13,8 +13,9 @@ both steps fit in the target's per-device memory, 2 when one does not (the compi
 and reported, JSON included), 1 on bad input (a message naming the flag).
 
 FLOPs: XLA's `cost_analysis()` of the partitioned (per-device) program; `flops_per_step` = that x devices. A loop
-body is counted once by XLA: the CLIP layer stacks are Python loops (unrolled), and for a TPU/GPU target the image
-chunk loop is off, so the only loop left is gradient accumulation (`train.accumulate_steps` > 1). Then the FLOPs
+body is counted once by XLA: the CLIP layer stacks are Python loops (unrolled; with `clip.scan_layers` they are
+loops, and no XLA count is reported), and for a TPU/GPU target the image chunk loop is off, so the only loop left is
+gradient accumulation (`train.accumulate_steps` > 1). Then the FLOPs
 come from a second compile of the same step on one micro-batch (accumulate_steps = 1), times accumulate_steps
 (`flops_method` says which). `model_flops_per_step` is the analytic count (`mcpf_jax.model.flops`) of the useful
 work, each image once and the class prompts' text tower once; `analytic_flops_executed` counts the text tower as

@@ -35,7 +35,8 @@ def clip_config_for(config, platform: str):
       cc = clip_config.from_name(config.clip.name)
     except ValueError as e:
       raise PreflightError(f"--config.clip.name: {e}") from e
-  return cc.replace(dtype=config.clip.dtype, remat=bool(config.clip.remat), platform=platform)
+  return cc.replace(dtype=config.clip.dtype, remat=bool(config.clip.remat),
+                    scan_layers=bool(config.clip.get("scan_layers", False)), platform=platform)
 
 
 def build(config, platform: str):
@@ -132,7 +133,9 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
 
   flops_method = "cost_analysis"
   per_device = train.get("flops_per_device")
-  if acc > 1 and train["fits"] and "train" in steps:
+  if cc.scan_layers:  # XLA counts each scanned run of blocks once: not the step's FLOPs, so not reported as such
+    per_device, flops_method = None, "none: clip.scan_layers (XLA counts a scanned block once; analytic count only)"
+  if acc > 1 and train["fits"] and "train" in steps and not cc.scan_layers:
     # The accumulation loop's body is counted once: compile one micro-batch's step and scale it.
     micro_config = config.copy_and_resolve_references()
     with micro_config.unlocked():
@@ -168,7 +171,8 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
       "topology": target.name, "platform": target.platform, "device_kind": target.device_kind, "devices": n,
       "hosts": target.hosts, "slices": target.num_slices, "mesh": dict(mesh.shape),
       "model": config.model.name, "clip": config.clip.name, "trainable": str(config.model.trainable),
-      "dtype": cc.dtype, "remat": cc.remat, "shard_backbone": bool(config.mesh.shard_backbone),
+      "dtype": cc.dtype, "remat": cc.remat, "scan_layers": cc.scan_layers,
+      "shard_backbone": bool(config.mesh.shard_backbone),
       "attention": _attention_path(cc), "vision_chunk": _vision_chunk(cc, spec, batch), "global_batch": batch,
       "accumulate_steps": acc,
       "peak_bytes_per_device": train.get("peak_bytes"), "device_memory_bytes": hbm, "fits": fits,
@@ -182,7 +186,7 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
   }
   if report["flops_per_step"] is not None:
     report["flops_vs_analytic"] = report["flops_per_step"] / executed
-  elif train.get("fits") and "train" in steps:
+  elif train.get("fits") and "train" in steps and not cc.scan_layers:
     report["flops_method"] = f"none: the {target.platform} compiler gives no cost analysis here (analytic count only)"
   if chip.get("peak_flops"):
     step_s = model_flops["total"] / (n * chip["peak_flops"] * mfu)

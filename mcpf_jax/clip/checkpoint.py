@@ -98,6 +98,12 @@ class Bundle:
   source: str
   fingerprint: str
 
+  def with_compute(self, **changes: Any) -> Bundle:
+    """The same weights under other compute options of the config (`remat`, `scan_layers`, ...), the model rebuilt
+    from it."""
+    config = self.config.replace(**changes)
+    return dataclasses.replace(self, config=config, model=self.model.clone(config=config))
+
 
 def fingerprint(params: Mapping[str, Any]) -> str:
   """16 hex digits of sha256 over the sorted leaf paths, dtypes, shapes and bytes of a parameter tree."""

@@ -133,6 +133,8 @@ class CLIPConfig:
     text_projection_bias: the text projection has a bias (OpenCLIP's `proj_bias`; transformers' CLIP has none).
     dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
     remat: wrap every transformer block in `jax.checkpoint` (saves activation memory when training prompts).
+    scan_layers: run each tower's blocks as a `lax.scan` (one compiled block instead of L; the parameter tree,
+      the checkpoints and the numbers are the same: `mcpf_jax.clip.layers.LayerStack.scan`).
     platform: the platform the model is compiled FOR ("cpu" | "gpu" | "tpu"), which picks the CPU-tuned or the
       fused attention path and the image-chunk default (see `mcpf_jax.clip.tuning`). None: the process's default
       backend, i.e. where it runs; an ahead-of-time compile for another target (`mcpf_jax.aot`) sets it.
@@ -144,6 +146,7 @@ class CLIPConfig:
   text_projection_bias: bool = False
   dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = False
   platform: str | None = None
 
   def __post_init__(self):

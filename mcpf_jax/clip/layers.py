@@ -1,8 +1,9 @@
 """The transformer layers both CLIP towers are built of, in Flax Linen: dense, LayerNorm, attention, MLP, the block.
 
-The pre-LayerNorm block is transformers' `CLIPEncoderLayer`; `LayerStack` chains the blocks and writes the deep
-prompts over a slot of the hidden states between them (`mcpf_jax.clip.model` describes the prompts). Module names
-are those of the Hugging Face Flax CLIP checkpoints (`self_attn/{q,k,v,out}_proj`, `mlp/fc1`, `layer_norm1`, ...).
+The pre-LayerNorm block is transformers' `CLIPEncoderLayer`; `LayerStack` chains the blocks (a Python loop, or with
+`scan` lax.scans over the same per-layer weights) and writes the deep prompts over a slot of the hidden states between
+them (`mcpf_jax.clip.model` describes the prompts). Module names are those of the Hugging Face Flax CLIP
+checkpoints (`self_attn/{q,k,v,out}_proj`, `mlp/fc1`, `layer_norm1`, ...).
 
 Attention has two implementations with the same numbers: "fused" (`jax.nn.dot_product_attention`) and
 "per_head" (`_attention`, the form XLA's CPU backend runs fastest); `mcpf_jax.clip.tuning` picks one per target.
@@ -204,6 +205,9 @@ class LayerStack(nn.Module):
   Attributes:
     prompt_slot: "after_first" (CLIP text: positions 1..n), "first" (SigLIP text, no start token: positions 0..n-1)
       or "last" (vision: the appended tokens).
+    scan: run the blocks as `lax.scan`s over their weights stacked at call time (`_scanned`) instead of a Python
+      loop: the compiled program holds one block instead of L. The parameters stay per layer ("0".."L-1", the HF
+      layout), so loading, export, freezing and sharding rules see the same tree; the same numbers.
   """
   config: CLIPTextConfig | CLIPVisionConfig
   causal: bool
@@ -211,6 +215,7 @@ class LayerStack(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention: str = "fused"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x: Array, deep_prompts: Sequence[Array] = (), last_queries: int | None = None) -> Array:
@@ -219,8 +224,10 @@ class LayerStack(nn.Module):
     `last_queries` = k: the last block updates only the first k tokens (see EncoderLayer.num_queries) and the
     output is [batch, k, width].
     """
+    if self.scan and not self.is_initializing():
+      return self._scanned(x, deep_prompts, last_queries)
     block = nn.remat(EncoderLayer) if self.remat else EncoderLayer
-    replace = {"after_first": replace_after_first, "first": replace_first, "last": replace_last}[self.prompt_slot]
+    replace = _REPLACE[self.prompt_slot]
     layers = self.config.num_hidden_layers
     for i in range(layers):
       if 1 <= i <= len(deep_prompts):
@@ -228,6 +235,62 @@ class LayerStack(nn.Module):
       queries = last_queries if i == layers - 1 else None
       x = block(self.config, self.causal, self.dtype, queries, self.attention, name=str(i))(x)
     return x
+
+  def _scanned(self, x: Array, deep_prompts: Sequence[Array], last_queries: int | None) -> Array:
+    """The loop of `__call__` as at most three runs: blocks 0..J-1, each followed by the prompt of the next block
+    (the prompts stacked [J, ...] and scanned with the weights), the unprompted blocks J.., and the last block on
+    its own when it updates only `last_queries` tokens. Block i's weights are the per-layer parameters "i",
+    stacked along a new leading axis for each run (a layout, not new parameters)."""
+    params = self.variables["params"]
+    layers, batch = self.config.num_hidden_layers, x.shape[0]
+    replace = _REPLACE[self.prompt_slot]
+
+    def apply_block(p: Any, h: Array, queries: int | None) -> Array:
+      layer = EncoderLayer(self.config, self.causal, self.dtype, queries, self.attention, parent=None)
+      return layer.apply({"params": p}, h)
+
+    # What the backward keeps of each scanned block: with remat, its input only; without, the outputs of its dense
+    # layers (`SCAN_SAVED`), the rest recomputed (see SCAN_SAVED).
+    policy = None if self.remat else SCAN_SAVED
+    apply_block = jax.checkpoint(apply_block, static_argnums=(2,), prevent_cse=False, policy=policy)
+
+    def run(h: Array, lo: int, hi: int, prompts: Array | None = None) -> Array:
+      if hi <= lo:
+        return h
+      stacked = jax.tree.map(lambda *a: jnp.stack(a), *(params[str(i)] for i in range(lo, hi)))
+
+      def body(carry, xs):
+        p, prompt = xs
+        carry = apply_block(p, carry, None)
+        if prompt is not None:
+          carry = replace(carry, batched(prompt, batch, self.dtype))
+        return carry, None
+
+      return jax.lax.scan(body, h, (stacked, prompts))[0]
+
+    prompts = [jnp.asarray(p) for p in deep_prompts]
+    depth = len(prompts)
+    if depth and len({p.shape for p in prompts}) > 1:  # shapes differ (e.g. per layer [n, w] and [b, n, w])
+      prompts = [batched(p, batch, self.dtype) for p in prompts]
+    if depth and len({p.shape for p in prompts}) > 1:  # token counts differ: the prompted blocks one at a time
+      for i, prompt in enumerate(prompts):
+        x = replace(apply_block(params[str(i)], x, None), batched(prompt, batch, self.dtype))
+    elif depth:
+      x = run(x, 0, depth, jnp.stack(prompts))
+    end = layers - 1 if last_queries is not None else layers
+    x = run(x, depth, end)
+    if last_queries is not None:
+      x = apply_block(params[str(layers - 1)], x, last_queries)
+    return x
+
+
+_REPLACE = {"after_first": replace_after_first, "first": replace_first, "last": replace_last}
+# The residuals a scanned block keeps for the backward when remat is off: the outputs of its dense layers (q, k, v,
+# out, fc1, fc2); LayerNorm, the activation and the attention matmuls (batched over heads) are recomputed. Saving
+# everything JAX's autodiff asks for instead (elementwise intermediates included, which XLA's rematerialisation
+# drops in the unrolled stack) needs 25.3 GiB per v5e chip for L/14 MCPF at 32 images (unrolled: 13.3; this: 11.0;
+# BENCHMARKS.md "A scanned layer stack").
+SCAN_SAVED = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 class Encoder(nn.Module):
@@ -238,9 +301,10 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention: str = "fused"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x: Array, deep_prompts: Sequence[Array] = (), last_queries: int | None = None) -> Array:
-    return LayerStack(self.config, self.causal, self.prompt_slot, self.dtype, self.remat, self.attention,
+    return LayerStack(self.config, self.causal, self.prompt_slot, self.dtype, self.remat, self.attention, self.scan,
                       name="layers")(x, deep_prompts, last_queries)
 

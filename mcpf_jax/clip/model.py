@@ -73,6 +73,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention: str = "fused"
+  scan: bool = False  # scanned layer stack (`layers.LayerStack.scan`)
 
   @nn.compact
   def __call__(self, ids: Array, prompts: Sequence[Array] = ()) -> tuple[Array, Array]:
@@ -90,7 +91,7 @@ class TextTransformer(nn.Module):
         raise ValueError(f"text prompts[{j}] has {jnp.shape(p)[-2]} tokens; only {tokens - 2} fit between "
                          "SOS and EOS")
     x = TextEmbeddings(cfg, self.dtype, name="embeddings")(ids, prompts[0] if prompts else None)
-    x = Encoder(cfg, True, "after_first", self.dtype, self.remat, self.attention, name="encoder")(
+    x = Encoder(cfg, True, "after_first", self.dtype, self.remat, self.attention, self.scan, name="encoder")(
         x, tuple(prompts[1:]))
     x = layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
     rule = cfg.pool_rule
@@ -159,6 +160,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention: str = "fused"
+  scan: bool = False  # scanned layer stack (`layers.LayerStack.scan`)
 
   @nn.compact
   def __call__(self, pixels: Array, prompts: Sequence[Array] = (), interpolate_pos_encoding: bool = False,
@@ -180,7 +182,7 @@ class VisionTransformer(nn.Module):
     if prompts:
       x = jnp.concatenate([x, batched(prompts[0], batch, self.dtype)], axis=1)
     x = layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layrnorm")(x)
-    x = Encoder(cfg, False, "last", self.dtype, self.remat, self.attention, name="encoder")(
+    x = Encoder(cfg, False, "last", self.dtype, self.remat, self.attention, self.scan, name="encoder")(
         x, tuple(prompts[1:]), 1 if pooled_only else None)
     pooled = layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])
     return pooled, x
@@ -252,8 +254,8 @@ class CLIP(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     attention = attention_for(cfg.target_platform())
-    self.text_model = TextTransformer(cfg.text, dtype, cfg.remat, attention)
-    self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat, attention)
+    self.text_model = TextTransformer(cfg.text, dtype, cfg.remat, attention, scan=cfg.scan_layers)
+    self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat, attention, scan=cfg.scan_layers)
     self.visual_projection = dense(cfg.projection_dim, dtype, "visual_projection", use_bias=False)
     self.text_projection = dense(cfg.projection_dim, dtype, "text_projection", use_bias=cfg.text_projection_bias)
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.logit_scale_init_value), (),

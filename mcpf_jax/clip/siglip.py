@@ -80,11 +80,13 @@ class SiglipVisionConfig(CLIPVisionConfig):
 
 @dataclasses.dataclass(frozen=True)
 class SiglipConfig:
-  """A whole SigLIP: the two towers and the compute options (dtype, remat, platform as in `CLIPConfig`)."""
+  """A whole SigLIP: the two towers and the compute options (dtype, remat, scan_layers, platform as in
+  `CLIPConfig`)."""
   text: SiglipTextConfig = dataclasses.field(default_factory=SiglipTextConfig)
   vision: SiglipVisionConfig = dataclasses.field(default_factory=SiglipVisionConfig)
   dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = False
   platform: str | None = None
 
   family = "siglip"
@@ -233,6 +235,7 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   attention: str = "fused"
   pool_prompts: bool = False
+  scan: bool = False  # scanned layer stack (`layers.LayerStack.scan`)
 
   @nn.compact
   def __call__(self, pixels: Array, prompts: Sequence[Array] = ()) -> tuple[Array, Array]:
@@ -245,7 +248,8 @@ class VisionTransformer(nn.Module):
     x = _VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels)
     if prompts:
       x = jnp.concatenate([x, batched(prompts[0], batch, self.dtype)], axis=1)
-    x = Encoder(cfg, False, "last", self.dtype, self.remat, self.attention, name="encoder")(x, tuple(prompts[1:]))
+    x = Encoder(cfg, False, "last", self.dtype, self.remat, self.attention, self.scan, name="encoder")(
+        x, tuple(prompts[1:]))
     x = layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x)
     pooled_tokens = x if self.pool_prompts else x[:, :cfg.num_patches]
     return MAPHead(cfg, self.dtype, self.attention, name="head")(pooled_tokens), x
@@ -262,6 +266,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention: str = "fused"
+  scan: bool = False  # scanned layer stack (`layers.LayerStack.scan`)
 
   @nn.compact
   def __call__(self, ids: Array, prompts: Sequence[Array] = ()) -> tuple[Array, Array]:
@@ -274,7 +279,8 @@ class TextTransformer(nn.Module):
       if jnp.shape(p)[-2] + 1 > tokens:
         raise ValueError(f"text prompts[{j}] has {jnp.shape(p)[-2]} tokens; only {tokens - 1} fit before <eos>")
     x = TextEmbeddings(cfg, self.dtype, "first", name="embeddings")(ids, prompts[0] if prompts else None)
-    x = Encoder(cfg, False, "first", self.dtype, self.remat, self.attention, name="encoder")(x, tuple(prompts[1:]))
+    x = Encoder(cfg, False, "first", self.dtype, self.remat, self.attention, self.scan, name="encoder")(
+        x, tuple(prompts[1:]))
     x = layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
     return dense(cfg.projection_size, self.dtype, "head")(x[:, -1]), x
 
@@ -302,8 +308,9 @@ class SigLIP(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     attention = attention_for(cfg.target_platform())
-    self.text_model = TextTransformer(cfg.text, dtype, cfg.remat, attention)
-    self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat, attention, self.pool_prompts)
+    self.text_model = TextTransformer(cfg.text, dtype, cfg.remat, attention, scan=cfg.scan_layers)
+    self.vision_model = VisionTransformer(cfg.vision, dtype, cfg.remat, attention, self.pool_prompts,
+                                          scan=cfg.scan_layers)
     self.logit_scale = self.param("logit_scale", nn.initializers.zeros, (1,), jnp.float32)
     self.logit_bias = self.param("logit_bias", nn.initializers.zeros, (1,), jnp.float32)
 
