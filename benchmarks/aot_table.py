@@ -28,7 +28,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "aot_table.json"
 
 B16, L14, L336 = "openai/clip-vit-base-patch16", "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14-336"
-SHORT = {B16: "B/16", L14: "L/14", L336: "L/14-336"}
+S2B16, S2SO400M = "google/siglip2-base-patch16-224", "google/siglip2-so400m-patch14-384"
+SHORT = {B16: "B/16", L14: "L/14", L336: "L/14-336", S2B16: "SigLIP 2 B/16", S2SO400M: "SigLIP 2 So400m/14-384"}
 SCAN, SCAN_SUFFIX = "--config.clip.scan_layers=True", "-scan"
 METHODS = {"mcpf": [], "maple": ["--config.model.name=maple"], "full": ["--config.model.trainable=all"]}
 
@@ -62,6 +63,11 @@ ROWS: list[tuple[str, str, str, str, int, list[str]]] = [
     ("l14-mcpf-v5e-8-256-scan", L14, "mcpf", "v5e-8", 256, [SCAN]),
     ("b16-mcpf-v5e-8-32-scan", B16, "mcpf", "v5e-8", 32, [SCAN]),
     ("l14-full-v5e-8-256-scan", L14, "full", "v5e-8", 256, [SCAN]),
+    # SigLIP 2 (issue 23): B/16 at 224 and So400m/14 at 384, 32 images per chip, v5e and v6e, without / with remat.
+    *[(f"{short}-mcpf-{topo}-256{'-remat' if remat else ''}", clip, "mcpf", topo, 256,
+       ["--config.clip.remat=True"] if remat else [])
+      for short, clip in (("s2b16", S2B16), ("s2so400m", S2SO400M)) for topo in ("v5e-8", "v6e-8")
+      for remat in (False, True)],
 ]
 
 

@@ -1,5 +1,6 @@
 """A bfloat16-stored frozen backbone (clip.param_dtype=bfloat16) with bf16 compute: the prompts train in float32,
-the backbone's bytes never change, and a run restored from a checkpoint continues exactly."""
+the backbone's bytes never change, and a run restored from a checkpoint continues exactly. On each backbone family:
+a tiny CLIP and a tiny SigLIP (written by transformers in the real format, tests/siglip_support.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from mcpf_jax.train import checkpoints as ckpt_lib
 from mcpf_jax.train import optim
 from mcpf_jax.train import step as step_lib
 from tests.batches import iqa_batch
+from tests.siglip_support import write_tiny_siglip
 
 IMAGE = 32
 SMALL = dict(width=32, layers=1, heads=4, image_size=IMAGE, patch_size=8, embed_dim=24)
@@ -23,17 +25,24 @@ MODEL = dict(name="mcpf", prompt_depth=2, num_text_prompts=4, num_vision_prompts
 WEIGHTS = {"rank": 1.0, "l1": 1.0, "cls": 0.5, "aux": 0.0}
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  folder = write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=1, **SMALL)
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def setup(request, tmp_path_factory):
+  folder = tmp_path_factory.mktemp(f"tiny_{request.param}")
+  if request.param == "clip":
+    write_tiny_clip(folder, seed=1, **SMALL)
+  else:
+    write_tiny_siglip(folder, seed=1, image_size=IMAGE)
   bundle = clip.load(folder, dtype="bfloat16", param_dtype="bfloat16")
+  assert getattr(bundle.config, "family", "clip") == request.param
   assert bundle.fingerprint == clip.load(folder).fingerprint
   model, params = iqa.build(MODEL, bundle, jax.random.key(0))
   mask = freeze.mask(params, "prompts")
   ocfg = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=0, total_steps=10, final_lr_fraction=0.0,
                                         weight_decay=1e-4, b1=0.9, b2=0.999, grad_clip_norm=1.0))
   tx = optim.make_optimizer(ocfg, mask)
-  step = jax.jit(step_lib.make_train_step(model, mask, tx, WEIGHTS))
+  # (LLVM's optimisations off: the CPU compile ~3x faster; both runs compared use this same program.)
+  step = jax.jit(step_lib.make_train_step(model, mask, tx, WEIGHTS),
+                 compiler_options={"xla_backend_optimization_level": 0})
   return params, mask, tx, step
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import pathlib
+import re
 
 import jax
 import numpy as np
@@ -16,7 +18,8 @@ import pytest
 import torch
 import transformers
 
-from mcpf_jax import clip
+from configs import livec_siglip2
+from mcpf_jax import aot, clip
 from mcpf_jax.clip import checkpoint, siglip
 
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -24,7 +27,7 @@ VOCAB = 300
 BF16_TOLERANCE = 0.03  # as tests/test_clip_model.py: bf16 towers vs the float32 truth, relative to max |value|
 
 
-def _hf_config(hidden_act: str = "gelu_pytorch_tanh") -> transformers.SiglipConfig:
+def _hf_config(hidden_act: str = "gelu_pytorch_tanh", image_size: int = 32) -> transformers.SiglipConfig:
   """Tiny SigLIP: text width 32 != vision width 48 would not compare, so the head projects text to 48; depths
   differ (2 vs 3) and heads differ, so a swapped or transposed tensor cannot fit."""
   return transformers.SiglipConfig(
@@ -32,7 +35,7 @@ def _hf_config(hidden_act: str = "gelu_pytorch_tanh") -> transformers.SiglipConf
                        num_attention_heads=4, max_position_embeddings=16, hidden_act=hidden_act,
                        projection_size=48, layer_norm_eps=1e-6),
       vision_config=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
-                         image_size=32, patch_size=8, hidden_act=hidden_act, layer_norm_eps=1e-6))
+                         image_size=image_size, patch_size=8, hidden_act=hidden_act, layer_norm_eps=1e-6))
 
 
 def _perturbed(hf_config, seed: int) -> transformers.SiglipModel:
@@ -45,9 +48,9 @@ def _perturbed(hf_config, seed: int) -> transformers.SiglipModel:
   return model
 
 
-def _inputs(seed: int):
+def _inputs(seed: int, image_size: int = 32):
   rng = np.random.default_rng(seed)
-  pixels = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
+  pixels = rng.normal(size=(3, image_size, image_size, 3)).astype(np.float32)
   ids = rng.integers(0, VOCAB, size=(4, 16)).astype(np.int32)  # every row the full 16 positions, as SigLIP pads
   return pixels, ids
 
@@ -130,15 +133,59 @@ def test_pooling_reads_the_map_head_and_the_last_text_position(tiny):
   _assert_rel(again["text"], _torch_outputs(hf_model, pixels, changed)["text"], 1e-5, "text after a change")
 
 
-def test_gelu_exact_variant(tmp_path):
-  hf_model = _perturbed(_hf_config("gelu"), seed=4)
+def test_gelu_exact_variant_and_an_image_size_off_the_patch_grid(tmp_path):
+  """GELU's exact form; and 36 pixels with patches of 8, as So400m/14 takes 384 (not a multiple of 14): 4 x 4
+  patches, the last 4 pixel rows and columns unread, as transformers' convolution does."""
+  hf_model = _perturbed(_hf_config("gelu", image_size=36), seed=4)
   hf_model.save_pretrained(tmp_path)
   bundle = clip.load(tmp_path)
-  pixels, ids = _inputs(5)
+  assert bundle.config.vision.num_patches == 16
+  pixels, ids = _inputs(5, image_size=36)
   ours = jax.device_get(_forward(bundle.model, bundle.params, pixels, ids))
   ref = _torch_outputs(hf_model, pixels, ids)
   for key in ("image", "text", "logits"):
     _assert_rel(ours[key], ref[key], 1e-5, key)
+
+
+def _expand(text: str) -> list[str]:
+  """Shell-style brace expansion ("a{b,c{d,e}}" -> ab, acd, ace) of the README's hub-id list."""
+  start = text.find("{")
+  if start < 0:
+    return [text]
+  depth, parts, last = 0, [], start + 1
+  for i in range(start, len(text)):
+    depth += {"{": 1, "}": -1}.get(text[i], 0)
+    if depth == 1 and text[i] == ",":
+      parts.append(text[last:i])
+      last = i + 1
+    if depth == 0:
+      parts.append(text[last:i])
+      return [x for part in parts for x in _expand(text[:start] + part.strip() + text[i + 1:])]
+  raise ValueError(f"unbalanced braces in {text!r}")
+
+
+def test_hub_configs_are_the_released_configs_and_the_readme_lists_them():
+  """The built-in SigLIP 2 shapes (pre-flight, summaries) are what transformers reads from the released config.json
+  files (those of base-patch16-512 and so400m-patch14-384 written out here), and the README names exactly them."""
+  released = {
+      "google/siglip2-base-patch16-512": dict(text_config=dict(vocab_size=256000), vision_config=dict(image_size=512)),
+      "google/siglip2-so400m-patch14-384": dict(
+          text_config=dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27,
+                           vocab_size=256000),
+          vision_config=dict(hidden_size=1152, image_size=384, intermediate_size=4304, num_attention_heads=16,
+                             num_hidden_layers=27, patch_size=14))}
+  for name, config in released.items():
+    assert siglip.HUB_CONFIGS[name] == siglip.SiglipConfig.from_hf(transformers.SiglipConfig(**config).to_dict())
+  # The pre-flight builds such a model from these shapes alone (no tokenizer.json: SigLIP reads every position).
+  config = livec_siglip2.get_config()
+  config.clip.name = "google/siglip2-so400m-patch14-384"
+  model, params, _, _, _ = aot.build(config, "tpu")
+  assert model.text_span == 64 and model.clip_config.vision.num_patches == 27 * 27
+  shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
+  assert shapes(params["clip"]) == shapes(siglip.param_shapes(siglip.HUB_CONFIGS[config.clip.name]))
+  readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  listed = re.search(r"\| SigLIP 2 \(fixed resolution\) \| `(google/siglip2-[^`]*)`", readme).group(1)
+  assert sorted(_expand(listed.replace(" ", ""))) == sorted(siglip.HUB_CONFIGS)
 
 
 def test_bad_folders_are_named(tiny, tmp_path):

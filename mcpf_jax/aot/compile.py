@@ -16,6 +16,7 @@ from mcpf_jax import resolve, runs
 from mcpf_jax.aot import report as report_lib
 from mcpf_jax.aot.targets import PreflightError, Target
 from mcpf_jax.clip import config as clip_config
+from mcpf_jax.clip.siglip import SiglipConfig
 from mcpf_jax.clip.tokenizer import Tokenizer
 from mcpf_jax.clip.tuning import attention_for, chunking
 from mcpf_jax.model import flops as flops_lib
@@ -41,8 +42,12 @@ def clip_config_for(config, platform: str):
 
 def build(config, platform: str):
   """(model, param shapes, mask, tx, state shapes) of `config`, for `platform`, without computing anything."""
-  model = iqa.module(config.model, clip_config_for(config, platform),
-                     Tokenizer.from_bpe_file())  # OpenAI's BPE: every CLIP preset's tokenizer
+  cc = clip_config_for(config, platform)
+  # CLIP: OpenAI's BPE (every CLIP preset's tokenizer), whose end-of-text position sets the text span the program
+  # computes. SigLIP's text tower computes all its positions whatever the ids: placeholder ids of that length give
+  # the same program, without the checkpoint's tokenizer.json.
+  tokenizer = None if isinstance(cc, SiglipConfig) else Tokenizer.from_bpe_file()
+  model = iqa.module(config.model, cc, tokenizer)
   params = iqa.abstract_params(model)
   # The frozen backbone as train.py stores it (clip.param_dtype): bf16 storage halves its bytes.
   store = jnp.dtype(config.clip.get("param_dtype", "float32"))

@@ -71,11 +71,19 @@ class SiglipTextConfig:
 @dataclasses.dataclass(frozen=True)
 class SiglipVisionConfig(CLIPVisionConfig):
   """The vision tower (transformers' `SiglipVisionConfig` defaults: SigLIP B/16 at 224); CLIP's fields, with the
-  head switch. `num_patches` is every token here (no class token)."""
+  head switch. `num_patches` is every token here (no class token).
+
+  The image size need not be a multiple of the patch size: the patch convolution drops the remainder, as
+  transformers' does (google/siglip2-so400m-patch14-384 takes 384 x 384 pixels and sees 27 x 27 patches of 14)."""
   patch_size: int = 16
   hidden_act: str = "gelu_pytorch_tanh"
   layer_norm_eps: float = 1e-6
   vision_use_head: bool = True
+
+  def __post_init__(self):
+    _check_tower(self, "vision_config")
+    if self.image_size < self.patch_size:
+      raise ValueError(f"vision_config.image_size {self.image_size} is smaller than patch_size {self.patch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +152,28 @@ class SiglipConfig:
       raise ValueError(f"{source}: {e}") from e
 
 
+def _siglip2(width: int, mlp: int, layers: int, patch: int, image: int, text_width: int | None = None,
+             text_mlp: int | None = None, text_layers: int | None = None) -> SiglipConfig:
+  """A fixed-resolution SigLIP 2 (Gemma's 256k-id vocabulary, 64 text positions, 16 heads unless B, as released)."""
+  heads = 12 if width == 768 else 16
+  text = SiglipTextConfig(vocab_size=256000, hidden_size=text_width or width, intermediate_size=text_mlp or mlp,
+                          num_hidden_layers=text_layers or layers, num_attention_heads=heads, projection_size=width)
+  vision = SiglipVisionConfig(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
+                              num_attention_heads=heads, image_size=image, patch_size=patch)
+  return SiglipConfig(text=text, vision=vision)
+
+
 # Hub ids whose configs are known without a download (for config checks and pre-flight; the weights still load from
-# the hub): google/siglip2-base-patch16-224 is transformers' SigLIP B/16 defaults with Gemma's 256k-id vocabulary.
+# the hub): Google's fixed-resolution SigLIP 2 releases. Sizes from their config.json files and open_clip / timm's
+# matching configs: B/16 is transformers' SigLIP defaults (768 wide, 12 layers, MLP 3072); L/16 1024, 24, 4096;
+# So400m 1152, 27, 4304 (both towers); giant-opt/16's vision tower is 1536 wide, 40 layers, MLP 6144, with So400m's
+# text tower projected to 1536.
 HUB_CONFIGS = {
-    "google/siglip2-base-patch16-224": SiglipConfig(text=SiglipTextConfig(vocab_size=256000)),
+    **{f"google/siglip2-base-patch16-{n}": _siglip2(768, 3072, 12, 16, n) for n in (224, 256, 384, 512)},
+    **{f"google/siglip2-large-patch16-{n}": _siglip2(1024, 4096, 24, 16, n) for n in (256, 384, 512)},
+    **{f"google/siglip2-so400m-patch14-{n}": _siglip2(1152, 4304, 27, 14, n) for n in (224, 384)},
+    **{f"google/siglip2-so400m-patch16-{n}": _siglip2(1152, 4304, 27, 16, n) for n in (256, 384, 512)},
+    **{f"google/siglip2-giant-opt-patch16-{n}": _siglip2(1536, 6144, 40, 16, n, 1152, 4304, 27) for n in (256, 384)},
 }
 
 

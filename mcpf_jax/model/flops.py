@@ -7,6 +7,9 @@ attention's QK^T and PV need four matmuls backward) and, when the backbone train
 the weight gradients (d W = x^T @ d output: the forward matmul's FLOPs again, the patch embedding included).
 Layer norms, softmax, GELU, the fusion module, heads and the optimizer are left out (< 1% for CLIP towers).
 For a single tower layer: forward matmuls 2T(4d^2 + 2dm), attention 4T^2 d (T tokens, d width, m MLP width).
+SigLIP (`family == "siglip"`): no class token, every vision block updates every token, and the MAP head (a probe
+attending over the patch tokens, then an MLP on it) is counted as one block with one query; no visual projection;
+the text head (width -> projection_size) on the last position, as CLIP's text projection on its pooled one.
 """
 
 from __future__ import annotations
@@ -51,16 +54,26 @@ def step_flops(clip_config: Any, spec: Any, images: int, text_rows: int, text_to
     {"vision": ..., "text": ..., "total": ...} FLOPs.
   """
   v, t = clip_config.vision, clip_config.text
+  siglip = getattr(clip_config, "family", "clip") == "siglip"
   weight_grads = train and backbone_trains
-  v_tokens = 1 + v.num_patches + (spec.num_vision_prompts if spec.vision_depth > 0 else 0)
+  prompts = spec.num_vision_prompts if spec.vision_depth > 0 else 0
+  v_tokens = int(not siglip) + v.num_patches + prompts
   vd, va = layer_flops(v_tokens, v.hidden_size, v.intermediate_size)
-  vdl, val = layer_flops(v_tokens, v.hidden_size, v.intermediate_size, queries=1 if pooled_only else None)
+  last_queries = 1 if pooled_only and not siglip else None  # SigLIP's MAP head reads every token's last state
+  vdl, val = layer_flops(v_tokens, v.hidden_size, v.intermediate_size, queries=last_queries)
   td, ta = layer_flops(text_tokens, t.hidden_size, t.intermediate_size)
   patch = 2 * v.num_patches * (v.patch_size ** 2 * v.num_channels) * v.hidden_size
-  proj_v = 2 * v.hidden_size * clip_config.projection_dim
-  proj_t = 2 * t.hidden_size * clip_config.projection_dim
+  if siglip:
+    pooled = v.num_patches + (prompts if getattr(spec, "pool_visual_prompts", False) else 0)
+    hd, ha = layer_flops(pooled, v.hidden_size, v.intermediate_size, queries=1)  # the MAP head
+    head = _tower(1, hd, ha, hd, ha, train, weight_grads)
+    proj_v, proj_t = 0, 2 * t.hidden_size * t.projection_size
+  else:
+    head = 0
+    proj_v = 2 * v.hidden_size * clip_config.projection_dim
+    proj_t = 2 * t.hidden_size * clip_config.projection_dim
   mult = 1 + int(train) + int(weight_grads)
-  vision = images * (_tower(v.num_hidden_layers, vd, va, vdl, val, train, weight_grads) + mult * proj_v
+  vision = images * (_tower(v.num_hidden_layers, vd, va, vdl, val, train, weight_grads) + head + mult * proj_v
                      + (1 + int(weight_grads)) * patch)  # pixels need no gradient
   text = text_rows * (_tower(t.num_hidden_layers, td, ta, td, ta, train, weight_grads) + mult * proj_t)
   return {"vision": float(vision), "text": float(text), "total": float(vision + text)}
