@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from configs import base
 from mcpf_jax import images, resolve, scores
 from mcpf_jax.data import pipeline
 from mcpf_jax.train import evaluation
@@ -175,9 +176,10 @@ def test_batch_sizes_are_rounded_up_to_a_multiple_of_the_data_axis(caplog):
 
 
 def test_resolve_returns_a_copy_with_fitted_batches():
-  config = ml_collections.ConfigDict({"mesh": {"data": -1, "model": 1},
-                                      "train": {"batch_size": 6, "accumulate_steps": 2},
-                                      "eval": {"batch_size": 5}})
+  config = base.get_config()  # resolve() checks a training config against the schema: a whole one
+  config.mesh.update(data=-1, model=1)
+  config.train.update(batch_size=6, accumulate_steps=2)
+  config.eval.batch_size = 5
   data = jax.device_count()
   fitted = resolve.resolve(config)
   assert fitted is not config and (config.train.batch_size, config.eval.batch_size) == (6, 5)

@@ -50,6 +50,7 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
     # A read-only manager: without orbax's notice that it is read-only (what was asked for), as runs' reader.
     with runs.quiet_read_only() if read_only else contextlib.nullcontext():
       self.manager = ocp.CheckpointManager(self.directory, options=runs.manager_options(keep, read_only=read_only))
+    self._in_flight: int | None = None  # the last step handed to the (asynchronous) save
 
   def save(self, step: int, state: dict[str, Any], mask: Any, iterator: Any | None, meta: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
@@ -65,12 +66,14 @@ class Checkpoints(runs.ReadOnlyCheckpoints):
       self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_failed(step, e) from e
+    self._in_flight = step
 
   def wait(self) -> None:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      raise self._save_failed(None, e) from e
+      # What fails here is the save still in flight, whether or not the error names its temporary folder.
+      raise self._save_failed(self._in_flight, e) from e
 
   def _save_failed(self, step: int | None, error: Exception) -> CheckpointSaveError:
     """A failed save as one line: what failed (the step), where, why (the innermost error) and the last step on
