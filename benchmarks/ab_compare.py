@@ -50,11 +50,11 @@ def _build(what: str, batch: int, crops: int, dtype: str):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from configs import base  # pylint: disable=g-import-not-at-top
-  from mcpf_jax import clip  # pylint: disable=g-import-not-at-top
+  from mcpf_jax import clip, resolve  # pylint: disable=g-import-not-at-top
   from mcpf_jax import model as iqa  # pylint: disable=g-import-not-at-top
   from mcpf_jax.clip import preprocess  # pylint: disable=g-import-not-at-top
   from mcpf_jax.model import freeze
-  from mcpf_jax.train import optim, restore  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import optim
   from mcpf_jax.train import step as step_lib
 
   bundle = clip.load(_common.random_vit_b16(), dtype=dtype)
@@ -77,7 +77,7 @@ def _build(what: str, batch: int, crops: int, dtype: str):
   if what != "train":
     raise ValueError(f"--what {what!r}")
   mask = freeze.mask(params, config.model.trainable)
-  tx = optim.make_optimizer(restore.optim_config(config, 100), mask)
+  tx = optim.make_optimizer(resolve.optim_config(config, 100), mask)
   step = jax.jit(step_lib.make_train_step(model, mask, tx, dict(config.loss)), donate_argnums=0)
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   from train_step import _batch  # pylint: disable=g-import-not-at-top

@@ -29,8 +29,9 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--batch_size", type=int, default=32)
   args = p.parse_args(argv)
+  from mcpf_jax import resolve
   from mcpf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import build, optim, restore
+  from mcpf_jax.train import build, optim
   from mcpf_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from mcpf_jax.train import step as step_lib
   config = runpy.run_path(args.config)["get_config"]()
@@ -39,7 +40,7 @@ def main(argv=None):
     config.train.batch_size = args.batch_size
   run = build.build_run(config, workdir)
   train_idx = run.data.indices["train"]
-  ocfg = restore.optim_config(config, len(train_idx) // args.batch_size)
+  ocfg = resolve.optim_config(config, len(train_idx) // args.batch_size)
   tx = optim.make_optimizer(ocfg, run.mask)
   state = step_lib.init_state(run.params, tx)
   train_step, _, s_sh, _, b_sh = step_lib.jit_steps(config, run.model, run.mask, tx, run.params, state, run.mesh)

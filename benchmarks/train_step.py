@@ -140,10 +140,10 @@ def main() -> None:
   args = parser.parse_args()
 
   from configs import base  # pylint: disable=g-import-not-at-top
-  from mcpf_jax import clip  # pylint: disable=g-import-not-at-top
+  from mcpf_jax import clip, resolve  # pylint: disable=g-import-not-at-top
   from mcpf_jax import model as iqa  # pylint: disable=g-import-not-at-top
   from mcpf_jax.model import freeze
-  from mcpf_jax.train import optim, restore  # pylint: disable=g-import-not-at-top
+  from mcpf_jax.train import optim
   from mcpf_jax.train import step as step_lib
 
   load_start = _common.load_average()
@@ -155,7 +155,7 @@ def main() -> None:
   bundle = clip.load(folder, dtype=args.dtype, remat=args.remat).with_compute(scan_layers=args.scan_layers)
   model, params = iqa.build(config.model, bundle, jax.random.key(0))
   mask = freeze.mask(params, config.model.trainable)
-  tx = optim.make_optimizer(restore.optim_config(config, 100), mask)
+  tx = optim.make_optimizer(resolve.optim_config(config, 100), mask)
   rss_params = _common.current_rss_mib()
   text_rows = sum(len(rows) for _, rows in model.text_ids)
   text_tokens = text_tokens_computed(model)

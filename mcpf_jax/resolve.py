@@ -1,6 +1,6 @@
 """What a config means on this job, derived in one place: its plugins imported, the mesh's shape, the batch sizes
-fitted to it, the model's input size, and a saved run's config. Training, evaluation, the pre-flight (aot), scoring
-and export take these from here instead of deriving them again."""
+fitted to it, the model's input size, the optimizer's schedule length and a saved run's config. Training, evaluation,
+the pre-flight (aot), scoring and export take these from here instead of deriving them again."""
 
 from __future__ import annotations
 
@@ -93,6 +93,15 @@ def resolve(config, num_devices: int | None = None, *, training: bool = True) ->
 def image_size(config, clip_config) -> int:
   """The model's input size: `data.image_size`, or where that is 0/None the backbone's own (`vision.image_size`)."""
   return int(config.data.image_size or clip_config.vision.image_size)
+
+
+def optim_config(config, steps_per_epoch: int) -> ml_collections.ConfigDict:
+  """config.optim with total_steps resolved (num_epochs x steps_per_epoch when it is None)."""
+  oc = config.optim.copy_and_resolve_references()
+  with oc.unlocked():
+    if oc.total_steps is None:
+      oc.total_steps = config.train.num_epochs * steps_per_epoch
+  return oc
 
 
 def saved_config(run: Mapping[str, Any] | None,

@@ -11,13 +11,13 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from configs import base
-from mcpf_jax import config_schema
+from mcpf_jax import config_schema, resolve
 from mcpf_jax import data as datasets
 from mcpf_jax.clip import tiny
 from mcpf_jax.clip.config import from_name
 from mcpf_jax.model import freeze
 from mcpf_jax.model.iqa import ModelSpec
-from mcpf_jax.train import optim, restore
+from mcpf_jax.train import optim
 
 # ml_collections' config_flags loads a config file with importlib's deprecated SourceFileLoader.load_module() (in
 # 1.1.0, its latest release, as train.py loads it: the thing tested here), once per load. The warning is raised
@@ -193,7 +193,7 @@ def test_config_builds(name):
   # The optimizer over a tree with a backbone and prompts.
   tree = {"clip": {"w": 0.0}, "text_prompts_quality": 0.0}
   mask = freeze.mask(tree, config.model.trainable)
-  optim.make_optimizer(restore.optim_config(config, steps_per_epoch=10), mask)
+  optim.make_optimizer(resolve.optim_config(config, steps_per_epoch=10), mask)
   # Sizes the pipeline and the mesh accept.
   image_size = config.data.image_size or clip.vision.image_size
   assert config.data.resize >= image_size

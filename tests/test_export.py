@@ -212,12 +212,12 @@ def test_checkpoint_written_before_this_change_restores_to_its_scores(tmp_path, 
   from mcpf_jax import model as iqa  # pylint: disable=g-import-not-at-top
   from mcpf_jax.model import freeze
   from mcpf_jax.train import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from mcpf_jax.train import optim, restore
+  from mcpf_jax.train import optim
   from mcpf_jax.train import step as step_lib
   config = resolve.saved_config(runs.read_run(work), {})
   _, params = iqa.build(config.model, runs.load_clip(config, work), jax.random.key(config.seed))
   mask = freeze.mask(params, config.model.trainable)
-  state = step_lib.init_state(params, optim.make_optimizer(restore.optim_config(config, 9), mask))
+  state = step_lib.init_state(params, optim.make_optimizer(resolve.optim_config(config, 9), mask))
   ckpts = ckpt_lib.Checkpoints(work / "checkpoints", read_only=True)
   restored = ckpts.restore(expected["step"], state, mask)
   ckpts.close()

@@ -22,7 +22,7 @@ from mcpf_jax.clip.tuning import attention_for, chunking
 from mcpf_jax.model import flops as flops_lib
 from mcpf_jax.model import freeze
 from mcpf_jax.train import mesh as mesh_lib
-from mcpf_jax.train import optim, restore
+from mcpf_jax.train import optim
 from mcpf_jax.train import step as step_lib
 
 
@@ -53,7 +53,7 @@ def build(config, platform: str):
   store = jnp.dtype(config.clip.get("param_dtype", "float32"))
   params = dict(params, clip=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, store), params["clip"]))
   mask = freeze.mask(params, config.model.trainable)
-  tx = optim.make_optimizer(restore.optim_config(config, 1), mask)
+  tx = optim.make_optimizer(resolve.optim_config(config, 1), mask)
   state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
   return model, params, mask, tx, state
 

@@ -10,7 +10,6 @@ import json
 from typing import Any
 
 import jax
-import ml_collections
 
 from mcpf_jax import clip, rundir, runs
 from mcpf_jax.model import freeze
@@ -18,15 +17,6 @@ from mcpf_jax.resolve import saved_config
 from mcpf_jax.runs import check_backbone, checkpoint_step
 from mcpf_jax.train import checkpoints as ckpt_lib
 from mcpf_jax.train import mesh as mesh_lib
-
-
-def optim_config(config, steps_per_epoch: int) -> ml_collections.ConfigDict:
-  """config.optim with total_steps resolved (num_epochs x steps_per_epoch when it is None)."""
-  oc = config.optim.copy_and_resolve_references()
-  with oc.unlocked():
-    if oc.total_steps is None:
-      oc.total_steps = config.train.num_epochs * steps_per_epoch
-  return oc
 
 
 def restore_params(config, ckpts: ckpt_lib.Checkpoints, step: int, params: Any, mask: Any,

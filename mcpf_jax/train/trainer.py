@@ -171,7 +171,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike[str]) -> dict[str, Any
   if steps_per_epoch == 0:
     raise ValueError(f"{run.data.name}: {len(train_idx)} training images is fewer than one batch of "
                      f"{cfg.train.batch_size}")
-  ocfg = restore.optim_config(cfg, steps_per_epoch)
+  ocfg = resolve.optim_config(cfg, steps_per_epoch)
   total = ocfg.total_steps
   tx = optim.make_optimizer(ocfg, run.mask)
   state = step_lib.init_state(run.params, tx)
