@@ -3,10 +3,11 @@
 For each backbone family (a tiny CLIP and a tiny SigLIP, both written in the real format): train.py's jitted train
 and eval steps (`step.jit_steps`) on a data=2 x model=2 mesh with `mesh.shard_backbone` on, against the same steps
 with the backbone replicated: which backbone leaves are split over "model", the eval scores, the loss of two
-steps and the first step's gradient norm. The tiny backbones' leaves are all below the size from which the rule shards
-(`mesh._MIN_SHARDED_SIZE`, 2^18 elements), so it is lowered here to 512: the rule and the sharded program are what is
-under test, not the threshold. Also the rule at its real threshold on the real SigLIP 2 So400m/14-384 shapes (no
-weights): the share of the backbone's bytes it splits. Prints one JSON line.
+steps, the first step's gradient norm, and the all-gathers of the compiled sharded train step. The tiny backbones'
+leaves are all below the size from which the rule shards (`mesh._MIN_SHARDED_SIZE`, 2^18 elements), so it is lowered
+here to 512: the rule and the sharded program are what is under test, not the threshold. Also the rule at its real
+threshold on the real SigLIP 2 So400m/14-384 shapes (no weights): the share of the backbone's bytes it splits.
+Prints one JSON line.
 """
 
 import json
@@ -25,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mcpf_jax import clip
 from mcpf_jax import model as iqa
+from mcpf_jax.aot import report
 from mcpf_jax.clip import siglip
 from mcpf_jax.clip.tiny import write_tiny_clip
 from mcpf_jax.model import freeze
@@ -62,7 +64,12 @@ def _run(bundle, shard: bool) -> dict:
   flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
   split = sorted(jax.tree_util.keystr(k, simple=True, separator="/") for k, v in flat
                  if "model" in jax.tree.leaves(tuple(v.sharding.spec)))
-  return {"losses": losses, "norms": norms, "scores": scores, "split": split}
+  split_bytes = sum(v.nbytes for _, v in flat if "model" in jax.tree.leaves(tuple(v.sharding.spec)))
+  # The all-gathers of the compiled train step, as the pre-flight's table counts them (per device, in the HLO).
+  hlo = train_step.lower(state, jax.device_put(iqa_batch(8, IMAGE, seed=0), b_sh)).compile().as_text()
+  gathers = report.collectives(hlo).get("all-gather", {"count": 0, "bytes": 0})
+  return {"losses": losses, "norms": norms, "scores": scores, "split": split, "split_bytes": split_bytes,
+          "gathers": gathers}
 
 
 def _compare(family: str, folder: str) -> dict:
@@ -75,6 +82,7 @@ def _compare(family: str, folder: str) -> dict:
   # (Not the updated prompts elementwise: Adam moves an element by ~lr whatever its gradient's size, so elements
   # whose gradient is ~0 take either sign from float noise; the loss, gradient norm and scores are what count.)
   return {"family": family, "split": sharded["split"], "replicated_split": replicated["split"],
+          "split_bytes": sharded["split_bytes"], "gathers": sharded["gathers"],
           "loss_diff": max(abs(a - b) for a, b in zip(sharded["losses"], replicated["losses"])),
           "grad_norm_diff": abs(sharded["norms"][0] - replicated["norms"][0]) / replicated["norms"][0],
           "score_diff": float(np.max(np.abs(sharded["scores"] - replicated["scores"]))),

@@ -3,7 +3,8 @@ replicated backbone's training and scores.
 
 One subprocess of 4 CPU devices (tests/backbone_sharding_check.py, data=2 x model=2): a tiny CLIP and a tiny SigLIP
 (MAP head, logit bias; written by transformers in the real format), train.py's jitted steps with and without the
-option, and the rule's share of a real SigLIP 2 So400m/14-384's bytes.
+option, the all-gathers of the sharded train step (each split weight gathered once: mesh.GatherOnce), and the rule's
+share of a real SigLIP 2 So400m/14-384's bytes.
 """
 
 import json
@@ -25,6 +26,12 @@ def test_sharded_backbone_trains_and_scores_as_the_replicated_one():
     assert r["split"] and not r["replicated_split"], r  # the option really splits leaves, and only it does
     assert all(name.startswith("clip/") for name in r["split"]), r  # the backbone's, never the prompts'
     assert r["loss_diff"] <= 1e-5 and r["grad_norm_diff"] <= 1e-5 and r["score_diff"] <= 1e-5, (family, r)
+    # Each split weight gathered at most once per train step (mesh.GatherOnce), not at each use: at most one
+    # all-gather per split leaf plus the few of the step's small outputs (text features, scores), and no more bytes
+    # than the split weights (+ those outputs). Without it XLA gathered at each use: 40 / 73 all-gathers here.
+    gathers = r["gathers"]
+    assert gathers["count"] <= len(r["split"]) + 10, (family, gathers, len(r["split"]))
+    assert gathers["bytes"] <= r["split_bytes"] + 16 * 1024, (family, gathers, r["split_bytes"])
   # SigLIP's own leaves are covered: the MAP head's attention and both towers' blocks.
   siglip = results["siglip"]["split"]
   assert "clip/vision_model/head/attention/in_proj_weight" in siglip, siglip

@@ -79,6 +79,19 @@ def _bytes_per_device(shapes: Any) -> int:
   return sum(math.prod(s.sharding.shard_shape(s.shape)) * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes))
 
 
+def _split_bytes(shapes: Any, shardings: Any) -> tuple[int, int]:
+  """Whole bytes of the leaves stored split over "model" (mesh.shard_backbone), and of those a step gathers once
+  (mesh.GatherOnce: all but the token embeddings)."""
+  split = gathered = 0
+  for (path, s), sh in zip(jax.tree_util.tree_flatten_with_path(shapes)[0], jax.tree.leaves(shardings)):
+    if "model" in jax.tree.leaves(tuple(sh.spec)):
+      size = math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
+      split += size
+      skipped = mesh_lib.GATHER_SKIPS.search(jax.tree_util.keystr(path, simple=True, separator="/"))
+      gathered += 0 if skipped else size
+  return split, gathered
+
+
 def _with_sharding(shapes: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
@@ -162,26 +175,32 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
                                     pooled_only=pooled_only)
   # What the devices run, once per micro-batch: the class prompts split over "data" when it has more than one
   # device (padded to a multiple of it: step.jit_steps' text sharding), else on every device; each prompt row and
-  # each image on the mesh.model devices of its data shard (rows and batch are split over "data" only).
-  data = mesh.shape["data"]
-  rows_run = -(-text_rows // data) * data if data > 1 else text_rows
-  executed = (model_flops["text"] * rows_run / text_rows * acc + model_flops["vision"]) * mesh.shape["model"]
+  # each image on the mesh.model devices of its data shard (rows and batch are split over "data" only). With a
+  # backbone stored split (mesh.GatherOnce), rows and images are split over data x model instead: run once.
+  gather = mesh_lib.gather_once(mesh, config.mesh.shard_backbone) is not None
+  split = mesh.shape["data"] * (mesh.shape["model"] if gather else 1)
+  rows_run = -(-text_rows // split) * split if split > 1 else text_rows
+  images_run = -(-batch // (split * acc)) * split * acc / batch if gather else 1.0
+  executed = ((model_flops["text"] * rows_run / text_rows * acc + model_flops["vision"] * images_run)
+              * (1 if gather else mesh.shape["model"]))
   chip = target.chip
   hbm = chip.get("hbm_bytes")
   fits = train["fits"] and evaluation["fits"]
   if hbm is not None:
     fits = fits and all(p.get("peak_bytes") is not None and p["peak_bytes"] <= hbm
                         for p in (train, evaluation) if not p.get("skipped"))
+  split_bytes = _split_bytes(params, p_sh)
   report: dict[str, Any] = {
       "topology": target.name, "platform": target.platform, "device_kind": target.device_kind, "devices": n,
       "hosts": target.hosts, "slices": target.num_slices, "mesh": dict(mesh.shape),
       "model": config.model.name, "clip": config.clip.name, "trainable": str(config.model.trainable),
       "dtype": cc.dtype, "remat": cc.remat, "scan_layers": cc.scan_layers,
-      "shard_backbone": bool(config.mesh.shard_backbone),
+      "shard_backbone": bool(config.mesh.shard_backbone), "gather_once": gather,
       "attention": _attention_path(cc), "vision_chunk": _vision_chunk(cc, spec, batch), "global_batch": batch,
       "accumulate_steps": acc,
       "peak_bytes_per_device": train.get("peak_bytes"), "device_memory_bytes": hbm, "fits": fits,
-      "state_bytes_per_device": _bytes_per_device(train_args[0]),
+      "state_bytes_per_device": _bytes_per_device(train_args[0]), "split_weight_bytes": split_bytes[0],
+      "gathered_weight_bytes": split_bytes[1] if gather else None,
       "train": report_lib.public(train),
       "eval": {**report_lib.public(evaluation), "images_per_step": eval_batch * crops},
       "flops_per_device": per_device, "flops_per_step": per_device * n if per_device is not None else None,

@@ -106,7 +106,9 @@ def format_report(r: dict[str, Any]) -> str:
            f"attention={r['attention']})",
            f"target {r['topology']}: {r['devices']} x {r['device_kind']} on {r['hosts']} host(s) of "
            f"{r['devices'] // r['hosts']} devices, {r['slices']} slice(s), mesh {r['mesh']}, "
-           f"shard_backbone={r['shard_backbone']}",
+           f"shard_backbone={r['shard_backbone']}" + (f" ({_gib(r['split_weight_bytes'])} of weights stored split, "
+                                                      f"{_gib(r['gathered_weight_bytes'])} of them gathered once per "
+                                                      "step)" if r.get("gather_once") else ""),
            f"global batch {r['global_batch']} (accumulate_steps={r['accumulate_steps']})"]
   for name in ("train", "eval"):
     p = r[name]

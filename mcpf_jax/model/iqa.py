@@ -192,7 +192,8 @@ class IQAModel(nn.Module):
     spec: the variant and its switches.
     text_ids: {class_set: int32 [classes, 77]} from `class_token_ids`, as nested tuples (hashable).
     text_sharding: None, or a NamedSharding whose spec's first entry names the mesh axes to spread the class-prompt
-      rows over (mcpf_jax.train.step.jit_steps sets P("data") on a mesh with a data axis of more than one device):
+      rows over (mcpf_jax.train.step.jit_steps sets P("data") on a mesh with a data axis of more than one device,
+      P(("data", "model")) with a backbone stored split, mesh.GatherOnce):
       the rows are padded to a multiple of those axes' size, each device encodes its part, the features (a few KB)
       are gathered, and the backward reduces the prompt gradients over the devices. The same numbers as None,
       where every device encodes every row.

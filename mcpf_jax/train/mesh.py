@@ -1,7 +1,8 @@
 """One device mesh for everything, and the shardings of parameters, optimizer state and batches on it.
 
 Axes ("data", "model"): the batch is split over "data"; the frozen backbone is replicated by default, or, with
-`mesh.shard_backbone`, its large kernels are split over "model" (FSDP-style, for L/14 on small-memory chips).
+`mesh.shard_backbone`, its large kernels are stored split over "model" (FSDP, for L/14 on small-memory chips): a step
+then gathers each weight once, keeps it for the backward, and spreads its images over both axes (`GatherOnce`).
 Prompts, fusion and optimizer state are tiny and replicated.
 
 Input: a process loads the rows of each global batch that its devices hold, which is decided by the devices'
@@ -32,6 +33,8 @@ from mcpf_jax.resolve import mesh_shape
 # Backbone leaves at least this large are sharded when mesh.shard_backbone is on (smaller ones stay replicated).
 _MIN_SHARDED_SIZE = 2 ** 18
 _BACKBONE = re.compile(r"^clip/")
+# Split leaves that GatherOnce leaves split: lookup tables (rows read by index, not multiplied).
+GATHER_SKIPS = re.compile(r"token_embedding/")
 
 log = logging.getLogger("mcpf_jax")
 
@@ -63,14 +66,52 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
-def text_rows_sharding(mesh: Mesh) -> NamedSharding:
-  """The class-prompt rows of the text tower split over "data" (model.iqa.IQAModel.text_sharding): each device
-  encodes its share of the rows once per step instead of every row."""
-  return NamedSharding(mesh, P("data"))
+def text_rows_sharding(mesh: Mesh, both_axes: bool = False) -> NamedSharding:
+  """The class-prompt rows of the text tower split over "data" (model.iqa.IQAModel.text_sharding), or over data x
+  model (`both_axes`, with `GatherOnce`): each device encodes its share of the rows once per step instead of every
+  row."""
+  return NamedSharding(mesh, P(("data", "model") if both_axes else "data"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherOnce:
+  """How a step uses a backbone stored split over "model" (`mesh.shard_backbone`): FSDP that gathers each weight once.
+
+  Left to itself, XLA gathers a split weight at each use: in every image chunk, in the forward and again in the
+  backward (L/14 MCPF on v5e-8 with model=2: 1,056 all-gathers, 20.4 GiB per device per step). Instead the step
+  constrains the parameters to replicated once at its start (one all-gather per split weight, kept through the
+  backward; a trainable one's gradient is reduce-scattered back by the same constraint's transpose), and spreads
+  its rows over both axes, so the devices of a "model" group split the batch between them instead of computing the
+  same rows twice. The weights' memory is then the whole backbone's during the step (the choice: the split copy
+  is what the state, the checkpoints and the optimizer hold).
+  """
+  mesh: Mesh
+
+  @property
+  def rows(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(("data", "model")))
+
+  def weights(self, tree: Any) -> Any:
+    """`tree` with every leaf replicated, except the token embedding tables (`GATHER_SKIPS`): the class prompts
+    read a few rows of them, which XLA looks up in place instead of gathering a 49,408-row table."""
+    rep = replicated(self.mesh)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x if GATHER_SKIPS.search(jax.tree_util.keystr(path, simple=True, separator="/"))
+        else jax.lax.with_sharding_constraint(x, rep), tree)
+
+  def spread(self, tree: Any) -> Any:
+    """Every array's leading (row) axis split over data x model (uneven counts are padded by XLA)."""
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+        x, NamedSharding(self.mesh, P(("data", "model"), *([None] * (x.ndim - 1))))), tree)
+
+
+def gather_once(mesh: Mesh, shard_backbone: bool) -> GatherOnce | None:
+  """The step's `GatherOnce` where the backbone is stored split (shard_backbone on a model axis above 1), else None."""
+  return GatherOnce(mesh) if shard_backbone and mesh.shape["model"] > 1 else None
 
 
 def _leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, shard_backbone: bool) -> P:

@@ -32,7 +32,8 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(model, mask: Any, tx: optax.GradientTransformation, loss_weights: Mapping[str, float],
-                    accumulate_steps: int = 1) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+                    accumulate_steps: int = 1, gather: mesh_lib.GatherOnce | None = None
+                    ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
   """Returns `train_step(state, batch) -> (state, metrics)`.
 
   Args:
@@ -44,6 +45,8 @@ def make_train_step(model, mask: Any, tx: optax.GradientTransformation, loss_wei
       apply their averaged gradient once: the same update as the whole batch, with a fraction of the memory.
       Two exceptions: the fidelity ranking loss pairs images within a micro-batch only, and a masked mean (a
       label set only some images have) is taken per micro-batch, then averaged with equal weights.
+    gather: with a backbone stored split over "model" (mesh.gather_once): its weights gathered once per step and
+      the images spread over data x model. The same numbers.
 
   The batch holds "image" uint8 [B, H, W, 3] (normalised here, on device) and the label arrays of
   losses.batch_loss. metrics: "loss", each loss term, "grad_norm", "finite" (False when the loss or a
@@ -53,14 +56,19 @@ def make_train_step(model, mask: Any, tx: optax.GradientTransformation, loss_wei
   weights = dict(loss_weights)
 
   def loss_fn(trainable, frozen, batch):
+    images = batch["image"]
+    if gather is not None:  # a trainable split weight: gathered here, so its gradient is reduce-scattered back
+      trainable, images = gather.weights(trainable), gather.spread(images)
     params = optim.merge(trainable, frozen)
-    out = model.apply({"params": params}, preprocess.normalize(batch["image"]), train=True)
+    out = model.apply({"params": params}, preprocess.normalize(images), train=True)
     return losses.batch_loss(out, batch, weights)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
     trainable, frozen = optim.partition(state["params"], mask)
+    if gather is not None:  # once per step, outside the gradient: the forward and the backward use the same copy
+      frozen = gather.weights(frozen)
     if accumulate_steps == 1:
       (loss, terms), grads = grad_fn(trainable, frozen, batch)
     else:
@@ -91,26 +99,30 @@ def make_train_step(model, mask: Any, tx: optax.GradientTransformation, loss_wei
   return train_step
 
 
-def make_eval_step(model) -> Callable[[Any, Batch], jax.Array]:
+def make_eval_step(model, gather: mesh_lib.GatherOnce | None = None) -> Callable[[Any, Batch], jax.Array]:
   """Returns `eval_step(params, batch) -> score01 [B]`: the mean over crops of the predicted score on [0, 1].
 
   batch["image"] is uint8 [B, crops, H, W, 3]; every crop of every image goes through the model in one call.
+  `gather`: as in make_train_step.
   """
 
   def eval_step(params: Any, batch: Batch) -> jax.Array:
     images = batch["image"]
     b, c = images.shape[:2]
-    out = model.apply({"params": params}, preprocess.normalize(images.reshape((b * c,) + images.shape[2:])))
+    images = images.reshape((b * c,) + images.shape[2:])
+    if gather is not None:
+      params, images = gather.weights(params), gather.spread(images)
+    out = model.apply({"params": params}, preprocess.normalize(images))
     return jnp.mean(out["score01"].reshape(b, c), axis=1)
 
   return eval_step
 
 
-def _shard_text(model, mesh: jax.sharding.Mesh):
-  """On a data axis of more than one device, each device encodes its share of the class prompts
-  (IQAModel.text_sharding); one device keeps the plain path."""
-  if mesh.shape["data"] > 1:
-    return model.clone(text_sharding=mesh_lib.text_rows_sharding(mesh))
+def _shard_text(model, mesh: jax.sharding.Mesh, gather: mesh_lib.GatherOnce | None):
+  """On a data axis of more than one device (data x model with `gather`), each device encodes its share of the
+  class prompts (IQAModel.text_sharding); one device keeps the plain path."""
+  if mesh.shape["data"] * (mesh.shape["model"] if gather is not None else 1) > 1:
+    return model.clone(text_sharding=mesh_lib.text_rows_sharding(mesh, both_axes=gather is not None))
   return model
 
 
@@ -124,13 +136,14 @@ def jit_steps(config, model, mask: Any, tx: optax.GradientTransformation, params
   Returns:
     (train_step, eval_step, state_shardings, param_shardings, batch_sharding). train_step donates the state.
   """
-  model = _shard_text(model, mesh)
+  gather = mesh_lib.gather_once(mesh, config.mesh.shard_backbone)
+  model = _shard_text(model, mesh, gather)
   p_sh = mesh_lib.param_shardings(params, mesh, config.mesh.shard_backbone)
   s_sh = mesh_lib.state_shardings(state_shapes, p_sh, mesh)
   b_sh = mesh_lib.batch_sharding(mesh)
   rep = mesh_lib.replicated(mesh)
   weights = {k: float(config.loss[k]) for k in ("rank", "l1", "cls", "aux")}
-  train_step = jax.jit(make_train_step(model, mask, tx, weights, config.train.accumulate_steps),
+  train_step = jax.jit(make_train_step(model, mask, tx, weights, config.train.accumulate_steps, gather),
                        in_shardings=(s_sh, b_sh), out_shardings=(s_sh, rep), donate_argnums=0)
   eval_step, _, _ = jit_eval(config, model, params, mesh)
   return train_step, eval_step, s_sh, p_sh, b_sh
@@ -142,7 +155,9 @@ def jit_eval(config, model, params: Any, mesh: jax.sharding.Mesh):
   Returns:
     (eval_step, param_shardings, batch_sharding).
   """
-  model = _shard_text(model, mesh)
+  gather = mesh_lib.gather_once(mesh, config.mesh.shard_backbone)
+  model = _shard_text(model, mesh, gather)
   p_sh = mesh_lib.param_shardings(params, mesh, config.mesh.shard_backbone)
   b_sh = mesh_lib.batch_sharding(mesh)
-  return jax.jit(make_eval_step(model), in_shardings=(p_sh, b_sh), out_shardings=mesh_lib.replicated(mesh)), p_sh, b_sh
+  step = jax.jit(make_eval_step(model, gather), in_shardings=(p_sh, b_sh), out_shardings=mesh_lib.replicated(mesh))
+  return step, p_sh, b_sh
