@@ -171,6 +171,9 @@ def table(results: dict) -> str:
       lines.append(f"| {SHORT[clip]} | {method} | {options} | {topology} | {batch} | - | did not compile: "
                    f"{res.get('error', '')} | | | | | | | |")
       continue
+    if r.get("gather_once"):  # mesh.GatherOnce: what the collectives column is to be read against
+      options += (f" (FSDP, each weight gathered once: {r['gathered_weight_bytes'] / 2 ** 30:.2f} GiB of the "
+                  f"{r['split_weight_bytes'] / 2 ** 30:.2f} GiB stored split)")
     peak = r["peak_bytes_per_device"]
     peak_s = f"{peak / 2 ** 30:.2f} GiB" if peak else "?"
     hbm = f" of {r['device_memory_bytes'] / 2 ** 30:.0f}" if r.get("device_memory_bytes") else ""

@@ -3,9 +3,10 @@
 For each backbone family (a tiny CLIP and a tiny SigLIP, both written in the real format): train.py's jitted train
 and eval steps (`step.jit_steps`) on a data=2 x model=2 mesh with `mesh.shard_backbone` on, against the same steps
 with the backbone replicated: which backbone leaves are split over "model", the eval scores, the loss of two
-steps, the first step's gradient norm, and the all-gathers of the compiled sharded train step. The tiny backbones'
-leaves are all below the size from which the rule shards (`mesh._MIN_SHARDED_SIZE`, 2^18 elements), so it is lowered
-here to 512: the rule and the sharded program are what is under test, not the threshold. Also the rule at its real
+steps, the first step's gradient norm, the all-gathers of the compiled sharded train step, and (shapes only) the
+optimizer state's shardings when the whole backbone trains. The tiny backbones' leaves are all below the size from
+which the rule shards (`mesh._MIN_SHARDED_SIZE`, 2^18 elements), so it is lowered here to 512: the rule and the
+sharded program are what is under test, not the threshold. Also the rule at its real
 threshold on the real SigLIP 2 So400m/14-384 shapes (no weights): the share of the backbone's bytes it splits.
 Prints one JSON line.
 """
@@ -89,6 +90,28 @@ def _compare(family: str, folder: str) -> dict:
           "finite": bool(np.all(np.isfinite(sharded["losses"])) and np.all(np.isfinite(sharded["scores"])))}
 
 
+def _full_finetune_state(bundle) -> dict:
+  """With the whole backbone trained, the optimizer state's shardings (shapes only): Adam's moments of each split
+  parameter must be split like it, the rest replicated."""
+  _, params = iqa.build(MODEL, bundle, jax.random.key(0))
+  mask = freeze.mask(params, "all")
+  tx = optim.make_optimizer(ml_collections.ConfigDict(OPTIM), mask)
+  mesh = mesh_lib.make_mesh(2, 2)
+  state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
+  p_sh = mesh_lib.param_shardings(params, mesh, True)
+  specs = {jax.tree_util.keystr(k, simple=True, separator="/"): sh.spec
+           for k, sh in jax.tree_util.tree_flatten_with_path(p_sh)[0]}
+  s_sh = mesh_lib.state_shardings(state, p_sh, mesh, True)
+  split = mismatched = 0
+  for k, sh in jax.tree_util.tree_flatten_with_path(s_sh["opt"])[0]:
+    name = jax.tree_util.keystr(k, simple=True, separator="/")
+    param = next((name[name.index(m) + 4:] for m in ("/mu/", "/nu/") if m in name), None)
+    want = specs[param] if param is not None else jax.sharding.PartitionSpec()
+    mismatched += sh.spec != want
+    split += "model" in jax.tree.leaves(tuple(sh.spec))
+  return {"opt_leaves_split": split, "opt_leaves_mismatched": mismatched}
+
+
 def _real_size_share(name: str) -> float:
   """Share of a real SigLIP 2's backbone bytes that the rule (real threshold) splits over a model axis of 2."""
   shapes = {"clip": siglip.param_shapes(siglip.HUB_CONFIGS[name])}
@@ -106,4 +129,5 @@ if __name__ == "__main__":
   mesh_lib._MIN_SHARDED_SIZE = THRESHOLD  # pylint: disable=protected-access
   with tempfile.TemporaryDirectory() as tmp:
     results = [_compare(f, os.path.join(tmp, f)) for f in ("clip", "siglip")]
-  print(json.dumps({"results": results, "so400m_share_split": real}))
+    full = _full_finetune_state(clip.load(os.path.join(tmp, "clip")))
+  print(json.dumps({"results": results, "so400m_share_split": real, "full_finetune": full}))

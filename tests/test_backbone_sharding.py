@@ -36,5 +36,7 @@ def test_sharded_backbone_trains_and_scores_as_the_replicated_one():
   siglip = results["siglip"]["split"]
   assert "clip/vision_model/head/attention/in_proj_weight" in siglip, siglip
   assert any(n.startswith("clip/text_model/encoder/") for n in siglip), siglip
+  # Full fine-tuning: Adam's two moments of each of the tiny CLIP's 18 split leaves split like it, nothing else.
+  assert out["full_finetune"] == {"opt_leaves_split": 2 * len(results["clip"]["split"]), "opt_leaves_mismatched": 0}
   # At the real size the rule splits nearly all of the backbone's bytes (everything but norms, biases and the probe).
   assert out["so400m_share_split"] > 0.99, out["so400m_share_split"]

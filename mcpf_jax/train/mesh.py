@@ -33,6 +33,7 @@ from mcpf_jax.resolve import mesh_shape
 # Backbone leaves at least this large are sharded when mesh.shard_backbone is on (smaller ones stay replicated).
 _MIN_SHARDED_SIZE = 2 ** 18
 _BACKBONE = re.compile(r"^clip/")
+_IN_STATE = re.compile(r"/(clip/.*)$")  # a backbone parameter's path inside an optimizer state's path
 # Split leaves that GatherOnce leaves split: lookup tables (rows read by index, not multiplied).
 GATHER_SKIPS = re.compile(r"token_embedding/")
 
@@ -83,11 +84,11 @@ class GatherOnce:
 
   Left to itself, XLA gathers a split weight at each use: in every image chunk, in the forward and again in the
   backward (L/14 MCPF on v5e-8 with model=2: 1,056 all-gathers, 20.4 GiB per device per step). Instead the step
-  constrains the parameters to replicated once at its start (one all-gather per split weight, kept through the
-  backward; a trainable one's gradient is reduce-scattered back by the same constraint's transpose), and spreads
-  its rows over both axes, so the devices of a "model" group split the batch between them instead of computing the
-  same rows twice. The weights' memory is then the whole backbone's during the step (the choice: the split copy
-  is what the state, the checkpoints and the optimizer hold).
+  constrains the parameters to replicated once at its start (XLA then gathers each split weight for the forward and
+  at most once more for the backward: 2.7 GiB there; a trainable one's gradient is reduce-scattered back by the same
+  constraint's transpose), and spreads its rows over both axes, so the devices of a "model" group split the batch
+  between them instead of computing the same rows twice. The weights' memory is then the whole backbone's during the
+  step (the choice: the split copy is what the state, the checkpoints and the optimizer hold).
   """
   mesh: Mesh
 
@@ -135,13 +136,19 @@ def param_shardings(params: Any, mesh: Mesh, shard_backbone: bool = False) -> An
   return traverse_util.unflatten_dict(out, sep="/")
 
 
-def state_shardings(state_shapes: Any, params_shardings: Any, mesh: Mesh) -> Any:
-  """Shardings for the train state: params as given, everything else (optimizer state, step) replicated.
-
-  The optimizer state only holds trainable (prompt-sized) leaves, so replicating it costs nothing.
-  """
+def state_shardings(state_shapes: Any, params_shardings: Any, mesh: Mesh, shard_backbone: bool = False) -> Any:
+  """Shardings for the train state: params as given; the optimizer state of a split parameter (Adam's moments of a
+  backbone that trains, with shard_backbone) split like it, so the update runs on each device's shard (ZeRO) and the
+  state costs 1/model of its size; every other optimizer leaf (prompt-sized) and the step replicated."""
   rep = replicated(mesh)
-  return {"params": params_shardings, "opt": jax.tree.map(lambda _: rep, state_shapes["opt"]),
+
+  def opt_leaf(path, x) -> NamedSharding:
+    found = _IN_STATE.search(jax.tree_util.keystr(path, simple=True, separator="/"))
+    if found is None:
+      return rep
+    return NamedSharding(mesh, _leaf_spec(found.group(1), tuple(np.shape(x)), mesh, shard_backbone))
+
+  return {"params": params_shardings, "opt": jax.tree_util.tree_map_with_path(opt_leaf, state_shapes["opt"]),
           "step": rep}
 
 

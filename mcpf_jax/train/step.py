@@ -67,7 +67,7 @@ def make_train_step(model, mask: Any, tx: optax.GradientTransformation, loss_wei
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
     trainable, frozen = optim.partition(state["params"], mask)
-    if gather is not None:  # once per step, outside the gradient: the forward and the backward use the same copy
+    if gather is not None:  # once per step, outside the gradient (the forward and the backward read this copy)
       frozen = gather.weights(frozen)
     if accumulate_steps == 1:
       (loss, terms), grads = grad_fn(trainable, frozen, batch)
@@ -139,7 +139,7 @@ def jit_steps(config, model, mask: Any, tx: optax.GradientTransformation, params
   gather = mesh_lib.gather_once(mesh, config.mesh.shard_backbone)
   model = _shard_text(model, mesh, gather)
   p_sh = mesh_lib.param_shardings(params, mesh, config.mesh.shard_backbone)
-  s_sh = mesh_lib.state_shardings(state_shapes, p_sh, mesh)
+  s_sh = mesh_lib.state_shardings(state_shapes, p_sh, mesh, config.mesh.shard_backbone)
   b_sh = mesh_lib.batch_sharding(mesh)
   rep = mesh_lib.replicated(mesh)
   weights = {k: float(config.loss[k]) for k in ("rank", "l1", "cls", "aux")}
