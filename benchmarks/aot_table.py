@@ -201,7 +201,8 @@ def _scan_column(res: dict | None) -> str:
   if r is None:
     return f"did not compile: {res.get('error', '')}"
   peak = r["peak_bytes_per_device"]
-  return f"{_compile_s(r)} s, {peak / 2 ** 30:.2f} GiB" if peak else f"{_compile_s(r)} s, ?"
+  fits = "" if r["fits"] else " (**does not fit**)"
+  return f"{_compile_s(r)} s, {peak / 2 ** 30:.2f} GiB{fits}" if peak else f"{_compile_s(r)} s, ?"
 
 
 def main() -> None:
