@@ -8,9 +8,10 @@ cluster launches it (`--coordinator_address 127.0.0.1:PORT --num_processes 2 --p
 - evaluation is sharded: each process decodes only its half of the images (its log line counts them), and
   eval.py on 2 processes gives the 1-process scores;
 - the input follows the mesh's data axis, not the process index: 2 processes x 1 device with the model axis
-  spanning them (mesh.data=1, mesh.model=2) train on the 1-process batches (each process loads the whole batch) and
-  give the 1-process scores; eval.py on that run with mesh.data=2, mesh.model=1 (each process its half) and an
-  eval.batch_size of 5 (rounded up to 6, the last batch padded) scores every image as the 1-process eval.py does;
+  spanning them (mesh.data=1, mesh.model=2, the backbone's large leaves stored split over it: mesh.shard_backbone)
+  train on the 1-process batches (each process loads the whole batch) and give the 1-process scores; eval.py on
+  that run with mesh.data=2, mesh.model=1 (each process its half) and an eval.batch_size of 5 (rounded up to 6,
+  the last batch padded) scores every image as the 1-process eval.py does;
 - one of 2 processes SIGKILLed after the first checkpoint: the other fails within the configured heartbeat
   timeout, naming the lost task; both started again resume exactly (<= 1e-5 from the uninterrupted 2-process run);
 - SIGTERM: a checkpoint at the step reached, exit 143 within seconds; the same command again finishes with the
@@ -38,7 +39,9 @@ pytestmark = pytest.mark.slow
 
 HEARTBEAT_S = 10  # the peer-loss test's --heartbeat_timeout_seconds
 MAINTENANCE = "TERMINATE_ON_HOST_MAINTENANCE"
-MODEL_AXIS = {"mesh.data": 1, "mesh.model": 2}  # 2 processes x 1 device: the model axis spans the processes
+# 2 processes x 1 device: the model axis spans the processes, with the backbone's large leaves (the token embeddings:
+# 49,408 x 64) stored split over it (mesh.shard_backbone, FSDP: mesh.GatherOnce spreads each batch over both).
+MODEL_AXIS = {"mesh.data": 1, "mesh.model": 2, "mesh.shard_backbone": True}
 # eval.batch_size 5 -> 6 on 2 data devices: 3 rows per process, so the 16 test images of each end in padding.
 DATA_AXIS = {"mesh.data": 2, "mesh.model": 1, "eval.batch_size": 5}
 
