@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tracemalloc
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -25,7 +26,7 @@ from PIL import Image, ImageDraw
 import score as score_cli
 from mcpf_jax import metrics
 from mcpf_jax.clip.tiny import write_tiny_clip
-from mcpf_jax.scoring import Scorer, find_images
+from mcpf_jax.scoring import Scorer, find_images, loaders
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(width=32, layers=2, heads=4, image_size=32, patch_size=8, embed_dim=32)
@@ -121,6 +122,26 @@ def test_score_does_not_depend_on_the_batch(scorer, run, tmp_path):
   assert abs(reordered[1 + paths[::-1].index(str(target))].score - alone) <= 1e-5
   scores = [r.score for r in results if r.ok]
   assert len(scores) == 10 and np.ptp(scores) > 1e-4  # the images really differ
+
+
+def test_a_scanned_run_scores_alike_and_exports_unrolled(scorer):
+  """A run trained with clip.scan_layers (a layout of the same weights) scores like the unrolled stack, and its
+  portable function (what export turns into model.stablehlo / model.onnx) holds no loop over the layers."""
+  mc = scorer._model  # pylint: disable=protected-access
+  scanned = Scorer(loaders.LoadedModel(mc.clone(clip_config=mc.clip_config.replace(scan_layers=True)),
+                                       scorer.params, scorer.preprocessing, {}, scorer.score_map), batch_size=4)
+  prep = scorer.preprocessing
+  crops = np.random.default_rng(0).integers(0, 256, (3, prep.num_crops, prep.image_size, prep.image_size, 3),
+                                            np.uint8)
+
+  def scans(fn) -> int:
+    return str(jax.make_jaxpr(fn)(crops)).count(" scan[")
+
+  assert scans(scanned.crops_fn()) > scans(scorer.crops_fn())  # the layer stacks really are scanned there
+  assert scans(scanned.crops_fn(portable=True)) == 0
+  want = np.asarray(scorer.crops_fn()(crops))
+  for fn in (scanned.crops_fn(), scanned.crops_fn(portable=True)):
+    np.testing.assert_allclose(np.asarray(fn(crops)), want, rtol=1e-5, atol=1e-6)
 
 
 def test_level_probabilities_give_the_score(scorer, zero_shot, run, tmp_path):

@@ -188,13 +188,15 @@ class Scorer:
     gives it (the mean of score01 over its crops, then mapped to the scale).
 
     `portable`: the model as built for any platform (fused attention, the whole batch in one vision pass, no
-    CPU-specific chunking; the same numbers), so that `jax.export` can lower it for CPU, GPU and TPU at once and
-    with a symbolic batch size.
+    CPU-specific chunking, the layer stacks unrolled even for a run trained with `clip.scan_layers`; the same
+    numbers), so that `jax.export` can lower it for CPU, GPU and TPU at once and with a symbolic batch size, and
+    the ONNX export holds no Loop nodes (onnxruntime runs a scanned stack's Loops, with a warning per unused
+    initialiser of their bodies; not every ONNX runtime runs them).
     """
     model = self._model
     if portable:
       model = model.clone(spec=dataclasses.replace(model.spec, image_chunk=0),
-                          clip_config=model.clip_config.replace(platform="tpu"))
+                          clip_config=model.clip_config.replace(platform="tpu", scan_layers=False))
     # Portable: the parameters as host constants, so the lowering holds no device placement of this machine.
     params, score_map = (jax.device_get(self.params) if portable else self.params), self.score_map
 
