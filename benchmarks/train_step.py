@@ -16,7 +16,7 @@ Measured per batch size:
     n x n), each run `--peak_calls` times before every step in the same loop (matmuls, step, matmuls, step, ...:
     they see the same machine load); peak = the larger of 2 * n^3 / median time. Two FLOP counts:
       * XLA: `cost_analysis()["flops"]` of the step (elementwise ops included), lowered with
-        `model.image_chunk = 0`: XLA's cost analysis counts a loop body once, so the chunked step's own count
+        `clip.image_chunk = 0`: XLA's cost analysis counts a loop body once, so the chunked step's own count
         (`xla_compiled_gflop_per_step`, also recorded) misses all chunks but one at batch > 8;
       * analytic (model FLOPs, `analytic_flops` below), of the computation the model needs as it is written
         (the text tower on the class prompts' end-of-text span, the last vision block on CLS only: work that
@@ -115,12 +115,22 @@ def text_tokens_computed(model) -> int:
   return int(span) if span is not None else len(model.text_ids[0][1][0])
 
 
-def _vision_pass(batch: int, spec) -> int:
-  """Images per vision-tower pass: the chunk size where the model has `image_chunk`, else the batch."""
-  if not hasattr(spec, "image_chunk"):
+def _image_chunk(model):
+  """(holder, image_chunk): the CLIP config (or, in trees before 92b6eb5, the model spec) that sets how many images
+  one vision-tower pass encodes; (None, "absent") where nothing chunks (a SigLIP tower, 00786b0's tree)."""
+  for holder in (model.clip_config, model.spec):
+    if hasattr(holder, "image_chunk"):
+      return holder, holder.image_chunk
+  return None, "absent"
+
+
+def _vision_pass(batch: int, model) -> int:
+  """Images per vision-tower pass: the chunk size where the model chunks, else the batch."""
+  holder, chunk = _image_chunk(model)
+  if holder is None:
     return batch
   from mcpf_jax.clip.tuning import chunking  # pylint: disable=g-import-not-at-top
-  return chunking(batch, spec.image_chunk)[0]
+  return chunking(batch, chunk)[0]
 
 
 def _flops(cost) -> float:
@@ -180,8 +190,10 @@ def main() -> None:
     rss_compiled_peak = _common.peak_rss_mib()
     cost = _flops(compiled.cost_analysis())
     # The FLOP count without the chunk loop (lowered only, not compiled: cheap).
-    chunked = hasattr(model.spec, "image_chunk")  # the chunked vision tower (reverted in 00786b0) may be absent
-    flat_model = model.clone(spec=dataclasses.replace(model.spec, image_chunk=0)) if chunked else model
+    holder, _ = _image_chunk(model)
+    flat_model = (model if holder is None else
+                  model.clone(clip_config=holder.replace(image_chunk=0)) if holder is model.clip_config else
+                  model.clone(spec=dataclasses.replace(holder, image_chunk=0)))
     flat_step = jax.jit(step_lib.make_train_step(flat_model, mask, tx, dict(config.loss)))
     xla_flops = _flops(flat_step.lower(state, batch).cost_analysis())
     mem = compiled.memory_analysis()
@@ -209,7 +221,7 @@ def main() -> None:
     model_flops = analytic_flops(bundle.config, model.spec, batch_size, text_rows, text_tokens)
     row = {
         "batch": batch_size, "dtype": args.dtype, "remat": args.remat, "scan_layers": args.scan_layers,
-        "images_per_vision_pass": _vision_pass(batch_size, model.spec),
+        "images_per_vision_pass": _vision_pass(batch_size, model),
         "images_per_s": batch_size / step_s, "step_s": step_s, "step_times_s": [round(t, 3) for t in step_times],
         "lower_s": lower_s, "compile_s": compile_s, "first_step_s": warm_s,
         "matmul_peak_gflops": peak_flops / 1e9, "matmul_gflops_by_size": matmul_gflops,
@@ -243,7 +255,7 @@ def main() -> None:
                    "dtype": args.dtype, "remat": args.remat, "scan_layers": args.scan_layers, "repeats": args.repeats,
                    "peak_calls": args.peak_calls,
                    "matmul_peak": f"jit(jnp.matmul) float32 n x n @ n x n, n in {MATMUL_SIZES}: the best median",
-                   "image_chunk": getattr(model.spec, "image_chunk", "absent"),
+                   "image_chunk": _image_chunk(model)[1],
                    "text_rows": text_rows, "text_tokens_computed": text_tokens,
                    "rss_before_load_mib": rss_before, "rss_after_load_mib": rss_params,
                    "memory_note": "CPU: no device memory statistic; process RSS (sampled) and XLA's buffer plan"},

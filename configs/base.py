@@ -62,6 +62,8 @@ def get_config(dataset: str | None = None) -> ml_collections.ConfigDict:
   c.clip.param_dtype = "float32"  # the frozen backbone's weights in memory: float32 | bfloat16 (half the memory)
   c.clip.remat = False  # rematerialise each transformer block in the backward pass (memory for compute)
   c.clip.scan_layers = False  # each tower's blocks as one lax.scan: one compiled block, same weights and numbers
+  c.clip.image_chunk = placeholder(int)  # images per vision-tower pass (CLIP towers; speed only); None: 8 on CPU
+  # (towers >= 256 wide), the whole batch on GPU/TPU; 0: the whole batch
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "mcpf"  # mcpf | maple | coop | mpiqe | clipiqa
@@ -81,8 +83,6 @@ def get_config(dataset: str | None = None) -> ml_collections.ConfigDict:
   c.model.scene_template = "{}."
   c.model.distortion_template = "{} artifacts."
   c.model.query_heads = 8  # MP-IQE text-query cross-attention heads
-  c.model.image_chunk = placeholder(int)  # images per vision-tower pass (speed only); None: 8 on CPU (towers >= 256
-  # wide), the whole batch on GPU/TPU; 0: the whole batch
   c.model.class_probs = "softmax"  # how class logits become the score's p: softmax over the classes, or "sigmoid"
   # (SigLIP's per-pair reading, normalised; its logit bias counts); see mcpf_jax/model/iqa.py
   c.model.pool_visual_prompts = False  # SigLIP only: the MAP head pools the visual prompts too (default: patches only)

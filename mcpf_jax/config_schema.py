@@ -24,6 +24,7 @@ FIELDS: dict[str, Any] = {
     "clip.param_dtype": Dtype,
     "clip.remat": bool,
     "clip.scan_layers": bool,
+    "clip.image_chunk": int | None,
     "model.name": Literal["mcpf", "maple", "coop", "mpiqe", "clipiqa"],
     "model.prompt_depth": int,
     "model.text_depth": int | None,
@@ -41,7 +42,6 @@ FIELDS: dict[str, Any] = {
     "model.scene_template": str,
     "model.distortion_template": str,
     "model.query_heads": int,
-    "model.image_chunk": int | None,
     "model.class_probs": Literal["softmax", "sigmoid"],
     "model.pool_visual_prompts": bool,
     "model.trainable": str | tuple[str, ...],  # prompts | all | none, or regexes of trainable parameter paths

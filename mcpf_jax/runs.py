@@ -286,7 +286,8 @@ def locate(path: str | os.PathLike[str], checkpoint: str | int) -> tuple[epath.P
 
 # Config fields renamed or dropped since runs were first written. Every saved config is read through
 # `upgrade_config`, so runs written before a rename still resume, evaluate, score and export.
-RENAMED_FIELDS = {"splits": "num_splits", "data.split": "data.split_protocol"}
+RENAMED_FIELDS = {"splits": "num_splits", "data.split": "data.split_protocol",
+                  "model.image_chunk": "clip.image_chunk"}  # a compute option of the tower, not of the model
 RETIRED_FIELDS = ("train.eval_every",)  # never read by any version
 # Names that were built in before `plugins` (the modules registering generated backbones and datasets) existed, and
 # the module that registers them now: a saved config without `plugins` that uses one gets that module.
@@ -388,7 +389,14 @@ def load_clip(config, workdir: str | os.PathLike[str], *, name: str | None = Non
     raise FileNotFoundError(f"{e}; nor is {name!r} a generated backbone (registered: {sorted(BACKBONES)}; "
                             f"config.plugins={list(config.get('plugins', ()))} lists the modules that register "
                             "them)") from e
-  return bundle.with_compute(scan_layers=bool(config.clip.get("scan_layers", False)))
+  compute = {"scan_layers": bool(config.clip.get("scan_layers", False))}
+  chunk = config.clip.get("image_chunk")
+  if chunk is not None:
+    if not hasattr(bundle.config, "image_chunk"):
+      raise ValueError(f"clip.image_chunk={chunk}: chunking the batch is for CLIP towers; {name} is a "
+                       f"{type(bundle.config).__name__} (leave clip.image_chunk unset)")
+    compute["image_chunk"] = int(chunk)
+  return bundle.with_compute(**compute)
 
 
 def _sync(name: str) -> None:

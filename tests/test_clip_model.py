@@ -368,7 +368,7 @@ def test_remat_and_scan_give_same_values_and_grads(tiny, remat, scan):
   _, _, bundle = tiny
   prompts, pixels, ids = _grad_case(bundle)
   # Scanned: inside the image-chunk scan too (3 images in chunks of 2), as a CPU batch larger than a chunk runs.
-  remat = clip.CLIP(bundle.config.replace(remat=remat, scan_layers=scan), image_chunk=2 if scan else None)
+  remat = clip.CLIP(bundle.config.replace(remat=remat, scan_layers=scan, image_chunk=2 if scan else None))
   v0, g0 = _prompt_loss_and_grad(bundle.model, bundle.params, prompts, pixels, ids)
   v1, g1 = _prompt_loss_and_grad(remat, bundle.params, prompts, pixels, ids)
   np.testing.assert_allclose(v1, v0, rtol=1e-5)

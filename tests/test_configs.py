@@ -132,7 +132,7 @@ def train(config, run):
   cfg = config.copy_and_resolve_references()
   n = cfg.train.batch_size + config.trian.keep + run.config.seed + cfg.data.get("resize")
   with cfg.unlocked():
-    cfg.model.image_chunk = config.mesh.data
+    cfg.clip.image_chunk = config.mesh.data
   return config.optim.copy_and_resolve_references(), config.num_splts, lambda: cfg.eval.numcrops
 
 def schedule(config):
@@ -144,7 +144,7 @@ def clip_tower(config, cfg):
   reads = config_reads(source, "x.py")
   assert {f: sorted(p) for f, p in reads.items()} == {
       "train.batch_size": ["x.py:4"], "trian.keep": ["x.py:4"], "seed": ["x.py:4"], "data": ["x.py:4"],
-      "model.image_chunk": ["x.py:6"], "mesh.data": ["x.py:6"], "optim": ["x.py:7"], "num_splts": ["x.py:7"],
+      "clip.image_chunk": ["x.py:6"], "mesh.data": ["x.py:6"], "optim": ["x.py:7"], "num_splts": ["x.py:7"],
       "eval.numcrops": ["x.py:7"], "optim.lr": ["x.py:10"], "optim.warmup_steps": ["x.py:10"],
       "optim.final_lr": ["x.py:10"]}
   assert set(_undeclared(reads)) == {"trian.keep", "num_splts", "eval.numcrops", "optim.final_lr"}

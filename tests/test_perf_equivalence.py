@@ -105,7 +105,7 @@ def test_per_head_attention_matches_jax(causal, dtype):
 
 @pytest.mark.parametrize("n, chunk", [(6, 3), (7, 4), (5, None)])
 def test_chunked_image_encoding_same_as_whole_batch(bundle, n, chunk):
-  """CLIP.image_chunk encodes a batch chunk by chunk (padding the last one) with the whole batch's numbers."""
+  """CLIPConfig.image_chunk encodes a batch chunk by chunk (padding the last one) with the whole batch's numbers."""
   from mcpf_jax.clip.tuning import chunking  # pylint: disable=g-import-not-at-top
   assert chunking(32, 8) == (8, 32) and chunking(30, 8) == (6, 30) and chunking(13, 8) == (7, 14)
   assert chunking(13, 0) == (13, 13) and chunking(5, 8) == (5, 5)
@@ -120,7 +120,7 @@ def test_chunked_image_encoding_same_as_whole_batch(bundle, n, chunk):
   prompts = [shared, per_image]
 
   def encode(image_chunk, p, return_tokens=False):
-    return clip.CLIP(config, image_chunk=image_chunk).apply({"params": bundle.params}, pixels, p,
+    return clip.CLIP(config.replace(image_chunk=image_chunk)).apply({"params": bundle.params}, pixels, p,
                                                              return_tokens=return_tokens, method="encode_image")
 
   whole = encode(0, prompts, True)

@@ -59,8 +59,8 @@ def test_a_field_absent_on_one_side_is_a_difference():
     ("train.log_every", True), ("train.checkpoint_every", True), ("train.keep", True), ("eval.batch_size", True),
     ("mesh.shard_backbone", True), ("clip.name", True), ("data.data_dir", True), ("clip.remat", True),
     ("train.batch_size", False), ("data.num_workers", True), ("eval.num_crops", False), ("seed", False),
-    ("clip.dtype", False), ("init_from", False), ("meshy", False), ("model.image_chunk", True),
-    ("checkpoint_dir", True), ("clip.scan_layers", True),
+    ("clip.dtype", False), ("init_from", False), ("meshy", False), ("clip.image_chunk", True),
+    ("model.image_chunk", False), ("checkpoint_dir", True), ("clip.scan_layers", True),
 ])
 def test_free_fields(key, free):
   assert identity.is_free(key) is free
@@ -125,14 +125,17 @@ def test_eval_config_takes_the_run_and_only_eval_fields_from_the_command_line(ca
 
 
 def test_configs_saved_before_a_rename_are_read_under_the_current_names(tmp_path):
-  """run.json / checkpoint meta written before `splits` -> `num_splits`, `data.split` -> `data.split_protocol`
-  (and with the retired `train.eval_every`) compare equal to today's config with the same values."""
+  """run.json / checkpoint meta written before `splits` -> `num_splits`, `data.split` -> `data.split_protocol`,
+  `model.image_chunk` -> `clip.image_chunk` (and with the retired `train.eval_every`) compare equal to today's
+  config with the same values."""
   old = json.loads(base.get_config().to_json_best_effort())
   old["splits"] = old.pop("num_splits")
   old["data"]["split"] = old["data"].pop("split_protocol")
+  old["model"]["image_chunk"] = old["clip"].pop("image_chunk")
   old["train"]["eval_every"] = 0
   assert runs.upgrade_config(old) == json.loads(base.get_config().to_json_best_effort())
   assert identity.differences(runs.upgrade_config(old), base.get_config()) == []
   (tmp_path / "run.json").write_text(json.dumps({"config": old}))
   assert runs.read_run(tmp_path)["config"]["data"]["split_protocol"] == "seed"
   assert runs.config_from_meta({"config": old}).num_splits == 1
+  assert runs.upgrade_config({**old, "model": {**old["model"], "image_chunk": 4}})["clip"]["image_chunk"] == 4

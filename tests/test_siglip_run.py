@@ -10,6 +10,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 from conftest import smoke_run_config
 from siglip_support import write_tiny_siglip
 
@@ -59,3 +60,15 @@ def test_siglip_backbone_trains_resumes_evaluates_exports_and_scores(tmp_path):
   results = scorer.score([image])
   assert len(results) == 1 and results[0].error is None and np.isfinite(results[0].score), results
   assert summary is not None
+
+
+def test_image_chunk_on_a_siglip_backbone_is_refused_naming_the_field(tmp_path):
+  """clip.image_chunk chunks a CLIP vision tower's batch; a SigLIP tower has no chunked path, so it is named."""
+  backbone = tmp_path / "tiny_siglip"
+  write_tiny_siglip(backbone, seed=2)
+  config = smoke_run_config()
+  config.clip.name = str(backbone)
+  assert runs.load_clip(config, tmp_path).config.vision.hidden_size > 0  # unset: loads
+  config.clip.image_chunk = 4
+  with pytest.raises(ValueError, match=r"clip.image_chunk=4: chunking the batch is for CLIP towers; .*SiglipConfig"):
+    runs.load_clip(config, tmp_path)

@@ -36,8 +36,10 @@ def clip_config_for(config, platform: str):
       cc = clip_config.from_name(config.clip.name)
     except ValueError as e:
       raise PreflightError(f"--config.clip.name: {e}") from e
+  chunk = config.clip.get("image_chunk")
   return cc.replace(dtype=config.clip.dtype, remat=bool(config.clip.remat),
-                    scan_layers=bool(config.clip.get("scan_layers", False)), platform=platform)
+                    scan_layers=bool(config.clip.get("scan_layers", False)), platform=platform,
+                    **({} if chunk is None or isinstance(cc, SiglipConfig) else {"image_chunk": int(chunk)}))
 
 
 def build(config, platform: str):
@@ -196,7 +198,7 @@ def preflight(config, target: Target, *, mfu: float = 0.4, steps: tuple[str, ...
       "model": config.model.name, "clip": config.clip.name, "trainable": str(config.model.trainable),
       "dtype": cc.dtype, "remat": cc.remat, "scan_layers": cc.scan_layers,
       "shard_backbone": bool(config.mesh.shard_backbone), "gather_once": gather,
-      "attention": _attention_path(cc), "vision_chunk": _vision_chunk(cc, spec, batch), "global_batch": batch,
+      "attention": _attention_path(cc), "vision_chunk": _vision_chunk(cc, batch), "global_batch": batch,
       "accumulate_steps": acc,
       "peak_bytes_per_device": train.get("peak_bytes"), "device_memory_bytes": hbm, "fits": fits,
       "state_bytes_per_device": _bytes_per_device(train_args[0]), "split_weight_bytes": split_bytes[0],
@@ -225,6 +227,6 @@ def _attention_path(cc) -> str:
   return attention_for(cc.target_platform())
 
 
-def _vision_chunk(cc, spec, batch: int) -> int:
-  """Images per vision-tower pass of the train step (the whole batch unless a chunk loop runs)."""
-  return chunking(batch, spec.image_chunk, cc.vision.hidden_size, cc.target_platform())[0]
+def _vision_chunk(cc, batch: int) -> int:
+  """Images per vision-tower pass of the train step (the whole batch unless a chunk loop runs; SigLIP: always)."""
+  return chunking(batch, getattr(cc, "image_chunk", 0), cc.vision.hidden_size, cc.target_platform())[0]

@@ -135,6 +135,10 @@ class CLIPConfig:
     remat: wrap every transformer block in `jax.checkpoint` (saves activation memory when training prompts).
     scan_layers: run each tower's blocks as a `lax.scan` (one compiled block instead of L; the parameter tree,
       the checkpoints and the numbers are the same: `mcpf_jax.clip.layers.LayerStack.scan`).
+    image_chunk: images per vision-tower pass: a larger batch is encoded as a sequence (lax.scan) of chunks of at
+      most this many images (the same numbers: images never interact). None: the target's default
+      (`tuning.chunking`): 8 on a CPU target, whose caches favour the smaller matmuls (see BENCHMARKS.md), for
+      towers at least `tuning.CPU_CHUNK_MIN_WIDTH` wide, and the whole batch on GPUs/TPUs; 0: the whole batch.
     platform: the platform the model is compiled FOR ("cpu" | "gpu" | "tpu"), which picks the CPU-tuned or the
       fused attention path and the image-chunk default (see `mcpf_jax.clip.tuning`). None: the process's default
       backend, i.e. where it runs; an ahead-of-time compile for another target (`mcpf_jax.aot`) sets it.
@@ -147,6 +151,7 @@ class CLIPConfig:
   dtype: str = "float32"
   remat: bool = False
   scan_layers: bool = False
+  image_chunk: int | None = None
   platform: str | None = None
 
   def __post_init__(self):

@@ -241,14 +241,9 @@ class CLIP(nn.Module):
   - `__call__(pixels, ids, image_prompts=None, text_prompts=None)`: logits_per_image [n_img, n_txt].
 
   Attributes:
-    config: the model.
-    image_chunk: images per vision-tower pass: a larger batch is encoded as a sequence (lax.scan) of chunks of
-      at most this many images (the same numbers: images never interact). None: the target's default
-      (`tuning.chunking`): 8 on a CPU target, whose caches favour the smaller matmuls (see BENCHMARKS.md), for
-      towers at least `tuning.CPU_CHUNK_MIN_WIDTH` wide, and the whole batch on GPUs/TPUs; 0: the whole batch.
+    config: the model and its compute options (`image_chunk`: how many images one vision-tower pass encodes).
   """
   config: CLIPConfig
-  image_chunk: int | None = None
 
   def setup(self):
     cfg = self.config
@@ -278,7 +273,7 @@ class CLIP(nn.Module):
     """
     prompts = tuple(prompts or ())
     n = pixels.shape[0]
-    size, padded = chunking(n, self.image_chunk, self.config.vision.hidden_size, self.config.target_platform())
+    size, padded = chunking(n, self.config.image_chunk, self.config.vision.hidden_size, self.config.target_platform())
     if size >= n:
       return self._encode_image(pixels, prompts, return_tokens, interpolate_pos_encoding)
     # [padded // size, size, ...]: zero images pad the last chunk and are dropped from the output.

@@ -20,7 +20,7 @@ CPU_CHUNK_MIN_WIDTH = 256  # the CPU default chunks only real-size towers (a tin
 
 def chunking(n: int, image_chunk: int | None, width: int | None = None,
               platform: str | None = None) -> tuple[int, int]:
-  """(chunk size, padded batch) to encode n images in chunks of at most `image_chunk` (see `model.CLIP.image_chunk`).
+  """(chunk size, padded batch) to encode n images in chunks of at most `image_chunk` (`CLIPConfig.image_chunk`).
 
   `width`: the vision tower's width; with image_chunk None, towers narrower than CPU_CHUNK_MIN_WIDTH are not
   chunked, and only a CPU `platform` (the target; None = this process's default backend) chunks at all. A divisor

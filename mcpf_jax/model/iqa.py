@@ -84,7 +84,6 @@ class ModelSpec:
   scene_template: str = "{}."
   distortion_template: str = "{} artifacts."
   query_heads: int = 8
-  image_chunk: int | None = None
   class_probs: str = "softmax"
   pool_visual_prompts: bool = False
 
@@ -211,7 +210,7 @@ class IQAModel(nn.Module):
       if s.pool_visual_prompts:
         raise ValueError("model.pool_visual_prompts is for SigLIP backbones (MAP-head pooling); CLIP pools its "
                          "class token")
-      self.clip = CLIP(c, image_chunk=s.image_chunk)
+      self.clip = CLIP(c)
     dtype = jnp.dtype(c.dtype)
     groups = ("all",) if s.shared_text_prompts else s.class_sets
     if s.text_depth > 0:

@@ -195,8 +195,8 @@ class Scorer:
     """
     model = self._model
     if portable:
-      model = model.clone(spec=dataclasses.replace(model.spec, image_chunk=0),
-                          clip_config=model.clip_config.replace(platform="tpu", scan_layers=False))
+      chunk = {"image_chunk": 0} if hasattr(model.clip_config, "image_chunk") else {}
+      model = model.clone(clip_config=model.clip_config.replace(platform="tpu", scan_layers=False, **chunk))
     # Portable: the parameters as host constants, so the lowering holds no device placement of this machine.
     params, score_map = (jax.device_get(self.params) if portable else self.params), self.score_map
 

@@ -43,7 +43,7 @@ OBSERVE = (
     "mesh.",  # where the work runs (devices per axis, backbone sharding), not what is computed
     "clip.remat",  # recompute activations in the backward pass: memory for compute, same numbers
     "clip.scan_layers",  # the blocks as a lax.scan: compile time and memory, same weights and numbers
-    "model.image_chunk",  # images per vision-tower pass: speed only
+    "clip.image_chunk",  # images per vision-tower pass: speed only
     "data.num_workers",  # decoding processes: the input stream is a function of the step alone
     "data.prefetch_to_device",  # batches sent to the devices ahead of the step: same batches, same order
     "num_splits",  # the protocol's number of splits (each split's own run has num_splits=1)

@@ -54,10 +54,6 @@ def init_from_source(config) -> dict[str, Any]:
           "checkpoint": str(ckpts.directory / str(step))}
 
 
-# Model fields that must agree for another run's trainable parameters to fit this one's (speed-only ones aside).
-_SAME_MODEL_EXCEPT = ("image_chunk",)
-
-
 def init_from(config, bundle: clip.Bundle, params: Any, mask: Any, mesh: jax.sharding.Mesh) -> tuple[Any, str]:
   """`params` with the trainable leaves of another run's checkpoint (`config.init_from`): a new run that starts
   from trained prompts and fusion (e.g. fine-tuning on a second dataset). The optimizer state is not taken.
@@ -75,7 +71,7 @@ def init_from(config, bundle: clip.Bundle, params: Any, mask: Any, mesh: jax.sha
     other = saved_config(None, meta)
     mine = json.loads(config.model.to_json_best_effort())
     theirs = json.loads(json.dumps(other.model.to_dict()))
-    diff = sorted(k for k in set(mine) | set(theirs) if k not in _SAME_MODEL_EXCEPT and mine.get(k) != theirs.get(k))
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if diff:
       raise ValueError(f"init_from: {where} was trained with another model; its parameters do not fit this run's: "
                        + ", ".join(f"model.{k} there {theirs.get(k)!r}, here {mine.get(k)!r}" for k in diff))
