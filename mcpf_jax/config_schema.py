@@ -88,13 +88,22 @@ FIELDS: dict[str, Any] = {
     "num_splits": int,
 }
 
-# Only some configs have these: the smoke config's tiny CLIP (read by its recipe, mcpf_jax.smoke.backbone).
-OPTIONAL: dict[str, Any] = {
-    "clip.tiny": dict,  # the tiny CLIP's sizes, for mcpf_jax.clip.tiny.config_of (a ConfigDict in a config)
-    "clip.tiny_seed": int,
-}
+# Fields a plugin (config.plugins) reads, declared by it on import (`declare`) for the configs that load it: e.g.
+# mcpf_jax.smoke's tiny CLIP sizes, `clip.tiny`. A dict-typed field is one field (its keys are the plugin's).
+OPTIONAL: dict[str, Any] = {}
 
-BLOCKS = frozenset(k.split(".")[0] for k in (*FIELDS, *OPTIONAL) if "." in k)
+
+def declare(field: str, tp: Any) -> None:
+  """Declares a config field that a plugin reads; declaring it again with the same type does nothing.
+
+  Raises:
+    ValueError: `field` is a built-in field, or was declared with another type.
+  """
+  if field in FIELDS:
+    raise ValueError(f"{field}: a built-in config field; a plugin cannot declare it again")
+  if OPTIONAL.get(field, tp) != tp:
+    raise ValueError(f"{field}: declared as {_describe(OPTIONAL[field])}, now as {_describe(tp)}")
+  OPTIONAL[field] = tp
 
 
 def declared(field: str) -> bool:
@@ -157,7 +166,8 @@ def problems(config: Any) -> list[str]:
   for k, v in flat.items():
     tp = FIELDS.get(k, OPTIONAL.get(k))
     if tp is None:
-      out.append(f"{k}: not a config field (the fields are those of mcpf_jax/config_schema.py)")
+      out.append(f"{k}: not a config field (the fields are those of mcpf_jax/config_schema.py and those the "
+                 "modules of config.plugins declare)")
     elif not _conforms(v, tp):
       out.append(f"{k}: {v!r} is not {_describe(tp)}")
   return out

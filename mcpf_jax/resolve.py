@@ -74,11 +74,12 @@ def resolve(config, num_devices: int | None = None, *, training: bool = True) ->
   holds the batch it trains with, so a restart on a mesh that would round it differently is refused like any other
   change; an evaluation keeps the run's train.batch_size as it is. Imports config.plugins (`load_plugins`).
 
-  A config to train with is checked against the schema first (`config_schema.validate`: every missing, unknown or
-  mistyped field named before anything runs); an evaluation's is a saved run's, which may predate fields."""
+  A config to train with is checked against the schema (`config_schema.validate`: every missing, unknown or
+  mistyped field named before anything runs; its plugins' fields once they are imported); an evaluation's is a
+  saved run's, which may predate fields."""
+  load_plugins(config)
   if training:
     config_schema.validate(config)
-  load_plugins(config)
   data, _ = mesh_shape(config.mesh.data, config.mesh.model,
                        jax.device_count() if num_devices is None else num_devices)
   config = config.copy_and_resolve_references()

@@ -10,6 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
+import mcpf_jax.smoke  # noqa: F401  (the smoke plugin declares clip.tiny and clip.tiny_seed, which its code reads)
 from configs import base
 from mcpf_jax import config_schema, resolve
 from mcpf_jax import data as datasets
@@ -175,12 +176,14 @@ def test_the_schema_names_each_wrong_field():
       "configs/x.py does not match the config schema:", "  mesh.data: missing (expected int)",
       "  clip.dtype: 'fp16' is not 'float32' | 'bfloat16'",
       "  model.quality_classes: ('bad', 2) is not a tuple of str",
-      "  train.bogus: not a config field (the fields are those of mcpf_jax/config_schema.py)"]
+      "  train.bogus: not a config field (the fields are those of mcpf_jax/config_schema.py and those the modules "
+      "of config.plugins declare)"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_builds(name):
   config = _load(name + ".py")
+  resolve.load_plugins(config)  # as resolve() does before validating: a plugin declares the fields it reads
   config_schema.validate(config, f"configs/{name}.py")
   if name in DATASETS:
     assert config.data.name == name
@@ -224,3 +227,18 @@ def test_a_dataset_is_the_argument_of_the_base_config():
   assert swept.data.name == "spaq" and swept.optim.lr == 5e-4
   with pytest.raises(Exception, match="no dataset 'spaqq'.*expected one of livec, koniq10k"):
     _load("base.py:spaqq")
+
+
+def test_a_plugin_declares_the_fields_it_reads():
+  """The smoke plugin's fields are its own declaration, not the core schema's; a clash is refused by name."""
+  assert {"clip.tiny", "clip.tiny_seed"} <= set(config_schema.OPTIONAL)
+  assert not {"clip.tiny", "clip.tiny_seed"} & set(config_schema.FIELDS)
+  config_schema.declare("clip.tiny_seed", int)  # again, the same type: nothing changes
+  with pytest.raises(ValueError, match="clip.tiny_seed: declared as int, now as str"):
+    config_schema.declare("clip.tiny_seed", str)
+  with pytest.raises(ValueError, match="clip.name: a built-in config field"):
+    config_schema.declare("clip.name", str)
+  config = base.get_config()
+  with config.unlocked():
+    config.clip.tiny_seed = "0"
+  assert config_schema.problems(config) == ["clip.tiny_seed: '0' is not int"]

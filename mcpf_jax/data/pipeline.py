@@ -1,18 +1,11 @@
 """The input pipeline on grain: decode, resize, crop, targets, batching, per-shard input, worker processes.
 
-Works on any random-access source: anything with `len(source)` and `source[row]` returning a record dict with
-at least `image` (the encoded file bytes) and `mos`; `name`, `mos_std`, `scene`, `has_scene`, `distortion` and
-`has_distortion` are used where present (`mcpf_jax.data.source(...)` records have them all).
-
-Training (`train_loader`): every image is decoded (`images.decode`), resized so its short side is `resize`
-(`images.resize_short_side`: aspect kept; images smaller than that are resized UP, refused past `max_upscale`
-with an error naming the file), then a random `image_size` crop and a random horizontal flip are taken. The
-randomness comes from grain's per-element generators: it depends only on the seed, the position in the
-(per-epoch shuffled) order and the epoch, so the same seed gives the same batches in any process, with any
-number of workers, and after a restore from `iterator.get_state()`.
-
-Evaluation (`eval_batches`): every image once, `num_crops` crops on an even grid (`images.grid_crop_positions`),
-the last batch padded with `weight` 0 rows (never dropped), so every batch has the same shape under jit.
+A source is anything random-access (`len(source)`, `source[row]` -> a record dict with at least `image`, the
+encoded file bytes, and `mos`; the other fields below are used where present). `train_loader` gives shuffled,
+augmented batches that are a pure function of the seed and the step (any number of processes, workers and
+threads); `eval_batches` gives every row once, multi-crop, the last batch padded with weight-0 rows. A "shard" is a
+process's block of each global batch: its place on the mesh's data axis (`mcpf_jax.train.mesh.data_shard`), not
+its process index. Worker and thread counts default from the host's cores (`input_sizes`).
 
 Batches are dicts of numpy arrays (B = batch size, S = image_size, C = num_crops):
   image            uint8   [B, S, S, 3] (train) or [B, C, S, S, 3] (eval); normalisation happens on device
@@ -26,20 +19,6 @@ Batches are dicts of numpy arrays (B = batch size, S = image_size, C = num_crops
   has_distortion   float32 [B]  1 where the record has a distortion label, else 0
   index            int64   [B]  the record's row in the source (-1 for eval padding)
   weight           float32 [B]  eval only: 1 for real rows, 0 for padding
-
-Multi-host: a "shard" is one of `shard_count` equal, contiguous blocks of every global batch, the rows a process's
-devices hold (mcpf_jax.train.mesh.data_shard: its place on the mesh's data axis, NOT its process index; processes
-whose devices differ only along the model axis hold the same shard and load the same rows). Each process calls
-`train_loader(..., batch_size=GLOBAL batch, shard_index, shard_count)` and gets its shard of each global batch (one
-global order: the same batches on 1 and N processes); `eval_batches(..., shard_index, shard_count)` gives each
-shard every shard_count-th row, so each image is decoded by one shard only.
-
-Sized to the host (`num_workers=AUTO`, `num_threads=AUTO`, what train.py passes by default: `input_sizes`): with
-C = the cores this process may run on (`host_cores`), C < 4 decodes in the main process with C read threads (worker
-processes cost more than they give on 2 cores: benchmarks/decode_throughput.py), C >= 4 starts min(C - 1, 32)
-worker processes with one read thread each (one core left to the training loop). Each process prefetches
-`prefetch_batches(batch bytes, threads)` batches: at least one per read thread, up to 64 MiB of decoded images
-(at most 8 batches). None of this changes the batches: they are a function of the seed and the step alone.
 """
 
 from __future__ import annotations
@@ -365,12 +344,12 @@ def train_loader(source: Any, indices: Sequence[int] | np.ndarray, *, batch_size
                  max_upscale: float | None = images.DEFAULT_MAX_UPSCALE) -> grain.IterDataset:
   """Shuffled, augmented training batches: this process's rows of each GLOBAL batch, epoch after epoch.
 
-  There is one global order of examples, seeded by `seed` alone: each epoch visits the rows once in a new order,
-  its last partial global batch dropped (`steps_per_epoch(len(indices), batch_size)` steps). With shard_count S,
-  shard s yields rows [s * B / S, (s + 1) * B / S) of each global batch of B and decodes only those; the crops
-  and flips depend on the example's global position, not on the process. So 1 process and P processes see the same
-  global batches, and the stream at step t is a pure function of t (`start_batch`): a run resumes exactly from its
-  step alone, on any number of processes and workers.
+  Each image is decoded, its short side resized to `resize` (aspect kept; upscaling past `max_upscale` is refused
+  naming the file), then randomly cropped to `image_size` and flipped. One global order, seeded by `seed` alone:
+  each epoch visits the rows once, its last partial global batch dropped (`steps_per_epoch`). Shard s of S yields
+  rows [s * B / S, (s + 1) * B / S) of each global batch; crops and flips come from grain's per-element generators
+  (seed, global position, epoch). So the stream at step t is a pure function of t (`start_batch`): 1 and P
+  processes see the same global batches, and a run resumes exactly from its step on any number of workers.
 
   Args:
     source: random-access source (`len`, `source[row]` -> record dict with `image` bytes and `mos`, ...).

@@ -12,9 +12,12 @@ The generic pieces live where they belong: the tiny HF-format CLIP writer in mcp
 builder in mcpf_jax.data, the write-once of a generated backbone in mcpf_jax.runs.
 """
 
+from mcpf_jax import config_schema, runs
 from mcpf_jax import data as datasets
-from mcpf_jax import runs
 from mcpf_jax.smoke import backbone, data
+
+config_schema.declare("clip.tiny", dict)  # the tiny CLIP's sizes (`backbone.recipe`; a ConfigDict in a config)
+config_schema.declare("clip.tiny_seed", int)
 
 runs.register_backbone("tiny", runs.GeneratedBackbone(recipe=backbone.recipe, write=backbone.write,
                                                       clip_config=backbone.clip_config))
