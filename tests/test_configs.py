@@ -229,6 +229,16 @@ def test_a_dataset_is_the_argument_of_the_base_config():
     _load("base.py:spaqq")
 
 
+def test_a_backbone_family_config_takes_the_dataset_too():
+  """configs/siglip2.py:<dataset> is that dataset's config on SigLIP 2 B/16; without an argument it is
+  configs/livec_siglip2.py."""
+  koniq = _load("siglip2.py:koniq10k")
+  expected = _load("koniq10k.py", "--config.clip.name=google/siglip2-base-patch16-224")
+  assert koniq.to_dict() == expected.to_dict()
+  assert _load("siglip2.py").to_dict() == _load("livec_siglip2.py").to_dict()
+  assert _load("livec_siglip2.py").data.name == "livec"
+
+
 def test_a_plugin_declares_the_fields_it_reads():
   """The smoke plugin's fields are its own declaration, not the core schema's; a clash is refused by name."""
   assert {"clip.tiny", "clip.tiny_seed"} <= set(config_schema.OPTIONAL)
