@@ -116,7 +116,7 @@ def text_tokens_computed(model) -> int:
 
 
 def _image_chunk(model):
-  """(holder, image_chunk): the CLIP config (or, in trees before 92b6eb5, the model spec) that sets how many images
+  """(holder, image_chunk): the CLIP config (or, in trees before 33bc957, the model spec) that sets how many images
   one vision-tower pass encodes; (None, "absent") where nothing chunks (a SigLIP tower, 00786b0's tree)."""
   for holder in (model.clip_config, model.spec):
     if hasattr(holder, "image_chunk"):

@@ -391,10 +391,11 @@ def load_clip(config, workdir: str | os.PathLike[str], *, name: str | None = Non
                             "them)") from e
   compute = {"scan_layers": bool(config.clip.get("scan_layers", False))}
   chunk = config.clip.get("image_chunk")
-  if chunk is not None:
-    if not hasattr(bundle.config, "image_chunk"):
-      raise ValueError(f"clip.image_chunk={chunk}: chunking the batch is for CLIP towers; {name} is a "
-                       f"{type(bundle.config).__name__} (leave clip.image_chunk unset)")
+  if chunk is not None and not hasattr(bundle.config, "image_chunk"):
+    # Not an error: a run saved with model.image_chunk (the field's old place, ignored on SigLIP) must still load.
+    log.warning("clip.image_chunk=%s has no effect on %s (a %s encodes the whole batch in one pass)", chunk, name,
+                type(bundle.config).__name__)
+  elif chunk is not None:
     compute["image_chunk"] = int(chunk)
   return bundle.with_compute(**compute)
 

@@ -9,8 +9,8 @@ import json
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
-import pytest
 from conftest import smoke_run_config
 from siglip_support import write_tiny_siglip
 
@@ -62,13 +62,20 @@ def test_siglip_backbone_trains_resumes_evaluates_exports_and_scores(tmp_path):
   assert summary is not None
 
 
-def test_image_chunk_on_a_siglip_backbone_is_refused_naming_the_field(tmp_path):
-  """clip.image_chunk chunks a CLIP vision tower's batch; a SigLIP tower has no chunked path, so it is named."""
+def test_image_chunk_on_a_siglip_backbone_is_named_as_having_no_effect(tmp_path, caplog):
+  """clip.image_chunk chunks a CLIP vision tower's batch; a SigLIP tower has no chunked path. A run saved with the
+  field's old name (model.image_chunk, which SigLIP ignored) still loads: a warning names it, nothing is refused."""
   backbone = tmp_path / "tiny_siglip"
   write_tiny_siglip(backbone, seed=2)
   config = smoke_run_config()
   config.clip.name = str(backbone)
-  assert runs.load_clip(config, tmp_path).config.vision.hidden_size > 0  # unset: loads
-  config.clip.image_chunk = 4
-  with pytest.raises(ValueError, match=r"clip.image_chunk=4: chunking the batch is for CLIP towers; .*SiglipConfig"):
-    runs.load_clip(config, tmp_path)
+  unset = runs.load_clip(config, tmp_path)
+  assert "image_chunk" not in caplog.text
+  saved = runs.upgrade_config(json.loads(config.to_json_best_effort()))
+  del saved["clip"]["image_chunk"]
+  saved["model"]["image_chunk"] = 4  # as a run saved before the rename
+  old = ml_collections.ConfigDict(runs.upgrade_config(saved))
+  assert old.clip.image_chunk == 4
+  loaded = runs.load_clip(old, tmp_path)
+  assert f"clip.image_chunk=4 has no effect on {backbone}" in caplog.text and "SiglipConfig" in caplog.text
+  assert loaded.config == unset.config and loaded.fingerprint == unset.fingerprint
