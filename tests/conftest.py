@@ -34,6 +34,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mcpf_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {e2e.CPU_XLA_FLAGS}".strip()  # see CPU_XLA_FLAGS
 
 TEST_DATA = pathlib.Path(__file__).resolve().parent / "data"
 

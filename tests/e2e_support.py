@@ -27,6 +27,11 @@ from collections.abc import Callable
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.py")
 TIMEOUT_S = 600
+# The tests' CPU programs are compiled at LLVM's lowest optimisation level: XLA's own (HLO) passes are unchanged, so
+# the program computes the same thing (numbers within float rounding); its machine code is slower,
+# but the tests' models are tiny and their compiles dominate (about 30% less time on test_model's train steps). Set by
+# conftest for the pytest processes and by `SharedRuns.env` for the commands they start.
+CPU_XLA_FLAGS = "--xla_backend_optimization_level=0"
 # One epoch of the smoke run, a checkpoint every 3 steps; the batch sizes divide over 8 devices.
 SHORT = {
     "train.num_epochs": 1, "train.batch_size": 16, "eval.batch_size": 16, "train.checkpoint_every": 3,
@@ -77,9 +82,7 @@ class Commands:
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(self.cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    if devices > 1:
-      env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = CPU_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices > 1 else "")
     env.update(extra or {})
     return env
 
