@@ -389,15 +389,21 @@ def load_clip(config, workdir: str | os.PathLike[str], *, name: str | None = Non
     raise FileNotFoundError(f"{e}; nor is {name!r} a generated backbone (registered: {sorted(BACKBONES)}; "
                             f"config.plugins={list(config.get('plugins', ()))} lists the modules that register "
                             "them)") from e
-  compute = {"scan_layers": bool(config.clip.get("scan_layers", False))}
+  return bundle.with_compute(**compute_options(config, bundle.config, name))
+
+
+def compute_options(config, clip_config: Any, name: str) -> dict[str, Any]:
+  """The compute options of config.clip that a backbone's config (`clip_config`, of `name`) takes: scan_layers, and
+  image_chunk where its tower chunks the batch (a CLIP). On another tower a set image_chunk is named in a warning,
+  not refused: a run saved with model.image_chunk (the field's old place, ignored on SigLIP) must still load."""
+  options = {"scan_layers": bool(config.clip.get("scan_layers", False))}
   chunk = config.clip.get("image_chunk")
-  if chunk is not None and not hasattr(bundle.config, "image_chunk"):
-    # Not an error: a run saved with model.image_chunk (the field's old place, ignored on SigLIP) must still load.
+  if chunk is not None and not hasattr(clip_config, "image_chunk"):
     log.warning("clip.image_chunk=%s has no effect on %s (a %s encodes the whole batch in one pass)", chunk, name,
-                type(bundle.config).__name__)
+                type(clip_config).__name__)
   elif chunk is not None:
-    compute["image_chunk"] = int(chunk)
-  return bundle.with_compute(**compute)
+    options["image_chunk"] = int(chunk)
+  return options
 
 
 def _sync(name: str) -> None:

@@ -28,9 +28,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.py")
 TIMEOUT_S = 600
 # The tests' CPU programs are compiled at LLVM's lowest optimisation level: XLA's own (HLO) passes are unchanged, so
-# the program computes the same thing (numbers within float rounding); its machine code is slower,
-# but the tests' models are tiny and their compiles dominate (about 30% less time on test_model's train steps). Set by
-# conftest for the pytest processes and by `SharedRuns.env` for the commands they start.
+# the program computes the same thing (numbers within float rounding); its machine code is slower, but the tests'
+# models are tiny and their compiles dominate (about 30% less time on test_model's train steps). Set by conftest for
+# the pytest processes and by `Commands.env` for the commands they start.
 CPU_XLA_FLAGS = "--xla_backend_optimization_level=0"
 # One epoch of the smoke run, a checkpoint every 3 steps; the batch sizes divide over 8 devices.
 SHORT = {

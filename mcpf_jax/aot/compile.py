@@ -36,10 +36,8 @@ def clip_config_for(config, platform: str):
       cc = clip_config.from_name(config.clip.name)
     except ValueError as e:
       raise PreflightError(f"--config.clip.name: {e}") from e
-  chunk = config.clip.get("image_chunk")
-  return cc.replace(dtype=config.clip.dtype, remat=bool(config.clip.remat),
-                    scan_layers=bool(config.clip.get("scan_layers", False)), platform=platform,
-                    **({} if chunk is None or isinstance(cc, SiglipConfig) else {"image_chunk": int(chunk)}))
+  return cc.replace(dtype=config.clip.dtype, remat=bool(config.clip.remat), platform=platform,
+                    **runs.compute_options(config, cc, config.clip.name))
 
 
 def build(config, platform: str):
